@@ -1,0 +1,17 @@
+"""jaxpull: excitation pullbacks for ReLU networks in JAX.
+
+Convert a torchvision model once (``jaxpull convert``), then::
+
+    model = jaxpull.load("weights/resnet50.safetensors")
+    logits = model(x)                                   # x: (N, H, W, 3) in [-1, 1]
+    maps = jaxpull.pullback(model, x, targets=[207, 1])  # (N, K, H, W, 3)
+    xs = jaxpull.ascent(model, x, targets=[207, 1])      # (N, K, H, W, 3)
+"""
+
+from jaxpull.explain import ascent, make_gating, pullback
+from jaxpull.gates import Gating
+from jaxpull.io import ModelFileError, load, save
+from jaxpull.model import Model, ModelSpec
+
+__all__ = ["ascent", "pullback", "make_gating", "Gating", "load", "save", "Model", "ModelSpec", "ModelFileError"]
+__version__ = "0.1.0"

@@ -1,0 +1,1 @@
+import sys; print("cli todo"); sys.exit(1)

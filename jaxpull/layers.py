@@ -1,0 +1,153 @@
+"""Layers with PyTorch semantics on NHWC arrays: the building blocks of every architecture.
+
+Shapes follow JAX conventions: images ``(N, H, W, C)``, convolution kernels
+``(kh, kw, C_in / groups, C_out)``, dense kernels ``(in, out)``. Padding is always explicit
+(``((p, p), (p, p))``, as torch pads), which is what makes the logits match torchvision's.
+
+Eval-mode BatchNorm is an affine map; the converter folds it into the convolution before it
+where there is one (``Conv`` with ``use_bias=True``), and stores the rest as ``Affine``.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence, Tuple, Union
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from jaxpull import gates
+
+Padding = Union[int, Tuple[Tuple[int, int], Tuple[int, int]], str]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def to_model_input(x: jax.Array, mean: Sequence[float], std: Sequence[float]) -> jax.Array:
+    """Map images in [-1, 1] to the network's normalisation: ``((x + 1) / 2 - mean) / std``.
+
+    Args:
+      x: ``(N, H, W, 3)`` in [-1, 1].
+    Returns:
+      ``(N, H, W, 3)`` normalised per channel.
+    """
+    mean = jnp.asarray(mean, x.dtype)
+    std = jnp.asarray(std, x.dtype)
+    return ((x + 1) / 2 - mean) / std
+
+
+def same_padding(size: int, kernel: int, stride: int) -> Tuple[int, int]:
+    """TensorFlow 'SAME' padding for one spatial axis: (before, after), extra on the after side."""
+    out = -(-size // stride)
+    total = max((out - 1) * stride + kernel - size, 0)
+    return total // 2, total - total // 2
+
+
+class Conv(nn.Module):
+    """``torch.nn.Conv2d`` on NHWC: explicit symmetric padding, or ``"same"`` (TensorFlow's)."""
+
+    features: int
+    kernel_size: int
+    stride: int = 1
+    padding: Padding = 0
+    groups: int = 1
+    use_bias: bool = False
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        k = self.kernel_size
+        kernel = self.param(
+            "kernel", nn.initializers.lecun_normal(), (k, k, x.shape[-1] // self.groups, self.features)
+        )
+        if self.padding == "same":
+            pad = (same_padding(x.shape[1], k, self.stride), same_padding(x.shape[2], k, self.stride))
+        elif isinstance(self.padding, int):
+            pad = ((self.padding, self.padding), (self.padding, self.padding))
+        else:
+            pad = self.padding
+        y = lax.conv_general_dilated(
+            x.astype(self.dtype),
+            kernel.astype(self.dtype),
+            window_strides=(self.stride, self.stride),
+            padding=pad,
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            feature_group_count=self.groups,
+            preferred_element_type=jnp.float32 if self.dtype != jnp.float32 else None,
+        )
+        if self.use_bias:
+            y = y + self.param("bias", nn.initializers.zeros, (self.features,))
+        return y
+
+
+class Affine(nn.Module):
+    """Eval-mode BatchNorm as the affine map it is: ``x * scale + bias`` per channel."""
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        c = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (c,))
+        bias = self.param("bias", nn.initializers.zeros, (c,))
+        return x * scale + bias
+
+
+class Dense(nn.Module):
+    """``torch.nn.Linear``: ``x @ kernel + bias`` with ``kernel`` of shape ``(in, out)``."""
+
+    features: int
+    use_bias: bool = True
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (x.shape[-1], self.features))
+        y = x @ kernel
+        if self.use_bias:
+            y = y + self.param("bias", nn.initializers.zeros, (self.features,))
+        return y
+
+
+def avg_pool(x: jax.Array, window: int, stride: int) -> jax.Array:
+    """``torch.nn.AvgPool2d(window, stride)`` (no padding) on ``(N, H, W, C)``."""
+    s = lax.reduce_window(x, jnp.array(0, x.dtype), lax.add, (1, window, window, 1), (1, stride, stride, 1), "VALID")
+    return s / (window * window)
+
+
+def _adaptive_matrix(size: int, out: int) -> np.ndarray:
+    """(out, size) averaging matrix of torch's adaptive pooling bins [floor(i*s/o), ceil((i+1)*s/o))."""
+    m = np.zeros((out, size), np.float32)
+    for i in range(out):
+        lo = (i * size) // out
+        hi = -(-((i + 1) * size) // out)
+        m[i, lo:hi] = 1.0 / (hi - lo)
+    return m
+
+
+def adaptive_avg_pool(x: jax.Array, output_size: Tuple[int, int]) -> jax.Array:
+    """``torch.nn.AdaptiveAvgPool2d(output_size)`` on ``(N, H, W, C)`` -> ``(N, oh, ow, C)``."""
+    n, h, w, c = x.shape
+    oh, ow = output_size
+    if (oh, ow) == (h, w):
+        return x
+    if (oh, ow) == (1, 1):
+        return jnp.mean(x, axis=(1, 2), keepdims=True)
+    mh = jnp.asarray(_adaptive_matrix(h, oh), x.dtype)
+    mw = jnp.asarray(_adaptive_matrix(w, ow), x.dtype)
+    return jnp.einsum("ih,jw,nhwc->nijc", mh, mw, x, precision=lax.Precision.HIGHEST)
+
+
+def global_avg_pool(x: jax.Array) -> jax.Array:
+    """Adaptive average pooling to 1x1 followed by flatten: ``(N, H, W, C)`` -> ``(N, C)``."""
+    return jnp.mean(x, axis=(1, 2))
+
+
+def flatten_chw(x: jax.Array) -> jax.Array:
+    """Flatten ``(N, H, W, C)`` in torch's ``(C, H, W)`` order -> ``(N, C*H*W)``."""
+    return jnp.transpose(x, (0, 3, 1, 2)).reshape(x.shape[0], -1)
+
+
+relu = gates.relu
+relu6 = gates.relu6
+max_pool = gates.max_pool

@@ -1,0 +1,110 @@
+"""``Model``: a converted network as a pytree of parameters plus a static description.
+
+A ``Model`` is what ``jaxpull.load`` returns. Its parameters are pytree leaves, so a model can
+be passed straight into ``jax.jit`` / ``jax.vmap`` / ``jax.grad`` as an ordinary argument: the
+parameters are traced, never baked into the compiled function as constants. Everything static
+(architecture, number of classes, input normalisation) lives in a hashable ``ModelSpec``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Mapping, Optional, Sequence, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxpull import checks, models
+from jaxpull.gates import VANILLA, Gating
+from jaxpull.layers import IMAGENET_MEAN, IMAGENET_STD, to_model_input
+
+Params = Mapping[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """The static part of a model: what its compiled functions depend on, and its labels.
+
+    ``class_names`` and ``metadata`` do not take part in equality or hashing, so two models of
+    the same architecture share compiled functions.
+    """
+
+    arch: str
+    num_classes: int = 1000
+    input_mean: Tuple[float, float, float] = IMAGENET_MEAN
+    input_std: Tuple[float, float, float] = IMAGENET_STD
+    class_names: Tuple[str, ...] = dataclasses.field(default=(), compare=False, hash=False)
+    metadata: Mapping[str, str] = dataclasses.field(default_factory=dict, compare=False, hash=False)
+
+    def module(self) -> nn.Module:
+        """The Flax module of this architecture."""
+        return models.get(self.arch).build(num_classes=self.num_classes)
+
+
+@jax.tree_util.register_pytree_node_class
+class Model:
+    """A converted classifier: ``model(x) -> logits`` with ``x`` ``(N, H, W, 3)`` in [-1, 1]."""
+
+    def __init__(self, params: Params, spec: ModelSpec):
+        self.params = params
+        self.spec = spec
+
+    # pytree protocol: parameters are children, the spec is static auxiliary data.
+    def tree_flatten(self):
+        return (self.params,), self.spec
+
+    @classmethod
+    def tree_unflatten(cls, spec, children):
+        return cls(children[0], spec)
+
+    @property
+    def arch(self) -> str:
+        return self.spec.arch
+
+    @property
+    def num_classes(self) -> int:
+        return self.spec.num_classes
+
+    @property
+    def class_names(self) -> Tuple[str, ...]:
+        return self.spec.class_names
+
+    @property
+    def metadata(self) -> Mapping[str, str]:
+        return self.spec.metadata
+
+    def apply(self, x: jax.Array, gating: Gating = VANILLA) -> jax.Array:
+        """Pure forward pass: ``(N, H, W, 3)`` in [-1, 1] -> logits ``(N, num_classes)``.
+
+        ``gating`` changes only the backward pass. Call inside ``jax.jit`` (no input checks).
+        """
+        x = to_model_input(x, self.spec.input_mean, self.spec.input_std)
+        return self.spec.module().apply({"params": self.params}, x, gating)
+
+    def __call__(self, x) -> jax.Array:
+        """Logits ``(N, num_classes)`` of images ``x`` ``(N, H, W, 3)`` in [-1, 1] (checked)."""
+        x = checks.images(x)
+        return _logits(self, x)
+
+    def label(self, name_or_index) -> int:
+        """The class index of a class name (case-insensitive) or an index; ValueError if neither."""
+        return checks.label(name_or_index, self.num_classes, self.class_names)
+
+    def __repr__(self) -> str:
+        n = sum(int(p.size) for p in jax.tree_util.tree_leaves(self.params))
+        return f"Model(arch={self.arch!r}, num_classes={self.num_classes}, parameters={n:,})"
+
+
+@jax.jit
+def _logits(model: Model, x: jax.Array) -> jax.Array:
+    return model.apply(x)
+
+
+def param_shapes(spec: ModelSpec, image_size: int = 224) -> Mapping[str, Any]:
+    """The parameter tree's shapes for ``spec`` (``jax.ShapeDtypeStruct`` leaves), computed abstractly."""
+    module = spec.module()
+    x = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
+    variables = jax.eval_shape(lambda x: module.init(jax.random.key(0), x, VANILLA), x)
+    return variables["params"]
