@@ -53,7 +53,7 @@ def from_state_dict(
         num_classes=num_classes,
         input_mean=sources.input_mean(arch),
         input_std=sources.input_std(arch),
-        class_names=tuple(class_names) if len(class_names) == num_classes else (),
+        class_names=tuple(class_names) if len(class_names) == num_classes else sources.default_class_names(num_classes),
         metadata=dict(metadata or {}),
     )
     sd = StateDict(tensors)
@@ -130,7 +130,7 @@ def convert(
     else:
         path = Path(state_dict)
         tensors = sources.read_state_dict(path)
-        class_names = sources.default_class_names(_num_classes(tensors))
+        class_names = ()
         source = f"state_dict {path.name} sha256:{_sha256(path)}"
         torch_model = None
     metadata = {

@@ -5,6 +5,7 @@ Also the per-architecture facts the converter records: input normalisation and c
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Dict, Mapping, Tuple
 
@@ -64,11 +65,13 @@ def torch_model(arch: str, tensors: Mapping[str, np.ndarray], num_classes: int) 
     module = torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
     sd = {k: torch.from_numpy(np.asarray(v)) for k, v in tensors.items()}
     if arch.startswith("densenet"):
-        import re
-
         rx = re.compile(models.densenet.LEGACY_KEY)
         sd = {rx.sub(r"\1\2", k): v for k, v in sd.items()}
-    module.load_state_dict(sd)
+    # BatchNorm's step counter plays no part in eval mode and is absent from old checkpoints.
+    result = module.load_state_dict(sd, strict=False)
+    bad = [k for k in result.missing_keys + result.unexpected_keys if not k.endswith("num_batches_tracked")]
+    if bad:
+        raise ValueError(f"torch could not load the state_dict into {arch}: {', '.join(bad[:10])}")
     return module.eval()
 
 

@@ -99,6 +99,15 @@ def _relu6_soft_mask(z: jax.Array, t: jax.Array, s) -> jax.Array:
     return s(z / t) * s((6 - z) / t)
 
 
+def _safe_temperature(t: jax.Array, dtype) -> jax.Array:
+    """``t`` in ``dtype``, raised to the smallest normal number.
+
+    A subnormal temperature (1e-45 in float32) is flushed to zero by XLA, and ``0 / 0`` at a
+    kink would be NaN; at the smallest normal ``t`` the gate is already the step function.
+    """
+    return jnp.maximum(t.astype(dtype), jnp.finfo(dtype).tiny)
+
+
 def _hard_unit(forward, mask):
     """An activation whose VJP is ``g * mask(z)``, exactly as PyTorch autograd has it."""
 
@@ -128,7 +137,7 @@ def _soft_unit(forward, mask):
 
     def bwd(gate, res, g):
         z, t = res
-        m = mask(z, t.astype(z.dtype), gate_function(gate))
+        m = mask(z, _safe_temperature(t, z.dtype), gate_function(gate))
         return g * m.astype(g.dtype), jnp.zeros_like(t)
 
     unit.defvjp(fwd, bwd)
@@ -183,9 +192,8 @@ def _pool_geometry(x_shape, window: int, stride: int, padding: int):
 
 def hard_max_pool(x: jax.Array, window: int, stride: int, padding: int) -> jax.Array:
     """``torch.nn.MaxPool2d(window, stride, padding)`` (floor mode) on ``(N, H, W, C)``."""
-    init = jnp.array(-jnp.inf, x.dtype)
     return lax.reduce_window(
-        x, init, lax.max, (1, window, window, 1), (1, stride, stride, 1),
+        x, -jnp.inf, lax.max, (1, window, window, 1), (1, stride, stride, 1),
         ((0, 0), (padding, padding), (padding, padding), (0, 0)),
     )
 
@@ -227,7 +235,7 @@ def soft_max_pool(
       ``(N, Ho, Wo, C)``.
     """
     v = window_values(x, window, stride, padding)
-    w = jax.nn.softmax(v / t.astype(v.dtype), axis=-1)
+    w = jax.nn.softmax(v / _safe_temperature(t, v.dtype), axis=-1)
     if pool_weights == "detached":
         w = lax.stop_gradient(w)
     elif pool_weights != "soft":

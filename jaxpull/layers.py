@@ -111,7 +111,7 @@ class Dense(nn.Module):
 
 def avg_pool(x: jax.Array, window: int, stride: int) -> jax.Array:
     """``torch.nn.AvgPool2d(window, stride)`` (no padding) on ``(N, H, W, C)``."""
-    s = lax.reduce_window(x, jnp.array(0, x.dtype), lax.add, (1, window, window, 1), (1, stride, stride, 1), "VALID")
+    s = lax.reduce_window(x, 0.0, lax.add, (1, window, window, 1), (1, stride, stride, 1), "VALID")
     return s / (window * window)
 
 

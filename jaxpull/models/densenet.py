@@ -96,7 +96,7 @@ ARCHITECTURES = {
 }
 
 # torchvision's published DenseNet checkpoints spell ``denselayerN.norm1`` as ``norm.1``.
-LEGACY_KEY = r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$"
+LEGACY_KEY = r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var|num_batches_tracked))$"
 
 
 def torch_layout(arch: str, sd) -> dict:

@@ -1,0 +1,94 @@
+"""The real ``jaxpull`` command, run as a subprocess."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+
+import jaxpull
+
+JAXPULL = [sys.executable, "-m", "jaxpull.cli"]
+
+
+def run(*args, **kw):
+    return subprocess.run(JAXPULL + [str(a) for a in args], capture_output=True, text=True, **kw)
+
+
+@pytest.fixture(scope="module")
+def state_dict(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("sd") / "resnet18.pth"
+    torch.save(torchvision.models.resnet18(num_classes=10).state_dict(), path)
+    return path
+
+
+def assert_one_line_error(proc, *fragments):
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("jaxpull: error: "), proc.stderr
+    for f in fragments:
+        assert f in lines[0], lines[0]
+
+
+def test_convert_writes_a_checked_file(state_dict, tmp_path):
+    out = tmp_path / "r18.safetensors"
+    proc = run("convert", "resnet18", "--state-dict", state_dict, "-o", out, "--image-size", 64)
+    assert proc.returncode == 0, proc.stderr
+    assert "max |logit error| vs torch" in proc.stdout
+    model = jaxpull.load(out)
+    assert model.arch == "resnet18" and model.num_classes == 10
+    assert float(model.metadata["parity_max_rel"]) < 1e-4
+    assert model.metadata["bn_folded"] == "true" and "sha256:" in model.metadata["source"]
+    assert os.listdir(tmp_path) == ["r18.safetensors"]
+
+
+def test_mismatched_state_dict_names_the_keys_and_writes_nothing(state_dict, tmp_path):
+    out = tmp_path / "x.safetensors"
+    proc = run("convert", "resnet34", "--state-dict", state_dict, "-o", out)
+    assert_one_line_error(proc, "does not match resnet34", "missing layer1/2/conv1/kernel")
+    sd = torch.load(state_dict, weights_only=True)
+    sd["fc.weight"] = sd["fc.weight"][:, :100]
+    sd["extra.weight"] = torch.zeros(3)
+    del sd["layer4.1.bn2.running_var"]
+    bad = tmp_path / "bad.pth"
+    torch.save(sd, bad)
+    proc = run("convert", "resnet18", "--state-dict", bad, "-o", out)
+    assert_one_line_error(proc, "missing layer4.1.bn2.running_var", "unexpected extra.weight",
+                          "fc/kernel has shape (100, 10), expected (512, 10)")
+    assert sorted(os.listdir(tmp_path)) == ["bad.pth"]
+
+
+def test_bad_inputs_of_convert(state_dict, tmp_path):
+    out = tmp_path / "x.safetensors"
+    assert_one_line_error(run("convert", "resnet99", "--state-dict", state_dict, "-o", out), "unknown architecture")
+    assert_one_line_error(run("convert", "resnet18", "--state-dict", tmp_path / "no.pth", "-o", out), "not found")
+    (tmp_path / "corrupt.pth").write_bytes(b"\x00garbage")
+    assert_one_line_error(run("convert", "resnet18", "--state-dict", tmp_path / "corrupt.pth", "-o", out), "cannot read")
+    torch.save({"model": object.__new__(torch.nn.Identity)}, tmp_path / "pickle.pth")
+    assert_one_line_error(run("convert", "resnet18", "--state-dict", tmp_path / "pickle.pth", "-o", out), "cannot read")
+    assert_one_line_error(run("convert", "resnet18", "--state-dict", state_dict, "-o", tmp_path / "no" / "x.safetensors"),
+                          "does not exist")
+    assert_one_line_error(run("convert", "resnet18", "--state-dict", state_dict, "-o", tmp_path / "x.npz"), ".safetensors")
+    assert_one_line_error(run("convert", "resnet18", "--weights", "NOPE", "-o", out), "unknown weights 'NOPE'")
+    assert run("convert", "resnet18", "-o", out).returncode == 2  # neither source: usage error
+    assert not out.exists()
+
+
+def test_densenet_legacy_keys_are_accepted(tmp_path):
+    import re
+
+    torch.manual_seed(0)
+    sd = torchvision.models.densenet121(num_classes=10).state_dict()
+    legacy = {re.sub(r"(denselayer\d+\.(?:norm|conv))([12])\.", r"\1.\2.", k): v for k, v in sd.items()
+              if not k.endswith("num_batches_tracked")}
+    assert "features.denseblock1.denselayer1.norm.1.weight" in legacy
+    torch.save(legacy, tmp_path / "legacy.pth")
+    proc = run("convert", "densenet121", "--state-dict", tmp_path / "legacy.pth", "-o", tmp_path / "d.safetensors",
+               "--image-size", 64)
+    assert proc.returncode == 0, proc.stderr

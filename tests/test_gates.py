@@ -1,0 +1,105 @@
+"""Properties of the gating rules (jaxpull.gates), independent of any architecture."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+import torch_reference as R
+from jaxpull import gates
+from jaxpull.gates import Gating
+
+
+def grad_of(fn, z, g=None):
+    g = jnp.ones_like(fn(z)) if g is None else g
+    return jax.vjp(fn, z)[1](g)[0]
+
+
+Z = jnp.array([-3.0, -0.2, -1e-30, 0.0, 1e-30, 0.2, 3.0, 5.9, 6.0, 7.0])
+
+
+@pytest.mark.parametrize("gate", gates.GATES)
+def test_relu_forward_is_unchanged_and_backward_is_the_gate(gate):
+    t = 0.3
+    soft = Gating(jnp.array(t), gate=gate)
+    np.testing.assert_array_equal(gates.relu(Z, soft), jnp.maximum(Z, 0))
+    expected = R.smooth_step(torch.tensor(np.asarray(Z)) / t, gate).numpy()
+    np.testing.assert_allclose(grad_of(lambda z: gates.relu(z, soft), Z), expected, rtol=1e-6, atol=1e-12)
+
+
+def test_relu6_backward_is_the_product_of_two_gates():
+    soft = Gating(jnp.array(0.5))
+    np.testing.assert_array_equal(gates.relu6(Z, soft), jnp.clip(Z, 0, 6))
+    s = jax.nn.sigmoid
+    np.testing.assert_allclose(grad_of(lambda z: gates.relu6(z, soft), Z), s(Z / 0.5) * s((6 - Z) / 0.5), rtol=1e-6)
+
+
+def test_vanilla_is_torch_autograd_exactly():
+    zt = torch.tensor(np.asarray(Z), requires_grad=True)
+    torch.relu(zt).sum().backward()
+    np.testing.assert_array_equal(grad_of(gates.relu, Z), zt.grad.numpy())
+    zt.grad = None
+    torch.nn.functional.relu6(zt).sum().backward()
+    np.testing.assert_array_equal(grad_of(gates.relu6, Z), zt.grad.numpy())
+
+
+@pytest.mark.parametrize("gate", gates.GATES)
+@pytest.mark.parametrize("unit", [gates.relu, gates.relu6])
+def test_temperature_to_zero_gives_the_vanilla_gradient_and_never_nan(gate, unit):
+    z = jnp.array([-2.0, -1e-3, 1e-3, 2.0, 5.0, 7.0])  # away from the kinks, where the limit is defined
+    for t in (1e-5, 1e-12, 1e-30):
+        g = grad_of(lambda z: unit(z, Gating(jnp.array(t), gate=gate)), z)
+        np.testing.assert_array_equal(g, grad_of(unit, z))
+    # at a kink the soft gate is 0.5 (sigmoid(0) = Phi(0)); no temperature gives NaN
+    for t in (1e-45, 1e-30, 1.0, 1e30):
+        g = grad_of(lambda z: unit(z, Gating(jnp.array(t), gate=gate)), jnp.array([0.0, 6.0, -0.0]))
+        assert np.all(np.isfinite(g))
+
+
+def test_gated_backward_is_linear_in_the_cotangent():
+    key = jax.random.key(0)
+    z = jax.random.normal(key, (4, 5, 5, 3))
+    soft = Gating(jnp.array(0.3), jnp.array(0.2))
+    f = lambda z: gates.max_pool(gates.relu(z, soft), 3, 2, 1, soft)
+    _, vjp = jax.vjp(f, z)
+    a, b = jax.random.normal(jax.random.key(1), (2,) + f(z).shape)
+    np.testing.assert_allclose(vjp(2 * a - 3 * b)[0], 2 * vjp(a)[0] - 3 * vjp(b)[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("window,stride,padding", [(3, 2, 1), (2, 2, 0), (3, 2, 0)])
+@pytest.mark.parametrize("detached", [False, True])
+def test_max_pool_forward_is_hard_and_backward_is_torch_softmax_pooling(window, stride, padding, detached):
+    x = np.random.default_rng(0).normal(size=(2, 9, 8, 3)).astype(np.float32)
+    x[0, :3, :3, 0] = 0.0  # ties
+    soft = Gating(jnp.array(0.3), jnp.array(0.25), pool_weights="detached" if detached else "soft")
+    xt = torch.tensor(x).permute(0, 3, 1, 2).requires_grad_(True)
+    pool = R.SurrogateMaxPool(torch.nn.MaxPool2d(window, stride, padding), 0.25, detached)
+    yt = pool(xt)
+    y = gates.max_pool(jnp.asarray(x), window, stride, padding, soft)
+    np.testing.assert_array_equal(y, yt.detach().permute(0, 2, 3, 1).numpy())
+    g = np.random.default_rng(1).normal(size=y.shape).astype(np.float32)
+    yt.backward(torch.tensor(g).permute(0, 3, 1, 2))
+    got = jax.vjp(lambda x: gates.max_pool(x, window, stride, padding, soft), jnp.asarray(x))[1](jnp.asarray(g))[0]
+    np.testing.assert_allclose(got, xt.grad.permute(0, 2, 3, 1).numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_max_pool_small_temperature_approaches_the_hard_max_gradient():
+    x = jnp.asarray(np.random.default_rng(2).normal(size=(1, 8, 8, 2)).astype(np.float32))
+    hard = grad_of(lambda x: gates.max_pool(x, 2, 2, 0), x)
+    soft = grad_of(lambda x: gates.max_pool(x, 2, 2, 0, Gating(jnp.array(1e-4))), x)
+    np.testing.assert_allclose(soft, hard, atol=1e-6)
+
+
+def test_vmap_over_temperatures():
+    ts = jnp.array([0.1, 0.3, 1.0])
+    many = jax.vmap(lambda t: grad_of(lambda z: gates.relu(z, Gating(t)), Z))(ts)
+    for i, t in enumerate(ts):
+        np.testing.assert_array_equal(many[i], grad_of(lambda z: gates.relu(z, Gating(t)), Z))
+
+
+def test_unknown_gate_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown gate 'relu'"):
+        grad_of(lambda z: gates.relu(z, Gating(jnp.array(0.3), gate="relu")), Z)
