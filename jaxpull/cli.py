@@ -7,8 +7,12 @@ nothing is left half-written (outputs are written to a temporary file and rename
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from pathlib import Path
 from typing import List, Optional
+
+import numpy as np
 
 
 def _convert(args: argparse.Namespace) -> int:
@@ -28,6 +32,139 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_output(path: str, suffix: str) -> Path:
+    """Fail before any compute if ``path`` cannot be written."""
+    out = Path(path)
+    if out.suffix.lower() != suffix:
+        raise ValueError(f"output {path!r} must end in {suffix}")
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        raise FileNotFoundError(f"output directory {str(parent)!r} does not exist: create it first")
+    if not os.access(parent, os.W_OK):
+        raise PermissionError(f"output directory {str(parent)!r} is not writable: choose another path")
+    return out
+
+
+def resolve_targets(model, logits: np.ndarray, spec: str) -> np.ndarray:
+    """``"0,goldfish,top3"`` -> int ``(N, K)``: indices, class names, or each image's top-n labels."""
+    items = [s.strip() for s in spec.split(",") if s.strip()]
+    if not items:
+        raise ValueError("--targets is empty: give labels such as 0,goldfish,top3")
+    columns = []
+    order = np.argsort(-logits, axis=1)
+    for item in items:
+        if item.lower().startswith("top") and item[3:].isdigit():
+            n = int(item[3:])
+            if not 1 <= n <= model.num_classes:
+                raise ValueError(f"--targets {item}: n must be in [1, {model.num_classes}]")
+            columns.extend(order[:, i] for i in range(n))
+        else:
+            columns.append(np.full(len(logits), model.label(item)))
+    return np.stack(columns, axis=1).astype(np.int32)
+
+
+def _name(model, index: int) -> str:
+    return model.class_names[index] if model.class_names else str(index)
+
+
+def print_top5(model, names, logits: np.ndarray) -> None:
+    """Print each image's top-5 labels with probabilities."""
+    probs = np.exp(logits - logits.max(1, keepdims=True))
+    probs /= probs.sum(1, keepdims=True)
+    for name, p in zip(names, probs):
+        top = np.argsort(-p)[:5]
+        print(f"{name}: " + "; ".join(f"{_name(model, i)} ({i}) {p[i]:.1%}" for i in top))
+
+
+def run_explanations(model, x, targets, methods, options, progress=True):
+    """Ascent diffs ``(N, K, H, W, 3)`` per method, one image at a time (bounded memory)."""
+    import jaxpull
+    from tqdm import tqdm
+
+    temperatures = {"pullback": options.pop("temperature"), "vanilla": None}
+    results = {m: np.zeros(targets.shape + x.shape[1:], np.float32) for m in methods}
+    jobs = [(m, i) for m in methods for i in range(len(x))]
+    for m, i in tqdm(jobs, desc="explaining", unit="image", disable=not progress or len(jobs) < 2):
+        opts = dict(options)
+        if m == "vanilla":
+            opts.pop("pool_temperature", None)
+        results[m][i] = np.asarray(
+            jaxpull.ascent(model, x[i : i + 1], targets[i : i + 1], temperature=temperatures[m], output="diff", **opts)
+        )[0]
+    return results
+
+
+HEADINGS = {"pullback": "excitation pullback (PGA, x_K - x_0)", "vanilla": "vanilla gradient (PGA, x_K - x_0)"}
+
+
+def write_outputs(model, names, x, targets, results, out, arrays_path, options) -> None:
+    """The figure, and optionally the raw arrays (both written atomically)."""
+    from jaxpull import figures
+    from jaxpull.io import atomic_write
+
+    titles = [[figures.short_name(_name(model, int(t))) for t in row] for row in targets]
+    panels = {HEADINGS[m]: d for m, d in results.items()}
+    figures.explanation_figure(x, panels, titles, out)
+    print(f"wrote {out}")
+    if arrays_path:
+        arrays = {f"{m}_diff": d for m, d in results.items()}
+        meta = {k: np.asarray(v if v is not None else np.nan) for k, v in options.items() if not isinstance(v, str)}
+        atomic_write(arrays_path, lambda tmp: np.savez(open(tmp, "wb"), images=x, targets=targets,
+                                                        image_names=np.array(names), **arrays, **meta))
+        print(f"wrote {arrays_path}")
+
+
+def _ascent_options(args) -> dict:
+    return dict(steps=args.steps, alpha=args.alpha, eps=None if args.eps <= 0 else args.eps,
+                temperature=args.temperature, pool_temperature=args.pool_temperature, gate=args.gate,
+                pool_weights=args.pool_weights)
+
+
+def _explain(args: argparse.Namespace) -> int:
+    from jaxpull import images, store
+
+    out = _check_output(args.output, ".png")
+    arrays = _check_output(args.save_arrays, ".npz") if args.save_arrays else None
+    x = images.load_images(args.images)
+    model = store.resolve(args.model)
+    methods = ["pullback", "vanilla"] if args.method == "both" else [args.method]
+    options = _ascent_options(args)
+    import jaxpull  # validate the options before the long computation
+
+    jaxpull.make_gating(options["temperature"], options["pool_temperature"], options["gate"], options["pool_weights"])
+    logits = np.asarray(model(x))
+    targets = resolve_targets(model, logits, args.targets)
+    names = [Path(p).stem for p in args.images]
+    print_top5(model, names, logits)
+    results = run_explanations(model, x, targets, methods, options)
+    write_outputs(model, names, x, targets, results, out, arrays, _ascent_options(args))
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from jaxpull import images, store
+
+    out = _check_output(args.output, ".png")
+    paths = images.sample_paths()
+    names = [p.stem for p in paths]
+    x = images.load_images(paths)
+    model = store.resolve(args.model)
+    logits = np.asarray(model(x))
+    print(f"model {model.arch} ({model.metadata.get('source', 'unknown source')})")
+    print_top5(model, names, logits)
+    # The paper's layout: one column per image's own top-1 label (the diagonal), so every
+    # other cell of that column is a counterfactual, plus one random label.
+    own = list(dict.fromkeys(int(i) for i in logits.argmax(1)))
+    rng = np.random.default_rng(args.seed)
+    extra = int(rng.choice([c for c in range(model.num_classes) if c not in own]))
+    targets = np.tile(np.array(own + [extra], np.int32), (len(x), 1))
+    options = dict(steps=5, alpha=20.0, eps=100.0, temperature=0.3, pool_temperature=None, gate="sigmoid",
+                   pool_weights="soft")
+    results = run_explanations(model, x, targets, ["pullback", "vanilla"], dict(options))
+    write_outputs(model, names, x, targets, results, out, None, options)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     parser = argparse.ArgumentParser(prog="jaxpull", description="Excitation pullbacks for ReLU networks in JAX.")
@@ -41,6 +178,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="output .safetensors path")
     p.add_argument("--image-size", type=int, default=224, help="input size of the parity check (default 224)")
     p.set_defaults(run=_convert)
+
+    p = sub.add_parser("explain", help="explain images: the paper's figure of ascent differences")
+    p.add_argument("images", nargs="+", help="image files (any format PIL reads)")
+    p.add_argument("--model", default="efficientnet_lite0", help="a .safetensors file or a cached model name")
+    p.add_argument("--targets", default="top3", help="comma-separated indices, class names or topN (default top3)")
+    p.add_argument("--method", choices=["pullback", "vanilla", "both"], default="both")
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--alpha", type=float, default=20.0)
+    p.add_argument("--eps", type=float, default=100.0, help="L2 ball radius; 0 for no projection")
+    p.add_argument("--temperature", type=float, default=0.3)
+    p.add_argument("--pool-temperature", type=float, default=None)
+    p.add_argument("--gate", choices=["sigmoid", "normal_cdf"], default="sigmoid")
+    p.add_argument("--pool-weights", choices=["soft", "detached"], default="soft")
+    p.add_argument("-o", "--output", required=True, help="output .png")
+    p.add_argument("--save-arrays", help="also write the raw results to this .npz")
+    p.set_defaults(run=_explain)
+
+    p = sub.add_parser("demo", help="the embedded default: EfficientNet-Lite0 on real photos, offline")
+    p.add_argument("--model", default="efficientnet_lite0", help=argparse.SUPPRESS)
+    p.add_argument("-o", "--output", default="jaxpull_demo.png", help="output .png (default jaxpull_demo.png)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random extra label")
+    p.set_defaults(run=_demo)
     return parser
 
 

@@ -10,7 +10,7 @@ from typing import Callable, Dict, NamedTuple
 
 import flax.linen as nn
 
-from jaxpull.models import alexnet, densenet, resnet, vgg
+from jaxpull.models import alexnet, densenet, efficientnet_lite, mobilenet, resnet, vgg
 
 
 class Family(NamedTuple):
@@ -29,6 +29,8 @@ ARCHITECTURES: Dict[str, Family] = {
     **_family(vgg),
     **_family(densenet),
     **_family(alexnet),
+    **_family(mobilenet),
+    **_family(efficientnet_lite),
 }
 
 

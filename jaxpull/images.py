@@ -1,0 +1,111 @@
+"""Images in: files to ``(N, 224, 224, 3)`` float32 in [-1, 1], the paper's preprocessing.
+
+RGB (EXIF orientation applied; grayscale, palette, RGBA and CMYK converted); a square image is
+resized to 224x224, any other is resized so its short side is 256 (bilinear, antialiased) and
+centre-cropped to 224x224. Pixels p map to x = 2 * p / 255 - 1.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Dict, List, Sequence, Union
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+SIZE = 224
+RESIZE = 256
+
+
+def from_pixels(pixels) -> np.ndarray:
+    """0-255 pixels (any shape) -> float32 in [-1, 1]."""
+    return np.asarray(pixels, np.float32) / 127.5 - 1.0
+
+
+def to_pixels(x) -> np.ndarray:
+    """[-1, 1] -> uint8 pixels (clipped)."""
+    return np.clip(np.round((np.asarray(x, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+def preprocess(image: Image.Image, size: int = SIZE, resize: int = RESIZE) -> np.ndarray:
+    """A PIL image -> ``(size, size, 3)`` float32 in [-1, 1] (resize/crop as the paper)."""
+    image = ImageOps.exif_transpose(image)
+    if image.mode != "RGB":
+        if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+            rgba = image.convert("RGBA")
+            background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            image = Image.alpha_composite(background, rgba)
+        image = image.convert("RGB")
+    w, h = image.size
+    if w == h:
+        image = image.resize((size, size), Image.BILINEAR, reducing_gap=None)
+    else:
+        scale = resize / min(w, h)
+        nw, nh = max(resize, round(w * scale)), max(resize, round(h * scale))
+        image = image.resize((nw, nh), Image.BILINEAR)
+        left, top = (nw - size) // 2, (nh - size) // 2
+        image = image.crop((left, top, left + size, top + size))
+    return from_pixels(np.asarray(image, np.uint8))
+
+
+def load_image(path: Union[str, os.PathLike]) -> np.ndarray:
+    """Read one image file -> ``(224, 224, 3)`` in [-1, 1]; ValueError naming the file if unreadable."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"image {str(path)!r} not found")
+    if path.stat().st_size == 0:
+        raise ValueError(f"image {str(path)!r} is empty")
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return preprocess(image)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise ValueError(f"cannot read image {str(path)!r}: {e}") from None
+
+
+def load_images(paths: Sequence[Union[str, os.PathLike]]) -> np.ndarray:
+    """Several image files -> ``(N, 224, 224, 3)`` in [-1, 1]."""
+    if not paths:
+        raise ValueError("no images given")
+    return np.stack([load_image(p) for p in paths])
+
+
+def sample_images() -> Dict[str, Path]:
+    """Real photos shipped inside installed packages (no download): name -> file path.
+
+    matplotlib's ``grace_hopper.jpg`` and scikit-image's chelsea, coffee, rocket and astronaut,
+    where those packages are installed.
+    """
+    found: Dict[str, Path] = {}
+    try:
+        import matplotlib
+
+        p = Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"
+        if p.is_file():
+            found["grace_hopper"] = p
+    except ImportError:
+        pass
+    try:
+        import skimage.data
+
+        for name, file in (("chelsea", "chelsea.png"), ("coffee", "coffee.png"), ("rocket", "rocket.jpg"),
+                           ("astronaut", "astronaut.png")):
+            p = Path(skimage.data.data_dir) / file
+            if p.is_file():
+                found[name] = p
+    except ImportError:
+        pass
+    return found
+
+
+def sample_paths(names: Sequence[str] = ()) -> List[Path]:
+    """Paths of the named sample photos (all if none named); ValueError if one is not available."""
+    available = sample_images()
+    if not available:
+        raise ValueError("no sample photos found: pip install matplotlib scikit-image (or 'jaxpull[demo]')")
+    names = list(names) or list(available)
+    missing = [n for n in names if n not in available]
+    if missing:
+        raise ValueError(f"sample photo(s) {', '.join(missing)} not available: choose from {', '.join(available)}")
+    return [available[n] for n in names]
