@@ -53,8 +53,10 @@ def explanation_figure(
       panels: heading -> diffs ``(N, K, H, W, 3)``; several panels are drawn side by side.
       titles: ``titles[i][j]``, the label of image i's j-th target.
     """
-    import matplotlib
-
+    try:
+        import matplotlib
+    except ImportError:
+        raise RuntimeError("figures need matplotlib: pip install 'jaxpull[demo]'") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

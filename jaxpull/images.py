@@ -41,10 +41,10 @@ def preprocess(image: Image.Image, size: int = SIZE, resize: int = RESIZE) -> np
     if w == h:
         image = image.resize((size, size), Image.BILINEAR, reducing_gap=None)
     else:
-        scale = resize / min(w, h)
-        nw, nh = max(resize, round(w * scale)), max(resize, round(h * scale))
+        # as torchvision's Resize(256) + CenterCrop(224): long side truncated, crop offsets rounded
+        nw, nh = (resize, int(resize * h / w)) if w < h else (int(resize * w / h), resize)
         image = image.resize((nw, nh), Image.BILINEAR)
-        left, top = (nw - size) // 2, (nh - size) // 2
+        left, top = int(round((nw - size) / 2.0)), int(round((nh - size) / 2.0))
         image = image.crop((left, top, left + size, top + size))
     return from_pixels(np.asarray(image, np.uint8))
 

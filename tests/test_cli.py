@@ -92,3 +92,76 @@ def test_densenet_legacy_keys_are_accepted(tmp_path):
     proc = run("convert", "densenet121", "--state-dict", tmp_path / "legacy.pth", "-o", tmp_path / "d.safetensors",
                "--image-size", 64)
     assert proc.returncode == 0, proc.stderr
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory):
+    """A converted random resnet18 with ImageNet's 1000 class names."""
+    import jaxpull_convert
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("m") / "resnet18.safetensors"
+    jaxpull.save(jaxpull_convert.from_torch_module("resnet18", torchvision.models.resnet18().eval()), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def photo_files():
+    from jaxpull import images
+
+    return images.sample_paths(["chelsea", "coffee"])
+
+
+def test_explain_writes_the_figure_and_arrays(model_file, photo_files, tmp_path):
+    out, arrays = tmp_path / "fig.png", tmp_path / "raw.npz"
+    proc = run("explain", *photo_files, "--model", model_file, "--targets", "0,goldfish,top1", "--steps", 2,
+               "--method", "both", "-o", out, "--save-arrays", arrays)
+    assert proc.returncode == 0, proc.stderr
+    assert "chelsea:" in proc.stdout and "coffee:" in proc.stdout  # top-5 per image
+    from PIL import Image
+
+    with Image.open(out) as im:
+        assert im.format == "PNG" and im.size[0] > 1000
+        assert np.asarray(im.convert("L")).std() > 10  # not blank
+    data = np.load(arrays)
+    assert data["pullback_diff"].shape == (2, 3, 224, 224, 3) == data["vanilla_diff"].shape
+    assert (data["targets"][:, :2] == [0, 1]).all()
+    assert not np.allclose(data["pullback_diff"], data["vanilla_diff"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fig.png", "raw.npz"]
+
+
+def test_explain_bad_input(model_file, photo_files, tmp_path):
+    out = tmp_path / "fig.png"
+    base = ["--model", model_file, "-o", out]
+    assert_one_line_error(run("explain", tmp_path / "none.jpg", *base), "none.jpg", "not found")
+    (tmp_path / "bad.jpg").write_text("text")
+    assert_one_line_error(run("explain", tmp_path / "bad.jpg", *base), "cannot read image", "bad.jpg")
+    assert_one_line_error(run("explain", photo_files[0], "--model", tmp_path / "no.safetensors", "-o", out),
+                          "not found")
+    assert_one_line_error(run("explain", photo_files[0], "--model", "resnet77", "-o", out), "resnet77")
+    assert_one_line_error(run("explain", photo_files[0], *base, "--targets", "not a class"), "not a class")
+    assert_one_line_error(run("explain", photo_files[0], *base, "--targets", "1000"), "out of range")
+    assert_one_line_error(run("explain", photo_files[0], *base, "--temperature", "-1"), "temperature must be positive")
+    assert_one_line_error(run("explain", photo_files[0], "--model", model_file, "-o", tmp_path / "no" / "f.png"),
+                          "does not exist")
+    assert list(tmp_path.glob("*.png")) == []
+
+
+def test_demo_runs_offline_and_caches_the_model(tmp_path):
+    """The README's main job: converts EfficientNet-Lite0 on first use, explains real photos."""
+    env = dict(os.environ, JAXPULL_CACHE=str(tmp_path / "cache"))
+    proc = run("demo", "-o", tmp_path / "demo.png", env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "coffee: espresso (967)" in proc.stdout
+    assert (tmp_path / "demo.png").stat().st_size > 100_000
+    cached = tmp_path / "cache" / "efficientnet_lite0.safetensors"
+    assert cached.is_file() and not list((tmp_path / "cache").glob("*.part"))
+    from jaxpull import store
+
+    os.environ["JAXPULL_CACHE"] = str(tmp_path / "cache")
+    try:
+        logs = []
+        model = store.resolve("efficientnet_lite0", log=logs.append)  # warm: no conversion
+        assert logs == [] and model.arch == "efficientnet_lite0"
+    finally:
+        del os.environ["JAXPULL_CACHE"]

@@ -20,7 +20,7 @@ ALL = [
     "resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
     "resnext50_32x4d", "resnext101_32x8d", "resnext101_64x4d", "wide_resnet50_2", "wide_resnet101_2",
     "vgg11", "vgg13", "vgg16", "vgg19", "vgg11_bn", "vgg13_bn", "vgg16_bn", "vgg19_bn",
-    "densenet121", "densenet161", "densenet169", "densenet201", "alexnet",
+    "densenet121", "densenet161", "densenet169", "densenet201", "alexnet", "mobilenet_v2",
 ]
 # Representative members, for the more expensive checks.
 CORE = ["resnet18", "resnet50", "vgg11_bn", "densenet121", "alexnet"]
