@@ -14,7 +14,7 @@ import torch
 import torchvision
 
 from jaxpull.layers import IMAGENET_MEAN, IMAGENET_STD
-from jaxpull.models import efficientnet_lite
+from jaxpull.models import densenet, efficientnet_lite
 
 
 def input_mean(arch: str) -> Tuple[float, float, float]:
@@ -91,7 +91,7 @@ def torch_model(arch: str, tensors: Mapping[str, np.ndarray], num_classes: int, 
         module = torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
     sd = {k: torch.from_numpy(np.asarray(v)) for k, v in tensors.items()}
     if arch.startswith("densenet"):
-        rx = re.compile(models.densenet.LEGACY_KEY)
+        rx = re.compile(densenet.LEGACY_KEY)
         sd = {rx.sub(r"\1\2", k): v for k, v in sd.items()}
     # BatchNorm's step counter plays no part in eval mode and is absent from old checkpoints.
     result = module.load_state_dict(sd, strict=False)

@@ -165,6 +165,55 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def parse_labels(spec: str, model) -> list:
+    """``"all"``, ``"0-99"``, or a comma list of indices / class names / ranges."""
+    if spec.strip().lower() == "all":
+        return list(range(model.num_classes))
+    labels = []
+    for item in (s.strip() for s in spec.split(",") if s.strip()):
+        lo, sep, hi = item.partition("-")
+        if sep and lo.isdigit() and hi.isdigit():
+            labels.extend(range(model.label(lo), model.label(hi) + 1))
+        else:
+            labels.append(model.label(item))
+    if not labels:
+        raise ValueError("--labels is empty: give all, a range such as 0-99, or a list")
+    return labels
+
+
+def parse_bytes(text: str) -> float:
+    """``"2GB"``, ``"512MiB"``, ``"1e9"`` -> bytes."""
+    t = text.strip().upper().replace("IB", "B")
+    for suffix, scale in (("GB", 2**30), ("MB", 2**20), ("KB", 2**10), ("B", 1)):
+        if t.endswith(suffix):
+            t, factor = t[: -len(suffix)], scale
+            break
+    else:
+        factor = 1
+    try:
+        return float(t) * factor
+    except ValueError:
+        raise ValueError(f"cannot read memory size {text!r}: use e.g. 2GB or 512MB") from None
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from jaxpull import images, store, sweep
+
+    x = images.load_images(args.images)
+    model = store.resolve(args.model)
+    labels = parse_labels(args.labels, model)
+    temperatures = [None if t.strip().lower() in ("none", "vanilla") else float(t) for t in args.temperatures.split(",")]
+    extra = dict(steps=args.steps, alpha=args.alpha) if args.method == "ascent" else {}
+    result = sweep.sweep(model, x, labels, temperatures, method=args.method, reduce=args.reduce, out=args.out,
+                         memory_budget=parse_bytes(args.memory_budget), chunk_size=args.chunk_size, **extra)
+    print(f"wrote {', '.join(f'{k}.npy {tuple(v.shape)}' for k, v in result.items() if k != 'top_labels')} to {args.out}")
+    if "top_labels" in result:
+        for name, row in zip(args.images, result["top_labels"]):
+            for t, top in zip(temperatures, row):
+                print(f"{Path(name).stem} t={t}: most aligned labels " + ", ".join(_name(model, int(i)) for i in top[:5]))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     parser = argparse.ArgumentParser(prog="jaxpull", description="Excitation pullbacks for ReLU networks in JAX.")
@@ -200,6 +249,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", default="jaxpull_demo.png", help="output .png (default jaxpull_demo.png)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random extra label")
     p.set_defaults(run=_demo)
+
+    p = sub.add_parser("sweep", help="images x labels x temperatures, chunked in a memory budget, to .npy files")
+    p.add_argument("images", nargs="+")
+    p.add_argument("--model", default="efficientnet_lite0")
+    p.add_argument("--labels", default="all", help="all, a range 0-99, or a comma list (default all)")
+    p.add_argument("--temperatures", default="0.3", help="comma list; 'none' for vanilla (default 0.3)")
+    p.add_argument("--method", choices=["pullback", "ascent"], default="pullback")
+    p.add_argument("--reduce", choices=["maps", "norms", "alignment"], default="alignment")
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--alpha", type=float, default=20.0)
+    p.add_argument("--memory-budget", default="2GB", help="device memory per chunk (default 2GB)")
+    p.add_argument("--chunk-size", type=int, default=None, help="labels per chunk (overrides the budget)")
+    p.add_argument("--out", required=True, help="output directory (resumed if it holds the same sweep)")
+    p.set_defaults(run=_sweep)
     return parser
 
 

@@ -165,3 +165,18 @@ def test_demo_runs_offline_and_caches_the_model(tmp_path):
         assert logs == [] and model.arch == "efficientnet_lite0"
     finally:
         del os.environ["JAXPULL_CACHE"]
+
+
+def test_sweep_command(model_file, photo_files, tmp_path):
+    out = tmp_path / "sweep"
+    proc = run("sweep", photo_files[0], "--model", model_file, "--labels", "0-5,goldfish", "--temperatures",
+               "0.3,none", "--chunk-size", 4, "--out", out)
+    assert proc.returncode == 0, proc.stderr
+    assert "most aligned labels" in proc.stdout
+    assert np.load(out / "alignment.npy").shape == (1, 2, 7)
+    assert_one_line_error(run("sweep", photo_files[0], "--model", model_file, "--labels", "0-2", "--out", out),
+                          "holds a different sweep")
+    assert_one_line_error(run("sweep", photo_files[0], "--model", model_file, "--memory-budget", "1MB",
+                              "--out", tmp_path / "s2"), "too small for one label")
+    assert_one_line_error(run("sweep", photo_files[0], "--model", model_file, "--labels", "5-1200",
+                              "--out", tmp_path / "s3"), "out of range")

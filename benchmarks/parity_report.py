@@ -1,0 +1,52 @@
+"""Largest parity errors per architecture against PyTorch (prints a markdown table; not a test).
+
+    python benchmarks/parity_report.py [--size 64] [ARCH ...]
+
+Random-weight torchvision models with random BatchNorm statistics (as in tests/), 2 images in
+[-1, 1]: logits vs torchvision, vanilla gradients vs torch autograd, and sigmoid-gated pullbacks
+(t = 0.3) vs the PyTorch implementation of the rule in tests/torch_reference.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+
+
+def main() -> None:
+    import torch
+
+    import jaxpull
+    import jaxpull.models
+    import torch_reference as R
+    from conftest import images, torch_and_jax
+    from helpers import map_errors
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("archs", nargs="*")
+    args = parser.parse_args()
+    archs = args.archs or [a for a in jaxpull.models.ARCHITECTURES if a != "efficientnet_lite0"]
+    targets = np.array([[1, 7], [3, 500]])
+    print("| arch | logits max abs err / max abs logit | pullback t=0.3: min cosine, max rel err | vanilla: min cosine, max rel err |")
+    print("|---|---|---|---|")
+    for arch in archs:
+        tm, model = torch_and_jax(arch)
+        x = images(2, args.size)
+        xt, tt = torch.from_numpy(x), torch.from_numpy(targets)
+        with torch.no_grad():
+            ref = tm(R.normalize(xt)).numpy()
+        logit = np.abs(np.asarray(model(x)) - ref).max() / max(1.0, np.abs(ref).max())
+        soft = map_errors(jaxpull.pullback(model, x, targets), R.pullback(R.gated(tm, 0.3), xt, tt))
+        hard = map_errors(jaxpull.pullback(model, x, targets, temperature=None), R.pullback(tm, xt, tt))
+        print(f"| {arch} | {logit:.1e} | {soft[0]:.7f}, {soft[1]:.1e} | {hard[0]:.7f}, {hard[1]:.1e} |", flush=True)
+        torch_and_jax.cache_clear()
+
+
+if __name__ == "__main__":
+    main()

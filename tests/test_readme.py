@@ -1,0 +1,24 @@
+"""The README's Python example runs as written (after its offline convert line)."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+README = Path(__file__).parent.parent / "README.md"
+
+
+def test_readme_example_runs(tmp_path):
+    text = README.read_text()
+    assert text.index("python3.11 -m venv .venv && .venv/bin/pip install -e '.[demo]' && .venv/bin/jaxpull demo") < \
+        text.index("python3.11 -m venv .venv && .venv/bin/pip install -q -e '.[test]' && .venv/bin/python -m pytest -q")
+    ci = (README.parent / ".ci" / "run").read_text()
+    assert "python3.11 -m venv .venv && .venv/bin/pip install -q -e '.[test]' && .venv/bin/python -m pytest -q" in ci
+    convert = re.search(r"^jaxpull convert efficientnet_lite0 .*?(?=\s+#)", text, re.M).group(0)
+    (tmp_path / "weights").mkdir()
+    subprocess.run([sys.executable, "-m", "jaxpull.cli"] + convert.split()[1:], cwd=tmp_path, check=True)
+    code = re.search(r"```python\n(.*?)```", text, re.S).group(1)
+    code += "\nassert maps.shape == (2, 2, 224, 224, 3) and xs.shape == maps.shape and logits.shape == (2, 1000)\n"
+    subprocess.run([sys.executable, "-c", code], cwd=tmp_path, check=True)
