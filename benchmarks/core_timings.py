@@ -10,22 +10,14 @@ gradients), so ``explain._SEPARATE_UP_TO`` can be set from measurement.
 from __future__ import annotations
 
 import argparse
-import time
+import os
+import sys
 
 import jax
 import numpy as np
 
-
-def timed(fn, repeats=3):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn())
-    first = time.perf_counter() - t0
-    runs = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        runs.append(time.perf_counter() - t0)
-    return first, min(runs)
+sys.path.insert(0, os.path.dirname(__file__))
+from bench_vs_torch import timed  # noqa: E402
 
 
 def main() -> None:
@@ -45,12 +37,12 @@ def main() -> None:
     model = jaxpull_convert.from_torch_module(args.arch, torchvision.models.get_model(args.arch).eval())
     x = np.random.default_rng(0).uniform(-1, 1, (1, args.size, args.size, 3)).astype(np.float32)
     print(f"{args.arch} {args.size}x{args.size}, jax {jax.__version__}, {jax.devices()[0].platform}")
-    first, run = timed(lambda: jaxpull.ascent(model, x, [1], steps=5))
+    first, run, _ = timed(lambda: jaxpull.ascent(model, x, [1], steps=5), repeats=3)
     print(f"ascent 5 steps, 1 image x 1 target: first call (compile + run) {first:.2f}s, run {run:.2f}s")
     for k in [int(v) for v in args.ks.split(",")]:
         targets = np.arange(k)
         for strategy in ("shared", "separate"):
-            first, run = timed(lambda: jaxpull.pullback(model, x, targets, strategy=strategy))
+            first, run, _ = timed(lambda: jaxpull.pullback(model, x, targets, strategy=strategy), repeats=3)
             print(f"pullback K={k:4d} {strategy:8s}: first call {first:.2f}s, run {run:.3f}s")
 
 

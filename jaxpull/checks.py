@@ -86,17 +86,20 @@ def targets(value, n: int, num_classes: int) -> jax.Array:
     return jnp.asarray(t, jnp.int32)
 
 
+def positive(value, name: str, hint: str = "") -> jax.Array:
+    """``value`` (scalar or array) as float32 if every entry is positive and finite, else ValueError."""
+    if _concrete(value):
+        a = np.asarray(value, dtype=np.float64)
+        if a.size == 0 or not np.all(np.isfinite(a)) or np.any(a <= 0):
+            raise ValueError(f"{name} must be positive and finite, got {value!r}{hint}")
+    return jnp.asarray(value, jnp.float32)
+
+
 def temperature(value, name: str = "temperature") -> Optional[jax.Array]:
     """A positive temperature (scalar or array, for vmapped sweeps), or None."""
     if value is None:
         return None
-    if _concrete(value):
-        a = np.asarray(value, dtype=np.float64)
-        if not np.all(np.isfinite(a)) or np.any(a <= 0):
-            raise ValueError(
-                f"{name} must be positive and finite, got {value!r} (use {name}=None for the vanilla gradient)"
-            )
-    return jnp.asarray(value, jnp.float32)
+    return positive(value, name, f" (use {name}=None for the vanilla gradient)" if name == "temperature" else "")
 
 
 def choice(value: str, allowed: Sequence[str], name: str) -> str:

@@ -262,9 +262,9 @@ def ascent(
     checks.choice(output, OUTPUTS, "output")
     if not isinstance(steps, jax.core.Tracer) and (int(steps) != steps or steps < 0):
         raise ValueError(f"steps must be a non-negative integer, got {steps!r}")
-    checks.temperature(alpha, "alpha")
+    checks.positive(alpha, "alpha")
     if eps is not None:
-        checks.temperature(eps, "eps")
+        checks.positive(eps, "eps", " (use eps=None for no projection)")
     if not isinstance(margin, jax.core.Tracer) and not margin >= 0:
         raise ValueError(f"margin must be >= 0, got {margin!r}")
     result = ascent_core(

@@ -161,6 +161,8 @@ def _ascent_options(options: dict) -> dict:
 
 
 def _fingerprint(model: Model, x: np.ndarray, config: dict) -> str:
+    """Identity of a sweep: its configuration, the images, and a sample of the weights (first
+    and last layers' leading bytes: enough to tell two conversions apart, cheap for big models)."""
     h = hashlib.sha256()
     h.update(json.dumps(config, sort_keys=True).encode())
     h.update(np.ascontiguousarray(x).tobytes())
