@@ -168,3 +168,12 @@ def test_bad_model_files(tmp_path, model):
     save_file({"a": np.zeros(3, np.float32)}, str(tmp_path / "other.safetensors"))
     with pytest.raises(jaxpull.ModelFileError, match="not a jaxpull model file"):
         jaxpull.load(tmp_path / "other.safetensors")
+
+
+def test_written_files_get_the_usual_permissions(model, tmp_path):
+    import os
+
+    jaxpull.save(model, tmp_path / "m.safetensors")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "m.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask
