@@ -81,6 +81,7 @@ def run_explanations(model, x, targets, methods, options, progress=True):
     import jaxpull
     from tqdm import tqdm
 
+    options = dict(options)  # the caller's options stay as given (they are also saved with the arrays)
     temperatures = {"pullback": options.pop("temperature"), "vanilla": None}
     results = {m: np.zeros(targets.shape + x.shape[1:], np.float32) for m in methods}
     jobs = [(m, i) for m in methods for i in range(len(x))]
@@ -137,7 +138,7 @@ def _explain(args: argparse.Namespace) -> int:
     names = [Path(p).stem for p in args.images]
     print_top5(model, names, logits)
     results = run_explanations(model, x, targets, methods, options)
-    write_outputs(model, names, x, targets, results, out, arrays, _ascent_options(args))
+    write_outputs(model, names, x, targets, results, out, arrays, options)
     return 0
 
 
@@ -160,7 +161,7 @@ def _demo(args: argparse.Namespace) -> int:
     targets = np.tile(np.array(own + [extra], np.int32), (len(x), 1))
     options = dict(steps=5, alpha=20.0, eps=100.0, temperature=0.3, pool_temperature=None, gate="sigmoid",
                    pool_weights="soft")
-    results = run_explanations(model, x, targets, ["pullback", "vanilla"], dict(options))
+    results = run_explanations(model, x, targets, ["pullback", "vanilla"], options)
     write_outputs(model, names, x, targets, results, out, None, options)
     return 0
 
