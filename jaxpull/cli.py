@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -215,6 +216,65 @@ def _sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def _split(text: str) -> List[str]:
+    return [s.strip() for s in text.split(",") if s.strip()]
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from jaxpull import evaluate, images, io, store
+
+    out = _check_output(args.output, ".md")
+    csv_path = out.with_suffix(".csv")
+    names, metric_names = _split(args.explainers), _split(args.metrics)
+    for flag in ("limit", "mosaics", "stages", "samples", "resamples", "sensitivity_samples"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be a positive integer, got {value}")
+    if args.temperature is not None:
+        from jaxpull import checks
+
+        checks.positive(args.temperature, "--temperature")
+    if args.images == ["samples"]:
+        found = images.evaluation_photos()
+        if len(found) < 3:
+            raise ValueError("too few offline photos found: pip install matplotlib scikit-image (or 'jaxpull[demo]')")
+        paths, classes = list(found.values()), None
+    else:
+        paths, classes = evaluate.find_images(args.images, args.limit)
+    model = store.resolve(args.model)
+    evaluate.check_request(model, names, metric_names, len(paths))
+    options = {}
+    if args.temperature is not None:
+        options.update({n: {"temperature": args.temperature} for n in names if "pullback" in n})
+    if args.samples is not None:
+        options.update({n: {**options.get(n, {}), "samples": args.samples} for n in names if n.startswith("smoothgrad")})
+    labels = None
+    if args.labels == "folders":
+        if classes is None:
+            raise ValueError("--labels folders needs one folder of class subfolders (ImageNet style) as --images")
+        labels = classes
+    elif args.labels != "top1":
+        labels = [model.label(l) for l in _split(args.labels)]
+    x = images.load_images(paths)
+    if "focus" in metric_names:
+        distinct = len(set(classes if classes is not None else evaluate.top1(model, x)))
+        if distinct < 3:
+            raise ValueError(f"Focus mosaics need images of at least 3 distinct classes, these have {distinct}: add images")
+    report = evaluate.evaluate(model, x, labels, classes, explainer_names=names, metric_names=metric_names,
+                               options=options, mosaics=args.mosaics, stages=args.stages,
+                               sensitivity_samples=args.sensitivity_samples, seed=args.seed)
+    report.settings["images_used"] = [Path(p).name for p in paths]
+    rows = evaluate.summary_rows(report, args.resamples)
+    command = "jaxpull " + " ".join(shlex.quote(a) for a in args.argv)
+    text = evaluate.to_markdown(report, rows, command)
+    text += "\nImages: " + ", ".join(report.settings["images_used"]) + "\n"
+    io.atomic_write(csv_path, lambda tmp: Path(tmp).write_text(evaluate.to_csv(rows)))
+    io.atomic_write(out, lambda tmp: Path(tmp).write_text(text))
+    print(text)
+    print(f"wrote {out} and {csv_path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     parser = argparse.ArgumentParser(prog="jaxpull", description="Excitation pullbacks for ReLU networks in JAX.")
@@ -264,12 +324,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk-size", type=int, default=None, help="labels per chunk (overrides the budget)")
     p.add_argument("--out", required=True, help="output directory (resumed if it holds the same sweep)")
     p.set_defaults(run=_sweep)
+
+    p = sub.add_parser("evaluate", help="score explainers with faithfulness metrics; markdown + CSV report")
+    p.add_argument("--images", nargs="+", required=True,
+                   help="image files, a folder, an ImageNet-style folder of class subfolders, or 'samples' (offline photos)")
+    p.add_argument("--model", default="efficientnet_lite0")
+    p.add_argument("--explainers", default=",".join(("pullback", "pullback_ascent", "gradient", "gradient_ascent")),
+                   help="comma list (default pullback,pullback_ascent,gradient,gradient_ascent)")
+    p.add_argument("--metrics", default="focus,faithfulness,infidelity", help="comma list (default focus,faithfulness,infidelity)")
+    p.add_argument("--labels", default="top1", help="top1 (default), folders (ImageNet-style folder), or one label per image")
+    p.add_argument("--limit", type=int, default=None, help="use at most this many images (classes in turn)")
+    p.add_argument("--mosaics", type=int, default=50, help="number of Focus mosaics (default 50)")
+    p.add_argument("--stages", type=int, default=6, help="cascading randomisation steps (default 6)")
+    p.add_argument("--sensitivity-samples", type=int, default=10, help="max-sensitivity perturbations per image (default 10)")
+    p.add_argument("--temperature", type=float, default=None, help="temperature of the pullback explainers (default 0.3)")
+    p.add_argument("--samples", type=int, default=None, help="SmoothGrad samples (default 50)")
+    p.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples (default 2000)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("-o", "--output", required=True, help="output .md (a .csv is written beside it)")
+    p.set_defaults(run=_evaluate)
     return parser
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point of the ``jaxpull`` command; returns the exit status."""
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
         return args.run(args)
     except KeyboardInterrupt:

@@ -6,6 +6,9 @@ Every rule of METHOD.md's table lives here and nowhere else:
   default t = 0.3) or the standard normal CDF Phi (follow-up, default t = 0.6).
 * ``relu6``: forward ``clip(z, 0, 6)``; backward ``g * s(z / t) * s((6 - z) / t)``, one gate
   at each kink (a jaxpull extension).
+* Guided Backprop (Springenberg et al. 2015), a baseline: ``Gating(guided=True)`` makes the
+  ReLU/ReLU6 backward ``g * 1[z > 0] * 1[g > 0]`` (ReLU6 also ``1[z < 6]``); max-pools keep
+  their vanilla derivative.
 * ``max_pool``: forward the hard max-pool; backward the VJP of *softmax pooling* over the same
   zero-padded windows, with the softmax weights differentiated (paper) or held constant
   (follow-up, ``pool_weights="detached"``).
@@ -43,17 +46,23 @@ class Gating:
       gate: ``"sigmoid"`` (paper) or ``"normal_cdf"`` (follow-up). Static.
       pool_weights: ``"soft"`` (gradient through the softmax weights, paper) or
         ``"detached"`` (weights held constant, follow-up). Static.
+      guided: Guided Backprop's ReLU rule instead (needs ``temperature=None``). Static.
     """
 
     temperature: Optional[jax.Array] = None
     pool_temperature: Optional[jax.Array] = None
     gate: str = dataclasses.field(default="sigmoid", metadata=dict(static=True))
     pool_weights: str = dataclasses.field(default="soft", metadata=dict(static=True))
+    guided: bool = dataclasses.field(default=False, metadata=dict(static=True))
+
+    def __post_init__(self):
+        if self.guided and self.temperature is not None:
+            raise ValueError("Guided Backprop takes no temperature: use Gating(guided=True) alone")
 
     @property
     def vanilla(self) -> bool:
         """True when every gate is the exact (hard) derivative."""
-        return self.temperature is None
+        return self.temperature is None and not self.guided
 
 
 VANILLA = Gating()
@@ -144,7 +153,26 @@ def _soft_unit(forward, mask):
     return unit
 
 
+def _guided_unit(forward, mask):
+    """An activation whose VJP is ``g * mask(z) * (g > 0)``: Guided Backprop."""
+
+    @jax.custom_vjp
+    def unit(z):
+        return forward(z)
+
+    def fwd(z):
+        return forward(z), z
+
+    def bwd(z, g):
+        return (jnp.where(mask(z) & (g > 0), g, jnp.zeros_like(g)),)
+
+    unit.defvjp(fwd, bwd)
+    return unit
+
+
 _relu_hard = _hard_unit(_relu_forward, _relu_hard_mask)
+_relu_guided = _guided_unit(_relu_forward, _relu_hard_mask)
+_relu6_guided = _guided_unit(_relu6_forward, _relu6_hard_mask)
 _relu6_hard = _hard_unit(_relu6_forward, _relu6_hard_mask)
 _relu_soft = _soft_unit(_relu_forward, _relu_soft_mask)
 _relu6_soft = _soft_unit(_relu6_forward, _relu6_soft_mask)
@@ -159,6 +187,8 @@ def relu(z: jax.Array, gating: Gating = VANILLA) -> jax.Array:
     Returns:
       ``max(z, 0)``, same shape and dtype as ``z``.
     """
+    if gating.guided:
+        return _relu_guided(z)
     if gating.vanilla:
         return _relu_hard(z)
     return _relu_soft(z, jnp.asarray(gating.temperature, jnp.float32), gating.gate)
@@ -173,6 +203,8 @@ def relu6(z: jax.Array, gating: Gating = VANILLA) -> jax.Array:
     Returns:
       ``clip(z, 0, 6)``, same shape and dtype as ``z``.
     """
+    if gating.guided:
+        return _relu6_guided(z)
     if gating.vanilla:
         return _relu6_hard(z)
     return _relu6_soft(z, jnp.asarray(gating.temperature, jnp.float32), gating.gate)
@@ -274,7 +306,7 @@ def max_pool(
     Returns:
       ``(N, Ho, Wo, C)``, exactly torch's max-pool.
     """
-    if gating.vanilla:
+    if gating.temperature is None:  # vanilla and Guided Backprop
         return hard_max_pool(x, window, stride, padding)
     tp = gating.pool_temperature if gating.pool_temperature is not None else gating.temperature
     return _surrogate_max_pool(

@@ -99,6 +99,29 @@ def sample_images() -> Dict[str, Path]:
     return found
 
 
+# More real photos from scikit-image for evaluations (file name in skimage.data's folder).
+# Synthetic images (logos, text, test patterns) are left out.
+_MORE_PHOTOS = (
+    ("camera", "camera.png"), ("motorcycle", "motorcycle_left.png"), ("clock", "clock_motion.png"),
+    ("coins", "coins.png"), ("moon", "moon.png"), ("hubble", "hubble_deep_field.jpg"), ("ihc", "ihc.png"),
+)
+
+
+def evaluation_photos() -> Dict[str, Path]:
+    """The sample photos plus seven more of scikit-image's real photographs: name -> path."""
+    found = sample_images()
+    try:
+        import skimage.data
+
+        for name, file in _MORE_PHOTOS:
+            p = Path(skimage.data.data_dir) / file
+            if p.is_file():
+                found[name] = p
+    except ImportError:
+        pass
+    return found
+
+
 def sample_paths(names: Sequence[str] = ()) -> List[Path]:
     """Paths of the named sample photos (all if none named); ValueError if one is not available."""
     available = sample_images()

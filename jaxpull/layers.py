@@ -46,6 +46,29 @@ def same_padding(size: int, kernel: int, stride: int) -> Tuple[int, int]:
     return total // 2, total - total // 2
 
 
+def depthwise_conv(x: jax.Array, kernel: jax.Array, stride: int, pad) -> jax.Array:
+    """Depthwise convolution as a sum of k*k shifted, per-channel-scaled views of ``x``.
+
+    Same result as ``conv_general_dilated(..., feature_group_count=C)`` (``x`` ``(N, H, W, C)``,
+    ``kernel`` ``(k, k, 1, C)``), but XLA:CPU's grouped convolution is 10-25x slower than these
+    fused elementwise ops, forward and backward (measured on 2 cores at EfficientNet-Lite0's
+    shapes); the sum runs in float32 however ``x`` is stored.
+    """
+    k = kernel.shape[0]
+    xp = jnp.pad(x, ((0, 0), tuple(pad[0]), tuple(pad[1]), (0, 0)))
+    ho = (xp.shape[1] - k) // stride + 1
+    wo = (xp.shape[2] - k) // stride + 1
+    out = jnp.zeros((x.shape[0], ho, wo, x.shape[3]), jnp.float32)
+    for i in range(k):
+        for j in range(k):
+            view = lax.slice(
+                xp, (0, i, j, 0), (xp.shape[0], i + (ho - 1) * stride + 1, j + (wo - 1) * stride + 1, xp.shape[3]),
+                (1, stride, stride, 1),
+            )
+            out = out + view.astype(jnp.float32) * kernel[i, j, 0].astype(jnp.float32)
+    return out
+
+
 class Conv(nn.Module):
     """``torch.nn.Conv2d`` on NHWC: explicit symmetric padding, or ``"same"`` (TensorFlow's)."""
 
@@ -69,15 +92,18 @@ class Conv(nn.Module):
             pad = ((self.padding, self.padding), (self.padding, self.padding))
         else:
             pad = self.padding
-        y = lax.conv_general_dilated(
-            x.astype(self.dtype),
-            kernel.astype(self.dtype),
-            window_strides=(self.stride, self.stride),
-            padding=pad,
-            dimension_numbers=("NHWC", "HWIO", "NHWC"),
-            feature_group_count=self.groups,
-            preferred_element_type=jnp.float32 if self.dtype != jnp.float32 else None,
-        )
+        if self.groups > 1 and self.groups == x.shape[-1] == self.features:
+            y = depthwise_conv(x.astype(self.dtype), kernel.astype(self.dtype), self.stride, pad)
+        else:
+            y = lax.conv_general_dilated(
+                x.astype(self.dtype),
+                kernel.astype(self.dtype),
+                window_strides=(self.stride, self.stride),
+                padding=pad,
+                dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                feature_group_count=self.groups,
+                preferred_element_type=jnp.float32 if self.dtype != jnp.float32 else None,
+            )
         if self.use_bias:
             y = y + self.param("bias", nn.initializers.zeros, (self.features,))
         return y

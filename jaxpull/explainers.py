@@ -1,0 +1,157 @@
+"""Explainers behind one signature, so that metrics can compare them on the same footing.
+
+Every explainer is ``explainer(model, x, targets, **options) -> (N, K, H, W, 3)``: ``x`` images
+``(N, H, W, 3)`` in [-1, 1], ``targets`` ``(K,)`` or ``(N, K)`` class indices, one attribution
+map per (image, target), in input units. ``EXPLAINERS`` maps each name to its function:
+
+=====================  ================================================================
+``pullback``           excitation pullback (the method; gates t = 0.3 by default)
+``pullback_ascent``    x_K - x0 of the paper's 5-step PGA along pullbacks
+``gradient``           vanilla gradient of the target logit
+``gradient_ascent``    x_K - x0 of the same PGA along vanilla gradients
+``gradient_x_input``   gradient * x
+``smoothgrad``         mean gradient over n = 50 noisy copies, sigma = 0.15 (Smilkov et al.)
+``integrated_gradients``  path integral of the gradient from a zero baseline (Sundararajan et al.)
+``guided_backprop``    Guided Backprop's ReLU rule (Springenberg et al.), via the gate machinery
+``smoothgrad_pullback``  SmoothGrad of excitation pullbacks
+=====================  ================================================================
+
+The noise of the SmoothGrad variants is drawn from ``seed``, so a call is reproducible.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable, Dict
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jaxpull import checks, explain
+from jaxpull.gates import VANILLA, Gating
+from jaxpull.model import Model
+
+Explainer = Callable[..., jax.Array]
+
+
+@functools.partial(jax.jit, static_argnames=("samples",))
+def noise_average_core(
+    model: Model, x: jax.Array, targets: jax.Array, gating: Gating, key: jax.Array, sigma: jax.Array, samples: int
+) -> jax.Array:
+    """Mean pullback (or gradient) over ``samples`` copies of ``x`` with N(0, sigma^2) noise.
+
+    ``(N, H, W, 3)``, ``(N, K)`` -> ``(N, K, H, W, 3)``. The samples run one after another
+    (``lax.scan``), so memory does not grow with their number.
+    """
+
+    def one(total, k):
+        noisy = x + sigma * jax.random.normal(k, x.shape, x.dtype)
+        return total + explain.pullback_core(model, noisy, targets, gating), None
+
+    zero = jnp.zeros(targets.shape + x.shape[1:], x.dtype)
+    total, _ = lax.scan(one, zero, jax.random.split(key, samples))
+    return total / samples
+
+
+@functools.partial(jax.jit, static_argnames=("steps",))
+def integrated_gradients_core(model: Model, x: jax.Array, targets: jax.Array, steps: int) -> jax.Array:
+    """Integrated Gradients from the zero baseline, midpoint rule with ``steps`` points.
+
+    ``x * mean_{i} grad(x * (i + 1/2) / steps)``: ``(N, H, W, 3)``, ``(N, K)`` -> ``(N, K, H, W, 3)``.
+    """
+
+    def one(total, a):
+        return total + explain.pullback_core(model, a * x, targets, VANILLA), None
+
+    alphas = (jnp.arange(steps, dtype=x.dtype) + 0.5) / steps
+    zero = jnp.zeros(targets.shape + x.shape[1:], x.dtype)
+    total, _ = lax.scan(one, zero, alphas)
+    return x[:, None] * total / steps
+
+
+def _checked(model: Model, x, targets):
+    x = checks.images(x)
+    return x, checks.targets(targets, x.shape[0], model.num_classes)
+
+
+def pullback(model: Model, x, targets, *, temperature: float = 0.3, **gates) -> jax.Array:
+    """Excitation pullbacks (``jaxpull.pullback``): ``(N, K, H, W, 3)``."""
+    return explain.pullback(model, x, targets, temperature=temperature, **gates)
+
+
+def gradient(model: Model, x, targets) -> jax.Array:
+    """Vanilla gradient of each target logit: ``(N, K, H, W, 3)``."""
+    return explain.pullback(model, x, targets, temperature=None)
+
+
+def pullback_ascent(model: Model, x, targets, *, temperature: float = 0.3, **options) -> jax.Array:
+    """x_K - x0 of the paper's PGA along pullbacks (5 steps, alpha 20, eps 100): ``(N, K, H, W, 3)``."""
+    return explain.ascent(model, x, targets, temperature=temperature, output="diff", **options)
+
+
+def gradient_ascent(model: Model, x, targets, **options) -> jax.Array:
+    """x_K - x0 of the same PGA along vanilla gradients: ``(N, K, H, W, 3)``."""
+    return explain.ascent(model, x, targets, temperature=None, output="diff", **options)
+
+
+def gradient_x_input(model: Model, x, targets) -> jax.Array:
+    """Gradient times input: ``(N, K, H, W, 3)``."""
+    x, t = _checked(model, x, targets)
+    return explain.pullback_core(model, x, t, VANILLA) * x[:, None]
+
+
+def _smooth(model: Model, x, targets, gating: Gating, samples: int, sigma: float, seed: int) -> jax.Array:
+    x, t = _checked(model, x, targets)
+    if int(samples) != samples or samples < 1:
+        raise ValueError(f"samples must be a positive integer, got {samples!r}")
+    checks.positive(sigma, "sigma")
+    key = jax.random.key(seed)
+    return noise_average_core(model, x, t, gating, key, jnp.asarray(sigma, jnp.float32), int(samples))
+
+
+def smoothgrad(model: Model, x, targets, *, samples: int = 50, sigma: float = 0.15, seed: int = 0) -> jax.Array:
+    """SmoothGrad: mean gradient over ``samples`` noisy copies (sigma in [-1, 1] units): ``(N, K, H, W, 3)``."""
+    return _smooth(model, x, targets, VANILLA, samples, sigma, seed)
+
+
+def smoothgrad_pullback(
+    model: Model, x, targets, *, samples: int = 50, sigma: float = 0.15, seed: int = 0,
+    temperature: float = 0.3, **gates,
+) -> jax.Array:
+    """SmoothGrad of excitation pullbacks: ``(N, K, H, W, 3)``."""
+    gating = explain.make_gating(temperature, **gates)
+    return _smooth(model, x, targets, gating, samples, sigma, seed)
+
+
+def integrated_gradients(model: Model, x, targets, *, steps: int = 50) -> jax.Array:
+    """Integrated Gradients from a zero (grey) baseline, ``steps`` points: ``(N, K, H, W, 3)``."""
+    x, t = _checked(model, x, targets)
+    if int(steps) != steps or steps < 1:
+        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    return integrated_gradients_core(model, x, t, int(steps))
+
+
+def guided_backprop(model: Model, x, targets) -> jax.Array:
+    """Guided Backprop: ReLU backward passes only positive gradients at active units: ``(N, K, H, W, 3)``."""
+    x, t = _checked(model, x, targets)
+    return explain.pullback_core(model, x, t, Gating(guided=True))
+
+
+EXPLAINERS: Dict[str, Explainer] = {
+    "pullback": pullback,
+    "pullback_ascent": pullback_ascent,
+    "gradient": gradient,
+    "gradient_ascent": gradient_ascent,
+    "gradient_x_input": gradient_x_input,
+    "smoothgrad": smoothgrad,
+    "integrated_gradients": integrated_gradients,
+    "guided_backprop": guided_backprop,
+    "smoothgrad_pullback": smoothgrad_pullback,
+}
+
+
+def get(name: str) -> Explainer:
+    """The explainer called ``name``; ValueError listing the choices if there is none."""
+    checks.choice(name, tuple(EXPLAINERS), "explainer")
+    return EXPLAINERS[name]
