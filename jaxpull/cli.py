@@ -102,7 +102,7 @@ HEADINGS = {"pullback": "excitation pullback (PGA, x_K - x_0)", "vanilla": "vani
 def write_outputs(model, names, x, targets, results, out, arrays_path, options) -> None:
     """The figure, and optionally the raw arrays (both written atomically)."""
     from jaxpull import figures
-    from jaxpull.io import atomic_write
+    from jaxpull.io import save_arrays
 
     titles = [[figures.short_name(_name(model, int(t))) for t in row] for row in targets]
     panels = {HEADINGS[m]: d for m, d in results.items()}
@@ -111,8 +111,7 @@ def write_outputs(model, names, x, targets, results, out, arrays_path, options) 
     if arrays_path:
         arrays = {f"{m}_diff": d for m, d in results.items()}
         meta = {k: np.asarray(v if v is not None else np.nan) for k, v in options.items() if not isinstance(v, str)}
-        atomic_write(arrays_path, lambda tmp: np.savez(open(tmp, "wb"), images=x, targets=targets,
-                                                        image_names=np.array(names), **arrays, **meta))
+        save_arrays(arrays_path, dict(images=x, targets=targets, image_names=np.array(names), **arrays, **meta))
         print(f"wrote {arrays_path}")
 
 
@@ -275,6 +274,15 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _app(args: argparse.Namespace) -> int:
+    from jaxpull import app
+
+    if not 0 < args.port < 65536:
+        raise ValueError(f"--port {args.port} is not a TCP port: use 1-65535")
+    app.serve(args.host, args.port, args.models)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     parser = argparse.ArgumentParser(prog="jaxpull", description="Excitation pullbacks for ReLU networks in JAX.")
@@ -343,6 +351,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("-o", "--output", required=True, help="output .md (a .csv is written beside it)")
     p.set_defaults(run=_evaluate)
+
+    p = sub.add_parser("app", help="the interactive explorer in the browser (needs 'jaxpull[app]')")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default loopback only)")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--models", default=None, help="folder of converted .safetensors files to offer")
+    p.set_defaults(run=_app)
     return parser
 
 

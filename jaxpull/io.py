@@ -52,6 +52,16 @@ def atomic_write(path: PathLike, write) -> None:
         raise
 
 
+def save_arrays(path: PathLike, arrays: Mapping[str, np.ndarray]) -> None:
+    """Write ``arrays`` to the ``.npz`` file ``path`` atomically (nothing half-written is left)."""
+
+    def write(tmp):
+        with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to the temporary name
+            np.savez(f, **arrays)
+
+    atomic_write(path, write)
+
+
 def save(model: Model, path: PathLike, extra_metadata: Mapping[str, str] = ()) -> None:
     """Write ``model`` to ``path`` (``.safetensors``), atomically."""
     from safetensors.numpy import save_file

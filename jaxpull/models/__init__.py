@@ -18,19 +18,20 @@ class Family(NamedTuple):
 
     build: Callable[..., nn.Module]  # builder(num_classes=...) -> module(x, gating) -> logits
     torch_layout: Callable  # (arch, StateDict reader) -> parameter tree
+    max_pools: bool  # whether the network has max-pools (a pool temperature applies)
 
 
-def _family(module) -> Dict[str, Family]:
-    return {name: Family(build, module.torch_layout) for name, build in module.ARCHITECTURES.items()}
+def _family(module, max_pools: bool) -> Dict[str, Family]:
+    return {name: Family(build, module.torch_layout, max_pools) for name, build in module.ARCHITECTURES.items()}
 
 
 ARCHITECTURES: Dict[str, Family] = {
-    **_family(resnet),
-    **_family(vgg),
-    **_family(densenet),
-    **_family(alexnet),
-    **_family(mobilenet),
-    **_family(efficientnet_lite),
+    **_family(resnet, max_pools=True),
+    **_family(vgg, max_pools=True),
+    **_family(densenet, max_pools=True),
+    **_family(alexnet, max_pools=True),
+    **_family(mobilenet, max_pools=False),
+    **_family(efficientnet_lite, max_pools=False),
 }
 
 

@@ -1,0 +1,95 @@
+"""``jaxpull app``: the explorer in the browser, a Gradio page over :mod:`jaxpull.explorer`.
+
+Needs the optional extra: ``pip install 'jaxpull[app]'``. Listens on loopback by default.
+Requests are queued one at a time (they share the CPU and the compiled functions); a bad
+request shows its one-line message in the page and the server keeps running.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from jaxpull import images
+from jaxpull.explorer import DEFAULT_LABEL, METHODS, STRIP_TEMPERATURES, TOP1, Explorer
+
+INTRO = (
+    "# jaxpull explorer\n"
+    "Projected gradient ascent along **excitation pullbacks** (soft ReLU / max-pool gates in the backward "
+    "pass only) or along the vanilla gradient. Each row: the clean image, the perturbed image x_K, and "
+    "x_K - x0 normalised to [0, 1] (grey = no change). The first request compiles; later ones reuse it."
+)
+
+
+def build(explorer: Explorer):
+    """The Gradio ``Blocks`` page for ``explorer``."""
+    try:
+        import gradio as gr
+    except ImportError as e:
+        raise RuntimeError(f"the app needs Gradio ({e}): pip install 'jaxpull[app]'") from None
+
+    def guarded(fn, outputs: int):
+        """Run ``fn``; on a user error keep the shown results and put the message in the note."""
+
+        def call(*args):
+            try:
+                return fn(*args)
+            except (ValueError, OSError, RuntimeError) as e:
+                gr.Warning(str(e))
+                return (gr.update(),) * (outputs - 1) + (f"**Error:** {e}",)
+
+        return call
+
+    def on_model(name):
+        choices = explorer.class_choices(name)
+        return (gr.update(choices=choices, value=TOP1),
+                gr.update(visible=explorer.has_max_pools(name)))
+
+    samples = list(images.sample_images())
+    with gr.Blocks(title="jaxpull explorer") as page:
+        gr.Markdown(INTRO)
+        with gr.Row():
+            with gr.Column(scale=1):
+                upload = gr.Image(label="Upload an image", type="filepath", sources=["upload"], elem_id="upload")
+                sample = gr.Dropdown(samples, value=samples[0] if samples else None, label="...or a sample photo",
+                                     elem_id="sample")
+                model = gr.Dropdown(list(explorer.models), value=DEFAULT_LABEL, label="Model", elem_id="model")
+                target = gr.Dropdown(explorer.class_choices(DEFAULT_LABEL), value=TOP1, filterable=True,
+                                     label="Target class (type to search)", elem_id="target")
+                method = gr.Radio(list(METHODS), value="both", label="Method", elem_id="method")
+                with gr.Row():
+                    steps = gr.Number(5, label="steps", precision=0, elem_id="steps")
+                    alpha = gr.Number(20.0, label="alpha", elem_id="alpha")
+                    eps = gr.Number(100.0, label="eps (empty: no projection)", elem_id="eps")
+                with gr.Row():
+                    temperature = gr.Number(0.3, label="temperature t", elem_id="temperature")
+                    pool_temperature = gr.Number(None, label="pool temperature (empty: t)", elem_id="pool-temperature",
+                                                 visible=explorer.has_max_pools(DEFAULT_LABEL))
+                run = gr.Button("Explain", variant="primary", elem_id="run")
+                strip = gr.Button(f"Temperature strip (t = {', '.join(f'{t:g}' for t in STRIP_TEMPERATURES)})",
+                                  elem_id="strip")
+            with gr.Column(scale=2):
+                top5 = gr.Label(num_top_classes=5, label="Top-5 predictions", elem_id="top5")
+                note = gr.Markdown(elem_id="note")
+                picture = gr.Image(label="clean | perturbed x_K | x_K - x0", type="numpy", interactive=False,
+                                   elem_id="result")
+                arrays = gr.File(label="Raw arrays (.npz: x0, x_K, x_K - x0, target)", elem_id="arrays")
+                strip_picture = gr.Image(label="Temperature strip: x_K - x0 per t", type="numpy", interactive=False,
+                                         elem_id="strip-result")
+        model.change(guarded(on_model, 2), model, [target, pool_temperature])
+        inputs = [upload, sample, model, target]
+        run.click(guarded(explorer.explain, 4),
+                  inputs + [method, steps, alpha, eps, temperature, pool_temperature],
+                  [top5, picture, arrays, note], concurrency_id="compute")
+        strip.click(guarded(explorer.strip, 2), inputs + [steps, alpha, eps], [strip_picture, note],
+                    concurrency_id="compute")
+    page.queue(default_concurrency_limit=1, max_size=64)
+    return page
+
+
+def serve(host: str = "127.0.0.1", port: int = 7860, models_dir: Optional[str] = None) -> None:
+    """Build the explorer and serve it until interrupted."""
+    explorer = Explorer(models_dir)
+    explorer.model(DEFAULT_LABEL)  # load (and on first use convert) before the page opens
+    page = build(explorer)
+    print(f"jaxpull app: http://{host}:{port}", flush=True)
+    page.launch(server_name=host, server_port=port, show_error=True, quiet=True)

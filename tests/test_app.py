@@ -1,0 +1,202 @@
+"""The explorer: its request handlers directly, and the page end to end in a real browser.
+
+The browser test drives Debian's Chromium (``/usr/bin/chromium``, which ``.ci/run`` installs)
+through Playwright; where Chromium or Playwright is missing it is skipped with the reason.
+It saves a screenshot to ``test-artifacts/app.png``.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from jaxpull import explorer as ex
+
+CHROMIUM = "/usr/bin/chromium"
+ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """A model cache holding the offline EfficientNet-Lite0 (converted once for this module)."""
+    from jaxpull import store
+
+    root = tmp_path_factory.mktemp("cache")
+    old = os.environ.get("JAXPULL_CACHE")
+    os.environ["JAXPULL_CACHE"] = str(root)
+    store.resolve(store.DEFAULT_MODEL, log=lambda m: None)
+    yield root
+    if old is None:
+        del os.environ["JAXPULL_CACHE"]
+    else:
+        os.environ["JAXPULL_CACHE"] = old
+
+
+@pytest.fixture(scope="module")
+def explorer(cache, tmp_path_factory):
+    return ex.Explorer(output_dir=str(tmp_path_factory.mktemp("out")))
+
+
+def test_explain_handler(explorer):
+    top5, picture, path, note = explorer.explain(None, "coffee", ex.DEFAULT_LABEL, "967: espresso", "both",
+                                                  2, 20, 100, 0.3, None)
+    assert list(top5)[0] == "espresso (967)" and top5["espresso (967)"] > 0.9 and len(top5) == 5
+    assert picture.dtype == np.uint8 and picture.shape == (2 * 242, 3 * 224, 3)
+    assert picture[18:242, 448:].std() > 3  # the difference tile is not blank (uniform grey would be 0)
+    data = np.load(path)
+    assert int(data["target"]) == 967 and data["pullback_diff"].shape == (224, 224, 3)
+    assert np.allclose(data["pullback_xk"] - data["x0"], data["pullback_diff"])
+    assert not np.allclose(data["pullback_diff"], data["vanilla_diff"])
+    assert "target espresso (967)" in note and "2 steps" in note
+    # top-1 by default, a class name works too
+    _, _, path, _ = explorer.explain(None, "coffee", ex.DEFAULT_LABEL, None, "vanilla gradient", 1, 20, "", 0.3, None)
+    assert int(np.load(path)["target"]) == 967 and "pullback_diff" not in np.load(path)
+    assert explorer.target(explorer.model(ex.DEFAULT_LABEL), "tiger cat", np.zeros(1000)) == 282
+
+
+def test_strip_handler_is_one_vmapped_call(explorer):
+    picture, note = explorer.strip(None, "chelsea", ex.DEFAULT_LABEL, ex.TOP1, 1, 20, 100, (0.1, 1.0, 10.0))
+    assert picture.shape == (242, 3 * 224, 3) and "3 temperatures in one vmapped call" in note
+    tiles = picture[18:].reshape(224, 3, 224, 3).transpose(1, 0, 2, 3)
+    assert all(t.std() > 3 for t in tiles) and not np.array_equal(tiles[0], tiles[2])
+    cache_size = ex.strip_core._cache_size()
+    explorer.strip(None, "chelsea", ex.DEFAULT_LABEL, "0: tench", 2, 10, 50, (0.2, 2.0, 20.0))
+    assert ex.strip_core._cache_size() == cache_size  # new temperatures, label, steps: no recompilation
+
+
+def test_class_choices_and_models(explorer, tmp_path):
+    choices = explorer.class_choices(ex.DEFAULT_LABEL)
+    assert choices[0] == ex.TOP1 and choices[283] == "282: tiger cat" and len(choices) == 1001
+    assert not explorer.has_max_pools(ex.DEFAULT_LABEL)
+    shutil.copy(Path(os.environ["JAXPULL_CACHE"]) / "efficientnet_lite0.safetensors", tmp_path / "mine.safetensors")
+    other = ex.Explorer(str(tmp_path))
+    assert list(other.models) == [ex.DEFAULT_LABEL, "mine"]
+    (tmp_path / "mine.safetensors").unlink()
+    with pytest.raises(ValueError, match="model file .*mine.safetensors is missing"):
+        other.model("mine")
+    with pytest.raises(ValueError, match="does not exist"):
+        ex.Explorer(str(tmp_path / "nowhere"))
+
+
+def test_bad_requests_give_one_line_messages(explorer, tmp_path):
+    junk = tmp_path / "notes.png"
+    junk.write_text("this is not a picture")
+    base = dict(upload=None, sample="coffee", model_name=ex.DEFAULT_LABEL, target=None, method="both",
+                steps=1, alpha=20, eps=100, temperature=0.3, pool_temperature=None)
+    cases = [
+        (dict(upload=str(junk)), "not an image this app can read"),
+        (dict(sample=None), "no image: upload one or pick a sample photo"),
+        (dict(steps=-1), "steps = -1 is out of range"),
+        (dict(steps=2.5), "steps must be a whole number"),
+        (dict(alpha=0), "alpha = 0 is out of range"),
+        (dict(temperature="warm"), "temperature must be a number"),
+        (dict(temperature=None), "temperature is empty"),
+        (dict(eps=-3), "eps = -3 is out of range"),
+        (dict(target="999999"), "out of range"),
+        (dict(target="no such class"), "neither an index nor a class name"),
+        (dict(model_name="resnet50"), "unknown model 'resnet50'"),
+        (dict(method="lime"), "unknown method 'lime'"),
+    ]
+    for change, message in cases:
+        with pytest.raises(ValueError, match=message):
+            explorer.explain(**{**base, **change})
+
+
+def test_huge_upload_is_downscaled_with_a_note(explorer, tmp_path):
+    big = tmp_path / "big.jpg"
+    Image.new("RGB", (6000, 4000), (200, 30, 30)).save(big, quality=80)
+    _, picture, _, note = explorer.explain(str(big), None, ex.DEFAULT_LABEL, None, "vanilla gradient", 1, 20, 100, 0.3, None)
+    assert "6000x4000 pixels: downscaled" in note and picture.shape == (242, 672, 3)
+    png = tmp_path / "rgba.png"
+    Image.new("RGBA", (300, 200), (0, 0, 255, 128)).save(png)
+    x, note = ex.read_upload(str(png))
+    assert x.shape == (224, 224, 3) and note == ""
+
+
+# --------------------------------------------------------------------------------------
+# End to end in a real browser
+# --------------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _browser_or_skip():
+    if not os.path.exists(CHROMIUM):
+        pytest.skip(f"BROWSER TEST NOT RUN: {CHROMIUM} is missing (apt-get install -y chromium, as .ci/run does)")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.skip("BROWSER TEST NOT RUN: the playwright package is missing (pip install 'jaxpull[test]')")
+    return sync_playwright
+
+
+def test_app_in_a_real_browser(cache, tmp_path):
+    sync_playwright = _browser_or_skip()
+    port = _free_port()
+    env = dict(os.environ, JAXPULL_CACHE=str(cache))
+    log = open(tmp_path / "server.log", "w")
+    server = subprocess.Popen([sys.executable, "-m", "jaxpull.cli", "app", "--port", str(port)], stdout=log,
+                              stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.time() + 180
+        while True:
+            try:
+                urllib.request.urlopen(url, timeout=2)
+                break
+            except OSError:
+                assert server.poll() is None, (tmp_path / "server.log").read_text()
+                assert time.time() < deadline, "the app did not start within 180 s"
+                time.sleep(1)
+        flags = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=flags)
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(url, wait_until="networkidle")
+            page.locator("#sample input").click()
+            page.locator("#sample input").fill("coffee")
+            page.get_by_role("option", name="coffee").click()
+            target = page.locator("#target input")
+            target.click()
+            target.fill("")
+            target.press_sequentially("espresso", delay=20)
+            page.get_by_role("option", name="967: espresso").click()
+            page.locator("#steps input").fill("2")
+            page.locator("#run").click()
+            page.locator("#top5").get_by_text("espresso (967)").first.wait_for(timeout=180_000)
+            page.locator("#result img").wait_for(timeout=60_000)
+            text = page.locator("#top5").inner_text()
+            assert "espresso (967)" in text and "cup (968)" in text and "96%" in text
+            assert "target espresso (967); 2 steps" in page.locator("#note").inner_text()
+            shot = np.asarray(Image.open(io.BytesIO(page.locator("#result img").screenshot())).convert("L"))
+            assert shot.shape[0] > 200 and shot.std() > 10  # the result image is not blank
+            ARTIFACTS.mkdir(exist_ok=True)
+            page.screenshot(path=str(ARTIFACTS / "app.png"), full_page=True)
+            # a bad number shows a message in the page, the result stays, the server keeps running
+            page.locator("#alpha input").fill("-5")
+            page.locator("#run").click()
+            page.locator("#note").get_by_text("alpha = -5 is out of range").wait_for(timeout=60_000)
+            assert page.locator("#result img").is_visible()
+            page.screenshot(path=str(ARTIFACTS / "app-error.png"), full_page=True)
+            browser.close()
+        assert server.poll() is None
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        log.close()
