@@ -97,6 +97,8 @@ def main() -> None:
     parser.add_argument("--ks", default="10,100,1000")
     parser.add_argument("--cases", default="a,b,c")
     parser.add_argument("--torch-batch", type=int, default=25)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                        help="jaxpull's compute dtype (torch stays float32); bfloat16 also prints its cosine to float32")
     args = parser.parse_args()
 
     import jax
@@ -112,7 +114,8 @@ def main() -> None:
 
     torch.manual_seed(0)
     tm = torchvision.models.get_model(args.arch).eval()
-    model = jaxpull_convert.from_torch_module(args.arch, tm)
+    model32 = jaxpull_convert.from_torch_module(args.arch, tm)
+    model = model32.astype(args.dtype)
     gated = R.gated(tm, 0.3)
     for p in gated.parameters():
         p.requires_grad_(False)
@@ -120,7 +123,7 @@ def main() -> None:
     x5 = rng.uniform(-1, 1, (5, args.size, args.size, 3)).astype(np.float32)
     x1 = x5[:1]
     peak = matmul_peak_gflops()
-    print(f"{args.arch} {args.size}x{args.size} float32 | jax {jax.__version__} ({jax.devices()[0].platform}), "
+    print(f"{args.arch} {args.size}x{args.size} jaxpull {args.dtype} | jax {jax.__version__} ({jax.devices()[0].platform}), "
           f"torch {torch.__version__} ({torch.get_num_threads()} threads) | matmul peak {peak:.0f} GFLOP/s")
     print("| case | jax compile s | jax run s | torch run s | torch/jax | jax peak RSS +MiB | torch peak RSS +MiB "
           "| jax GFLOP/s (% of peak) |")
@@ -158,6 +161,11 @@ def main() -> None:
             # K > 100: one run only (its compile time is included and reported as 0)
             row(f"a) pullback K={k}", jax_fn, lambda: torch_pullbacks(x1, labels, args.torch_batch), per,
                 repeats=1 if k <= 100 else 0)
+            if args.dtype != "float32" and k <= 100:
+                a = np.asarray(jaxpull.pullback(model, x1, labels)).reshape(k, -1).astype(np.float64)
+                b = np.asarray(jaxpull.pullback(model32, x1, labels)).reshape(k, -1).astype(np.float64)
+                cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+                print(f"a) K={k} {args.dtype} vs float32 maps: cosine min {cos.min():.4f}, median {np.median(cos):.4f}")
     if "b" in args.cases:
         targets = np.arange(10) * 97
         xt, tt = torch.from_numpy(x5), torch.from_numpy(np.tile(targets, (5, 1)))

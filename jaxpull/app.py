@@ -91,5 +91,11 @@ def serve(host: str = "127.0.0.1", port: int = 7860, models_dir: Optional[str] =
     explorer = Explorer(models_dir)
     explorer.model(DEFAULT_LABEL)  # load (and on first use convert) before the page opens
     page = build(explorer)
-    print(f"jaxpull app: http://{host}:{port}", flush=True)
-    page.launch(server_name=host, server_port=port, show_error=True, quiet=True)
+    try:
+        page.launch(server_name=host, server_port=port, show_error=True, quiet=True, prevent_thread_lock=True)
+    except OSError as e:
+        if "empty port" in str(e):
+            raise OSError(f"port {port} on {host} is in use: choose another with --port") from None
+        raise
+    print(f"jaxpull app: http://{host}:{port} (Ctrl-C stops it)", flush=True)
+    page.block_thread()

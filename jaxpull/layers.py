@@ -10,7 +10,9 @@ where there is one (``Conv`` with ``use_bias=True``), and stores the rest as ``A
 
 from __future__ import annotations
 
-from typing import Sequence, Tuple, Union
+import contextlib
+import contextvars
+from typing import Iterator, Optional, Sequence, Tuple, Union
 
 import flax.linen as nn
 import jax
@@ -24,6 +26,28 @@ Padding = Union[int, Tuple[Tuple[int, int], Tuple[int, int]], str]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+COMPUTE_DTYPES = ("float32", "bfloat16")
+_COMPUTE_DTYPE: contextvars.ContextVar[str] = contextvars.ContextVar("jaxpull_compute_dtype", default="float32")
+
+
+@contextlib.contextmanager
+def compute_dtype(name: str) -> Iterator[None]:
+    """Within this context (while a model is traced), convolutions and dense layers take their
+    operands in ``name`` (``"float32"`` or ``"bfloat16"``) and accumulate in float32; everything
+    else (activations, gates, pools) stays float32. ``Model.astype`` sets it for a model."""
+    if name not in COMPUTE_DTYPES:
+        raise ValueError(f"unknown compute dtype {name!r}: use one of {', '.join(COMPUTE_DTYPES)}")
+    token = _COMPUTE_DTYPE.set(name)
+    try:
+        yield
+    finally:
+        _COMPUTE_DTYPE.reset(token)
+
+
+def _operand_dtype(dtype: Optional[jnp.dtype]) -> jnp.dtype:
+    return jnp.dtype(dtype) if dtype is not None else jnp.dtype(_COMPUTE_DTYPE.get())
 
 
 def to_model_input(x: jax.Array, mean: Sequence[float], std: Sequence[float]) -> jax.Array:
@@ -78,7 +102,7 @@ class Conv(nn.Module):
     padding: Padding = 0
     groups: int = 1
     use_bias: bool = False
-    dtype: jnp.dtype = jnp.float32
+    dtype: Optional[jnp.dtype] = None  # operand dtype; None: the surrounding compute_dtype
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -92,17 +116,18 @@ class Conv(nn.Module):
             pad = ((self.padding, self.padding), (self.padding, self.padding))
         else:
             pad = self.padding
+        dtype = _operand_dtype(self.dtype)
         if self.groups > 1 and self.groups == x.shape[-1] == self.features:
-            y = depthwise_conv(x.astype(self.dtype), kernel.astype(self.dtype), self.stride, pad)
+            y = depthwise_conv(x.astype(dtype), kernel.astype(dtype), self.stride, pad)
         else:
             y = lax.conv_general_dilated(
-                x.astype(self.dtype),
-                kernel.astype(self.dtype),
+                x.astype(dtype),
+                kernel.astype(dtype),
                 window_strides=(self.stride, self.stride),
                 padding=pad,
                 dimension_numbers=("NHWC", "HWIO", "NHWC"),
                 feature_group_count=self.groups,
-                preferred_element_type=jnp.float32 if self.dtype != jnp.float32 else None,
+                preferred_element_type=jnp.float32,
             )
         if self.use_bias:
             y = y + self.param("bias", nn.initializers.zeros, (self.features,))
@@ -129,7 +154,8 @@ class Dense(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         kernel = self.param("kernel", nn.initializers.lecun_normal(), (x.shape[-1], self.features))
-        y = x @ kernel
+        dtype = _operand_dtype(None)
+        y = jnp.dot(x.astype(dtype), kernel.astype(dtype), preferred_element_type=jnp.float32)
         if self.use_bias:
             y = y + self.param("bias", nn.initializers.zeros, (self.features,))
         return y

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 
 from jaxpull import checks, models
 from jaxpull.gates import VANILLA, Gating
-from jaxpull.layers import IMAGENET_MEAN, IMAGENET_STD, to_model_input
+from jaxpull.layers import COMPUTE_DTYPES, IMAGENET_MEAN, IMAGENET_STD, compute_dtype, to_model_input
 
 Params = Mapping[str, Any]
 
@@ -36,6 +36,7 @@ class ModelSpec:
     input_mean: Tuple[float, float, float] = IMAGENET_MEAN
     input_std: Tuple[float, float, float] = IMAGENET_STD
     class_names: Tuple[str, ...] = dataclasses.field(default=(), compare=False, hash=False)
+    compute_dtype: str = "float32"
     metadata: Mapping[str, str] = dataclasses.field(default_factory=dict, compare=False, hash=False)
 
     def module(self) -> nn.Module:
@@ -81,7 +82,23 @@ class Model:
         ``gating`` changes only the backward pass. Call inside ``jax.jit`` (no input checks).
         """
         x = to_model_input(x, self.spec.input_mean, self.spec.input_std)
-        return self.spec.module().apply({"params": self.params}, x, gating)
+        with compute_dtype(self.spec.compute_dtype):
+            return self.spec.module().apply({"params": self.params}, x, gating)
+
+    def astype(self, dtype: str) -> "Model":
+        """The same model computing its convolutions and dense layers with ``dtype`` operands.
+
+        ``"bfloat16"`` is an opt-in speed/accuracy trade: operands are rounded to bfloat16 and
+        accumulated in float32; parameters stay stored in float32, results are float32. A
+        ``"bfloat16"`` model compiles its own functions (the dtype is static).
+        """
+        try:
+            name = jnp.dtype(dtype).name
+        except TypeError:
+            name = str(dtype)
+        if name not in COMPUTE_DTYPES:
+            raise ValueError(f"unknown compute dtype {dtype!r}: use one of {', '.join(COMPUTE_DTYPES)}")
+        return Model(self.params, dataclasses.replace(self.spec, compute_dtype=name))
 
     def __call__(self, x) -> jax.Array:
         """Logits ``(N, num_classes)`` of images ``x`` ``(N, H, W, 3)`` in [-1, 1] (checked)."""
@@ -94,7 +111,8 @@ class Model:
 
     def __repr__(self) -> str:
         n = sum(int(p.size) for p in jax.tree_util.tree_leaves(self.params))
-        return f"Model(arch={self.arch!r}, num_classes={self.num_classes}, parameters={n:,})"
+        dtype = "" if self.spec.compute_dtype == "float32" else f", compute_dtype={self.spec.compute_dtype!r}"
+        return f"Model(arch={self.arch!r}, num_classes={self.num_classes}, parameters={n:,}{dtype})"
 
 
 @jax.jit

@@ -177,3 +177,20 @@ def test_written_files_get_the_usual_permissions(model, tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert (tmp_path / "m.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_bfloat16_compute_is_opt_in_close_and_compiled_separately(model):
+    from helpers import map_errors
+
+    x = images(2, 48, seed=5)
+    fast = model.astype("bfloat16")
+    assert fast.spec.compute_dtype == "bfloat16" and model.spec.compute_dtype == "float32"
+    l32, l16 = np.asarray(model(x)), np.asarray(fast(x))
+    assert l16.dtype == np.float32
+    # bfloat16 keeps 8 bits of mantissa: about 1e-2 relative, not the float32 parity
+    assert np.abs(l32 - l16).max() <= 5e-2 * np.abs(l32).max() and not np.array_equal(l32, l16)
+    cos, _ = map_errors(jaxpull.pullback(fast, x, [1, 2]), jaxpull.pullback(model, x, [1, 2]))
+    assert cos > 0.9
+    assert all(p.dtype == jnp.float32 for p in jax.tree_util.tree_leaves(fast.params))
+    with pytest.raises(ValueError, match="unknown compute dtype 'float16'"):
+        model.astype("float16")

@@ -200,3 +200,10 @@ def test_app_in_a_real_browser(cache, tmp_path):
         server.terminate()
         server.wait(timeout=30)
         log.close()
+
+
+def test_app_command_bad_input(tmp_path):
+    from test_cli import assert_one_line_error, run
+
+    assert_one_line_error(run("app", "--port", "70000"), "--port 70000 is not a TCP port")
+    assert_one_line_error(run("app", "--models", tmp_path / "none"), "models folder", "does not exist")
