@@ -95,6 +95,13 @@ def positive(value, name: str, hint: str = "") -> jax.Array:
     return jnp.asarray(value, jnp.float32)
 
 
+def count(value, name: str) -> int:
+    """``value`` as an int if it is a whole number >= 1, else ValueError."""
+    if isinstance(value, bool) or int(value) != value or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
 def temperature(value, name: str = "temperature") -> Optional[jax.Array]:
     """A positive temperature (scalar or array, for vmapped sweeps), or None."""
     if value is None:

@@ -64,17 +64,13 @@ def resolve_targets(model, logits: np.ndarray, spec: str) -> np.ndarray:
     return np.stack(columns, axis=1).astype(np.int32)
 
 
-def _name(model, index: int) -> str:
-    return model.class_names[index] if model.class_names else str(index)
-
-
 def print_top5(model, names, logits: np.ndarray) -> None:
     """Print each image's top-5 labels with probabilities."""
     probs = np.exp(logits - logits.max(1, keepdims=True))
     probs /= probs.sum(1, keepdims=True)
     for name, p in zip(names, probs):
         top = np.argsort(-p)[:5]
-        print(f"{name}: " + "; ".join(f"{_name(model, i)} ({i}) {p[i]:.1%}" for i in top))
+        print(f"{name}: " + "; ".join(f"{model.class_name(i)} ({i}) {p[i]:.1%}" for i in top))
 
 
 def run_explanations(model, x, targets, methods, options, progress=True):
@@ -104,7 +100,7 @@ def write_outputs(model, names, x, targets, results, out, arrays_path, options) 
     from jaxpull import figures
     from jaxpull.io import save_arrays
 
-    titles = [[figures.short_name(_name(model, int(t))) for t in row] for row in targets]
+    titles = [[figures.short_name(model.class_name(int(t))) for t in row] for row in targets]
     panels = {HEADINGS[m]: d for m, d in results.items()}
     figures.explanation_figure(x, panels, titles, out)
     print(f"wrote {out}")
@@ -211,7 +207,7 @@ def _sweep(args: argparse.Namespace) -> int:
     if "top_labels" in result:
         for name, row in zip(args.images, result["top_labels"]):
             for t, top in zip(temperatures, row):
-                print(f"{Path(name).stem} t={t}: most aligned labels " + ", ".join(_name(model, int(i)) for i in top[:5]))
+                print(f"{Path(name).stem} t={t}: most aligned labels " + ", ".join(model.class_name(int(i)) for i in top[:5]))
     return 0
 
 
@@ -255,8 +251,10 @@ def _evaluate(args: argparse.Namespace) -> int:
     elif args.labels != "top1":
         labels = [model.label(l) for l in _split(args.labels)]
     x = images.load_images(paths)
+    if labels is None:
+        labels = evaluate.top1(model, x)  # once, here: evaluate() uses these, and mosaics default to them
     if "focus" in metric_names:
-        distinct = len(set(classes if classes is not None else evaluate.top1(model, x)))
+        distinct = len(set(classes if classes is not None else labels))
         if distinct < 3:
             raise ValueError(f"Focus mosaics need images of at least 3 distinct classes, these have {distinct}: add images")
     report = evaluate.evaluate(model, x, labels, classes, explainer_names=names, metric_names=metric_names,

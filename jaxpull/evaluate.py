@@ -77,7 +77,7 @@ def paired_difference(a: np.ndarray, b: np.ndarray, resamples: int, rng: np.rand
     return mean, lo, hi, int(keep.sum())
 
 
-def _map_function(name: str, model: Model, options: Mapping[str, object]):
+def _map_function(name: str, options: Mapping[str, object]):
     explain = explainers.get(name)
 
     def one_target(m: Model, x, t):
@@ -153,7 +153,7 @@ def evaluate(
     work = len(explainer_names) * len(metric_names)
     bar = tqdm(total=work, desc="evaluate", unit="score", disable=not progress)
     for name in explainer_names:
-        fn = _map_function(name, model, options.get(name, {}))
+        fn = _map_function(name, options.get(name, {}))
         maps = np.concatenate([np.asarray(fn(model, x[s], labels[s])) for s in _chunks(len(x), batch)])
         for metric in metric_names:
             bar.set_postfix_str(f"{name} / {metric}")

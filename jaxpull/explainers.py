@@ -103,11 +103,10 @@ def gradient_x_input(model: Model, x, targets) -> jax.Array:
 
 def _smooth(model: Model, x, targets, gating: Gating, samples: int, sigma: float, seed: int) -> jax.Array:
     x, t = _checked(model, x, targets)
-    if int(samples) != samples or samples < 1:
-        raise ValueError(f"samples must be a positive integer, got {samples!r}")
+    samples = checks.count(samples, "samples")
     checks.positive(sigma, "sigma")
     key = jax.random.key(seed)
-    return noise_average_core(model, x, t, gating, key, jnp.asarray(sigma, jnp.float32), int(samples))
+    return noise_average_core(model, x, t, gating, key, jnp.asarray(sigma, jnp.float32), samples)
 
 
 def smoothgrad(model: Model, x, targets, *, samples: int = 50, sigma: float = 0.15, seed: int = 0) -> jax.Array:
@@ -127,9 +126,7 @@ def smoothgrad_pullback(
 def integrated_gradients(model: Model, x, targets, *, steps: int = 50) -> jax.Array:
     """Integrated Gradients from a zero (grey) baseline, ``steps`` points: ``(N, K, H, W, 3)``."""
     x, t = _checked(model, x, targets)
-    if int(steps) != steps or steps < 1:
-        raise ValueError(f"steps must be a positive integer, got {steps!r}")
-    return integrated_gradients_core(model, x, t, int(steps))
+    return integrated_gradients_core(model, x, t, checks.count(steps, "steps"))
 
 
 def guided_backprop(model: Model, x, targets) -> jax.Array:

@@ -138,8 +138,7 @@ class Explorer:
     def class_choices(self, name: str) -> List[str]:
         """``["top-1 of the image", "0: tench", ...]`` for the searchable target list."""
         m = self.model(name)
-        names = m.class_names or [str(i) for i in range(m.num_classes)]
-        return [TOP1] + [f"{i}: {n}" for i, n in enumerate(names)]
+        return [TOP1] + [f"{i}: {m.class_name(i)}" for i in range(m.num_classes)]
 
     def has_max_pools(self, name: str) -> bool:
         """Whether the model has max-pools (the pool temperature applies)."""
@@ -178,8 +177,7 @@ class Explorer:
         """``{"tiger cat (282)": 0.38, ...}`` for the five most probable classes."""
         p = np.exp(logits - logits.max())
         p /= p.sum()
-        names = model.class_names or [str(i) for i in range(model.num_classes)]
-        return {f"{names[i]} ({i})": float(p[i]) for i in np.argsort(-p)[:5]}
+        return {f"{model.class_name(i)} ({i})": float(p[i]) for i in np.argsort(-p)[:5]}
 
     def explain(self, upload, sample, model_name, target, method, steps, alpha, eps, temperature, pool_temperature):
         """One explanation request.
@@ -209,8 +207,7 @@ class Explorer:
         seconds = time.perf_counter() - start
         path = self.output_dir / f"jaxpull_{label}_{int(time.time() * 1000)}.npz"
         io.save_arrays(path, arrays)
-        names = model.class_names or [str(i) for i in range(model.num_classes)]
-        summary = f"target {names[label]} ({label}); {s.steps} steps, alpha {s.alpha:g}, eps {s.eps}, t {s.temperature:g}; {seconds:.2f} s"
+        summary = f"target {model.class_name(label)} ({label}); {s.steps} steps, alpha {s.alpha:g}, eps {s.eps}, t {s.temperature:g}; {seconds:.2f} s"
         return self.top5(model, logits), np.concatenate(rows, axis=0), str(path), "; ".join(filter(None, [note, summary]))
 
     def strip(self, upload, sample, model_name, target, steps, alpha, eps, temperatures: Sequence[float] = STRIP_TEMPERATURES):

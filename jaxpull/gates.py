@@ -117,8 +117,8 @@ def _safe_temperature(t: jax.Array, dtype) -> jax.Array:
     return jnp.maximum(t.astype(dtype), jnp.finfo(dtype).tiny)
 
 
-def _hard_unit(forward, mask):
-    """An activation whose VJP is ``g * mask(z)``, exactly as PyTorch autograd has it."""
+def _hard_unit(forward, keep):
+    """An activation whose VJP passes ``g`` where ``keep(z, g)`` and 0 elsewhere."""
 
     @jax.custom_vjp
     def unit(z):
@@ -128,7 +128,7 @@ def _hard_unit(forward, mask):
         return forward(z), z
 
     def bwd(z, g):
-        return (jnp.where(mask(z), g, jnp.zeros_like(g)),)
+        return (jnp.where(keep(z, g), g, jnp.zeros_like(g)),)
 
     unit.defvjp(fwd, bwd)
     return unit
@@ -153,27 +153,11 @@ def _soft_unit(forward, mask):
     return unit
 
 
-def _guided_unit(forward, mask):
-    """An activation whose VJP is ``g * mask(z) * (g > 0)``: Guided Backprop."""
-
-    @jax.custom_vjp
-    def unit(z):
-        return forward(z)
-
-    def fwd(z):
-        return forward(z), z
-
-    def bwd(z, g):
-        return (jnp.where(mask(z) & (g > 0), g, jnp.zeros_like(g)),)
-
-    unit.defvjp(fwd, bwd)
-    return unit
-
-
-_relu_hard = _hard_unit(_relu_forward, _relu_hard_mask)
-_relu_guided = _guided_unit(_relu_forward, _relu_hard_mask)
-_relu6_guided = _guided_unit(_relu6_forward, _relu6_hard_mask)
-_relu6_hard = _hard_unit(_relu6_forward, _relu6_hard_mask)
+# Vanilla: exactly PyTorch autograd's derivative. Guided Backprop: also only where g > 0.
+_relu_hard = _hard_unit(_relu_forward, lambda z, g: _relu_hard_mask(z))
+_relu6_hard = _hard_unit(_relu6_forward, lambda z, g: _relu6_hard_mask(z))
+_relu_guided = _hard_unit(_relu_forward, lambda z, g: _relu_hard_mask(z) & (g > 0))
+_relu6_guided = _hard_unit(_relu6_forward, lambda z, g: _relu6_hard_mask(z) & (g > 0))
 _relu_soft = _soft_unit(_relu_forward, _relu_soft_mask)
 _relu6_soft = _soft_unit(_relu6_forward, _relu6_soft_mask)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Dict, List, Sequence, Union
+from typing import Dict, List, Sequence, Tuple, Union
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -86,17 +86,19 @@ def sample_images() -> Dict[str, Path]:
             found["grace_hopper"] = p
     except ImportError:
         pass
+    found.update(_skimage_photos((("chelsea", "chelsea.png"), ("coffee", "coffee.png"), ("rocket", "rocket.jpg"),
+                                  ("astronaut", "astronaut.png"))))
+    return found
+
+
+def _skimage_photos(files: Sequence[Tuple[str, str]]) -> Dict[str, Path]:
+    """name -> path of those of scikit-image's data ``files`` that are installed."""
     try:
         import skimage.data
-
-        for name, file in (("chelsea", "chelsea.png"), ("coffee", "coffee.png"), ("rocket", "rocket.jpg"),
-                           ("astronaut", "astronaut.png")):
-            p = Path(skimage.data.data_dir) / file
-            if p.is_file():
-                found[name] = p
     except ImportError:
-        pass
-    return found
+        return {}
+    paths = {name: Path(skimage.data.data_dir) / file for name, file in files}
+    return {name: p for name, p in paths.items() if p.is_file()}
 
 
 # More real photos from scikit-image for evaluations (file name in skimage.data's folder).
@@ -109,17 +111,7 @@ _MORE_PHOTOS = (
 
 def evaluation_photos() -> Dict[str, Path]:
     """The sample photos plus seven more of scikit-image's real photographs: name -> path."""
-    found = sample_images()
-    try:
-        import skimage.data
-
-        for name, file in _MORE_PHOTOS:
-            p = Path(skimage.data.data_dir) / file
-            if p.is_file():
-                found[name] = p
-    except ImportError:
-        pass
-    return found
+    return {**sample_images(), **_skimage_photos(_MORE_PHOTOS)}
 
 
 def sample_paths(names: Sequence[str] = ()) -> List[Path]:

@@ -105,6 +105,10 @@ class Model:
         x = checks.images(x)
         return _logits(self, x)
 
+    def class_name(self, index: int) -> str:
+        """The name of class ``index`` (its index as text if the model has no names)."""
+        return self.class_names[index] if self.class_names else str(index)
+
     def label(self, name_or_index) -> int:
         """The class index of a class name (case-insensitive) or an index; ValueError if neither."""
         return checks.label(name_or_index, self.num_classes, self.class_names)
