@@ -6,12 +6,23 @@ Every rule of METHOD.md's table lives here and nowhere else:
   default t = 0.3) or the standard normal CDF Phi (follow-up, default t = 0.6).
 * ``relu6``: forward ``clip(z, 0, 6)``; backward ``g * s(z / t) * s((6 - z) / t)``, one gate
   at each kink (a jaxpull extension).
+* ``hardswish`` (MobileNetV3): forward ``z * hardsigmoid(z)``, ``hardsigmoid(u) =
+  relu6(u + 3) / 6``; backward ``g * hardsigmoid(z / t)`` (a jaxpull extension: METHOD.md's
+  general reading for ``f(z) = z * s(z)``, the gate ``s`` held constant and tempered; as
+  t -> 0 it tends to the step at 0, not to the vanilla derivative). Its temperature is
+  ``Gating.hardswish_temperature`` (None: the ReLU temperature).
 * Guided Backprop (Springenberg et al. 2015), a baseline: ``Gating(guided=True)`` makes the
-  ReLU/ReLU6 backward ``g * 1[z > 0] * 1[g > 0]`` (ReLU6 also ``1[z < 6]``); max-pools keep
-  their vanilla derivative.
+  ReLU/ReLU6 backward ``g * 1[z > 0] * 1[g > 0]`` (ReLU6 also ``1[z < 6]``); max-pools and
+  Hardswish keep their vanilla derivative (Guided Backprop is a rule for ReLUs).
+* No rule (plain derivative, exact torch forward): ``hardsigmoid`` (SE-block scales) and the
+  sigmoid.
 * ``max_pool``: forward the hard max-pool; backward the VJP of *softmax pooling* over the same
   zero-padded windows, with the softmax weights differentiated (paper) or held constant
-  (follow-up, ``pool_weights="detached"``).
+  (follow-up, ``pool_weights="detached"``). Ceil mode (``ceil_mode=True``: SqueezeNet,
+  GoogLeNet) is a jaxpull definition: the forward is torch's ceil-mode max-pool exactly (the
+  positions its last windows reach past the bottom/right edge are ignored), and the softmax
+  pooling uses the same windows with those positions zero-filled, exactly like the symmetric
+  padding (the natural extension of the reference's zero-padded ``unfold``).
 
 The forward pass is never changed. With ``Gating.temperature is None`` every rule is the
 exact vanilla derivative, as PyTorch autograd computes it (ReLU's derivative at 0 is 0).
@@ -47,6 +58,8 @@ class Gating:
       pool_weights: ``"soft"`` (gradient through the softmax weights, paper) or
         ``"detached"`` (weights held constant, follow-up). Static.
       guided: Guided Backprop's ReLU rule instead (needs ``temperature=None``). Static.
+      hardswish_temperature: Hardswish gate temperature (scalar array); None means "same as
+        ``temperature``"; used when ``temperature`` is not None.
     """
 
     temperature: Optional[jax.Array] = None
@@ -54,9 +67,10 @@ class Gating:
     gate: str = dataclasses.field(default="sigmoid", metadata=dict(static=True))
     pool_weights: str = dataclasses.field(default="soft", metadata=dict(static=True))
     guided: bool = dataclasses.field(default=False, metadata=dict(static=True))
+    hardswish_temperature: Optional[jax.Array] = None
 
     def __post_init__(self):
-        if self.guided and self.temperature is not None:
+        if self.guided and (self.temperature is not None or self.hardswish_temperature is not None):
             raise ValueError("Guided Backprop takes no temperature: use Gating(guided=True) alone")
 
     @property
@@ -162,7 +176,7 @@ _relu_soft = _soft_unit(_relu_forward, _relu_soft_mask)
 _relu6_soft = _soft_unit(_relu6_forward, _relu6_soft_mask)
 
 
-def relu(z: jax.Array, gating: Gating = VANILLA) -> jax.Array:
+def relu(z: jax.Array, gating: Gating) -> jax.Array:
     """ReLU whose backward pass is the excitation gate ``g * s(z / t)``.
 
     Args:
@@ -178,7 +192,7 @@ def relu(z: jax.Array, gating: Gating = VANILLA) -> jax.Array:
     return _relu_soft(z, jnp.asarray(gating.temperature, jnp.float32), gating.gate)
 
 
-def relu6(z: jax.Array, gating: Gating = VANILLA) -> jax.Array:
+def relu6(z: jax.Array, gating: Gating) -> jax.Array:
     """ReLU6 whose backward pass is ``g * s(z / t) * s((6 - z) / t)``.
 
     Args:
@@ -195,35 +209,114 @@ def relu6(z: jax.Array, gating: Gating = VANILLA) -> jax.Array:
 
 
 # --------------------------------------------------------------------------------------
+# Hardswish (and the plain hardsigmoid)
+# --------------------------------------------------------------------------------------
+
+
+def hardsigmoid(u: jax.Array) -> jax.Array:
+    """``torch.nn.Hardsigmoid``: ``relu6(u + 3) / 6``, plain derivative (no excitation rule)."""
+    return jnp.clip(u + 3, 0, 6) / 6
+
+
+def _hardswish_forward(z: jax.Array) -> jax.Array:
+    # torch's kernel, x * min(max(x + 3, 0), 6) / 6 (XLA turns / 6 into * (1/6): within 1 ulp).
+    return z * jnp.clip(z + 3, 0, 6) / 6
+
+
+def _hardswish_derivative(z: jax.Array) -> jax.Array:
+    # PyTorch's hardswish_backward: 0 for z <= -3, z / 3 + 1/2 inside, 1 for z >= 3.
+    return jnp.where(z <= -3, 0.0, jnp.where(z >= 3, 1.0, z / 3 + 0.5)).astype(z.dtype)
+
+
+@jax.custom_vjp
+def _hardswish_exact(z):
+    return _hardswish_forward(z)
+
+
+_hardswish_exact.defvjp(lambda z: (_hardswish_forward(z), z), lambda z, g: (g * _hardswish_derivative(z),))
+_hardswish_soft = _soft_unit(_hardswish_forward, lambda z, t, s: hardsigmoid(z / t))
+
+
+def hardswish(z: jax.Array, gating: Gating) -> jax.Array:
+    """Hardswish whose backward pass is the tempered gate ``g * hardsigmoid(z / t)``.
+
+    ``t`` is ``gating.hardswish_temperature``, or ``gating.temperature`` when that is None.
+    Vanilla and Guided Backprop give torch's exact derivative.
+
+    Args:
+      z: pre-activations, any shape.
+      gating: the backward rule.
+    Returns:
+      ``z * hardsigmoid(z)``, same shape and dtype as ``z``.
+    """
+    if gating.temperature is None:  # vanilla and Guided Backprop
+        return _hardswish_exact(z)
+    t = gating.hardswish_temperature if gating.hardswish_temperature is not None else gating.temperature
+    return _hardswish_soft(z, jnp.asarray(t, jnp.float32), gating.gate)
+
+
+# --------------------------------------------------------------------------------------
 # Max-pool
 # --------------------------------------------------------------------------------------
 
 
-def _pool_geometry(x_shape, window: int, stride: int, padding: int):
-    n, h, w, c = x_shape
-    ho = (h + 2 * padding - window) // stride + 1
-    wo = (w + 2 * padding - window) // stride + 1
-    return ho, wo
+def pool_output_size(size: int, window: int, stride: int, padding: int, ceil_mode: bool = False) -> int:
+    """Output length of torch's max-pool along one axis of length ``size``.
+
+    Floor mode: ``(size + 2p - k) // s + 1``. Ceil mode: ``ceil((size + 2p - k) / s) + 1``, less
+    one if the last window would start at or beyond ``size + p`` (torch's rule: every window
+    starts inside the input or the left padding).
+    """
+    span = size + 2 * padding - window
+    if span < 0:
+        raise ValueError(
+            f"max-pool window {window} is larger than the padded input ({size} + 2 * {padding}): "
+            "use a larger input image"
+        )
+    if not ceil_mode:
+        return span // stride + 1
+    out = -(-span // stride) + 1
+    if (out - 1) * stride >= size + padding:
+        out -= 1
+    return out
 
 
-def hard_max_pool(x: jax.Array, window: int, stride: int, padding: int) -> jax.Array:
-    """``torch.nn.MaxPool2d(window, stride, padding)`` (floor mode) on ``(N, H, W, C)``."""
+def _pool_pads(x_shape, window: int, stride: int, padding: int, ceil_mode: bool):
+    """``((before, after), (before, after))`` for H and W: ``padding``, plus the extra rows and
+    columns past the bottom/right edge that ceil mode's last windows reach into."""
+    pads = []
+    for size in x_shape[1:3]:
+        out = pool_output_size(size, window, stride, padding, ceil_mode)
+        extra = max((out - 1) * stride + window - (size + 2 * padding), 0)
+        pads.append((padding, padding + extra))
+    return tuple(pads)
+
+
+def hard_max_pool(x: jax.Array, window: int, stride: int, padding: int, ceil_mode: bool = False) -> jax.Array:
+    """``torch.nn.MaxPool2d(window, stride, padding, ceil_mode=ceil_mode)`` on ``(N, H, W, C)``.
+
+    Padding, and ceil mode's positions past the edge, are ``-inf``: they never win the max.
+    """
+    ph, pw = _pool_pads(x.shape, window, stride, padding, ceil_mode)
     return lax.reduce_window(
-        x, -jnp.inf, lax.max, (1, window, window, 1), (1, stride, stride, 1),
-        ((0, 0), (padding, padding), (padding, padding), (0, 0)),
+        x, -jnp.inf, lax.max, (1, window, window, 1), (1, stride, stride, 1), ((0, 0), ph, pw, (0, 0))
     )
 
 
-def window_values(x: jax.Array, window: int, stride: int, padding: int) -> jax.Array:
+def window_values(x: jax.Array, window: int, stride: int, padding: int, ceil_mode: bool = False) -> jax.Array:
     """The pooling windows of ``x``, zero-padded as torch's ``unfold`` builds them.
+
+    In ceil mode the windows are the hard max-pool's, and their positions past the bottom/right
+    edge are zero-filled like the symmetric padding.
 
     Args:
       x: ``(N, H, W, C)``.
     Returns:
       ``(N, Ho, Wo, C, window * window)``, the window's values in row-major order.
     """
-    ho, wo = _pool_geometry(x.shape, window, stride, padding)
-    xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+    ho = pool_output_size(x.shape[1], window, stride, padding, ceil_mode)
+    wo = pool_output_size(x.shape[2], window, stride, padding, ceil_mode)
+    xp = jnp.pad(x, ((0, 0),) + _pool_pads(x.shape, window, stride, padding, ceil_mode) + ((0, 0),))
     views = []
     for i in range(window):
         for j in range(window):
@@ -239,7 +332,13 @@ def window_values(x: jax.Array, window: int, stride: int, padding: int) -> jax.A
 
 
 def soft_max_pool(
-    x: jax.Array, t: jax.Array, window: int, stride: int, padding: int, pool_weights: str = "soft"
+    x: jax.Array,
+    t: jax.Array,
+    window: int,
+    stride: int,
+    padding: int,
+    pool_weights: str = "soft",
+    ceil_mode: bool = False,
 ) -> jax.Array:
     """Softmax pooling: per window, ``sum(softmax(v / t) * v)`` over zero-padded windows.
 
@@ -247,10 +346,11 @@ def soft_max_pool(
       x: ``(N, H, W, C)``.
       t: the pool temperature tp (scalar).
       pool_weights: ``"soft"`` differentiates the weights, ``"detached"`` holds them constant.
+      ceil_mode: the hard max-pool's ceil-mode windows, zero-filled past the edge.
     Returns:
       ``(N, Ho, Wo, C)``.
     """
-    v = window_values(x, window, stride, padding)
+    v = window_values(x, window, stride, padding, ceil_mode)
     w = jax.nn.softmax(v / _safe_temperature(t, v.dtype), axis=-1)
     if pool_weights == "detached":
         w = lax.stop_gradient(w)
@@ -259,18 +359,18 @@ def soft_max_pool(
     return jnp.sum(w * v, axis=-1)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
-def _surrogate_max_pool(x, t, window, stride, padding, pool_weights):
-    return hard_max_pool(x, window, stride, padding)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5, 6))
+def _surrogate_max_pool(x, t, window, stride, padding, pool_weights, ceil_mode):
+    return hard_max_pool(x, window, stride, padding, ceil_mode)
 
 
-def _surrogate_max_pool_fwd(x, t, window, stride, padding, pool_weights):
-    return hard_max_pool(x, window, stride, padding), (x, t)
+def _surrogate_max_pool_fwd(x, t, window, stride, padding, pool_weights, ceil_mode):
+    return hard_max_pool(x, window, stride, padding, ceil_mode), (x, t)
 
 
-def _surrogate_max_pool_bwd(window, stride, padding, pool_weights, res, g):
+def _surrogate_max_pool_bwd(window, stride, padding, pool_weights, ceil_mode, res, g):
     x, t = res
-    _, vjp = jax.vjp(lambda x: soft_max_pool(x, t, window, stride, padding, pool_weights), x)
+    _, vjp = jax.vjp(lambda x: soft_max_pool(x, t, window, stride, padding, pool_weights, ceil_mode), x)
     (gx,) = vjp(g)
     return gx, jnp.zeros_like(t)
 
@@ -279,20 +379,25 @@ _surrogate_max_pool.defvjp(_surrogate_max_pool_fwd, _surrogate_max_pool_bwd)
 
 
 def max_pool(
-    x: jax.Array, window: int, stride: int, padding: int = 0, gating: Gating = VANILLA
+    x: jax.Array,
+    window: int,
+    stride: int,
+    padding: int,
+    gating: Gating,
+    ceil_mode: bool = False,
 ) -> jax.Array:
     """Hard max-pool forward; softmax-pooling VJP backward (vanilla max-pool VJP if no temperature).
 
     Args:
       x: ``(N, H, W, C)``.
-      window, stride, padding: as ``torch.nn.MaxPool2d`` (floor mode, dilation 1).
+      window, stride, padding, ceil_mode: as ``torch.nn.MaxPool2d`` (dilation 1).
       gating: ``gating.pool_temperature`` is tp.
     Returns:
       ``(N, Ho, Wo, C)``, exactly torch's max-pool.
     """
     if gating.temperature is None:  # vanilla and Guided Backprop
-        return hard_max_pool(x, window, stride, padding)
+        return hard_max_pool(x, window, stride, padding, ceil_mode)
     tp = gating.pool_temperature if gating.pool_temperature is not None else gating.temperature
     return _surrogate_max_pool(
-        x, jnp.asarray(tp, jnp.float32), window, stride, padding, gating.pool_weights
+        x, jnp.asarray(tp, jnp.float32), window, stride, padding, gating.pool_weights, ceil_mode
     )

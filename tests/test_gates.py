@@ -10,7 +10,7 @@ import torch
 
 import torch_reference as R
 from jaxpull import gates
-from jaxpull.gates import Gating
+from jaxpull.gates import VANILLA, Gating
 
 
 def grad_of(fn, z, g=None):
@@ -40,10 +40,10 @@ def test_relu6_backward_is_the_product_of_two_gates():
 def test_vanilla_is_torch_autograd_exactly():
     zt = torch.tensor(np.asarray(Z), requires_grad=True)
     torch.relu(zt).sum().backward()
-    np.testing.assert_array_equal(grad_of(gates.relu, Z), zt.grad.numpy())
+    np.testing.assert_array_equal(grad_of(lambda z: gates.relu(z, VANILLA), Z), zt.grad.numpy())
     zt.grad = None
     torch.nn.functional.relu6(zt).sum().backward()
-    np.testing.assert_array_equal(grad_of(gates.relu6, Z), zt.grad.numpy())
+    np.testing.assert_array_equal(grad_of(lambda z: gates.relu6(z, VANILLA), Z), zt.grad.numpy())
 
 
 @pytest.mark.parametrize("gate", gates.GATES)
@@ -52,7 +52,7 @@ def test_temperature_to_zero_gives_the_vanilla_gradient_and_never_nan(gate, unit
     z = jnp.array([-2.0, -1e-3, 1e-3, 2.0, 5.0, 7.0])  # away from the kinks, where the limit is defined
     for t in (1e-5, 1e-12, 1e-30):
         g = grad_of(lambda z: unit(z, Gating(jnp.array(t), gate=gate)), z)
-        np.testing.assert_array_equal(g, grad_of(unit, z))
+        np.testing.assert_array_equal(g, grad_of(lambda z: unit(z, VANILLA), z))
     # at a kink the soft gate is 0.5 (sigmoid(0) = Phi(0)); no temperature gives NaN
     for t in (1e-45, 1e-30, 1.0, 1e30):
         g = grad_of(lambda z: unit(z, Gating(jnp.array(t), gate=gate)), jnp.array([0.0, 6.0, -0.0]))
@@ -88,7 +88,7 @@ def test_max_pool_forward_is_hard_and_backward_is_torch_softmax_pooling(window, 
 
 def test_max_pool_small_temperature_approaches_the_hard_max_gradient():
     x = jnp.asarray(np.random.default_rng(2).normal(size=(1, 8, 8, 2)).astype(np.float32))
-    hard = grad_of(lambda x: gates.max_pool(x, 2, 2, 0), x)
+    hard = grad_of(lambda x: gates.max_pool(x, 2, 2, 0, VANILLA), x)
     soft = grad_of(lambda x: gates.max_pool(x, 2, 2, 0, Gating(jnp.array(1e-4))), x)
     np.testing.assert_allclose(soft, hard, atol=1e-6)
 
@@ -103,3 +103,78 @@ def test_vmap_over_temperatures():
 def test_unknown_gate_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown gate 'relu'"):
         grad_of(lambda z: gates.relu(z, Gating(jnp.array(0.3), gate="relu")), Z)
+
+
+# --------------------------------------------------------------------------------------
+# Hardswish: forward z * hardsigmoid(z); backward g * hardsigmoid(z / t)
+# --------------------------------------------------------------------------------------
+
+ZH = jnp.array([-5.0, -3.0, -2.999, -1.0, -1e-30, 0.0, 1e-30, 0.5, 2.999, 3.0, 3.001, 8.0])
+
+
+def test_hardswish_forward_and_vanilla_derivative_match_torch():
+    """Including torch's boundary convention: derivative 0 at z = -3 and 1 at z = 3. Equal to
+    within 1 ulp (rtol 3e-7): XLA compiles ``/ 6`` and ``/ 3`` as multiplications by 1/6, 1/3."""
+    zt = torch.tensor(np.asarray(ZH), requires_grad=True)
+    y = torch.nn.functional.hardswish(zt)
+    y.sum().backward()
+    for gating in (gates.VANILLA, Gating(guided=True)):  # Guided Backprop keeps the vanilla derivative
+        np.testing.assert_allclose(gates.hardswish(ZH, gating), y.detach().numpy(), rtol=3e-7, atol=0)
+        grad = grad_of(lambda z: gates.hardswish(z, gating), ZH)
+        np.testing.assert_allclose(grad, zt.grad.numpy(), rtol=3e-7, atol=0)
+        np.testing.assert_array_equal(grad[:2], [0, 0])  # z = -5, -3
+        np.testing.assert_array_equal(grad[-3:], [1, 1, 1])  # z = 3, 3.001, 8
+    np.testing.assert_allclose(gates.hardsigmoid(ZH), torch.nn.functional.hardsigmoid(zt).detach().numpy(), rtol=3e-7, atol=0)
+
+
+@pytest.mark.parametrize("th", [None, 0.7])
+def test_hardswish_backward_is_the_tempered_gate_and_equals_the_torch_reference(th):
+    t = 0.3
+    soft = Gating(jnp.array(t), hardswish_temperature=None if th is None else jnp.array(th))
+    np.testing.assert_array_equal(gates.hardswish(ZH, soft), gates.hardswish(ZH, VANILLA))
+    zt = torch.tensor(np.asarray(ZH), requires_grad=True)
+    g = np.linspace(-2, 2, ZH.size).astype(np.float32)
+    R.GatedHardswish(t if th is None else th)(zt).backward(torch.tensor(g))
+    got = grad_of(lambda z: gates.hardswish(z, soft), ZH, jnp.asarray(g))
+    np.testing.assert_allclose(got, zt.grad.numpy(), rtol=1e-6, atol=1e-12)
+    expected = g * np.clip(np.asarray(ZH) / (t if th is None else th) + 3, 0, 6) / 6
+    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-12)
+
+
+def test_hardswish_temperature_to_zero_is_the_step_at_zero_and_never_nan():
+    """t -> 0 gives hardsigmoid(z / t) -> 1[z > 0] (0.5 at z = 0): the step function, which is
+    *not* Hardswish's vanilla derivative (z / 3 + 1/2 on (-3, 3)): the gate is held constant."""
+    z = jnp.array([-4.0, -2.0, -1e-3, 1e-3, 2.0, 4.0])
+    for t in (1e-5, 1e-12, 1e-30):
+        g = grad_of(lambda z: gates.hardswish(z, Gating(jnp.array(t))), z)
+        np.testing.assert_array_equal(g, [0, 0, 0, 1, 1, 1])
+    for t in (1e-45, 1e-30, 1.0, 1e30):
+        g = grad_of(lambda z: gates.hardswish(z, Gating(jnp.array(t))), jnp.array([0.0, -0.0, 3.0, -3.0]))
+        assert np.all(np.isfinite(g))
+        assert g[0] == g[1] == 0.5
+
+
+def test_hardswish_backward_is_linear_in_the_cotangent_and_vmaps_over_temperatures():
+    z = jax.random.normal(jax.random.key(2), (3, 4, 5)) * 4
+    soft = Gating(jnp.array(0.3), hardswish_temperature=jnp.array(0.5))
+    _, vjp = jax.vjp(lambda z: gates.hardswish(z, soft), z)
+    a, b = jax.random.normal(jax.random.key(3), (2,) + z.shape)
+    np.testing.assert_allclose(vjp(2 * a - 3 * b)[0], 2 * vjp(a)[0] - 3 * vjp(b)[0], rtol=1e-5, atol=1e-5)
+    gate_at = lambda th: grad_of(lambda z: gates.hardswish(z, Gating(jnp.array(0.3), hardswish_temperature=th)), z)
+    many = jax.jit(jax.vmap(gate_at))(jnp.array([0.1, 0.5, 2.0]))
+    np.testing.assert_allclose(many[1], gate_at(jnp.array(0.5)), rtol=1e-6)
+    np.testing.assert_allclose(many[2], jnp.clip(z / 2.0 + 3, 0, 6) / 6, rtol=1e-6)
+
+
+def test_guided_backprop_takes_no_hardswish_temperature():
+    with pytest.raises(ValueError, match="Guided Backprop takes no temperature"):
+        Gating(guided=True, hardswish_temperature=0.3)
+
+
+@pytest.mark.parametrize("unit", [gates.relu, gates.relu6, gates.hardswish])
+def test_an_activation_without_its_rule_fails_loudly(unit):
+    """A model that forgets to pass its Gating must not silently get the hard (vanilla) rule."""
+    with pytest.raises(TypeError):
+        unit(Z)
+    with pytest.raises(TypeError):
+        gates.max_pool(jnp.zeros((1, 4, 4, 1)), 2, 2, 0)

@@ -1,15 +1,18 @@
 """A PyTorch implementation of the method, written from METHOD.md, to test jaxpull against.
 
 It follows the reference implementation's approach: swap every ``nn.ReLU`` / ``nn.ReLU6`` /
-``nn.MaxPool2d`` module for one whose forward is unchanged and whose backward is the gate
-(``torch.autograd.Function``); max-pool's backward is the VJP of softmax pooling built with
-``F.unfold`` (zero padding, as the reference). torchvision DenseNet's functional ReLU after
-``features`` is gated too (jaxpull gates every ReLU), by running its forward by hand.
+``nn.Hardswish`` / ``nn.MaxPool2d`` module for one whose forward is unchanged and whose backward
+is the gate (``torch.autograd.Function``); max-pool's backward is the VJP of softmax pooling built
+with ``F.unfold`` (zero padding, as the reference; in ceil mode zero-padded on the bottom/right as
+far as torch's last windows reach). torchvision DenseNet's functional ReLU after
+``features`` is gated too (jaxpull gates every ReLU), by running its forward by hand; so are
+GoogLeNet's and Inception-v3's functional ReLUs and Inception-v3's functional max-pools.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 from typing import Optional
 
 import torch
@@ -50,14 +53,42 @@ class GatedReLU(nn.Module):
         return GatedReLUFunction.apply(z, self.t, self.gate, self.six)
 
 
-def soft_pool(x, kernel, stride, padding, t, detached):
+class GatedHardswishFunction(torch.autograd.Function):
+    """Hardswish forward; backward ``g * hardsigmoid(z / t)`` (the gate of z * hardsigmoid(z))."""
+
+    @staticmethod
+    def forward(ctx, z, t):
+        ctx.save_for_backward(z)
+        ctx.t = t
+        return F.hardswish(z)
+
+    @staticmethod
+    def backward(ctx, g):
+        (z,) = ctx.saved_tensors
+        return g * F.hardsigmoid(z / ctx.t), None
+
+
+class GatedHardswish(nn.Module):
+    def __init__(self, t: float):
+        super().__init__()
+        self.t = t
+
+    def forward(self, z):
+        return GatedHardswishFunction.apply(z, self.t)
+
+
+def soft_pool(x, kernel, stride, padding, t, detached, ceil_mode=False):
+    """Softmax pooling over zero-padded unfold windows; in ceil mode the windows of torch's
+    ceil-mode max-pool, zero-padded on the bottom/right as far as they reach."""
     b, c, h, w = x.shape
-    unf = F.unfold(x, kernel_size=kernel, stride=stride, padding=padding).view(b, c, kernel * kernel, -1)
+    ho, wo = F.max_pool2d(x[:1, :1].detach(), kernel, stride, padding, ceil_mode=ceil_mode).shape[2:]
+    extra_h = max((ho - 1) * stride + kernel - (h + 2 * padding), 0)
+    extra_w = max((wo - 1) * stride + kernel - (w + 2 * padding), 0)
+    xp = F.pad(x, (padding, padding + extra_w, padding, padding + extra_h))
+    unf = F.unfold(xp, kernel_size=kernel, stride=stride).view(b, c, kernel * kernel, -1)
     weights = F.softmax(unf / t, dim=2)
     if detached:
         weights = weights.detach()
-    ho = (h + 2 * padding - kernel) // stride + 1
-    wo = (w + 2 * padding - kernel) // stride + 1
     return (unf * weights).sum(dim=2).view(b, c, ho, wo)
 
 
@@ -67,18 +98,22 @@ class SurrogateMaxPool(nn.Module):
     def __init__(self, pool: nn.MaxPool2d, t: float, detached: bool):
         super().__init__()
         self.kernel, self.stride, self.padding = pool.kernel_size, pool.stride, pool.padding
+        self.ceil_mode = pool.ceil_mode
         self.t, self.detached = t, detached
 
     def forward(self, x):
-        hard = F.max_pool2d(x, self.kernel, self.stride, self.padding)
-        soft = soft_pool(x, self.kernel, self.stride, self.padding, self.t, self.detached)
+        hard = F.max_pool2d(x, self.kernel, self.stride, self.padding, ceil_mode=self.ceil_mode)
+        soft = soft_pool(x, self.kernel, self.stride, self.padding, self.t, self.detached, self.ceil_mode)
         return hard.detach() + (soft - soft.detach())
 
 
-def gated(model: nn.Module, t: float, tp: Optional[float] = None, gate: str = "sigmoid", detached: bool = False) -> nn.Module:
-    """A copy of ``model`` with every ReLU, ReLU6 and max-pool module swapped for its gated form."""
+def gated(model: nn.Module, t: float, tp: Optional[float] = None, gate: str = "sigmoid", detached: bool = False,
+          th: Optional[float] = None) -> nn.Module:
+    """A copy of ``model`` with every ReLU, ReLU6, Hardswish and max-pool module swapped for its
+    gated form (``tp``: pool temperature, ``th``: Hardswish temperature; None means ``t``)."""
     model = copy.deepcopy(model)
     tp = t if tp is None else tp
+    th = t if th is None else th
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.ReLU6):
@@ -87,6 +122,8 @@ def gated(model: nn.Module, t: float, tp: Optional[float] = None, gate: str = "s
                 setattr(parent, name, GatedReLU(t, gate))
             elif isinstance(child, nn.MaxPool2d):
                 setattr(parent, name, SurrogateMaxPool(child, tp, detached))
+            elif isinstance(child, nn.Hardswish):
+                setattr(parent, name, GatedHardswish(th))
     if type(model).__name__ == "DenseNet":
         relu = GatedReLU(t, gate)
 
@@ -95,14 +132,43 @@ def gated(model: nn.Module, t: float, tp: Optional[float] = None, gate: str = "s
             return model.classifier(torch.flatten(F.adaptive_avg_pool2d(out, 1), 1))
 
         model.forward = forward
+    _gate_functional_inception(model, t, tp, gate, detached)
     return model
+
+
+def _basic_conv(m, relu, x):
+    return relu(m.bn(m.conv(x)))
+
+
+def _inception_b(m, pool, x):
+    dbl = m.branch3x3dbl_3(m.branch3x3dbl_2(m.branch3x3dbl_1(x)))
+    return [m.branch3x3(x), dbl, pool(x)]
+
+
+def _inception_d(m, pool, x):
+    b3 = m.branch3x3_2(m.branch3x3_1(x))
+    b7 = m.branch7x7x3_4(m.branch7x7x3_3(m.branch7x7x3_2(m.branch7x7x3_1(x))))
+    return [b3, b7, pool(x)]
+
+
+def _gate_functional_inception(model, t, tp, gate, detached) -> None:
+    """torchvision's GoogLeNet and Inception-v3 apply every ReLU functionally (``F.relu`` in
+    ``BasicConv2d``), and Inception-v3's InceptionB/D their 3x3/2 max-pool (``F.max_pool2d``):
+    gate those by hand too (jaxpull gates every ReLU and max-pool), their forward unchanged."""
+    for m in model.modules():
+        kind = type(m).__name__
+        if kind == "BasicConv2d":
+            m.forward = functools.partial(_basic_conv, m, GatedReLU(t, gate))
+        elif kind in ("InceptionB", "InceptionD"):
+            pool = SurrogateMaxPool(nn.MaxPool2d(3, 2), tp, detached)
+            m._forward = functools.partial(_inception_b if kind == "InceptionB" else _inception_d, m, pool)
 
 
 def normalize(x_nhwc: torch.Tensor, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)) -> torch.Tensor:
     """[-1, 1] NHWC -> normalised NCHW, as jaxpull's model does."""
     x = x_nhwc.permute(0, 3, 1, 2)
-    m = torch.tensor(mean).view(1, 3, 1, 1)
-    s = torch.tensor(std).view(1, 3, 1, 1)
+    m = torch.tensor(mean, device=x.device).view(1, 3, 1, 1)
+    s = torch.tensor(std, device=x.device).view(1, 3, 1, 1)
     return ((x + 1) / 2 - m) / s
 
 
