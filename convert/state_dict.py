@@ -23,6 +23,7 @@ class StateDict:
         self.tensors: Dict[str, np.ndarray] = {k: np.asarray(v) for k, v in tensors.items()}
         self.used: set = set()
         self.missing: List[str] = []
+        self.ignored: List[str] = []  # keys dropped on purpose (see ``ignore``)
 
     def has(self, key: str) -> bool:
         return key in self.tensors
@@ -31,6 +32,16 @@ class StateDict:
         """Rename keys matching the regex ``pattern`` (legacy spellings, e.g. DenseNet's ``norm.1``)."""
         rx = re.compile(pattern)
         self.tensors = {rx.sub(replacement, k): v for k, v in self.tensors.items()}
+
+    def ignore(self, pattern: str) -> List[str]:
+        """Drop the keys matching the regex ``pattern`` on purpose (training-only heads such as
+        GoogLeNet's ``aux1``): recorded in ``ignored``, neither used nor reported as unexpected."""
+        rx = re.compile(pattern)
+        dropped = [k for k in self.tensors if rx.search(k)]
+        for k in dropped:
+            del self.tensors[k]
+        self.ignored += dropped
+        return dropped
 
     def get(self, key: str) -> Optional[np.ndarray]:
         """The tensor at ``key`` as float64, or None (and ``key`` recorded as missing)."""

@@ -94,10 +94,11 @@ def depthwise_conv(x: jax.Array, kernel: jax.Array, stride: int, pad) -> jax.Arr
 
 
 class Conv(nn.Module):
-    """``torch.nn.Conv2d`` on NHWC: explicit symmetric padding, or ``"same"`` (TensorFlow's)."""
+    """``torch.nn.Conv2d`` on NHWC: explicit padding (an int pads all sides alike), or ``"same"``
+    (TensorFlow's). ``kernel_size`` is ``k`` or ``(kh, kw)`` (Inception-v3's 1x7 and 7x1)."""
 
     features: int
-    kernel_size: int
+    kernel_size: Union[int, Tuple[int, int]]
     stride: int = 1
     padding: Padding = 0
     groups: int = 1
@@ -106,12 +107,12 @@ class Conv(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        k = self.kernel_size
+        kh, kw = (self.kernel_size,) * 2 if isinstance(self.kernel_size, int) else self.kernel_size
         kernel = self.param(
-            "kernel", nn.initializers.lecun_normal(), (k, k, x.shape[-1] // self.groups, self.features)
+            "kernel", nn.initializers.lecun_normal(), (kh, kw, x.shape[-1] // self.groups, self.features)
         )
         if self.padding == "same":
-            pad = (same_padding(x.shape[1], k, self.stride), same_padding(x.shape[2], k, self.stride))
+            pad = (same_padding(x.shape[1], kh, self.stride), same_padding(x.shape[2], kw, self.stride))
         elif isinstance(self.padding, int):
             pad = ((self.padding, self.padding), (self.padding, self.padding))
         else:

@@ -6,11 +6,15 @@ parameter tree (``torch_layout``). Nothing here imports torch.
 
 from __future__ import annotations
 
-from typing import Callable, Dict, NamedTuple
+from typing import Callable, Dict, NamedTuple, Optional
 
 import flax.linen as nn
 
 from jaxpull.models import alexnet, densenet, efficientnet_lite, mobilenet, resnet, vgg
+from jaxpull.models import mnasnet, regnet, shufflenet
+from jaxpull.models import googlenet, inception
+from jaxpull.models import mobilenet_v3, squeezenet
+from jaxpull.preprocessing import Preprocessing
 
 
 class Family(NamedTuple):
@@ -19,10 +23,16 @@ class Family(NamedTuple):
     build: Callable[..., nn.Module]  # builder(num_classes=...) -> module(x, gating) -> logits
     torch_layout: Callable  # (arch, StateDict reader) -> parameter tree
     max_pools: bool  # whether the network has max-pools (a pool temperature applies)
+    # The family file's optional facts (module constants of the same names):
+    preprocessing: Preprocessing = Preprocessing()  # PREPROCESSING: resize/crop its pretrained weights expect
+    transform_input: Optional[bool] = None  # TRANSFORM_INPUT: torchvision's for those weights; None: no such option
+    auxiliary_keys: Optional[str] = None  # AUXILIARY_KEYS: regex of training-only state_dict keys, dropped
 
 
 def _family(module, max_pools: bool) -> Dict[str, Family]:
-    return {name: Family(build, module.torch_layout, max_pools) for name, build in module.ARCHITECTURES.items()}
+    facts = (getattr(module, "PREPROCESSING", Preprocessing()), getattr(module, "TRANSFORM_INPUT", None),
+             getattr(module, "AUXILIARY_KEYS", None))
+    return {name: Family(build, module.torch_layout, max_pools, *facts) for name, build in module.ARCHITECTURES.items()}
 
 
 ARCHITECTURES: Dict[str, Family] = {
@@ -32,6 +42,13 @@ ARCHITECTURES: Dict[str, Family] = {
     **_family(alexnet, max_pools=True),
     **_family(mobilenet, max_pools=False),
     **_family(efficientnet_lite, max_pools=False),
+    **_family(regnet, max_pools=False),
+    **_family(mnasnet, max_pools=False),
+    **_family(shufflenet, max_pools=True),
+    **_family(googlenet, max_pools=True),
+    **_family(inception, max_pools=True),
+    **_family(mobilenet_v3, max_pools=False),
+    **_family(squeezenet, max_pools=True),
 }
 
 
