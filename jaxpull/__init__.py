@@ -8,10 +8,12 @@ Convert a torchvision model once (``jaxpull convert``), then::
     xs = jaxpull.ascent(model, x, targets=[207, 1])      # (N, K, H, W, 3)
 """
 
-from jaxpull.explain import ascent, make_gating, pullback
+from jaxpull.explain import ascent, pullback
 from jaxpull.gates import Gating
 from jaxpull.io import ModelFileError, load, save
 from jaxpull.model import Model, ModelSpec
+from jaxpull.settings import PRESETS, Ascent, make_ascent, make_gating
 
-__all__ = ["ascent", "pullback", "make_gating", "Gating", "load", "save", "Model", "ModelSpec", "ModelFileError"]
+__all__ = ["ascent", "pullback", "make_gating", "make_ascent", "Ascent", "PRESETS", "Gating", "load", "save", "Model",
+           "ModelSpec", "ModelFileError"]
 __version__ = "0.1.0"

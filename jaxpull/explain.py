@@ -7,7 +7,6 @@ arguments: a new temperature, label, step size or step count does not recompile.
 
 from __future__ import annotations
 
-import functools
 from typing import Callable, Dict, NamedTuple, Optional
 
 import jax
@@ -16,40 +15,11 @@ import optax
 from jax import lax
 
 from jaxpull import checks
-from jaxpull.gates import GATES, POOL_WEIGHTS, Gating
+from jaxpull.gates import Gating
 from jaxpull.model import Model
+from jaxpull.settings import DEFAULT_RULES, FROM_RULES, Ascent, make_ascent, make_gating
 
-STRATEGIES = ("auto", "shared", "separate")
-LOSSES = ("logit", "cross_entropy", "self_explain")
 OUTPUTS = ("image", "diff")
-
-# "auto" uses vmapped separate gradients up to this many targets, the shared forward beyond.
-# Measured on XLA:CPU (2 cores, resnet50 224x224, benchmarks/core_timings.py): the shared forward
-# was as fast or faster for every K in {1, 2, 4, 10} (0.28 vs 0.30 s at K=1, 1.90 vs 2.13 s at
-# K=10), so "auto" always shares the forward on CPU.
-_SEPARATE_UP_TO = 0
-
-
-def make_gating(
-    temperature: Optional[float] = 0.3,
-    pool_temperature: Optional[float] = None,
-    gate: str = "sigmoid",
-    pool_weights: str = "soft",
-) -> Gating:
-    """Validate call-time options and build a :class:`~jaxpull.gates.Gating`.
-
-    ``temperature=None`` gives the exact vanilla gradient; ``pool_temperature=None`` means
-    "same as temperature".
-    """
-    checks.choice(gate, GATES, "gate")
-    checks.choice(pool_weights, POOL_WEIGHTS, "pool_weights")
-    t = checks.temperature(temperature)
-    tp = checks.temperature(pool_temperature, "pool_temperature")
-    if t is None:
-        if pool_temperature is not None:
-            raise ValueError("pool_temperature needs a temperature: set temperature too, or neither for vanilla")
-        return Gating(gate=gate, pool_weights=pool_weights)
-    return Gating(t, t if tp is None else tp, gate, pool_weights)
 
 
 # --------------------------------------------------------------------------------------
@@ -57,30 +27,16 @@ def make_gating(
 # --------------------------------------------------------------------------------------
 
 
-@functools.partial(jax.jit, static_argnames=("strategy",))
-def pullback_core(model: Model, x: jax.Array, targets: jax.Array, gating: Gating, strategy: str = "shared") -> jax.Array:
+@jax.jit
+def pullback_core(model: Model, x: jax.Array, targets: jax.Array, gating: Gating) -> jax.Array:
     """Pure pullback: ``x`` ``(N, H, W, 3)``, ``targets`` int ``(N, K)`` -> ``(N, K, H, W, 3)``.
 
-    ``strategy="shared"`` runs one forward pass and vmaps its VJP over the K one-hot cotangents
-    (the gated backward is linear in the cotangent); ``"separate"`` vmaps a whole gradient
-    (forward included) over the K targets.
+    One forward pass, its VJP vmapped over the K one-hot cotangents (the gated backward is
+    linear in the cotangent). Measured never slower than K separate gradients (README, "Speed").
     """
-    if strategy == "shared":
-        _, vjp = jax.vjp(lambda x: model.apply(x, gating), x)
-        cotangents = jax.nn.one_hot(targets.T, model.num_classes, dtype=jnp.float32)  # (K, N, C)
-        (grads,) = jax.vmap(vjp)(cotangents)
-    elif strategy == "separate":
-
-        def one_target(t):  # t: (N,)
-            def selected(x):
-                logits = model.apply(x, gating)
-                return jnp.sum(jnp.take_along_axis(logits, t[:, None], axis=1))
-
-            return jax.grad(selected)(x)
-
-        grads = jax.vmap(one_target)(targets.T)
-    else:
-        raise ValueError(f"unknown strategy {strategy!r}: use one of {', '.join(STRATEGIES)}")
+    _, vjp = jax.vjp(lambda x: model.apply(x, gating), x)
+    cotangents = jax.nn.one_hot(targets.T, model.num_classes, dtype=jnp.float32)  # (K, N, C)
+    (grads,) = jax.vmap(vjp)(cotangents)
     return jnp.swapaxes(grads, 0, 1)
 
 
@@ -89,11 +45,11 @@ def pullback(
     x,
     targets,
     *,
-    temperature: Optional[float] = 0.3,
-    pool_temperature: Optional[float] = None,
-    gate: str = "sigmoid",
-    pool_weights: str = "soft",
-    strategy: str = "auto",
+    rules: str = DEFAULT_RULES,
+    temperature: Optional[float] = FROM_RULES,
+    pool_temperature: Optional[float] = FROM_RULES,
+    gate: str = FROM_RULES,
+    pool_weights: str = FROM_RULES,
 ) -> jax.Array:
     """Excitation pullbacks: the gated gradient of each target logit w.r.t. the input.
 
@@ -101,23 +57,21 @@ def pullback(
       model: a converted model (``jaxpull.load``).
       x: images ``(N, H, W, 3)`` in [-1, 1].
       targets: class indices ``(K,)`` (the same K labels for every image) or ``(N, K)``.
-      temperature: ReLU gate temperature t (paper: 0.3 with ``gate="sigmoid"``; follow-up: 0.6
-        with ``gate="normal_cdf"``); ``None`` gives the exact vanilla gradient.
+      rules: the rule set, ``"excitation"`` (the paper's first version: sigmoid gate, t 0.3,
+        soft pool weights) or ``"semantic"`` (its current version: normal-CDF gate, t 0.6,
+        detached pool weights, tp 0.3); see ``jaxpull.settings.PRESETS``. Every keyword below
+        defaults to the preset's value and, when given, beats it.
+      temperature: ReLU gate temperature t; ``None`` gives the exact vanilla gradient.
       pool_temperature: max-pool softmax temperature tp; ``None`` means "same as temperature".
       gate: ``"sigmoid"`` or ``"normal_cdf"``.
       pool_weights: ``"soft"`` (paper) or ``"detached"`` (follow-up).
-      strategy: ``"shared"`` (one forward, VJP vmapped over targets), ``"separate"`` (vmapped
-        gradients), or ``"auto"`` (the faster one measured on CPU for this K).
     Returns:
       ``(N, K, H, W, 3)`` float32: for every image and target, d logit / d x under the gates.
     """
     x = checks.images(x)
     t = checks.targets(targets, x.shape[0], model.num_classes)
-    gating = make_gating(temperature, pool_temperature, gate, pool_weights)
-    checks.choice(strategy, STRATEGIES, "strategy")
-    if strategy == "auto":
-        strategy = "separate" if t.shape[1] <= _SEPARATE_UP_TO else "shared"
-    return pullback_core(model, x, t, gating, strategy)
+    gating = make_gating(temperature, pool_temperature, gate, pool_weights, rules=rules)
+    return pullback_core(model, x, t, gating)
 
 
 # --------------------------------------------------------------------------------------
@@ -171,33 +125,20 @@ def normalized_step(alpha: jax.Array, relative: bool = False) -> optax.GradientT
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-@functools.partial(jax.jit, static_argnames=("loss", "relative_alpha", "project", "clip"))
-def ascent_core(
-    model: Model,
-    x: jax.Array,
-    targets: jax.Array,
-    gating: Gating,
-    steps: jax.Array,
-    alpha: jax.Array,
-    eps: jax.Array,
-    margin: jax.Array,
-    *,
-    loss: str = "logit",
-    relative_alpha: bool = False,
-    project: bool = True,
-    clip: bool = True,
-) -> jax.Array:
+@jax.jit
+def ascent_core(model: Model, x: jax.Array, targets: jax.Array, gating: Gating, ascent: Ascent) -> jax.Array:
     """Pure PGA for every (image, target) pair: ``(N, H, W, 3)``, ``(N, K)`` -> ``(N, K, H, W, 3)``.
 
     Each step: g = gated gradient of the loss; x <- x + alpha * g / ||g||; project x - x0 onto
-    the L2 ball of radius eps (if ``project``); clamp to [-1 - margin, 1 + margin] (if ``clip``).
-    All N*K pairs advance together as one batch; ``steps`` is traced (a ``fori_loop``).
+    the L2 ball of radius eps (if ``ascent.project``); clamp to [-1 - margin, 1 + margin] (if
+    ``ascent.clip``). All N*K pairs advance together as one batch; ``ascent.steps`` is traced
+    (a ``fori_loop``), as are alpha, eps and margin.
     """
     n, k = targets.shape
     x0 = jnp.repeat(x, k, axis=0)  # (N*K, H, W, 3), pair p = image p // K, target p % K
     labels = targets.reshape(-1)
-    loss_fn = LOSS_FUNCTIONS[loss]
-    step = normalized_step(alpha, relative_alpha)
+    loss_fn = LOSS_FUNCTIONS[ascent.loss]
+    step = normalized_step(ascent.alpha, ascent.relative_alpha)
 
     def objective(xs):
         return jnp.sum(loss_fn(model.apply(xs, gating), labels))
@@ -209,13 +150,13 @@ def ascent_core(
     def body(_, xs):
         g = jax.grad(objective)(xs)  # samples are independent in eval mode: per-pair gradients
         xs = optax.apply_updates(xs, jax.vmap(per_pair_update)(g, xs))
-        if project:
-            xs = x0 + jax.vmap(optax.projections.projection_l2_ball, in_axes=(0, None))(xs - x0, eps)
-        if clip:
-            xs = optax.projections.projection_box(xs, -1.0 - margin, 1.0 + margin)
+        if ascent.project:
+            xs = x0 + jax.vmap(optax.projections.projection_l2_ball, in_axes=(0, None))(xs - x0, ascent.eps)
+        if ascent.clip:
+            xs = optax.projections.projection_box(xs, -1.0 - ascent.margin, 1.0 + ascent.margin)
         return xs
 
-    xs = lax.fori_loop(0, steps, body, x0)
+    xs = lax.fori_loop(0, ascent.steps, body, x0)
     return xs.reshape((n, k) + x.shape[1:])
 
 
@@ -224,17 +165,18 @@ def ascent(
     x,
     targets,
     *,
-    steps: int = 5,
-    alpha: float = 20.0,
-    eps: Optional[float] = 100.0,
-    temperature: Optional[float] = 0.3,
-    pool_temperature: Optional[float] = None,
-    gate: str = "sigmoid",
-    pool_weights: str = "soft",
-    relative_alpha: bool = False,
-    clip: bool = True,
-    margin: float = 0.0,
-    loss: str = "logit",
+    rules: str = DEFAULT_RULES,
+    steps: int = FROM_RULES,
+    alpha: float = FROM_RULES,
+    eps: Optional[float] = FROM_RULES,
+    margin: float = FROM_RULES,
+    loss: str = FROM_RULES,
+    relative_alpha: bool = FROM_RULES,
+    clip: bool = FROM_RULES,
+    temperature: Optional[float] = FROM_RULES,
+    pool_temperature: Optional[float] = FROM_RULES,
+    gate: str = FROM_RULES,
+    pool_weights: str = FROM_RULES,
     output: str = "image",
 ) -> jax.Array:
     """The paper's projected gradient ascent along excitation pullbacks, per (image, target).
@@ -243,34 +185,28 @@ def ascent(
       model: a converted model.
       x: images ``(N, H, W, 3)`` in [-1, 1] (x0, the start of every ascent).
       targets: class indices ``(K,)`` or ``(N, K)``.
-      steps: number of steps (default 5).
-      alpha: step size (default 20); with ``relative_alpha`` the step is alpha * ||x||.
+      rules: ``"excitation"`` (default; eps 100) or ``"semantic"`` (eps None); both 5 steps,
+        alpha 20, clamping to [-1, 1] after every step (``print(jaxpull.settings.PRESETS)``).
+        Every keyword below defaults to the preset's value and, when given, beats it.
+      steps: number of steps.
+      alpha: step size; with ``relative_alpha`` the step is alpha * ||x||.
       eps: radius of the L2 ball around x0 the iterate is projected onto; None: no projection.
-      temperature, pool_temperature, gate, pool_weights: the gates, as in :func:`pullback`
-        (``temperature=None``: plain gradient ascent).
-      clip: clamp every iterate to [-1 - margin, 1 + margin].
+      margin: clamp to [-1 - margin, 1 + margin].
       loss: ``"logit"`` (target logit), ``"cross_entropy"`` (negative cross-entropy), or
         ``"self_explain"`` (0.5 * ||logits||^2, targets ignored).
+      relative_alpha: scale the step by ||x||.
+      clip: clamp every iterate.
+      temperature, pool_temperature, gate, pool_weights: the gates, as in :func:`pullback`
+        (``temperature=None``: plain gradient ascent).
       output: ``"image"`` returns x_K; ``"diff"`` returns x_K - x0 (the paper's figure).
     Returns:
       ``(N, K, H, W, 3)`` float32.
     """
     x = checks.images(x)
     t = checks.targets(targets, x.shape[0], model.num_classes)
-    gating = make_gating(temperature, pool_temperature, gate, pool_weights)
-    checks.choice(loss, LOSSES, "loss")
+    gating = make_gating(temperature, pool_temperature, gate, pool_weights, rules=rules)
+    settings = make_ascent(steps=steps, alpha=alpha, eps=eps, margin=margin, loss=loss, relative_alpha=relative_alpha,
+                           clip=clip, rules=rules)
     checks.choice(output, OUTPUTS, "output")
-    if not isinstance(steps, jax.core.Tracer) and (int(steps) != steps or steps < 0):
-        raise ValueError(f"steps must be a non-negative integer, got {steps!r}")
-    checks.positive(alpha, "alpha")
-    if eps is not None:
-        checks.positive(eps, "eps", " (use eps=None for no projection)")
-    if not isinstance(margin, jax.core.Tracer) and not margin >= 0:
-        raise ValueError(f"margin must be >= 0, got {margin!r}")
-    result = ascent_core(
-        model, x, t, gating,
-        jnp.asarray(steps, jnp.int32), jnp.asarray(alpha, jnp.float32),
-        jnp.asarray(1.0 if eps is None else eps, jnp.float32), jnp.asarray(margin, jnp.float32),
-        loss=loss, relative_alpha=relative_alpha, project=eps is not None, clip=clip,
-    )
+    result = ascent_core(model, x, t, gating, settings)
     return result - x[:, None] if output == "diff" else result
