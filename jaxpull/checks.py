@@ -34,10 +34,11 @@ def images(x) -> jax.Array:
             f"images must be floating point in [-1, 1], got dtype {x.dtype} "
             "(for 0-255 pixels use jaxpull.images.from_pixels)"
         )
+    if 0 in x.shape:
+        raise ValueError(f"images is empty (shape {tuple(x.shape)}): give at least one image of at least 1x1 pixels")
     if _concrete(x):
+        finite(x, "images")  # explicitly: a max over |x| skips NaN on XLA:CPU
         peak = float(jnp.max(jnp.abs(x)))
-        if not np.isfinite(peak):
-            raise ValueError("images contain NaN or infinity")
         if peak > _RANGE_LIMIT:
             raise ValueError(
                 f"images must be in [-1, 1], got values up to {peak:g} "
@@ -46,8 +47,52 @@ def images(x) -> jax.Array:
     return jnp.asarray(x, jnp.float32) if x.dtype != jnp.float32 else jnp.asarray(x)
 
 
+def finite(x, name: str) -> None:
+    """ValueError if the concrete array ``x`` holds a NaN or an infinity (tracers pass through)."""
+    if not _concrete(x):
+        return
+    ok = np.isfinite(x).all() if isinstance(x, np.ndarray) else bool(jnp.isfinite(x).all())
+    if not ok:
+        bad = np.asarray(x)
+        nan, inf = int(np.isnan(bad).sum()), int(np.isinf(bad).sum())
+        raise ValueError(f"{name} contain {nan} NaN and {inf} infinite values: replace them with finite numbers")
+
+
+def attributions(a, shape, name: str = "attributions") -> jax.Array:
+    """Validate attribution maps: floating point, finite, of the images' ``shape`` ``(N, H, W, 3)``."""
+    if not hasattr(a, "shape"):
+        a = np.asarray(a)
+    if tuple(a.shape) != tuple(shape):
+        raise ValueError(f"{name} must have the images' shape {tuple(shape)}, got {tuple(a.shape)}")
+    if not jnp.issubdtype(a.dtype, jnp.floating):
+        raise ValueError(f"{name} must be floating point, got dtype {a.dtype}")
+    finite(a, name)
+    return jnp.asarray(a, jnp.float32) if a.dtype != jnp.float32 else jnp.asarray(a)
+
+
+def per_image_labels(value, n: int, num_classes: int, name: str = "targets") -> jax.Array:
+    """One class index per image as int32 ``(N,)``; ValueError naming any out of [0, num_classes).
+
+    JAX clamps out-of-range gather indices instead of failing, so every user-given index is
+    checked here before it reaches a ``take``.
+    """
+    if not _concrete(value):
+        return value
+    t = np.asarray(value)
+    if t.shape != (n,):
+        raise ValueError(f"{name} must have shape ({n},), one class index per image, got {tuple(t.shape)}")
+    if not np.issubdtype(t.dtype, np.integer):
+        raise ValueError(f"{name} must be integer class indices, got dtype {t.dtype}")
+    bad = t[(t < 0) | (t >= num_classes)]
+    if bad.size:
+        raise ValueError(f"{name} label {int(bad[0])} is out of range: labels must be in [0, {num_classes})")
+    return jnp.asarray(t, jnp.int32)
+
+
 def label(value, num_classes: int, class_names: Sequence[str] = ()) -> int:
     """A class index from an int (or integer string) or a class name; ValueError if neither."""
+    if isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"label {value!r} must be an int index or a class name, not a bool")
     if isinstance(value, (int, np.integer)) or (isinstance(value, str) and value.strip().lstrip("-").isdigit()):
         index = int(value)
         if not 0 <= index < num_classes:
@@ -86,13 +131,64 @@ def targets(value, n: int, num_classes: int) -> jax.Array:
     return jnp.asarray(t, jnp.int32)
 
 
+def _not_bool(value, name: str, hint: str = "") -> None:
+    if isinstance(value, (bool, np.bool_)) or getattr(value, "dtype", None) == np.bool_:
+        raise ValueError(f"{name} must be a number, got {value!r}{hint}")
+
+
 def positive(value, name: str, hint: str = "") -> jax.Array:
     """``value`` (scalar or array) as float32 if every entry is positive and finite, else ValueError."""
     if _concrete(value):
+        _not_bool(value, name, hint)
         a = np.asarray(value, dtype=np.float64)
         if a.size == 0 or not np.all(np.isfinite(a)) or np.any(a <= 0):
             raise ValueError(f"{name} must be positive and finite, got {value!r}{hint}")
     return jnp.asarray(value, jnp.float32)
+
+
+def _real(value, name: str, hint: str = "") -> float:
+    _not_bool(value, name, hint)
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number, got {value!r}{hint}") from None
+
+
+def positive_number(value, name: str, hint: str = ""):
+    """A concrete scalar as a Python float if it is positive and finite, else ValueError; tracers pass."""
+    if not _concrete(value):
+        return value
+    v = _real(value, name, hint)
+    if not (np.isfinite(v) and v > 0):
+        raise ValueError(f"{name} must be positive and finite, got {value!r}{hint}")
+    return v
+
+
+def non_negative(value, name: str):
+    """A concrete scalar as a Python float if it is finite and >= 0, else ValueError; tracers pass."""
+    if not _concrete(value):
+        return value
+    v = _real(value, name)
+    if not (np.isfinite(v) and v >= 0):
+        raise ValueError(f"{name} must be finite and >= 0, got {value!r}")
+    return v
+
+
+def whole(value, name: str, minimum: int = 0):
+    """A concrete whole number >= ``minimum`` as a Python int (2.5, NaN and bools are errors); tracers pass."""
+    if not _concrete(value):
+        return value
+    v = _real(value, name)
+    if not (np.isfinite(v) and v == int(v) and v >= minimum):
+        raise ValueError(f"{name} must be a whole number >= {minimum}, got {value!r}")
+    return int(v)
+
+
+def flag(value, name: str) -> bool:
+    """``value`` if it is a bool, else ValueError."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+    return bool(value)
 
 
 def count(value, name: str) -> int:
@@ -106,7 +202,7 @@ def temperature(value, name: str = "temperature") -> Optional[jax.Array]:
     """A positive temperature (scalar or array, for vmapped sweeps), or None."""
     if value is None:
         return None
-    return positive(value, name, f" (use {name}=None for the vanilla gradient)" if name == "temperature" else "")
+    return positive(value, name, " (or None for the vanilla gradient)" if name == "temperature" else "")
 
 
 def choice(value: str, allowed: Sequence[str], name: str) -> str:

@@ -140,9 +140,9 @@ def evaluate(
     unknown = set(options) - set(explainer_names)
     if unknown:
         raise ValueError(f"options given for explainers not chosen: {', '.join(sorted(unknown))}")
-    labels = top1(model, x) if labels is None else np.asarray([checks.label(int(l), model.num_classes) for l in labels])
-    if len(labels) != len(x):
-        raise ValueError(f"need one label per image: {len(x)} images, {len(labels)} labels")
+    if labels is not None and np.shape(labels) != (len(x),):
+        raise ValueError(f"need one label per image: {len(x)} images, labels of shape {np.shape(labels)}")
+    labels = top1(model, x) if labels is None else np.asarray(checks.per_image_labels(labels, len(x), model.num_classes, "labels"))
     classes = labels if classes is None else np.asarray(classes)
     mosaic_set = metrics.make_mosaics(x, classes, mosaics, seed) if "focus" in metric_names else None
     key = jax.random.key(seed)

@@ -5,8 +5,8 @@ Every explainer is ``explainer(model, x, targets, **options) -> (N, K, H, W, 3)`
 map per (image, target), in input units. ``EXPLAINERS`` maps each name to its function:
 
 =====================  ================================================================
-``pullback``           excitation pullback (the method; gates t = 0.3 by default)
-``pullback_ascent``    x_K - x0 of the paper's 5-step PGA along pullbacks
+``pullback``           excitation pullback (the method; ``rules="excitation"`` by default)
+``pullback_ascent``    x_K - x0 of the paper's PGA along pullbacks (the preset's ascent)
 ``gradient``           vanilla gradient of the target logit
 ``gradient_ascent``    x_K - x0 of the same PGA along vanilla gradients
 ``gradient_x_input``   gradient * x
@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxpull import checks, explain
+from jaxpull import checks, explain, settings
 from jaxpull.gates import VANILLA, Gating
 from jaxpull.model import Model
 
@@ -75,9 +75,9 @@ def _checked(model: Model, x, targets):
     return x, checks.targets(targets, x.shape[0], model.num_classes)
 
 
-def pullback(model: Model, x, targets, *, temperature: float = 0.3, **gates) -> jax.Array:
-    """Excitation pullbacks (``jaxpull.pullback``): ``(N, K, H, W, 3)``."""
-    return explain.pullback(model, x, targets, temperature=temperature, **gates)
+def pullback(model: Model, x, targets, **gates) -> jax.Array:
+    """Excitation pullbacks (``jaxpull.pullback``; ``gates``: rules, temperature, ...): ``(N, K, H, W, 3)``."""
+    return explain.pullback(model, x, targets, **gates)
 
 
 def gradient(model: Model, x, targets) -> jax.Array:
@@ -85,9 +85,9 @@ def gradient(model: Model, x, targets) -> jax.Array:
     return explain.pullback(model, x, targets, temperature=None)
 
 
-def pullback_ascent(model: Model, x, targets, *, temperature: float = 0.3, **options) -> jax.Array:
-    """x_K - x0 of the paper's PGA along pullbacks (5 steps, alpha 20, eps 100): ``(N, K, H, W, 3)``."""
-    return explain.ascent(model, x, targets, temperature=temperature, output="diff", **options)
+def pullback_ascent(model: Model, x, targets, **options) -> jax.Array:
+    """x_K - x0 of the paper's PGA along pullbacks (``jaxpull.ascent``'s options): ``(N, K, H, W, 3)``."""
+    return explain.ascent(model, x, targets, output="diff", **options)
 
 
 def gradient_ascent(model: Model, x, targets, **options) -> jax.Array:
@@ -115,11 +115,10 @@ def smoothgrad(model: Model, x, targets, *, samples: int = 50, sigma: float = 0.
 
 
 def smoothgrad_pullback(
-    model: Model, x, targets, *, samples: int = 50, sigma: float = 0.15, seed: int = 0,
-    temperature: float = 0.3, **gates,
+    model: Model, x, targets, *, samples: int = 50, sigma: float = 0.15, seed: int = 0, **gates,
 ) -> jax.Array:
-    """SmoothGrad of excitation pullbacks: ``(N, K, H, W, 3)``."""
-    gating = explain.make_gating(temperature, **gates)
+    """SmoothGrad of excitation pullbacks (``gates``: rules, temperature, ...): ``(N, K, H, W, 3)``."""
+    gating = settings.make_gating(**gates)
     return _smooth(model, x, targets, gating, samples, sigma, seed)
 
 
@@ -146,6 +145,10 @@ EXPLAINERS: Dict[str, Explainer] = {
     "guided_backprop": guided_backprop,
     "smoothgrad_pullback": smoothgrad_pullback,
 }
+
+
+# the explainers that take the ``rules`` preset (and the gate / ascent keywords it sets)
+TAKE_RULES = ("pullback", "pullback_ascent", "gradient_ascent", "smoothgrad_pullback")
 
 
 def get(name: str) -> Explainer:

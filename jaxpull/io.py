@@ -2,18 +2,21 @@
 
 Keys are the parameter tree's paths joined with ``/`` (``layer1/0/conv1/kernel``). Metadata
 (all strings) holds ``format`` (``jaxpull/1``), ``arch``, ``num_classes``, ``input_mean``,
-``input_std``, ``class_names`` (JSON), ``source``, ``bn_folded`` and the parity error measured
-at conversion. Writes go to a temporary file that is renamed into place, so an interrupted
+``input_std``, ``class_names`` (JSON), ``crop_size`` / ``resize_size`` / ``interpolation``
+(the images its weights expect), ``transform_input`` (GoogLeNet, Inception-v3), ``source``,
+``bn_folded`` and the parity error measured at conversion. Writes go to a temporary file that is renamed into place, so an interrupted
 write never leaves a partial file. Loading needs neither torch nor torchvision.
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
-from typing import Mapping, Union
+from typing import Mapping, Optional, Union
 
 import jax
 import numpy as np
@@ -21,6 +24,7 @@ from flax import traverse_util
 
 from jaxpull import models
 from jaxpull.model import Model, ModelSpec, param_shapes
+from jaxpull.preprocessing import Preprocessing
 
 FORMAT = "jaxpull/1"
 PathLike = Union[str, os.PathLike]
@@ -30,21 +34,92 @@ class ModelFileError(ValueError):
     """A converted-model file that cannot be used; the message says why and what to do."""
 
 
-def atomic_write(path: PathLike, write) -> None:
-    """Call ``write(tmp_path)`` then rename the temporary file onto ``path`` (same directory)."""
+def check_output(path: PathLike, suffix: Optional[str] = None, what: str = "output") -> Path:
+    """Fail before any compute if ``path`` cannot be written; return it as a Path.
+
+    One check for every writer (CLI commands, conversion, the app): the suffix, an existing
+    directory of that name, and a parent directory that is missing, not a directory, or not
+    writable each get a one-line error that names the path.
+    """
+    out = Path(path)
+    if suffix is not None and out.suffix.lower() != suffix:
+        raise ValueError(f"{what} {str(path)!r} must end in {suffix}")
+    if out.is_dir():
+        raise IsADirectoryError(f"{what} {str(path)!r} is a directory: give a file name such as {str(out / ('out' + (suffix or '')))!r}")
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        if parent.exists():
+            raise NotADirectoryError(f"{what} directory {str(parent)!r} is a file, not a directory: choose another path")
+        raise FileNotFoundError(f"{what} directory {str(parent)!r} does not exist: create it first")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise PermissionError(f"{what} directory {str(parent)!r} is not writable: choose another path")
+    return out
+
+
+def _temp_prefix(path: Path) -> str:
+    return f".{path.name}."
+
+
+def remove_stale_temps(path: PathLike) -> list:
+    """Delete the temporary files of earlier writes of ``path`` whose process is gone (a ``kill -9``
+    during a write leaves one); return their names. Temporary names carry the writer's pid."""
     path = Path(path)
     directory = path.parent if str(path.parent) else Path(".")
-    if not directory.is_dir():
-        raise FileNotFoundError(f"output directory {str(directory)!r} does not exist: create it first")
-    if not os.access(directory, os.W_OK):
-        raise PermissionError(f"output directory {str(directory)!r} is not writable: choose another -o path")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=directory)
+    # .NAME.PID-XXXXXXXX.part (mkstemp's 8 random characters), or .NAME.XXXXXXXX.part from before pids
+    pattern = re.compile(re.escape(_temp_prefix(path)) + r"(?:(\d+)-)?[a-z0-9_]{8}\.part")
+    removed = []
+    for f in directory.glob(glob.escape(_temp_prefix(path)) + "*.part"):
+        match = pattern.fullmatch(f.name)
+        if match is None:
+            continue  # another target's (e.g. NAME.bak's)
+        if match.group(1) and _alive(int(match.group(1))):
+            continue  # another process (or thread of this one) is writing it now
+        try:
+            f.unlink()
+            removed.append(f.name)
+        except OSError:
+            pass
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where Linux reports it (os.umask is not thread-safe)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
+
+
+def atomic_write(path: PathLike, write) -> None:
+    """Call ``write(tmp_path)`` then rename the temporary file onto ``path`` (same directory).
+
+    The temporary file ``.NAME.PID-XXXX.part`` gets the usual permissions (0666 less the umask)
+    before the rename; temporary files of ``path`` left by killed processes are removed first.
+    """
+    path = check_output(path)
+    directory = path.parent if str(path.parent) else Path(".")
+    remove_stale_temps(path)
+    fd, tmp = tempfile.mkstemp(prefix=f"{_temp_prefix(path)}{os.getpid()}-", suffix=".part", dir=directory)
     os.close(fd)
     try:
         write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the usual permissions
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -78,7 +153,10 @@ def save(model: Model, path: PathLike, extra_metadata: Mapping[str, str] = ()) -
         input_mean=json.dumps(list(spec.input_mean)),
         input_std=json.dumps(list(spec.input_std)),
         class_names=json.dumps(list(spec.class_names)),
+        **spec.preprocessing.to_metadata(),
     )
+    if models.get(spec.arch).transform_input is not None:
+        meta["transform_input"] = "true" if spec.transform_input else "false"
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 
@@ -93,6 +171,8 @@ def load(path: PathLike) -> Model:
     from safetensors import SafetensorError, safe_open
 
     path = Path(path)
+    if path.is_dir():
+        raise ModelFileError(f"model file {str(path)!r} is a directory: give the .safetensors file inside it")
     if not path.is_file():
         raise ModelFileError(f"model file {str(path)!r} not found: convert one with `jaxpull convert`")
     try:
@@ -109,20 +189,56 @@ def load(path: PathLike) -> Model:
             "convert it with `jaxpull convert`"
         )
     try:
-        models.get(meta.get("arch", ""))
-        spec = ModelSpec(
-            arch=meta["arch"],
-            num_classes=int(meta["num_classes"]),
-            input_mean=tuple(json.loads(meta["input_mean"])),
-            input_std=tuple(json.loads(meta["input_std"])),
-            class_names=tuple(json.loads(meta.get("class_names", "[]"))),
-            metadata=meta,
-        )
-    except (KeyError, ValueError) as e:
+        spec = _spec_from_metadata(meta)
+    except (KeyError, ValueError, TypeError) as e:
         raise ModelFileError(f"{str(path)!r} has invalid metadata ({e}): convert it again") from None
+    check_tensors(flat, str(path))
     params = traverse_util.unflatten_dict(flat, sep="/")
     check_params(params, spec, str(path))
     return Model(jax.tree_util.tree_map(jax.numpy.asarray, params), spec)
+
+
+def _spec_from_metadata(meta: Mapping[str, str]) -> ModelSpec:
+    """The ModelSpec a file's metadata describes; ValueError naming the first bad field.
+
+    ``num_classes`` must be a whole number >= 1, ``input_mean`` / ``input_std`` three finite
+    numbers (std > 0), ``class_names`` a list of num_classes strings (or empty).
+    """
+    models.get(meta.get("arch", ""))
+    text = meta["num_classes"]
+    if not text.strip().isdigit() or int(text) < 1:
+        raise ValueError(f"num_classes {text!r} is not a whole number >= 1")
+    num_classes = int(text)
+    stats = {}
+    for name in ("input_mean", "input_std"):
+        value = json.loads(meta[name])
+        if (not isinstance(value, list) or len(value) != 3
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v) for v in value)):
+            raise ValueError(f"{name} {meta[name]!r} is not three finite numbers")
+        stats[name] = tuple(float(v) for v in value)
+    if min(stats["input_std"]) <= 0:
+        raise ValueError(f"input_std {meta['input_std']!r} must be positive (it divides the input)")
+    names = json.loads(meta.get("class_names", "[]"))
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise ValueError("class_names is not a list of strings")
+    if names and len(names) != num_classes:
+        raise ValueError(f"class_names has {len(names)} names for num_classes {num_classes}")
+    transform = meta.get("transform_input", "false")
+    if transform not in ("true", "false"):
+        raise ValueError(f"transform_input {transform!r} is not true or false")
+    return ModelSpec(arch=meta["arch"], num_classes=num_classes, input_mean=stats["input_mean"],
+                     input_std=stats["input_std"], class_names=tuple(names), metadata=meta,
+                     transform_input=transform == "true", preprocessing=Preprocessing.from_metadata(meta))
+
+
+def check_tensors(flat: Mapping[str, np.ndarray], where: str) -> None:
+    """Raise one ModelFileError if a tensor is not floating point or holds NaN / infinity."""
+    problems = [f"{k} has dtype {v.dtype} (weights must be floating point)" for k, v in flat.items()
+                if not np.issubdtype(v.dtype, np.floating)]
+    problems += [f"{k} holds NaN or infinite values" for k, v in flat.items()
+                 if np.issubdtype(v.dtype, np.floating) and not np.isfinite(v).all()]
+    if problems:
+        raise ModelFileError(f"{where} cannot give meaningful output: {summarize(problems)}; convert it again")
 
 
 def param_problems(params, spec: ModelSpec) -> list:

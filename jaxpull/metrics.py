@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from jaxpull import checks
 from jaxpull.gates import VANILLA
 from jaxpull.model import Model
 
@@ -146,8 +147,17 @@ def make_mosaics(images: np.ndarray, classes: Sequence[int], count: int, seed: i
     return Mosaics(np.stack(out), np.asarray(targets), np.stack(quadrants), np.stack(sources))
 
 
-@jax.jit
 def focus(attributions: jax.Array, x: jax.Array, quadrants: jax.Array) -> jax.Array:
+    """Focus of ``attributions`` on the mosaics ``x`` (checked; see :func:`focus_core`)."""
+    x = checks.images(x)
+    attributions = checks.attributions(attributions, x.shape)
+    if tuple(np.shape(quadrants)) != (x.shape[0], 4):
+        raise ValueError(f"quadrants must have shape ({x.shape[0]}, 4), got {tuple(np.shape(quadrants))}")
+    return focus_core(attributions, x, jnp.asarray(quadrants, bool))
+
+
+@jax.jit
+def focus_core(attributions: jax.Array, x: jax.Array, quadrants: jax.Array) -> jax.Array:
     """Focus: share of the positive relevance that falls in the target quadrants.
 
     Relevance of a pixel = sum over channels of ``x * attribution``; its positive part is summed
@@ -183,8 +193,33 @@ def _target_logit(model: Model, x: jax.Array, target: jax.Array) -> jax.Array:
     return model.apply(x, VANILLA)[:, target]
 
 
-@functools.partial(jax.jit, static_argnames=("grid",))
+def _num_classes(model, x: jax.Array) -> int:
+    """The model's number of classes (from its logits' shape for stand-ins without ``num_classes``)."""
+    n = getattr(model, "num_classes", None)
+    if n is None:
+        n = jax.eval_shape(lambda x: model.apply(x, VANILLA), x[:1]).shape[-1]
+    return int(n)
+
+
+def _checked(model, x, targets, attributions):
+    """Validated images, one target per image (in range: JAX would clamp it) and maps."""
+    x = checks.images(x)
+    targets = checks.per_image_labels(targets, x.shape[0], _num_classes(model, x))
+    return x, targets, checks.attributions(attributions, x.shape)
+
+
 def faithfulness_correlation(
+    model: Model, x: jax.Array, targets: jax.Array, attributions: jax.Array, grid: int = 4, baseline: float = 0.0
+) -> jax.Array:
+    """Faithfulness correlation of ``attributions`` (inputs checked; see :func:`faithfulness_correlation_core`)."""
+    x, targets, attributions = _checked(model, x, targets, attributions)
+    if not np.isfinite(baseline):
+        raise ValueError(f"baseline must be a finite number, got {baseline!r}")
+    return faithfulness_correlation_core(model, x, targets, attributions, checks.count(grid, "grid"), baseline)
+
+
+@functools.partial(jax.jit, static_argnames=("grid",))
+def faithfulness_correlation_core(
     model: Model, x: jax.Array, targets: jax.Array, attributions: jax.Array, grid: int = 4, baseline: float = 0.0
 ) -> jax.Array:
     """Pearson correlation, over the ``grid * grid`` patches, of the attribution summed in a patch
@@ -204,8 +239,18 @@ def faithfulness_correlation(
     return lax.map(one, (x, targets, attributions))
 
 
-@functools.partial(jax.jit, static_argnames=("samples",))
 def infidelity(
+    model: Model, x: jax.Array, targets: jax.Array, attributions: jax.Array, key: jax.Array,
+    sigma: float = 0.1, samples: int = 32,
+) -> jax.Array:
+    """Infidelity of ``attributions`` (inputs checked; see :func:`infidelity_core`)."""
+    x, targets, attributions = _checked(model, x, targets, attributions)
+    checks.positive(sigma, "sigma")
+    return infidelity_core(model, x, targets, attributions, key, sigma, checks.count(samples, "samples"))
+
+
+@functools.partial(jax.jit, static_argnames=("samples",))
+def infidelity_core(
     model: Model, x: jax.Array, targets: jax.Array, attributions: jax.Array, key: jax.Array,
     sigma: float = 0.1, samples: int = 32,
 ) -> jax.Array:
@@ -249,6 +294,12 @@ def max_sensitivity(
     ``explain`` maps ``(N, H, W, 3)``, ``(N,)`` to maps; ``attributions`` is a(x). Each of the
     ``samples`` perturbations is explained as one batch. ``(N, ...)`` -> ``(N,)``.
     """
+    x = checks.images(x)
+    attributions = checks.attributions(attributions, x.shape)
+    checks.positive(radius, "radius")
+    samples = checks.count(samples, "samples")
+    if tuple(np.shape(targets)) != (x.shape[0],):
+        raise ValueError(f"targets must have shape ({x.shape[0]},), one class index per image, got {tuple(np.shape(targets))}")
     worst = jnp.zeros(x.shape[0])
     for k in jax.random.split(key, samples):
         d = jax.random.uniform(k, x.shape, x.dtype, -radius, radius)
@@ -276,6 +327,11 @@ def random_logit(
 ) -> jax.Array:
     """Random-logit similarity: SSIM between the saliency (``|a|`` summed over channels, max-scaled)
     of the target's map and of a random other class's map. ``(N, ...)`` -> ``(N,)``."""
+    if isinstance(num_classes, bool) or int(num_classes) != num_classes or num_classes < 2:
+        raise ValueError(f"num_classes must be a whole number >= 2 (a random other class is drawn), got {num_classes!r}")
+    x = checks.images(x)
+    targets = checks.per_image_labels(targets, x.shape[0], int(num_classes))
+    attributions = checks.attributions(attributions, x.shape)
     others = jnp.asarray(other_labels(np.asarray(targets), num_classes, seed), jnp.int32)
     return ssim(_saliency(attributions), _saliency(explain(x, others)))
 
@@ -347,6 +403,8 @@ def model_randomization(
     channels) with the original model's. A map that reflects what the model learned loses its
     correlation as layers are randomised.
     """
+    x, targets, attributions = _checked(model, x, targets, attributions)
+    stages = checks.count(stages, "stages")
     layers = layer_order(model, min(x.shape[1], 64))
     stages = max(1, min(stages, len(layers)))
     base = _saliency(attributions).reshape(x.shape[0], -1)

@@ -9,8 +9,7 @@ parameters are traced, never baked into the compiled function as constants. Ever
 from __future__ import annotations
 
 import dataclasses
-import functools
-from typing import Any, Mapping, Optional, Sequence, Tuple
+from typing import Any, Mapping, Tuple
 
 import flax.linen as nn
 import jax
@@ -19,6 +18,7 @@ import jax.numpy as jnp
 from jaxpull import checks, models
 from jaxpull.gates import VANILLA, Gating
 from jaxpull.layers import COMPUTE_DTYPES, IMAGENET_MEAN, IMAGENET_STD, compute_dtype, to_model_input
+from jaxpull.preprocessing import Preprocessing
 
 Params = Mapping[str, Any]
 
@@ -27,8 +27,9 @@ Params = Mapping[str, Any]
 class ModelSpec:
     """The static part of a model: what its compiled functions depend on, and its labels.
 
-    ``class_names`` and ``metadata`` do not take part in equality or hashing, so two models of
-    the same architecture share compiled functions.
+    ``class_names``, ``preprocessing`` (the image sizes its weights expect) and ``metadata`` do
+    not take part in equality or hashing, so two models of the same architecture share compiled
+    functions. ``transform_input`` is torchvision's option of GoogLeNet and Inception-v3.
     """
 
     arch: str
@@ -38,10 +39,18 @@ class ModelSpec:
     class_names: Tuple[str, ...] = dataclasses.field(default=(), compare=False, hash=False)
     compute_dtype: str = "float32"
     metadata: Mapping[str, str] = dataclasses.field(default_factory=dict, compare=False, hash=False)
+    transform_input: bool = False
+    preprocessing: Preprocessing = dataclasses.field(default=Preprocessing(), compare=False, hash=False)
+
+    def __post_init__(self):
+        if self.transform_input and models.get(self.arch).transform_input is None:
+            having = ", ".join(a for a, f in models.ARCHITECTURES.items() if f.transform_input is not None)
+            raise ValueError(f"{self.arch} has no transform_input option (these have: {having})")
 
     def module(self) -> nn.Module:
         """The Flax module of this architecture."""
-        return models.get(self.arch).build(num_classes=self.num_classes)
+        options = {"transform_input": True} if self.transform_input else {}
+        return models.get(self.arch).build(num_classes=self.num_classes, **options)
 
 
 @jax.tree_util.register_pytree_node_class
@@ -75,6 +84,11 @@ class Model:
     @property
     def metadata(self) -> Mapping[str, str]:
         return self.spec.metadata
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        """The image sizes its weights expect: ``images.load_images(paths, **model.preprocessing.image_options)``."""
+        return self.spec.preprocessing
 
     def apply(self, x: jax.Array, gating: Gating = VANILLA) -> jax.Array:
         """Pure forward pass: ``(N, H, W, 3)`` in [-1, 1] -> logits ``(N, num_classes)``.

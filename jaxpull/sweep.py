@@ -21,7 +21,9 @@ across them (a one-axis ``Mesh`` and ``NamedSharding``). For several hosts, call
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import functools
 import hashlib
 import json
@@ -35,13 +37,15 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxpull import checks
-from jaxpull.explain import ascent_core, make_gating, pullback_core
+from jaxpull import settings
+from jaxpull.explain import ascent_core, pullback_core
 from jaxpull.io import atomic_write
 from jaxpull.model import Model
 
 METHODS = ("pullback", "ascent")
 REDUCTIONS = ("maps", "norms", "alignment")
 MANIFEST = "manifest.json"
+LOCK = ".lock"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,19 +62,18 @@ class Plan:
         return self.base_bytes + self.chunk * self.per_label_bytes
 
 
-@functools.partial(jax.jit, static_argnames=("method", "reduce", "loss", "relative_alpha", "project", "clip"))
-def unit(model: Model, x: jax.Array, labels: jax.Array, gating, steps, alpha, eps, margin, *,
-         method: str, reduce: str, loss="logit", relative_alpha=False, project=True, clip=True) -> jax.Array:
+@functools.partial(jax.jit, static_argnames=("method", "reduce"))
+def unit(model: Model, x: jax.Array, labels: jax.Array, gating, ascent: settings.Ascent, *,
+         method: str, reduce: str) -> jax.Array:
     """One unit: ``x`` ``(1, H, W, 3)``, ``labels`` ``(1, C)`` -> maps ``(C, H, W, 3)`` or ``(C,)``.
 
     Pullbacks, or ascent differences x_K - x_0; reduced to L2 norms, or to the alignment
     ``<map, x> / (||map|| ||x||)`` (cosine between the explanation and the image).
     """
     if method == "pullback":
-        maps = pullback_core(model, x, labels, gating, "shared")[0]
+        maps = pullback_core(model, x, labels, gating)[0]
     else:
-        maps = ascent_core(model, x, labels, gating, steps, alpha, eps, margin, loss=loss,
-                           relative_alpha=relative_alpha, project=project, clip=clip)[0] - x[0]
+        maps = ascent_core(model, x, labels, gating, ascent)[0] - x[0]
     if reduce == "maps":
         return maps
     norms = jnp.sqrt(jnp.sum(maps**2, axis=(1, 2, 3)))
@@ -84,19 +87,32 @@ def _mesh(devices: Optional[Sequence[jax.Device]]):
     return Mesh(np.array(devices), ("labels",)), len(devices)
 
 
-def _unit_args(model, x1, labels, gating, options, mesh):
+def _unit_args(model, x1, labels, gating, ascent, mesh):
     """Place one unit's arguments: labels sharded over the mesh, everything else replicated."""
     rep = NamedSharding(mesh, PartitionSpec())
     labels = jax.device_put(jnp.asarray(labels, jnp.int32), NamedSharding(mesh, PartitionSpec(None, "labels")))
-    dyn = [jnp.asarray(v, d) for v, d in ((options["steps"], jnp.int32), (options["alpha"], jnp.float32),
-                                          (options["eps"], jnp.float32), (options["margin"], jnp.float32))]
-    return jax.device_put((model, jnp.asarray(x1), gating, *dyn), rep), labels
+    return jax.device_put((model, jnp.asarray(x1), gating, ascent), rep), labels
 
 
 def plan(model: Model, image_shape, method: str = "pullback", reduce: str = "maps", *,
          memory_budget: float = 2 * 2**30, chunk_size: Optional[int] = None, num_labels: int = 1000,
-         devices: Optional[Sequence[jax.Device]] = None, options: Optional[dict] = None) -> Plan:
-    """Choose the labels per unit from XLA's memory analysis of the unit at 2 and 6 labels per device.
+         devices: Optional[Sequence[jax.Device]] = None, ascent: Optional[settings.Ascent] = None,
+         rules: str = settings.DEFAULT_RULES) -> Plan:
+    """Choose the labels per unit from a bound on the memory one label needs.
+
+    The bound comes from the forward pass's jaxpr (no compile; about a second): a backward pass
+    keeps the values the gradient needs, the outputs of convolutions, dense layers, gates and
+    pools ("residuals"); XLA fuses the elementwise rest. A pullback shares one forward among
+    the chunk's labels (base: the residuals) and each label adds its cotangents, bounded by 3x
+    the largest value; an ascent label runs its own forward and backward (per label: the
+    residuals plus 3x the largest value). Measured on EfficientNet-Lite0 224x224 (XLA:CPU,
+    peak RSS growth between chunks of 4 and 32 labels, 2 and 10 for ascent): 10.6 MiB per
+    pullback label (bound 14.0 MiB), 37.5 MiB per ascent label (bound 54.4 MiB). The previous
+    bound, the sum of every jaxpr value (493 MiB per label), over-estimated 46x and compiled
+    the unit twice (42 s). On accelerators, XLA's memory analysis of the compiled unit at 2
+    and 6 labels per device is taken as well and the larger estimate wins.
+
+    ``ascent`` (default: the preset ``rules``'s) and the preset's gates are those of the probe.
 
     Raises:
       ValueError: if the budget is too small for one label per device (before any compute).
@@ -106,27 +122,28 @@ def plan(model: Model, image_shape, method: str = "pullback", reduce: str = "map
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
         return Plan(chunk=-(-chunk_size // n_dev) * n_dev, per_label_bytes=0, base_bytes=0, devices=n_dev)
-    options = _ascent_options(options or {})
-    gating = make_gating(0.3, None)
-    static = options["static"]
+    ascent = settings.make_ascent(rules=rules) if ascent is None else ascent
+    gating = settings.make_gating(rules=rules)
+
+    residuals, largest = forward_bytes(model, image_shape)
+    per_label = 3 * largest + (residuals if method == "ascent" else 0)
+    params = sum(int(p.size) * p.dtype.itemsize for p in jax.tree_util.tree_leaves(model.params))
+    base = params + residuals + 2 * int(np.prod(image_shape)) * 4
 
     def temp_bytes(c: int) -> int:
         x1 = jax.ShapeDtypeStruct((1,) + tuple(image_shape), jnp.float32)
-        args, labels = _unit_args(model, jnp.zeros(x1.shape, x1.dtype), np.zeros((1, c), np.int32), gating, options, mesh)
-        compiled = unit.lower(args[0], args[1], labels, *args[2:], method=method, reduce=reduce, **static).compile()
+        args, labels = _unit_args(model, jnp.zeros(x1.shape, x1.dtype), np.zeros((1, c), np.int32), gating, ascent, mesh)
+        compiled = unit.lower(args[0], args[1], labels, *args[2:], method=method, reduce=reduce).compile()
         stats = compiled.memory_analysis()
         return int(stats.temp_size_in_bytes + stats.output_size_in_bytes) if stats is not None else 0
 
-    # Linear in the chunk: probe at 2 and 6 labels per device (1 vs 2 under-reads buffer reuse).
-    small, large = temp_bytes(2 * n_dev), temp_bytes(6 * n_dev)
-    per_label = max(large - small, 0) // (4 * n_dev)  # per device
     # XLA:CPU's analysis does not grow with the chunk (measured: 74.6 MB at 1 label, 73.5 MB at
-    # 32, resnet18 64x64); there, bound a label by the sum of the forward's activation sizes
-    # (what one backward pass can keep live), twice that for ascent (its own forward too).
-    bound = activation_bytes(model, image_shape) * (2 if method == "ascent" else 1)
-    per_label = max(per_label, bound)
-    params = sum(int(p.size) * p.dtype.itemsize for p in jax.tree_util.tree_leaves(model.params))
-    base = max(small - 2 * n_dev * per_label, 0) // n_dev + params
+    # 32, resnet18 64x64), so it is skipped there; elsewhere it is linear in the chunk: probe at
+    # 2 and 6 labels per device (1 vs 2 under-reads buffer reuse).
+    if mesh.devices.flat[0].platform != "cpu":
+        small, large = temp_bytes(2 * n_dev), temp_bytes(6 * n_dev)
+        per_label = max(per_label, max(large - small, 0) // (4 * n_dev))  # per device
+        base = max(base, max(small - 2 * n_dev * per_label, 0) // n_dev + params)
     per_device = (memory_budget - base) // per_label
     if per_device < 1:
         raise ValueError(
@@ -137,27 +154,38 @@ def plan(model: Model, image_shape, method: str = "pullback", reduce: str = "map
     return Plan(chunk=chunk, per_label_bytes=per_label, base_bytes=base, devices=n_dev)
 
 
-def activation_bytes(model: Model, image_shape) -> int:
-    """Sum of the sizes of every intermediate value of one image's forward pass, in bytes."""
+# Primitives whose outputs a backward pass keeps (the rest is elementwise work XLA fuses).
+_RESIDUAL_PRIMITIVES = ("conv_general_dilated", "dot_general", "custom_vjp_call", "custom_vjp_call_jaxpr",
+                        "reduce_window_max", "reduce_window_sum", "reduce_window")
+
+
+def forward_bytes(model: Model, image_shape) -> tuple:
+    """``(residual bytes, largest value bytes)`` of one image's forward pass, from its jaxpr.
+
+    Residuals: the outputs of convolutions, dense layers, gates (custom VJPs) and pools, which
+    a backward pass keeps; the largest value bounds one label's cotangent.
+    """
     from jaxpull.gates import VANILLA
 
     x = jax.ShapeDtypeStruct((1,) + tuple(image_shape), jnp.float32)
-    jaxpr = jax.make_jaxpr(lambda x: model.apply(x, VANILLA))(x)
-    return int(sum(np.prod(v.aval.shape, dtype=np.int64) * v.aval.dtype.itemsize
-                   for eqn in jaxpr.eqns for v in eqn.outvars if hasattr(v.aval, "shape")))
+    jaxpr = jax.make_jaxpr(lambda p, x: Model(p, model.spec).apply(x, VANILLA))(model.params, x)
+    residuals, largest = 0, 0
 
+    def walk(j):
+        nonlocal residuals, largest
+        for eqn in j.eqns:
+            sizes = [int(np.prod(v.aval.shape, dtype=np.int64)) * v.aval.dtype.itemsize
+                     for v in eqn.outvars if hasattr(v.aval, "shape")]
+            largest = max([largest] + sizes)
+            if eqn.primitive.name in _RESIDUAL_PRIMITIVES:
+                residuals += sum(sizes)
+            elif eqn.primitive.name in ("pjit", "jit", "closed_call", "remat"):
+                inner = eqn.params.get("jaxpr") or eqn.params.get("call_jaxpr")
+                if inner is not None:
+                    walk(getattr(inner, "jaxpr", inner))
 
-def _ascent_options(options: dict) -> dict:
-    o = dict(steps=5, alpha=20.0, eps=100.0, margin=0.0, loss="logit", relative_alpha=False, clip=True)
-    unknown = set(options) - set(o)
-    if unknown:
-        raise ValueError(f"unknown ascent option(s) {', '.join(sorted(unknown))}: use {', '.join(o)}")
-    o.update(options)
-    checks.choice(o["loss"], ("logit", "cross_entropy", "self_explain"), "loss")
-    static = dict(loss=o["loss"], relative_alpha=bool(o["relative_alpha"]), project=o["eps"] is not None,
-                  clip=bool(o["clip"]))
-    return dict(steps=o["steps"], alpha=o["alpha"], eps=1.0 if o["eps"] is None else o["eps"],
-                margin=o["margin"], static=static, given=o)
+    walk(jaxpr.jaxpr)
+    return residuals, largest
 
 
 def _fingerprint(model: Model, x: np.ndarray, config: dict) -> str:
@@ -171,19 +199,70 @@ def _fingerprint(model: Model, x: np.ndarray, config: dict) -> str:
     return h.hexdigest()
 
 
+@contextlib.contextmanager
+def output_lock(out: Path):
+    """Hold an exclusive lock on the sweep directory ``out`` (made with its missing parents).
+
+    ``fcntl.flock`` on ``out/.lock``: a second sweep into the same directory is refused with one
+    line instead of computing everything twice; the lock goes with the process (also on kill -9).
+    A directory this call created is removed again if the sweep fails before writing anything.
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"sweep output {str(out)!r} is a file: give a directory")
+    created = not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        handle = open(out / LOCK, "a")
+    except OSError as e:
+        raise PermissionError(f"cannot create the sweep directory {str(out)!r} ({e.strerror}): choose another --out") from None
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RuntimeError(
+                f"another sweep is writing to {str(out)!r}: wait for it to finish or choose another directory"
+            ) from None
+        try:
+            yield out
+        except BaseException:
+            if created and [f.name for f in out.iterdir()] == [LOCK]:
+                (out / LOCK).unlink()
+                out.rmdir()
+            raise
+    finally:
+        handle.close()  # releases the lock
+
+
+def _exclusive(fn):
+    """Run ``fn`` holding :func:`output_lock` on its ``out`` directory (if it has one)."""
+
+    @functools.wraps(fn)
+    def locked(*args, **kwargs):
+        if kwargs.get("out") is None:
+            return fn(*args, **kwargs)
+        with output_lock(kwargs["out"]):
+            return fn(*args, **kwargs)
+
+    return locked
+
+
+@_exclusive
 def sweep(
     model: Model,
     x,
     labels: Sequence[int],
-    temperatures: Sequence[Optional[float]] = (0.3,),
+    temperatures: Sequence[Optional[float]] = settings.FROM_RULES,
     *,
     method: str = "pullback",
     reduce: str = "maps",
     out: Optional[os.PathLike] = None,
     memory_budget: float = 2 * 2**30,
     chunk_size: Optional[int] = None,
-    gate: str = "sigmoid",
-    pool_weights: str = "soft",
+    rules: str = settings.DEFAULT_RULES,
+    pool_temperature: Optional[float] = settings.FROM_RULES,
+    gate: str = settings.FROM_RULES,
+    pool_weights: str = settings.FROM_RULES,
     progress: bool = True,
     devices: Optional[Sequence[jax.Device]] = None,
     **ascent_options,
@@ -194,13 +273,17 @@ def sweep(
       model: a converted model.
       x: images ``(N, H, W, 3)`` in [-1, 1].
       labels: the L class indices to explain (e.g. ``range(1000)``).
-      temperatures: the T temperatures (``None`` for the vanilla gradient).
+      temperatures: the T temperatures (``None`` for the vanilla gradient); default: the one of
+        the preset ``rules``.
       method: ``"pullback"`` or ``"ascent"`` (then ``ascent_options``: steps, alpha, eps, ...).
+      rules, pool_temperature, gate, pool_weights: the gates, as in :func:`jaxpull.pullback`;
+        ``rules`` also gives the ascent options not given (:func:`jaxpull.settings.make_ascent`).
       reduce: ``"maps"`` keeps every map ``(N, T, L, H, W, 3)``; ``"norms"`` keeps ``(N, T, L)``
         L2 norms; ``"alignment"`` keeps ``(N, T, L)`` cosines between map and image, and
         ``top_labels`` ``(N, T, L)``, the labels sorted by alignment.
-      out: a directory for memory-mappable ``.npy`` results and the resumable manifest; None
-        keeps results in memory.
+      out: a directory for memory-mappable ``.npy`` results and the resumable manifest (created
+        with any missing parents, and locked while the sweep runs: a second sweep into it is
+        refused); None keeps results in memory.
       memory_budget: bytes of device memory a unit may use (default 2 GiB); or ``chunk_size``.
     Returns:
       name -> array (``np.memmap`` when ``out`` is set): ``maps`` or ``norms`` / ``alignment``
@@ -212,40 +295,43 @@ def sweep(
     checks.choice(method, METHODS, "method")
     checks.choice(reduce, REDUCTIONS, "reduce")
     labels = np.asarray(checks.targets(np.asarray(labels), 1, model.num_classes))[0]
-    temperatures = list(temperatures)
+    ascent = settings.make_ascent(rules=rules, **ascent_options)
+    temperatures = [settings.preset(rules).temperature] if temperatures is settings.FROM_RULES else list(temperatures)
     if not temperatures:
         raise ValueError("temperatures is empty: give at least one (None for vanilla)")
-    gatings = [make_gating(t, None, gate, pool_weights) for t in temperatures]
-    options = _ascent_options(ascent_options)
+    gatings = [settings.make_gating(t, pool_temperature, gate, pool_weights, rules=rules) for t in temperatures]
     n, L, T = len(x), len(labels), len(temperatures)
     shapes = {"maps": (n, T, L) + x.shape[1:]} if reduce == "maps" else {reduce: (n, T, L)}
 
     config = dict(arch=model.arch, source=model.metadata.get("source", ""), images=list(x.shape),
-                  labels=labels.tolist(), temperatures=temperatures, method=method, reduce=reduce, gate=gate,
-                  pool_weights=pool_weights, options={k: v for k, v in options["given"].items()}, format=1)
+                  labels=labels.tolist(), temperatures=temperatures, method=method, reduce=reduce,
+                  gate=gatings[0].gate, pool_weights=gatings[0].pool_weights,
+                  pool_temperatures=[None if g.pool_temperature is None else float(g.pool_temperature) for g in gatings],
+                  options=dataclasses.asdict(ascent), format=2)
     fingerprint = _fingerprint(model, x, config)
     done, manifest_path, recorded_chunk = set(), None, None
     if out is not None:
         out = Path(out)
         manifest_path = out / MANIFEST
         if manifest_path.is_file():
-            manifest = json.loads(manifest_path.read_text())
+            manifest = _read_manifest(manifest_path)
             if manifest.get("fingerprint") != fingerprint:
                 raise ValueError(f"{str(out)!r} holds a different sweep: choose another output directory or delete it")
             done, recorded_chunk = set(manifest["done"]), manifest["chunk"]
-        elif out.exists() and any(out.iterdir()):
+        elif out.exists() and any(f.name != LOCK for f in out.iterdir()):
             raise ValueError(f"{str(out)!r} is not empty and holds no sweep: choose an empty or new directory")
-        if out.parent and not out.parent.is_dir():
-            raise FileNotFoundError(f"output directory {str(out.parent)!r} does not exist: create it first")
 
     p = plan(model, x.shape[1:], method, reduce, memory_budget=memory_budget,
-             chunk_size=recorded_chunk or chunk_size, num_labels=L, devices=devices, options=ascent_options)
+             chunk_size=recorded_chunk or chunk_size, num_labels=L, devices=devices, ascent=ascent,
+             rules=rules)
     chunk = p.chunk
     n_chunks = -(-L // chunk)
     padded = np.concatenate([labels, np.full(n_chunks * chunk - L, labels[0], labels.dtype)])
 
     if out is not None:
-        out.mkdir(exist_ok=True)
+        out.mkdir(parents=True, exist_ok=True)
+        if done:
+            _check_results(out, shapes)
         results = {
             k: np.lib.format.open_memmap(out / f"{k}.npy", mode="r+" if done else "w+", dtype=np.float32, shape=s)
             for k, s in shapes.items()
@@ -264,8 +350,8 @@ def sweep(
     todo = [u for u in units if _unit_id(u, T, n_chunks) not in done]
     bar = tqdm(todo, desc=f"sweep ({len(units)} units of {chunk} labels)", unit="unit", disable=not progress)
     for i, k, c in bar:
-        args, lab = _unit_args(model, x[i : i + 1], padded[None, c * chunk : (c + 1) * chunk], gatings[k], options, mesh)
-        value = np.asarray(unit(args[0], args[1], lab, *args[2:], method=method, reduce=reduce, **options["static"]))
+        args, lab = _unit_args(model, x[i : i + 1], padded[None, c * chunk : (c + 1) * chunk], gatings[k], ascent, mesh)
+        value = np.asarray(unit(args[0], args[1], lab, *args[2:], method=method, reduce=reduce))
         take = min(chunk, L - c * chunk)
         results[next(iter(results))][i, k, c * chunk : c * chunk + take] = value[:take]
         if out is not None:
@@ -275,7 +361,41 @@ def sweep(
             save_manifest()
     if reduce == "alignment":
         results["top_labels"] = labels[np.argsort(-np.asarray(results["alignment"]), axis=-1)]
+        if out is not None:  # saved beside the alignment (recomputed from it on every resume)
+            top = np.ascontiguousarray(results["top_labels"], np.int32)
+            atomic_write(out / "top_labels.npy", lambda tmp: _save_npy(tmp, top))
+            results["top_labels"] = np.load(out / "top_labels.npy", mmap_mode="r")
     return results
+
+
+def _save_npy(path: str, array: np.ndarray) -> None:
+    with open(path, "wb") as f:  # a file object: np.save would append ".npy" to the temporary name
+        np.save(f, array)
+
+
+def _read_manifest(path: Path) -> dict:
+    """The manifest of a sweep directory; one-line ValueError if it is unreadable."""
+    try:
+        manifest = json.loads(path.read_text())
+        if not isinstance(manifest, dict) or not isinstance(manifest.get("done", []), list):
+            raise ValueError("not a sweep manifest")
+        return manifest
+    except (ValueError, UnicodeDecodeError) as e:
+        reason = e.msg if isinstance(e, json.JSONDecodeError) else str(e)
+        raise ValueError(
+            f"{str(path)!r} is corrupt ({reason}): delete the directory {str(path.parent)!r} to run the sweep again"
+        ) from None
+
+
+def _check_results(out: Path, shapes: Dict[str, tuple]) -> None:
+    """ValueError if a resumed sweep's result files are missing or of the wrong shape."""
+    for k, shape in shapes.items():
+        try:
+            found = np.load(out / f"{k}.npy", mmap_mode="r").shape
+        except (OSError, ValueError):
+            found = None
+        if found != tuple(shape):
+            raise ValueError(f"{str(out / (k + '.npy'))!r} is missing or damaged: delete {str(out)!r} to run the sweep again")
 
 
 def _unit_id(u, T: int, n_chunks: int) -> int:
