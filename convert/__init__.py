@@ -1,8 +1,11 @@
-"""jaxpull's converter (installed as ``jaxpull_convert``; needs torch and torchvision).
+"""jaxpull's converter (installed as ``jaxpull_convert``).
 
 ``convert`` ports a torchvision ImageNet model (by weights name, or a local state_dict file
 loaded with ``weights_only=True``) into a ``jaxpull.Model``, checks its logits against the torch
-model on the same input, and writes one ``.safetensors`` file only if they agree.
+model on the same input, and writes one ``.safetensors`` file only if they agree. Without torch,
+the checkpoints of the offline table (:mod:`jaxpull_convert.offline`) still convert: jaxpull's own
+restricted reader (:mod:`jaxpull_convert.pth`) reads them, and the logits are checked against the
+torch logits recorded for that file (:mod:`jaxpull_convert.fingerprint`).
 """
 
 from jaxpull_convert.converter import (

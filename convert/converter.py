@@ -5,21 +5,27 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
-from typing import Mapping, Optional, Tuple
+from typing import TYPE_CHECKING, Mapping, Optional, Tuple
+
+if TYPE_CHECKING:  # torch is imported where a function needs it: converting known weights does not
+    import torch
 
 import jax
 import numpy as np
-import torch
 
 import jaxpull
 from jaxpull import io, models
 from jaxpull.model import Model, ModelSpec
-from jaxpull_convert import sources
+from jaxpull.preprocessing import Preprocessing
+from jaxpull_convert import fingerprint, offline, sources
 from jaxpull_convert.state_dict import StateDict
 
 # Conversion refuses a model whose logits differ from torch's by more than this, relative to
 # the largest |logit| (floored at 1): max |jax - torch| <= LOGIT_TOLERANCE * max(1, max |torch|).
 LOGIT_TOLERANCE = 1e-4
+# Input sizes of the parity check: every supported architecture runs at 32 (their pooling
+# stages need that much); larger than 1024 only costs memory.
+MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 32, 1024
 
 
 class ConversionError(ValueError):
@@ -27,8 +33,11 @@ class ConversionError(ValueError):
 
 
 def _num_classes(tensors: Mapping[str, np.ndarray]) -> int:
-    """Rows of the last 2-D weight: the classifier of every supported architecture."""
+    """Rows of the last 2-D weight: the classifier of every supported architecture; without
+    one, of the last 1x1 convolution (SqueezeNet's convolutional classifier)."""
     matrices = [v for k, v in tensors.items() if k.endswith("weight") and np.ndim(v) == 2]
+    if not matrices:
+        matrices = [v for k, v in tensors.items() if k.endswith("weight") and np.shape(v)[2:] == (1, 1)]
     if not matrices:
         raise ConversionError("the state_dict has no linear layer: is it a classifier's state_dict?")
     return int(np.shape(matrices[-1])[0])
@@ -40,23 +49,35 @@ def from_state_dict(
     *,
     class_names: Tuple[str, ...] = (),
     metadata: Optional[Mapping[str, str]] = None,
+    transform_input: Optional[bool] = None,
+    preprocessing: Optional[Preprocessing] = None,
 ) -> Model:
     """Map a torch state_dict (numpy arrays) onto ``arch``'s Flax parameters.
+
+    ``transform_input`` (GoogLeNet, Inception-v3 only) and ``preprocessing`` default to what the
+    family's pretrained weights use. The family's training-only auxiliary heads are dropped.
 
     Raises:
       ConversionError: listing every missing, unexpected and wrongly shaped key at once.
     """
     family = models.get(arch)
-    num_classes = _num_classes(tensors)
+    if transform_input is not None and family.transform_input is None:
+        raise ConversionError(f"{arch} has no transform_input option: leave it unset")
+    meta = dict(metadata or {})
+    sd = StateDict(tensors)
+    if family.auxiliary_keys and sd.ignore(family.auxiliary_keys):
+        meta["ignored_keys"] = f"{len(sd.ignored)} tensors of the training-only auxiliary classifiers ({family.auxiliary_keys})"
+    num_classes = _num_classes(sd.tensors)
     spec = ModelSpec(
         arch=arch,
         num_classes=num_classes,
         input_mean=sources.input_mean(arch),
         input_std=sources.input_std(arch),
         class_names=tuple(class_names) if len(class_names) == num_classes else sources.default_class_names(num_classes),
-        metadata=dict(metadata or {}),
+        metadata=meta,
+        transform_input=bool(family.transform_input if transform_input is None else transform_input),
+        preprocessing=(preprocessing or family.preprocessing).check(),
     )
-    sd = StateDict(tensors)
     params = family.torch_layout(arch, sd)
     problems = [f"missing {k}" for k in sd.missing] + [f"unexpected {k}" for k in sd.unused()]
     # Then what the Flax module expects and did not get (blocks absent from the state_dict).
@@ -67,9 +88,11 @@ def from_state_dict(
 
 
 def from_torch_module(arch: str, module: torch.nn.Module, class_names: Tuple[str, ...] = ()) -> Model:
-    """Convert an in-memory torch model (e.g. ``torchvision.models.resnet50()``)."""
+    """Convert an in-memory torch model (e.g. ``torchvision.models.resnet50()``), with its
+    ``transform_input`` where it has one (GoogLeNet, Inception-v3)."""
     tensors = {k: v.detach().cpu().numpy() for k, v in module.state_dict().items()}
-    return from_state_dict(arch, tensors, class_names=class_names, metadata={"bn_folded": "true"})
+    return from_state_dict(arch, tensors, class_names=class_names, metadata={"bn_folded": "true"},
+                           transform_input=getattr(module, "transform_input", None))
 
 
 def logit_parity(torch_model: torch.nn.Module, model: Model, image_size: int = 224, batch: int = 2, seed: int = 0) -> dict:
@@ -79,6 +102,8 @@ def logit_parity(torch_model: torch.nn.Module, model: Model, image_size: int = 2
       ``{"max_abs": ..., "max_rel": ..., "scale": max |torch logit|}``; ``max_rel`` is max_abs
       divided by max(1, scale), the quantity compared with ``LOGIT_TOLERANCE``.
     """
+    import torch
+
     rng = np.random.default_rng(seed)
     x = rng.uniform(-1, 1, (batch, image_size, image_size, 3)).astype(np.float32)
     mean = torch.tensor(model.spec.input_mean).view(1, 3, 1, 1)
@@ -90,6 +115,27 @@ def logit_parity(torch_model: torch.nn.Module, model: Model, image_size: int = 2
     max_abs = float(np.max(np.abs(got - expected)))
     scale = float(np.max(np.abs(expected)))
     return {"max_abs": max_abs, "max_rel": max_abs / max(1.0, scale), "scale": scale}
+
+
+def _fingerprint_check(arch: str, model: Model, sha256: Optional[str], tolerance: float) -> dict:
+    """Without torch: compare ``model`` with the committed torch logits of its checkpoint."""
+    record = fingerprint.lookup(sha256) if sha256 else None
+    if record is None or record["arch"] != arch:
+        raise ConversionError(
+            f"without torch only known checkpoints convert, and this is not one for {arch}: pip install 'jaxpull[convert]'"
+        )
+    err = fingerprint.error(np.asarray(model(fingerprint.synthetic_images())), record)
+    if not err["max_rel"] <= tolerance:
+        raise ConversionError(
+            f"converted {arch} disagrees with the recorded torch logits of its checkpoint: max |logit error| "
+            f"{err['max_abs']:.3g} (relative {err['max_rel']:.3g} > tolerance {tolerance:g}); no file written"
+        )
+    return dict(
+        parity_max_abs=f"{err['max_abs']:.3e}",
+        parity_max_rel=f"{err['max_rel']:.3e}",
+        parity_check=f"without torch: the recorded torch logits (fingerprints.json) of {record['input']}, "
+        f"tolerance {tolerance:g} relative",
+    )
 
 
 def _sha256(path: Path) -> str:
@@ -108,11 +154,15 @@ def convert(
     state_dict: Optional[os.PathLike] = None,
     image_size: int = 224,
     tolerance: float = LOGIT_TOLERANCE,
+    transform_input: Optional[bool] = None,
 ) -> dict:
     """Convert ``arch`` from a torchvision weights name or a state_dict file; write ``out``.
 
     The converted model's logits are compared with the torch model's on two random images of
     ``image_size``; a file is written (atomically) only if the error is within ``tolerance``.
+    The file records the image sizes the weights expect (``weights.transforms()`` for torchvision
+    weights, the family's defaults otherwise) and, for GoogLeNet and Inception-v3,
+    ``transform_input`` (default: True, as torchvision's pretrained weights).
 
     Returns:
       the metadata written, including the measured ``parity_max_abs`` / ``parity_max_rel``.
@@ -120,29 +170,59 @@ def convert(
     models.get(arch)
     if (weights is None) == (state_dict is None):
         raise ConversionError("give exactly one of --weights NAME or --state-dict FILE")
-    out = Path(out)
-    if out.suffix != ".safetensors":
-        raise ConversionError(f"output {str(out)!r} must end in .safetensors")
-    if not out.parent.is_dir() and str(out.parent):
-        raise ConversionError(f"output directory {str(out.parent)!r} does not exist: create it first")
-    torch_model = None
+    out = io.check_output(out, ".safetensors")  # before any download or compute
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or not MIN_IMAGE_SIZE <= image_size <= MAX_IMAGE_SIZE:
+        raise ConversionError(
+            f"image size {image_size!r} is out of range: use a whole number of pixels in [{MIN_IMAGE_SIZE}, {MAX_IMAGE_SIZE}]"
+        )
+    torch_model, sha256 = None, None  # sha256: of the file read, for the check without torch
     if weights is not None:
         torch_model, tensors, class_names, source = sources.from_weights_name(arch, weights)
+        if torch_model is None:  # the offline table's file, its sha256 already checked
+            sha256 = offline.find(arch, weights).sha256
     else:
         path = Path(state_dict)
+        if not path.is_file():
+            raise FileNotFoundError(f"state_dict file {str(path)!r} not found")
+        sha256 = _sha256(path)
+        if sources.torch_or_none() is None and fingerprint.lookup(sha256) is None:
+            raise ConversionError(
+                f"{path.name} (sha256 {sha256[:16]}...) is not a checkpoint jaxpull knows, and without torch its "
+                "conversion cannot be checked: pip install 'jaxpull[convert]'"
+            )
         tensors = sources.read_state_dict(path)
         class_names = ()
-        source = f"state_dict {path.name} sha256:{_sha256(path)}"
+        source = f"state_dict {path.name} sha256:{sha256}"
+    torch = sources.torch_or_none()
     metadata = {
         "source": source,
         "bn_folded": "true",
         "bn_note": "eval-mode BatchNorm folded into the preceding convolution, or stored as x*scale+bias",
-        "converted_with": f"jaxpull {jaxpull.__version__}, torch {torch.__version__}",
+        "converted_with": f"jaxpull {jaxpull.__version__}, "
+        + (f"torch {torch.__version__}" if torch is not None else "without torch (jaxpull's .pth reader)"),
     }
-    model = from_state_dict(arch, tensors, class_names=class_names, metadata=metadata)
+    preprocessing = None
+    if torch_model is not None:  # torchvision's weights: their own transforms() sizes
+        preprocessing = sources.weights_preprocessing(sources.torchvision_weights(arch, weights))
+    model = from_state_dict(arch, tensors, class_names=class_names, metadata=metadata,
+                            transform_input=transform_input, preprocessing=preprocessing)
+    if torch_model is not None and hasattr(torch_model, "transform_input"):
+        torch_model.transform_input = model.spec.transform_input
+    if torch is None:
+        metadata.update(_fingerprint_check(arch, model, sha256, tolerance))
+        io.save(Model(model.params, model.spec), out, metadata)
+        return metadata
     if torch_model is None:
-        torch_model = sources.torch_model(arch, tensors, model.num_classes, image_size)
-    err = logit_parity(torch_model, model, image_size=image_size)
+        torch_model = sources.torch_model(arch, tensors, model.num_classes, image_size, model.spec.transform_input)
+    try:
+        err = logit_parity(torch_model, model, image_size=image_size)
+    except (RuntimeError, ValueError, TypeError) as e:
+        if isinstance(e, ConversionError):
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConversionError(
+            f"{arch} cannot run on {image_size}x{image_size} images ({first}): use a larger --image-size such as 224"
+        ) from None
     if not err["max_rel"] <= tolerance:
         raise ConversionError(
             f"converted {arch} disagrees with torch: max |logit error| {err['max_abs']:.3g} "

