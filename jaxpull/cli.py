@@ -7,13 +7,16 @@ nothing is left half-written (outputs are written to a temporary file and rename
 from __future__ import annotations
 
 import argparse
-import os
 import shlex
 import sys
 from pathlib import Path
 from typing import List, Optional
 
 import numpy as np
+
+from jaxpull.settings import DEFAULT_RULES, FROM_RULES, PRESETS
+
+DEFAULT_MODEL = "mobilenet_v2"  # jaxpull.store.DEFAULT_MODEL (not imported here: that loads jax)
 
 
 def _convert(args: argparse.Namespace) -> int:
@@ -23,8 +26,10 @@ def _convert(args: argparse.Namespace) -> int:
         raise RuntimeError(
             f"conversion needs torch and torchvision ({e}): pip install 'jaxpull[convert]'"
         ) from None
+    transform_input = None if args.transform_input is None else args.transform_input == "true"
     meta = jaxpull_convert.convert(
-        args.arch, args.output, weights=args.weights, state_dict=args.state_dict, image_size=args.image_size
+        args.arch, args.output, weights=args.weights, state_dict=args.state_dict, image_size=args.image_size,
+        transform_input=transform_input,
     )
     print(
         f"wrote {args.output}: {args.arch} from {meta['source']}; "
@@ -34,16 +39,10 @@ def _convert(args: argparse.Namespace) -> int:
 
 
 def _check_output(path: str, suffix: str) -> Path:
-    """Fail before any compute if ``path`` cannot be written."""
-    out = Path(path)
-    if out.suffix.lower() != suffix:
-        raise ValueError(f"output {path!r} must end in {suffix}")
-    parent = out.parent if str(out.parent) else Path(".")
-    if not parent.is_dir():
-        raise FileNotFoundError(f"output directory {str(parent)!r} does not exist: create it first")
-    if not os.access(parent, os.W_OK):
-        raise PermissionError(f"output directory {str(parent)!r} is not writable: choose another path")
-    return out
+    """Fail before any compute if ``path`` cannot be written (the one check of :func:`jaxpull.io.check_output`)."""
+    from jaxpull.io import check_output
+
+    return check_output(path, suffix)
 
 
 def resolve_targets(model, logits: np.ndarray, spec: str) -> np.ndarray:
@@ -79,7 +78,7 @@ def run_explanations(model, x, targets, methods, options, progress=True):
     from tqdm import tqdm
 
     options = dict(options)  # the caller's options stay as given (they are also saved with the arrays)
-    temperatures = {"pullback": options.pop("temperature"), "vanilla": None}
+    temperatures = {"pullback": options.pop("temperature", FROM_RULES), "vanilla": None}
     results = {m: np.zeros(targets.shape + x.shape[1:], np.float32) for m in methods}
     jobs = [(m, i) for m in methods for i in range(len(x))]
     for m, i in tqdm(jobs, desc="explaining", unit="image", disable=not progress or len(jobs) < 2):
@@ -111,37 +110,99 @@ def write_outputs(model, names, x, targets, results, out, arrays_path, options) 
         print(f"wrote {arrays_path}")
 
 
-def _ascent_options(args) -> dict:
-    return dict(steps=args.steps, alpha=args.alpha, eps=None if args.eps <= 0 else args.eps,
-                temperature=args.temperature, pool_temperature=args.pool_temperature, gate=args.gate,
-                pool_weights=args.pool_weights)
+GATE_SETTINGS = ("temperature", "pool_temperature", "gate", "pool_weights")
+
+
+def _settings(args) -> tuple:
+    """The setting flags given (the others come from ``--rules``), checked by :mod:`jaxpull.settings`
+    before any work: ``(options for jaxpull.ascent, every resolved value)``."""
+    from jaxpull import settings
+
+    given = {n: getattr(args, n) for n in settings.ASCENT_SETTINGS + GATE_SETTINGS
+             if getattr(args, n, FROM_RULES) is not FROM_RULES}
+    gating = settings.make_gating(**{k: v for k, v in given.items() if k in GATE_SETTINGS}, rules=args.rules)
+    ascent = settings.make_ascent(**{k: v for k, v in given.items() if k not in GATE_SETTINGS}, rules=args.rules)
+    resolved = dict(rules=args.rules, gate=gating.gate, pool_weights=gating.pool_weights,
+                    temperature=gating.temperature, pool_temperature=gating.pool_temperature,
+                    steps=ascent.steps, alpha=ascent.alpha, eps=ascent.eps, margin=ascent.margin)
+    return dict(rules=args.rules, **given), resolved
+
+
+def _note_unused_pool_settings(args, model) -> None:
+    """A one-line note on stderr when a pool setting was given for a model without max-pools."""
+    from jaxpull import models
+
+    flags = [f"--{n.replace('_', '-')}" for n in ("pool_temperature", "pool_weights")
+             if getattr(args, n, FROM_RULES) is not FROM_RULES]
+    if flags and not models.get(model.arch).max_pools:
+        print(f"jaxpull: note: {' and '.join(flags)} has no effect: {model.arch} has no max-pools", file=sys.stderr)
 
 
 def _explain(args: argparse.Namespace) -> int:
     from jaxpull import images, store
 
+    from jaxpull import checks
+
+    if args.method != "vanilla" and args.temperature is not FROM_RULES:  # the CLI's vanilla is --method vanilla
+        checks.positive(args.temperature, "--temperature", " (for the vanilla gradient use --method vanilla)")
+    options, resolved = _settings(args)  # before any work
     out = _check_output(args.output, ".png")
     arrays = _check_output(args.save_arrays, ".npz") if args.save_arrays else None
-    x = images.load_images(args.images)
     model = store.resolve(args.model)
+    x = images.load_images(args.images, **model.preprocessing.image_options)  # the sizes its weights expect
+    _note_unused_pool_settings(args, model)
     methods = ["pullback", "vanilla"] if args.method == "both" else [args.method]
-    options = _ascent_options(args)
-    import jaxpull  # validate the options before the long computation
-
-    jaxpull.make_gating(options["temperature"], options["pool_temperature"], options["gate"], options["pool_weights"])
     logits = np.asarray(model(x))
     targets = resolve_targets(model, logits, args.targets)
     names = [Path(p).stem for p in args.images]
     print_top5(model, names, logits)
     results = run_explanations(model, x, targets, methods, options)
-    write_outputs(model, names, x, targets, results, out, arrays, options)
+    write_outputs(model, names, x, targets, results, out, arrays, resolved)
     return 0
 
 
+# The demo's rows per photo: ``jaxpull.ascent`` keywords of each method.
+DEMO_METHODS = {
+    "excitation": dict(rules="excitation"),
+    "semantic": dict(rules="semantic"),
+    "vanilla gradient": dict(rules="excitation", temperature=None),
+}
+
+
+def _rules_text(name: str) -> str:
+    """One line of a preset's settings, read from :data:`jaxpull.settings.PRESETS`."""
+    r = PRESETS[name]
+    a = r.ascent
+    tp = r.temperature if r.pool_temperature is None else r.pool_temperature
+    gate = {"sigmoid": "sigmoid", "normal_cdf": "normal-CDF"}.get(r.gate, r.gate)
+    ball = f"L2 ball eps {a.eps:g}" if a.project else "no L2 ball"
+    return f"{gate} gate t {r.temperature:g}, {r.pool_weights} max-pool weights tp {tp:g}, {ball}, " + (
+        "clamp to [-1, 1] after every step" if a.clip else "no clamping")
+
+
+def demo_caption(model_name: str, max_pools: bool = True) -> str:
+    """What the demo figure shows and with which settings."""
+    a = PRESETS["excitation"].ascent
+    pools = "" if max_pools else " (it has no max-pools, so the max-pool settings play no part)"
+    return (
+        f"Each cell is x_K - x_0: how {a.steps} steps of projected gradient ascent (step {a.alpha:g} in the L2 norm) "
+        "on the column's class logit change the photo x_0, min-max normalised per cell (grey: no change). "
+        "The forward pass is exact; only the backward pass differs between rows. Framed: the photo's own top-1 class; "
+        f"the other columns are counterfactual classes, the last one random. Model: {model_name}{pools}.\n"
+        f"excitation (the paper's first version): {_rules_text('excitation')}.\n"
+        f"semantic (its current version): {_rules_text('semantic')}.\n"
+        "vanilla gradient: hard gates (the plain gradient), ascent as in excitation."
+    )
+
+
 def _demo(args: argparse.Namespace) -> int:
-    from jaxpull import images, store
+    import jaxpull
+    from tqdm import tqdm
+
+    from jaxpull import figures, images, models, store
 
     out = _check_output(args.output, ".png")
+    _check_seed(args.seed)
     paths = images.sample_paths()
     names = [p.stem for p in paths]
     x = images.load_images(paths)
@@ -154,11 +215,20 @@ def _demo(args: argparse.Namespace) -> int:
     own = list(dict.fromkeys(int(i) for i in logits.argmax(1)))
     rng = np.random.default_rng(args.seed)
     extra = int(rng.choice([c for c in range(model.num_classes) if c not in own]))
-    targets = np.tile(np.array(own + [extra], np.int32), (len(x), 1))
-    options = dict(steps=5, alpha=20.0, eps=100.0, temperature=0.3, pool_temperature=None, gate="sigmoid",
-                   pool_weights="soft")
-    results = run_explanations(model, x, targets, ["pullback", "vanilla"], options)
-    write_outputs(model, names, x, targets, results, out, None, options)
+    targets = np.array(own + [extra], np.int32)
+    results = {m: np.zeros((len(x), len(targets)) + x.shape[1:], np.float32) for m in DEMO_METHODS}
+    jobs = [(m, i) for m in DEMO_METHODS for i in range(len(x))]
+    for m, i in tqdm(jobs, desc="explaining", unit="image"):
+        diff = jaxpull.ascent(model, x[i : i + 1], targets[None], output="diff", **DEMO_METHODS[m])
+        results[m][i] = np.asarray(diff)[0]
+    figures.comparison_figure(
+        x, results, [figures.short_name(model.class_name(int(t))) for t in targets], names, out,
+        own_columns=[own.index(int(i)) for i in logits.argmax(1)],
+        title=f"Excitation pullbacks vs the vanilla gradient on {model.arch}",
+        caption=demo_caption(f"{model.arch}, weights {model.metadata.get('source', 'unknown').split(' | ')[0]}",
+                             models.get(model.arch).max_pools),
+    )
+    print(f"wrote {out}")
     return 0
 
 
@@ -196,19 +266,46 @@ def parse_bytes(text: str) -> float:
 def _sweep(args: argparse.Namespace) -> int:
     from jaxpull import images, store, sweep
 
-    x = images.load_images(args.images)
+    options, _ = _settings(args)  # before any work
+    temperatures = FROM_RULES if args.temperatures is FROM_RULES else parse_temperatures(args.temperatures)
     model = store.resolve(args.model)
+    x = images.load_images(args.images, **model.preprocessing.image_options)
+    _note_unused_pool_settings(args, model)
     labels = parse_labels(args.labels, model)
-    temperatures = [None if t.strip().lower() in ("none", "vanilla") else float(t) for t in args.temperatures.split(",")]
-    extra = dict(steps=args.steps, alpha=args.alpha) if args.method == "ascent" else {}
     result = sweep.sweep(model, x, labels, temperatures, method=args.method, reduce=args.reduce, out=args.out,
-                         memory_budget=parse_bytes(args.memory_budget), chunk_size=args.chunk_size, **extra)
-    print(f"wrote {', '.join(f'{k}.npy {tuple(v.shape)}' for k, v in result.items() if k != 'top_labels')} to {args.out}")
+                         memory_budget=parse_bytes(args.memory_budget), chunk_size=args.chunk_size, **options)
+    if temperatures is FROM_RULES:
+        temperatures = [PRESETS[args.rules].temperature]
+    print(f"wrote {', '.join(f'{k}.npy {tuple(v.shape)}' for k, v in result.items())} to {args.out}")
     if "top_labels" in result:
         for name, row in zip(args.images, result["top_labels"]):
             for t, top in zip(temperatures, row):
                 print(f"{Path(name).stem} t={t}: most aligned labels " + ", ".join(model.class_name(int(i)) for i in top[:5]))
     return 0
+
+
+def parse_temperatures(text: str) -> list:
+    """``"0.1,0.3,none"`` -> ``[0.1, 0.3, None]`` (``none`` or ``vanilla``: the vanilla gradient)."""
+    from jaxpull import checks
+
+    temperatures = []
+    for item in text.split(","):
+        item = item.strip()
+        if item.lower() in ("none", "vanilla"):
+            temperatures.append(None)
+            continue
+        try:
+            value = float(item)
+        except ValueError:
+            raise ValueError(f"--temperatures: {item!r} is not a number: give e.g. 0.1,0.3,none") from None
+        checks.positive(value, "--temperatures", " (for the vanilla gradient write none)")
+        temperatures.append(value)
+    return temperatures
+
+
+def _check_seed(seed: int) -> None:
+    if seed < 0:
+        raise ValueError(f"--seed must be a non-negative integer, got {seed}")
 
 
 def _split(text: str) -> List[str]:
@@ -219,16 +316,18 @@ def _evaluate(args: argparse.Namespace) -> int:
     from jaxpull import evaluate, images, io, store
 
     out = _check_output(args.output, ".md")
-    csv_path = out.with_suffix(".csv")
+    csv_path = _check_output(str(out.with_suffix(".csv")), ".csv")
     names, metric_names = _split(args.explainers), _split(args.metrics)
     for flag in ("limit", "mosaics", "stages", "samples", "resamples", "sensitivity_samples"):
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be a positive integer, got {value}")
-    if args.temperature is not None:
-        from jaxpull import checks
+    _check_seed(args.seed)
+    from jaxpull import checks, explainers, settings
 
+    if args.temperature is not FROM_RULES:
         checks.positive(args.temperature, "--temperature")
+    settings.make_gating(args.temperature, rules=args.rules)
     if args.images == ["samples"]:
         found = images.evaluation_photos()
         if len(found) < 3:
@@ -238,9 +337,9 @@ def _evaluate(args: argparse.Namespace) -> int:
         paths, classes = evaluate.find_images(args.images, args.limit)
     model = store.resolve(args.model)
     evaluate.check_request(model, names, metric_names, len(paths))
-    options = {}
-    if args.temperature is not None:
-        options.update({n: {"temperature": args.temperature} for n in names if "pullback" in n})
+    options = {n: {"rules": args.rules} for n in names if n in explainers.TAKE_RULES}
+    if args.temperature is not FROM_RULES:
+        options.update({n: {**options.get(n, {}), "temperature": args.temperature} for n in names if "pullback" in n})
     if args.samples is not None:
         options.update({n: {**options.get(n, {}), "samples": args.samples} for n in names if n.startswith("smoothgrad")})
     labels = None
@@ -249,8 +348,8 @@ def _evaluate(args: argparse.Namespace) -> int:
             raise ValueError("--labels folders needs one folder of class subfolders (ImageNet style) as --images")
         labels = classes
     elif args.labels != "top1":
-        labels = [model.label(l) for l in _split(args.labels)]
-    x = images.load_images(paths)
+        labels = [model.label(name) for name in _split(args.labels)]
+    x = images.load_images(paths, **model.preprocessing.image_options)
     if labels is None:
         labels = evaluate.top1(model, x)  # once, here: evaluate() uses these, and mosaics default to them
     if "focus" in metric_names:
@@ -281,9 +380,59 @@ def _app(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with jaxpull's one-line errors: ``jaxpull: error: ...``, exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"jaxpull: error: {message}\n")
+
+
+def _number(text: str):
+    """A setting flag's value: an int if it is one, else a float (:mod:`jaxpull.settings` checks the range)."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    raise argparse.ArgumentTypeError(f"{text!r} is not a number")
+
+
+def _number_or_none(text: str):
+    return None if text.strip().lower() == "none" else _number(text)
+
+
+def _from_rules(get) -> str:
+    """``(default 5)`` when the presets agree, else ``(default from --rules: excitation 0.3, semantic 0.6)``."""
+    values = {name: "none" if get(rules) is None else get(rules) for name, rules in PRESETS.items()}
+    if len({repr(v) for v in values.values()}) == 1:
+        return f"(default {next(iter(values.values()))})"
+    return "(default from --rules: " + ", ".join(f"{n} {v}" for n, v in values.items()) + ")"
+
+
+def _add_settings(p: argparse.ArgumentParser, temperature: bool = True) -> None:
+    """The rules preset and the gate / ascent flags, each defaulting to the preset's value."""
+    from jaxpull.gates import GATES, POOL_WEIGHTS
+
+    p.add_argument("--rules", choices=list(PRESETS), default=DEFAULT_RULES,
+                   help=f"rule set (default {DEFAULT_RULES}): " + "; ".join(f"{n}: {r.description}" for n, r in PRESETS.items()))
+    p.add_argument("--steps", type=_number, default=FROM_RULES, help="ascent steps " + _from_rules(lambda r: r.ascent.steps))
+    p.add_argument("--alpha", type=_number, default=FROM_RULES, help="ascent step size " + _from_rules(lambda r: r.ascent.alpha))
+    p.add_argument("--eps", type=_number_or_none, default=FROM_RULES,
+                   help="L2 ball radius around the image, or none for no projection " + _from_rules(lambda r: r.ascent.eps))
+    if temperature:
+        p.add_argument("--temperature", type=_number, default=FROM_RULES,
+                       help="ReLU gate temperature " + _from_rules(lambda r: r.temperature))
+    p.add_argument("--pool-temperature", type=_number_or_none, default=FROM_RULES,
+                   help="max-pool temperature, none: the ReLU temperature; no effect on models without max-pools "
+                   + _from_rules(lambda r: r.pool_temperature))
+    p.add_argument("--gate", choices=GATES, default=FROM_RULES, help="ReLU gate " + _from_rules(lambda r: r.gate))
+    p.add_argument("--pool-weights", choices=POOL_WEIGHTS, default=FROM_RULES,
+                   help="max-pool softmax weights " + _from_rules(lambda r: r.pool_weights))
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
-    parser = argparse.ArgumentParser(prog="jaxpull", description="Excitation pullbacks for ReLU networks in JAX.")
+    parser = _Parser(prog="jaxpull", description="Excitation pullbacks for ReLU networks in JAX.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("convert", help="convert torchvision weights to a jaxpull .safetensors file")
@@ -293,39 +442,35 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--state-dict", help="a local state_dict file (.pth), loaded with weights_only=True")
     p.add_argument("-o", "--output", required=True, help="output .safetensors path")
     p.add_argument("--image-size", type=int, default=224, help="input size of the parity check (default 224)")
+    p.add_argument("--transform-input", choices=["true", "false"], default=None,
+                   help="googlenet / inception_v3 only: torchvision's transform_input (default true, as its pretrained weights)")
     p.set_defaults(run=_convert)
 
     p = sub.add_parser("explain", help="explain images: the paper's figure of ascent differences")
     p.add_argument("images", nargs="+", help="image files (any format PIL reads)")
-    p.add_argument("--model", default="efficientnet_lite0", help="a .safetensors file or a cached model name")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"a .safetensors file or a cached model name (default {DEFAULT_MODEL})")
     p.add_argument("--targets", default="top3", help="comma-separated indices, class names or topN (default top3)")
     p.add_argument("--method", choices=["pullback", "vanilla", "both"], default="both")
-    p.add_argument("--steps", type=int, default=5)
-    p.add_argument("--alpha", type=float, default=20.0)
-    p.add_argument("--eps", type=float, default=100.0, help="L2 ball radius; 0 for no projection")
-    p.add_argument("--temperature", type=float, default=0.3)
-    p.add_argument("--pool-temperature", type=float, default=None)
-    p.add_argument("--gate", choices=["sigmoid", "normal_cdf"], default="sigmoid")
-    p.add_argument("--pool-weights", choices=["soft", "detached"], default="soft")
+    _add_settings(p)
     p.add_argument("-o", "--output", required=True, help="output .png")
     p.add_argument("--save-arrays", help="also write the raw results to this .npz")
     p.set_defaults(run=_explain)
 
-    p = sub.add_parser("demo", help="the embedded default: EfficientNet-Lite0 on real photos, offline")
-    p.add_argument("--model", default="efficientnet_lite0", help=argparse.SUPPRESS)
+    p = sub.add_parser("demo", help="the embedded default: torchvision's MobileNetV2 on real photos, offline")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=argparse.SUPPRESS)
     p.add_argument("-o", "--output", default="jaxpull_demo.png", help="output .png (default jaxpull_demo.png)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random extra label")
     p.set_defaults(run=_demo)
 
     p = sub.add_parser("sweep", help="images x labels x temperatures, chunked in a memory budget, to .npy files")
     p.add_argument("images", nargs="+")
-    p.add_argument("--model", default="efficientnet_lite0")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"a .safetensors file or a cached model name (default {DEFAULT_MODEL})")
     p.add_argument("--labels", default="all", help="all, a range 0-99, or a comma list (default all)")
-    p.add_argument("--temperatures", default="0.3", help="comma list; 'none' for vanilla (default 0.3)")
+    p.add_argument("--temperatures", default=FROM_RULES,
+                   help="comma list; 'none' for vanilla " + _from_rules(lambda r: r.temperature))
     p.add_argument("--method", choices=["pullback", "ascent"], default="pullback")
     p.add_argument("--reduce", choices=["maps", "norms", "alignment"], default="alignment")
-    p.add_argument("--steps", type=int, default=5)
-    p.add_argument("--alpha", type=float, default=20.0)
+    _add_settings(p, temperature=False)
     p.add_argument("--memory-budget", default="2GB", help="device memory per chunk (default 2GB)")
     p.add_argument("--chunk-size", type=int, default=None, help="labels per chunk (overrides the budget)")
     p.add_argument("--out", required=True, help="output directory (resumed if it holds the same sweep)")
@@ -334,7 +479,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="score explainers with faithfulness metrics; markdown + CSV report")
     p.add_argument("--images", nargs="+", required=True,
                    help="image files, a folder, an ImageNet-style folder of class subfolders, or 'samples' (offline photos)")
-    p.add_argument("--model", default="efficientnet_lite0")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"a .safetensors file or a cached model name (default {DEFAULT_MODEL})")
     p.add_argument("--explainers", default=",".join(("pullback", "pullback_ascent", "gradient", "gradient_ascent")),
                    help="comma list (default pullback,pullback_ascent,gradient,gradient_ascent)")
     p.add_argument("--metrics", default="focus,faithfulness,infidelity", help="comma list (default focus,faithfulness,infidelity)")
@@ -343,7 +488,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mosaics", type=int, default=50, help="number of Focus mosaics (default 50)")
     p.add_argument("--stages", type=int, default=6, help="cascading randomisation steps (default 6)")
     p.add_argument("--sensitivity-samples", type=int, default=10, help="max-sensitivity perturbations per image (default 10)")
-    p.add_argument("--temperature", type=float, default=None, help="temperature of the pullback explainers (default 0.3)")
+    p.add_argument("--rules", choices=list(PRESETS), default=DEFAULT_RULES,
+                   help=f"rule set of the pullback and ascent explainers (default {DEFAULT_RULES})")
+    p.add_argument("--temperature", type=_number, default=FROM_RULES,
+                   help="temperature of the pullback explainers " + _from_rules(lambda r: r.temperature))
     p.add_argument("--samples", type=int, default=None, help="SmoothGrad samples (default 50)")
     p.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples (default 2000)")
     p.add_argument("--seed", type=int, default=0)
@@ -369,6 +517,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 130
     except (ValueError, OSError, RuntimeError) as e:
         print(f"jaxpull: error: {e}", file=sys.stderr)
+        return 2
+    except MemoryError:
+        print("jaxpull: error: out of memory: use smaller or fewer images, or a smaller --chunk-size / --memory-budget",
+              file=sys.stderr)
         return 2
 
 

@@ -9,10 +9,12 @@ functions (temperature, label, step size and steps are traced arguments).
 
 from __future__ import annotations
 
-import functools
+import atexit
+import shutil
 import tempfile
 import threading
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -22,18 +24,22 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image, ImageDraw
 
-from jaxpull import checks, explain, images, io, models, store
+from jaxpull import checks, explain, images, io, models, settings, store
 from jaxpull.figures import normalize_cell
 from jaxpull.gates import Gating
 from jaxpull.model import Model
+from jaxpull.preprocessing import Preprocessing
+from jaxpull.settings import DEFAULT_RULES, Ascent
 
-DEFAULT_LABEL = "efficientnet_lite0 (offline default)"
+DEFAULT_LABEL = f"{store.DEFAULT_MODEL} (offline default)"
 TOP1 = "top-1 of the image"
 METHODS = ("excitation pullback", "vanilla gradient", "both")
 STRIP_TEMPERATURES = (0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
 MAX_STEPS = 100
 # Larger uploads are shrunk (keeping the aspect ratio) before the 224x224 crop.
 MAX_SIDE = 2048
+# The per-request .npz files kept in the output folder (older ones are deleted).
+KEEP_ARRAYS = 20
 
 
 def available_models(models_dir: Optional[str]) -> Dict[str, str]:
@@ -48,61 +54,76 @@ def available_models(models_dir: Optional[str]) -> Dict[str, str]:
     return found
 
 
-def read_upload(path: str) -> Tuple[np.ndarray, str]:
-    """An uploaded file -> ``(224, 224, 3)`` in [-1, 1] and a note (non-empty if it was shrunk)."""
+def read_upload(path: str, preprocessing: Preprocessing = Preprocessing()) -> Tuple[np.ndarray, str]:
+    """An uploaded file -> ``(S, S, 3)`` in [-1, 1] (S the model's crop size, 224 by default) and a
+    note (non-empty if it was shrunk).
+
+    Opened with :func:`jaxpull.images.open_image` (its size limits and greyscale-depth rules),
+    so a file that is no image, or is too large, gets this app's own one-line message.
+    """
+    if not path or not Path(path).is_file():
+        raise ValueError("the upload is missing on the server: upload the image again")
     try:
-        with Image.open(path) as im:
-            size = im.size
-            im.draft("RGB", (MAX_SIDE, MAX_SIDE))  # JPEG: decode at a reduced scale directly
-            im.load()
-            note = ""
-            if max(im.size) > MAX_SIDE or max(size) > MAX_SIDE:
-                im.thumbnail((MAX_SIDE, MAX_SIDE))
-                note = f"the upload was {size[0]}x{size[1]} pixels: downscaled before the 224x224 crop"
-            return images.preprocess(im), note
+        with warnings.catch_warnings(), Image.open(path) as probe:  # reads the header only
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # handled by open_image
+            size = probe.size
     except Image.DecompressionBombError:
         raise ValueError(
             f"the upload is too large to decode safely (over {2 * Image.MAX_IMAGE_PIXELS:,} pixels): use a smaller image"
         ) from None
     except (OSError, SyntaxError, ValueError) as e:
         raise ValueError(f"the upload is not an image this app can read ({type(e).__name__}): upload a JPEG or PNG") from None
+    try:
+        with images.open_image(path) as im:
+            note = ""
+            if max(im.size) > MAX_SIDE or max(size) > MAX_SIDE:
+                im.thumbnail((MAX_SIDE, MAX_SIDE))
+                crop = preprocessing.crop_size
+                note = f"the upload was {size[0]}x{size[1]} pixels: downscaled before the {crop}x{crop} crop"
+            return images.preprocess(im, **preprocessing.image_options), note
+    except images.ImageError as e:
+        raise ValueError(f"the upload cannot be used: {e}") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise ValueError(f"the upload is not an image this app can read ({type(e).__name__}): upload a JPEG or PNG") from None
 
 
-@functools.partial(jax.jit, static_argnames=("gate", "pool_weights"))
-def strip_core(model: Model, x: jax.Array, targets: jax.Array, temperatures: jax.Array, steps, alpha, eps,
-               gate: str = "sigmoid", pool_weights: str = "soft") -> jax.Array:
-    """x_K - x0 for every temperature in one vmapped call: ``(1, H, W, 3)``, ``(1, 1)``, ``(T,)`` -> ``(T, H, W, 3)``."""
+@jax.jit
+def strip_core(model: Model, x: jax.Array, targets: jax.Array, gating: Gating, ascent: Ascent) -> jax.Array:
+    """x_K - x0 for every temperature in one vmapped call over ``gating``'s temperatures.
 
-    def one(t):
-        gating = Gating(t, t, gate, pool_weights)
-        return explain.ascent_core(model, x, targets, gating, steps, alpha, eps, jnp.float32(0.0))[0, 0] - x[0]
-
-    return jax.vmap(one)(temperatures)
+    ``x`` ``(1, H, W, 3)``, ``targets`` ``(1, 1)``, ``gating.temperature`` and
+    ``gating.pool_temperature`` ``(T,)`` -> ``(T, H, W, 3)``.
+    """
+    return jax.vmap(lambda g: explain.ascent_core(model, x, targets, g, ascent)[0, 0] - x[0])(gating)
 
 
 @dataclass
 class Settings:
-    """One request's numbers, checked by :meth:`Explorer.settings`."""
+    """One request's settings, checked by :meth:`Explorer.settings` (with :mod:`jaxpull.settings`)."""
 
-    steps: int
-    alpha: float
-    eps: Optional[float]
+    rules: str
+    ascent: Ascent
     temperature: float
-    pool_temperature: Optional[float]
+    pool_temperature: Optional[float]  # None: same as the temperature
+
+    def gating(self, temperature) -> Gating:
+        """The gates at ``temperature`` (a number, ``(T,)`` numbers, or None for vanilla)."""
+        tp = None if temperature is None else self.pool_temperature
+        if tp is not None and np.ndim(temperature):
+            tp = np.full(np.shape(temperature), tp, np.float32)
+        return settings.make_gating(temperature, tp, rules=self.rules)
 
 
-def _number(value, name: str, low: float, high: float, optional: bool = False) -> Optional[float]:
+def _number(value, name: str, optional: bool = False) -> Optional[float]:
+    """A form field as a float (None if empty and ``optional``); its range is checked by jaxpull.settings."""
     if value is None or (isinstance(value, str) and not value.strip()):
         if optional:
             return None
-        raise ValueError(f"{name} is empty: enter a number in ({low:g}, {high:g}]")
+        raise ValueError(f"{name} is empty: enter a number")
     try:
-        v = float(value)
+        return float(value)
     except (TypeError, ValueError):
         raise ValueError(f"{name} must be a number, got {value!r}") from None
-    if not (low < v <= high):
-        raise ValueError(f"{name} = {v:g} is out of range: use a number in ({low:g}, {high:g}]")
-    return v
 
 
 def _caption(tile: np.ndarray, text: str) -> np.ndarray:
@@ -119,7 +140,33 @@ class Explorer:
         self.models = available_models(models_dir)
         self._loaded: Dict[str, Model] = {}
         self._lock = threading.Lock()
-        self.output_dir = Path(output_dir or tempfile.mkdtemp(prefix="jaxpull-app-"))
+        self._output_dir = Path(output_dir) if output_dir else None
+
+    @property
+    def output_dir(self) -> Path:
+        """Where the per-request ``.npz`` files go (the last ``KEEP_ARRAYS`` are kept).
+
+        Without an ``output_dir``, a ``jaxpull-app-*`` temporary folder made on first use and
+        removed by :meth:`close` or at exit, so a failed start leaves nothing behind.
+        """
+        if self._output_dir is None:
+            self._output_dir = Path(tempfile.mkdtemp(prefix="jaxpull-app-"))
+            self._owned = self._output_dir
+            atexit.register(self.close)
+        return self._output_dir
+
+    def close(self) -> None:
+        """Remove the temporary output folder this explorer made (a given ``output_dir`` stays)."""
+        owned = getattr(self, "_owned", None)
+        if owned is not None:
+            shutil.rmtree(owned, ignore_errors=True)
+            self._owned = self._output_dir = None
+
+    def _save_arrays(self, path: Path, arrays: Dict[str, np.ndarray]) -> None:
+        io.save_arrays(path, arrays)
+        saved = sorted(path.parent.glob("jaxpull_*.npz"), key=lambda f: f.stat().st_mtime_ns)
+        for old in saved[:-KEEP_ARRAYS]:
+            old.unlink(missing_ok=True)
 
     # ---- inputs --------------------------------------------------------------------------
 
@@ -144,14 +191,16 @@ class Explorer:
         """Whether the model has max-pools (the pool temperature applies)."""
         return models.get(self.model(name).arch).max_pools
 
-    def image(self, upload: Optional[str], sample: Optional[str]) -> Tuple[np.ndarray, str]:
-        """The input ``(1, 224, 224, 3)`` and a note: the upload if there is one, else the sample photo."""
+    def image(self, upload: Optional[str], sample: Optional[str],
+              preprocessing: Preprocessing = Preprocessing()) -> Tuple[np.ndarray, str]:
+        """The input ``(1, S, S, 3)`` (S: ``preprocessing.crop_size``, the model's) and a note: the
+        upload if there is one, else the sample photo."""
         if upload:
-            x, note = read_upload(upload)
+            x, note = read_upload(upload, preprocessing)
             return x[None], note
         if not sample:
             raise ValueError("no image: upload one or pick a sample photo")
-        return images.load_image(images.sample_paths([sample])[0])[None], ""
+        return images.load_image(images.sample_paths([sample])[0], **preprocessing.image_options)[None], ""
 
     def target(self, model: Model, choice: Optional[str], logits: np.ndarray) -> int:
         """The target index from the list's entry (``"207: golden retriever"``), a name, or top-1."""
@@ -161,15 +210,19 @@ class Explorer:
         return model.label(head if head.isdigit() else choice)
 
     @staticmethod
-    def settings(steps, alpha, eps, temperature, pool_temperature) -> Settings:
-        """Check the numbers of a request (one-line ValueError naming the field and its range)."""
-        s = _number(steps, "steps", -1, MAX_STEPS)
-        if s != int(s):
-            raise ValueError(f"steps must be a whole number, got {s:g}")
-        return Settings(
-            int(s), _number(alpha, "alpha", 0, 1e6), _number(eps, "eps", 0, 1e6, optional=True),
-            _number(temperature, "temperature", 0, 1e3), _number(pool_temperature, "pool temperature", 0, 1e3, optional=True),
-        )
+    def settings(steps, alpha, eps, temperature, pool_temperature, rules: str = DEFAULT_RULES) -> Settings:
+        """Check a request's fields with :mod:`jaxpull.settings` (one-line ValueError naming the field).
+
+        An empty eps means no projection, an empty pool temperature "same as t".
+        """
+        ascent = settings.make_ascent(steps=_number(steps, "steps"), alpha=_number(alpha, "alpha"),
+                                      eps=_number(eps, "eps", optional=True), rules=rules)
+        if ascent.steps > MAX_STEPS:
+            raise ValueError(f"steps = {ascent.steps} is more than this app runs: use at most {MAX_STEPS}")
+        s = Settings(rules, ascent, _number(temperature, "temperature"),
+                     _number(pool_temperature, "pool temperature", optional=True))
+        s.gating(s.temperature)  # checks the temperatures
+        return s
 
     # ---- requests ------------------------------------------------------------------------
 
@@ -179,16 +232,17 @@ class Explorer:
         p /= p.sum()
         return {f"{model.class_name(i)} ({i})": float(p[i]) for i in np.argsort(-p)[:5]}
 
-    def explain(self, upload, sample, model_name, target, method, steps, alpha, eps, temperature, pool_temperature):
+    def explain(self, upload, sample, model_name, target, method, steps, alpha, eps, temperature, pool_temperature,
+                rules: str = DEFAULT_RULES):
         """One explanation request.
 
         Returns ``(top5, picture, arrays_path, note)``: ``picture`` uint8 ``(rows * 242, 3 * 224, 3)``,
         per method a row of the clean image, the perturbed x_K and the normalised x_K - x0.
         """
         checks.choice(method, METHODS, "method")
-        s = self.settings(steps, alpha, eps, temperature, pool_temperature)
+        s = self.settings(steps, alpha, eps, temperature, pool_temperature, rules)
         model = self.model(model_name)
-        x, note = self.image(upload, sample)
+        x, note = self.image(upload, sample, model.preprocessing)
         start = time.perf_counter()
         logits = np.asarray(model(x))[0]
         label = self.target(model, target, logits)
@@ -196,9 +250,8 @@ class Explorer:
         rows, arrays = [], {"x0": x[0], "target": np.int32(label)}
         for m in chosen:
             t = s.temperature if m == "excitation pullback" else None
-            tp = s.pool_temperature if t is not None else None
-            xk = np.asarray(explain.ascent(model, x, [label], steps=s.steps, alpha=s.alpha, eps=s.eps,
-                                           temperature=t, pool_temperature=tp))[0, 0]
+            xk = np.asarray(explain.ascent_core(model, jnp.asarray(x), jnp.array([[label]], jnp.int32), s.gating(t),
+                                                s.ascent))[0, 0]
             key = "pullback" if t is not None else "vanilla"
             arrays[f"{key}_xk"], arrays[f"{key}_diff"] = xk, xk - x[0]
             tiles = [images.to_pixels(x[0]), images.to_pixels(xk), (normalize_cell(xk - x[0]) * 255).astype(np.uint8)]
@@ -206,23 +259,24 @@ class Explorer:
             rows.append(np.concatenate([_caption(tile, c) for tile, c in zip(tiles, captions)], axis=1))
         seconds = time.perf_counter() - start
         path = self.output_dir / f"jaxpull_{label}_{int(time.time() * 1000)}.npz"
-        io.save_arrays(path, arrays)
-        summary = f"target {model.class_name(label)} ({label}); {s.steps} steps, alpha {s.alpha:g}, eps {s.eps}, t {s.temperature:g}; {seconds:.2f} s"
+        self._save_arrays(path, arrays)
+        summary = f"target {model.class_name(label)} ({label}); {s.ascent.steps} steps, alpha {s.ascent.alpha:g}, eps {s.ascent.eps}, t {s.temperature:g}; {seconds:.2f} s"
         return self.top5(model, logits), np.concatenate(rows, axis=0), str(path), "; ".join(filter(None, [note, summary]))
 
-    def strip(self, upload, sample, model_name, target, steps, alpha, eps, temperatures: Sequence[float] = STRIP_TEMPERATURES):
-        """The temperature strip: x_K - x0 for each temperature, from one vmapped call.
+    def strip(self, upload, sample, model_name, target, steps, alpha, eps, pool_temperature=None,
+              rules: str = DEFAULT_RULES, temperatures: Sequence[float] = STRIP_TEMPERATURES):
+        """The temperature strip: x_K - x0 for each temperature t, from one vmapped call.
 
-        Returns ``(picture, note)``, ``picture`` uint8 ``(242, T * 224, 3)``.
+        The pool temperature is the request's (empty: each column's t). Returns ``(picture, note)``,
+        ``picture`` uint8 ``(242, T * 224, 3)``.
         """
-        s = self.settings(steps, alpha, eps, 1.0, None)
+        s = self.settings(steps, alpha, eps, temperatures[0], pool_temperature, rules)
         model = self.model(model_name)
-        x, note = self.image(upload, sample)
+        x, note = self.image(upload, sample, model.preprocessing)
         label = self.target(model, target, np.asarray(model(x))[0])
         start = time.perf_counter()
-        diffs = np.asarray(strip_core(
-            model, jnp.asarray(x), jnp.array([[label]], jnp.int32), jnp.asarray(temperatures, jnp.float32),
-            jnp.int32(s.steps), jnp.float32(s.alpha), jnp.float32(1e30 if s.eps is None else s.eps)))
+        gating = s.gating(np.asarray(temperatures, np.float32))
+        diffs = np.asarray(strip_core(model, jnp.asarray(x), jnp.array([[label]], jnp.int32), gating, s.ascent))
         seconds = time.perf_counter() - start
         tiles = [_caption((normalize_cell(d) * 255).astype(np.uint8), f"t = {t:g}") for d, t in zip(diffs, temperatures)]
         summary = f"{len(temperatures)} temperatures in one vmapped call: {seconds:.2f} s"

@@ -66,12 +66,12 @@ def test_explain_handler(explorer):
 
 
 def test_strip_handler_is_one_vmapped_call(explorer):
-    picture, note = explorer.strip(None, "chelsea", ex.DEFAULT_LABEL, ex.TOP1, 1, 20, 100, (0.1, 1.0, 10.0))
+    picture, note = explorer.strip(None, "chelsea", ex.DEFAULT_LABEL, ex.TOP1, 1, 20, 100, temperatures=(0.1, 1.0, 10.0))
     assert picture.shape == (242, 3 * 224, 3) and "3 temperatures in one vmapped call" in note
     tiles = picture[18:].reshape(224, 3, 224, 3).transpose(1, 0, 2, 3)
     assert all(t.std() > 3 for t in tiles) and not np.array_equal(tiles[0], tiles[2])
     cache_size = ex.strip_core._cache_size()
-    explorer.strip(None, "chelsea", ex.DEFAULT_LABEL, "0: tench", 2, 10, 50, (0.2, 2.0, 20.0))
+    explorer.strip(None, "chelsea", ex.DEFAULT_LABEL, "0: tench", 2, 10, 50, temperatures=(0.2, 2.0, 20.0))
     assert ex.strip_core._cache_size() == cache_size  # new temperatures, label, steps: no recompilation
 
 
@@ -79,7 +79,7 @@ def test_class_choices_and_models(explorer, tmp_path):
     choices = explorer.class_choices(ex.DEFAULT_LABEL)
     assert choices[0] == ex.TOP1 and choices[283] == "282: tiger cat" and len(choices) == 1001
     assert not explorer.has_max_pools(ex.DEFAULT_LABEL)
-    shutil.copy(Path(os.environ["JAXPULL_CACHE"]) / "efficientnet_lite0.safetensors", tmp_path / "mine.safetensors")
+    shutil.copy(Path(os.environ["JAXPULL_CACHE"]) / f"{ex.store.DEFAULT_MODEL}.safetensors", tmp_path / "mine.safetensors")
     other = ex.Explorer(str(tmp_path))
     assert list(other.models) == [ex.DEFAULT_LABEL, "mine"]
     (tmp_path / "mine.safetensors").unlink()
@@ -97,12 +97,14 @@ def test_bad_requests_give_one_line_messages(explorer, tmp_path):
     cases = [
         (dict(upload=str(junk)), "not an image this app can read"),
         (dict(sample=None), "no image: upload one or pick a sample photo"),
-        (dict(steps=-1), "steps = -1 is out of range"),
-        (dict(steps=2.5), "steps must be a whole number"),
-        (dict(alpha=0), "alpha = 0 is out of range"),
+        (dict(steps=-1), "steps must be a whole number >= 0, got -1.0"),
+        (dict(steps=2.5), "steps must be a whole number >= 0, got 2.5"),
+        (dict(steps=101), "steps = 101 is more than this app runs"),
+        (dict(alpha=0), "alpha must be positive and finite, got 0.0"),
         (dict(temperature="warm"), "temperature must be a number"),
         (dict(temperature=None), "temperature is empty"),
-        (dict(eps=-3), "eps = -3 is out of range"),
+        (dict(eps=-3), "eps must be positive and finite, got -3.0"),
+        (dict(rules="paper"), "unknown rules 'paper'"),
         (dict(target="999999"), "out of range"),
         (dict(target="no such class"), "neither an index nor a class name"),
         (dict(model_name="resnet50"), "unknown model 'resnet50'"),
@@ -191,7 +193,7 @@ def test_app_in_a_real_browser(cache, tmp_path):
             # a bad number shows a message in the page, the result stays, the server keeps running
             page.locator("#alpha input").fill("-5")
             page.locator("#run").click()
-            page.locator("#note").get_by_text("alpha = -5 is out of range").wait_for(timeout=60_000)
+            page.locator("#note").get_by_text("alpha must be positive and finite").wait_for(timeout=60_000)
             assert page.locator("#result img").is_visible()
             page.screenshot(path=str(ARTIFACTS / "app-error.png"), full_page=True)
             browser.close()

