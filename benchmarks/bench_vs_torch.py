@@ -1,6 +1,11 @@
 """jaxpull against a PyTorch implementation of the method, in one process, on the same inputs.
 
     python benchmarks/bench_vs_torch.py [--arch resnet50] [--ks 10,100,1000] [--cases a,b,c]
+    python benchmarks/bench_vs_torch.py --device cuda --chunk 1000 --torch-batch 250   # on a GPU
+
+On a GPU (``--device cuda``) torch runs on the GPU with TF32 off and JAX with
+``jax_default_matmul_precision="highest"`` (both true float32), every timing synchronises the
+device, and the memory columns are each library's peak GPU memory instead of peak RSS.
 
 Prints one row per case: compile time (JAX's first call minus a later one), run times (each side's
 second call; K > 100: the only call, set-up and compile included), the
@@ -31,6 +36,44 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 
 
+class PeakJaxGPU:
+    """JAX's peak GPU memory above what it held when the block started (its allocator's counter;
+    JAX cannot reset its peak, so a block that stays below an earlier peak reports 0)."""
+
+    def __enter__(self):
+        self.start = _jax_gpu_bytes("bytes_in_use")
+        return self
+
+    def __exit__(self, *exc):
+        self.increase = max(_jax_gpu_bytes("peak_bytes_in_use") - self.start, 0)
+
+
+class PeakTorchGPU:
+    """torch's peak allocated GPU memory while the block runs."""
+
+    def __enter__(self):
+        import torch
+
+        torch.cuda.reset_peak_memory_stats()
+        self.start = torch.cuda.memory_allocated()
+        return self
+
+    def __exit__(self, *exc):
+        import torch
+
+        self.increase = torch.cuda.max_memory_allocated() - self.start
+
+
+def _jax_gpu_bytes(key: str) -> int:
+    import jax
+
+    stats = jax.devices()[0].memory_stats() or {}
+    return int(stats.get(key, 0))
+
+
+GPU = False  # set by --device cuda: memory columns are GPU memory
+
+
 class PeakRSS:
     """Peak resident memory increase while the block runs (sampled every 5 ms from /proc)."""
 
@@ -56,11 +99,11 @@ class PeakRSS:
         self.increase = self.peak - self.start
 
 
-def timed(fn, repeats=1):
-    """(first call seconds, best later call seconds, peak RSS increase bytes)."""
+def timed(fn, repeats=1, memory=None):
+    """(first call seconds, best later call seconds, peak memory increase bytes)."""
     import jax
 
-    with PeakRSS() as mem:
+    with (memory or PeakRSS)() as mem:
         t0 = time.perf_counter()
         jax.block_until_ready(fn())
         first = time.perf_counter() - t0
@@ -76,7 +119,7 @@ def matmul_peak_gflops() -> float:
     import jax
     import jax.numpy as jnp
 
-    n = 2048
+    n = 2048 if jax.devices()[0].platform == "cpu" else 8192
     a = jnp.asarray(np.random.default_rng(0).normal(size=(n, n)).astype(np.float32))
     f = jax.jit(lambda a: a @ a)
     f(a).block_until_ready()
@@ -85,9 +128,11 @@ def matmul_peak_gflops() -> float:
 
 
 def flops(jitted, *args, **kwargs) -> float:
-    cost = jitted.lower(*args, **kwargs).compile().cost_analysis()
+    # XLA's GPU backend offers no cost analysis (None): then the column reads nan, and the FLOP
+    # count of the same computation can be taken from a CPU run of this script.
+    cost = jitted.lower(*args, **kwargs).cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    return float(cost.get("flops", float("nan")))
+    return float((cost or {}).get("flops", float("nan")))
 
 
 def main() -> None:
@@ -97,6 +142,9 @@ def main() -> None:
     parser.add_argument("--ks", default="10,100,1000")
     parser.add_argument("--cases", default="a,b,c")
     parser.add_argument("--torch-batch", type=int, default=25)
+    parser.add_argument("--chunk", type=int, default=100, help="labels per jaxpull call for K > chunk (sweep)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                        help="cuda: torch on the GPU (TF32 off), JAX at highest matmul precision")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                         help="jaxpull's compute dtype (torch stays float32); bfloat16 also prints its cosine to float32")
     args = parser.parse_args()
@@ -105,6 +153,14 @@ def main() -> None:
     import jax.numpy as jnp
     import torch
     import torchvision
+
+    global GPU
+    device = torch.device(args.device)
+    if args.device == "cuda":
+        jax.config.update("jax_default_matmul_precision", "highest")
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+        GPU = True
 
     import jaxpull
     import jaxpull_convert
@@ -116,51 +172,63 @@ def main() -> None:
     tm = torchvision.models.get_model(args.arch).eval()
     model32 = jaxpull_convert.from_torch_module(args.arch, tm)
     model = model32.astype(args.dtype)
-    gated = R.gated(tm, 0.3)
+    gated = R.gated(tm, 0.3).to(device)
     for p in gated.parameters():
         p.requires_grad_(False)
     rng = np.random.default_rng(0)
     x5 = rng.uniform(-1, 1, (5, args.size, args.size, 3)).astype(np.float32)
     x1 = x5[:1]
     peak = matmul_peak_gflops()
-    print(f"{args.arch} {args.size}x{args.size} jaxpull {args.dtype} | jax {jax.__version__} ({jax.devices()[0].platform}), "
-          f"torch {torch.__version__} ({torch.get_num_threads()} threads) | matmul peak {peak:.0f} GFLOP/s")
-    print("| case | jax compile s | jax run s | torch run s | torch/jax | jax peak RSS +MiB | torch peak RSS +MiB "
+    where = torch.cuda.get_device_name() if args.device == "cuda" else f"{torch.get_num_threads()} threads"
+    print(f"{args.arch} {args.size}x{args.size} jaxpull {args.dtype} | jax {jax.__version__} ({jax.devices()[0].device_kind}), "
+          f"torch {torch.__version__} ({where}) | float32 matmul peak {peak:.0f} GFLOP/s")
+    mem = "peak RSS" if args.device == "cpu" else "peak GPU memory"
+    print(f"| case | jax compile s | jax run s | torch run s | torch/jax | jax {mem} +MiB | torch {mem} +MiB "
           "| jax GFLOP/s (% of peak) |")
     print("|---|---|---|---|---|---|---|---|")
 
+    def synced(fn):
+        def run():
+            out = fn()
+            if args.device == "cuda":
+                torch.cuda.synchronize()
+            return out
+
+        return run
+
     def row(name, jax_fn, torch_fn, work_flops, repeats=1):
-        jf, jr, jm = timed(jax_fn, repeats)
-        _, tr, tmem = timed(torch_fn, repeats)  # torch's first call (oneDNN set-up) is not counted either
+        torch_fn = synced(torch_fn)
+        jf, jr, jm = timed(jax_fn, repeats, PeakJaxGPU if GPU else None)
+        _, tr, tmem = timed(torch_fn, repeats, PeakTorchGPU if GPU else None)  # torch's first call (oneDNN set-up) is not counted either
         rate = work_flops / jr / 1e9
-        print(f"| {name} | {max(jf - jr, 0):.1f} | {jr:.2f} | {tr:.2f} | {tr / jr:.2f} | {jm / 2**20:.0f} | "
+        print(f"| {name} | {max(jf - jr, 0):.1f} | {jr:.3f} | {tr:.3f} | {tr / jr:.2f} | {jm / 2**20:.0f} | "
               f"{tmem / 2**20:.0f} | {rate:.0f} ({100 * rate / peak:.0f}%) |", flush=True)
 
     def torch_pullbacks(x, labels, batch):
-        xt = torch.from_numpy(x)
+        xt = torch.from_numpy(x).to(device)
         out = []
         for s in range(0, len(labels), batch):
-            lab = torch.as_tensor(labels[s : s + batch])
+            lab = torch.as_tensor(labels[s : s + batch], device=device)
             xb = xt.repeat(len(lab), 1, 1, 1).requires_grad_(True)
             logits = gated(R.normalize(xb))
             (g,) = torch.autograd.grad(logits.gather(1, lab[:, None]).sum(), xb)
             out.append(g)
         return torch.cat(out)
 
-    gating = explain.make_gating(0.3)
+    gating = jaxpull.make_gating()
     if "a" in args.cases:
         for k in [int(v) for v in args.ks.split(",")]:
             labels = np.arange(k) % 1000
-            chunk = min(k, 100)
-            per = flops(explain.pullback_core, model, jnp.asarray(x1), jnp.asarray(labels[None, :chunk]), gating,
-                        strategy="shared") * (k / chunk)
-            if k <= 100:
+            chunk = min(k, args.chunk)
+            per = flops(explain.pullback_core, model, jnp.asarray(x1), jnp.asarray(labels[None, :chunk]),
+                        gating) * (k / chunk)
+            if k <= args.chunk:
                 jax_fn = lambda: jaxpull.pullback(model, x1, labels)
-            else:  # bounded memory: chunks of 100 labels, maps streamed to host
-                jax_fn = lambda: S.sweep(model, x1, labels, [0.3], chunk_size=100, progress=False)["maps"]
-            # K > 100: one run only (its compile time is included and reported as 0)
+            else:  # bounded memory: chunks of --chunk labels, maps streamed to host
+                jax_fn = lambda: S.sweep(model, x1, labels, [0.3], chunk_size=args.chunk, progress=False)["maps"]
+            # K > chunk: one run only (its compile time is included and reported as 0)
             row(f"a) pullback K={k}", jax_fn, lambda: torch_pullbacks(x1, labels, args.torch_batch), per,
-                repeats=1 if k <= 100 else 0)
+                repeats=1 if k <= args.chunk else 0)
             if args.dtype != "float32" and k <= 100:
                 a = np.asarray(jaxpull.pullback(model, x1, labels)).reshape(k, -1).astype(np.float64)
                 b = np.asarray(jaxpull.pullback(model32, x1, labels)).reshape(k, -1).astype(np.float64)
@@ -168,9 +236,9 @@ def main() -> None:
                 print(f"a) K={k} {args.dtype} vs float32 maps: cosine min {cos.min():.4f}, median {np.median(cos):.4f}")
     if "b" in args.cases:
         targets = np.arange(10) * 97
-        xt, tt = torch.from_numpy(x5), torch.from_numpy(np.tile(targets, (5, 1)))
-        args_b = (model, jnp.asarray(x5), jnp.asarray(np.tile(targets, (5, 1))), gating, jnp.int32(1),
-                  jnp.float32(20), jnp.float32(100), jnp.float32(0))
+        xt, tt = torch.from_numpy(x5).to(device), torch.from_numpy(np.tile(targets, (5, 1))).to(device)
+        args_b = (model, jnp.asarray(x5), jnp.asarray(np.tile(targets, (5, 1))), gating,
+                  jaxpull.make_ascent(steps=1))
         per_step = flops(explain.ascent_core, *args_b)
         row("b) ascent 5 steps, 5 images x 10 labels", lambda: jaxpull.ascent(model, x5, targets),
             lambda: R.ascent(gated, xt, tt), 5 * per_step)
@@ -178,7 +246,7 @@ def main() -> None:
         ts = jnp.geomspace(0.01, 3.0, 16)
         # the model and image are arguments, not closed-over constants (XLA would constant-fold them)
         swept_fn = jax.jit(jax.vmap(lambda t, m, x: explain.pullback_core(m, x, jnp.asarray([[207]]),
-                                                                          explain.Gating(t, t), "shared"),
+                                                                          jaxpull.make_gating(t)),
                                     in_axes=(0, None, None)))
         xj = jnp.asarray(x1)
         swept = lambda ts: swept_fn(ts, model, xj)  # noqa: E731
@@ -190,7 +258,7 @@ def main() -> None:
                 for m in gated.modules():  # retune the swapped gates in place
                     if isinstance(m, (R.GatedReLU, R.SurrogateMaxPool)):
                         m.t = float(t)
-                out.append(R.pullback(gated, torch.from_numpy(x1), torch.tensor([[207]])))
+                out.append(R.pullback(gated, torch.from_numpy(x1).to(device), torch.tensor([[207]], device=device)))
             return out
 
         row("c) 16 temperatures, 1 image x 1 label", lambda: swept(ts), torch_sweep, work)
