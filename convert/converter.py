@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Mapping, Optional, Tuple
@@ -138,14 +137,6 @@ def _fingerprint_check(arch: str, model: Model, sha256: Optional[str], tolerance
     )
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def convert(
     arch: str,
     out: os.PathLike,
@@ -184,7 +175,7 @@ def convert(
         path = Path(state_dict)
         if not path.is_file():
             raise FileNotFoundError(f"state_dict file {str(path)!r} not found")
-        sha256 = _sha256(path)
+        sha256 = offline.sha256(path)
         if sources.torch_or_none() is None and fingerprint.lookup(sha256) is None:
             raise ConversionError(
                 f"{path.name} (sha256 {sha256[:16]}...) is not a checkpoint jaxpull knows, and without torch its "

@@ -81,12 +81,17 @@ def per_image_labels(value, n: int, num_classes: int, name: str = "targets") -> 
     t = np.asarray(value)
     if t.shape != (n,):
         raise ValueError(f"{name} must have shape ({n},), one class index per image, got {tuple(t.shape)}")
+    _class_indices(t, num_classes, name)
+    return jnp.asarray(t, jnp.int32)
+
+
+def _class_indices(t: np.ndarray, num_classes: int, name: str) -> None:
+    """ValueError unless ``t`` holds integers in [0, num_classes) (JAX would clamp the rest)."""
     if not np.issubdtype(t.dtype, np.integer):
         raise ValueError(f"{name} must be integer class indices, got dtype {t.dtype}")
     bad = t[(t < 0) | (t >= num_classes)]
     if bad.size:
         raise ValueError(f"{name} label {int(bad[0])} is out of range: labels must be in [0, {num_classes})")
-    return jnp.asarray(t, jnp.int32)
 
 
 def label(value, num_classes: int, class_names: Sequence[str] = ()) -> int:
@@ -123,11 +128,7 @@ def targets(value, n: int, num_classes: int) -> jax.Array:
     if t.shape[1] == 0:
         raise ValueError("targets is empty: give at least one label")
     if isinstance(t, np.ndarray):
-        if not np.issubdtype(t.dtype, np.integer):
-            raise ValueError(f"targets must be integer class indices, got dtype {t.dtype}")
-        bad = t[(t < 0) | (t >= num_classes)]
-        if bad.size:
-            raise ValueError(f"target label {int(bad[0])} is out of range: labels must be in [0, {num_classes})")
+        _class_indices(t, num_classes, "target")
     return jnp.asarray(t, jnp.int32)
 
 
