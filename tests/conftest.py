@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import gc
 import os
 import sys
 
@@ -28,7 +29,7 @@ def randomize_batchnorm(module, seed: int = 0) -> None:
                 m.bias.copy_(0.4 * torch.rand(n, generator=g) - 0.2)
 
 
-@functools.lru_cache(maxsize=4)
+@functools.lru_cache(maxsize=2)  # a few hundred MB each (vgg19: 550 MB twice): keep the suite's memory low
 def torch_and_jax(arch: str, num_classes: int = 1000):
     """(eval-mode torch model, converted jaxpull model) for ``arch``, randomly initialised."""
     import torch
@@ -46,6 +47,18 @@ def images(n: int, size: int, seed: int = 0) -> np.ndarray:
     """``(n, size, size, 3)`` float32 in [-1, 1], smooth enough to look like images."""
     rng = np.random.default_rng(seed)
     return rng.uniform(-1, 1, (n, size, size, 3)).astype(np.float32)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _release_models_after_each_module():
+    """Free the converted models and JAX's compiled functions once a test module is done: later
+    modules rebuild what they need, and the suite's peak memory stays that of one module."""
+    yield
+    import jax
+
+    torch_and_jax.cache_clear()
+    jax.clear_caches()
+    gc.collect()
 
 
 @pytest.fixture
