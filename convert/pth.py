@@ -227,6 +227,15 @@ def _read_legacy(data: bytes) -> Any:
     return obj
 
 
+def unwrap_checkpoint(obj):
+    """The state_dict inside a checkpoint dict (under ``state_dict`` or ``model``), else ``obj``."""
+    if isinstance(obj, Mapping):
+        for key in ("state_dict", "model"):
+            if key in obj and isinstance(obj[key], Mapping):
+                return obj[key]
+    return obj
+
+
 def read_pth(path) -> Dict[str, np.ndarray]:
     """Read a weights-only ``.pth`` file into ``{key: numpy array}`` without torch.
 
@@ -247,12 +256,7 @@ def read_pth(path) -> Dict[str, np.ndarray]:
             raise PthError(f"corrupt zip archive ({e})") from None
     else:
         obj = _read_legacy(path.read_bytes())
-    obj = _materialise(obj)
-    if isinstance(obj, Mapping):
-        for key in ("state_dict", "model"):
-            if key in obj and isinstance(obj[key], Mapping):
-                obj = obj[key]
-                break
+    obj = unwrap_checkpoint(_materialise(obj))
     if not isinstance(obj, Mapping) or not all(isinstance(v, np.ndarray) for v in obj.values()):
         raise PthError("the file does not hold a state_dict (a mapping from names to tensors)")
     return dict(obj)

@@ -88,11 +88,7 @@ def read_state_dict(path: Path) -> Dict[str, np.ndarray]:
     except Exception as e:  # torch raises several types for corrupt or unsafe files
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ValueError(f"cannot read state_dict {str(path)!r}: {first}") from None
-    if isinstance(obj, Mapping):
-        for key in ("state_dict", "model"):
-            if key in obj and isinstance(obj[key], Mapping):
-                obj = obj[key]
-                break
+    obj = pth.unwrap_checkpoint(obj)
     if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise ValueError(f"{str(path)!r} does not hold a state_dict (a mapping from names to tensors)")
     return {k: v.detach().float().numpy() for k, v in obj.items()}
