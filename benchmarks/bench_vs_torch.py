@@ -27,13 +27,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import threading
 import time
 
 import numpy as np
-
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 
 
 class PeakJaxGPU:
@@ -164,7 +161,7 @@ def main() -> None:
 
     import jaxpull
     import jaxpull_convert
-    import torch_reference as R
+    from jaxpull_convert import torch_reference as R
     from jaxpull import explain
     from jaxpull import sweep as S
 

@@ -4,7 +4,7 @@
 
 Random-weight torchvision models with random BatchNorm statistics (as in tests/), 2 images in
 [-1, 1]: logits vs torchvision, vanilla gradients vs torch autograd, and sigmoid-gated pullbacks
-(t = 0.3) vs the PyTorch implementation of the rule in tests/torch_reference.py.
+(t = 0.3) vs the PyTorch implementation of the rule in convert/torch_reference.py.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ def main() -> None:
 
     import jaxpull
     import jaxpull.models
-    import torch_reference as R
+    from jaxpull_convert import torch_reference as R
     from conftest import images, torch_and_jax
     from helpers import map_errors
 

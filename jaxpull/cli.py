@@ -110,7 +110,6 @@ def write_outputs(model, names, x, targets, results, out, arrays_path, options) 
         print(f"wrote {arrays_path}")
 
 
-GATE_SETTINGS = ("temperature", "pool_temperature", "gate", "pool_weights")
 
 
 def _settings(args) -> tuple:
@@ -118,10 +117,10 @@ def _settings(args) -> tuple:
     before any work: ``(options for jaxpull.ascent, every resolved value)``."""
     from jaxpull import settings
 
-    given = {n: getattr(args, n) for n in settings.ASCENT_SETTINGS + GATE_SETTINGS
+    given = {n: getattr(args, n) for n in settings.ASCENT_SETTINGS + settings.GATE_SETTINGS
              if getattr(args, n, FROM_RULES) is not FROM_RULES}
-    gating = settings.make_gating(**{k: v for k, v in given.items() if k in GATE_SETTINGS}, rules=args.rules)
-    ascent = settings.make_ascent(**{k: v for k, v in given.items() if k not in GATE_SETTINGS}, rules=args.rules)
+    gating = settings.make_gating(**{k: v for k, v in given.items() if k in settings.GATE_SETTINGS}, rules=args.rules)
+    ascent = settings.make_ascent(**{k: v for k, v in given.items() if k not in settings.GATE_SETTINGS}, rules=args.rules)
     resolved = dict(rules=args.rules, gate=gating.gate, pool_weights=gating.pool_weights,
                     temperature=gating.temperature, pool_temperature=gating.pool_temperature,
                     steps=ascent.steps, alpha=ascent.alpha, eps=ascent.eps, margin=ascent.margin)

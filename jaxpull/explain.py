@@ -50,6 +50,11 @@ def pullback(
     pool_temperature: Optional[float] = FROM_RULES,
     gate: str = FROM_RULES,
     pool_weights: str = FROM_RULES,
+    gelu_temperature: Optional[float] = FROM_RULES,
+    silu_temperature: Optional[float] = FROM_RULES,
+    layer_norm: str = FROM_RULES,
+    attention: str = FROM_RULES,
+    attention_temperature: Optional[float] = FROM_RULES,
 ) -> jax.Array:
     """Excitation pullbacks: the gated gradient of each target logit w.r.t. the input.
 
@@ -65,12 +70,19 @@ def pullback(
       pool_temperature: max-pool softmax temperature tp; ``None`` means "same as temperature".
       gate: ``"sigmoid"`` or ``"normal_cdf"``.
       pool_weights: ``"soft"`` (paper) or ``"detached"`` (follow-up).
+      gelu_temperature, silu_temperature: GELU's ``g * Phi(z / t)`` and SiLU's
+        ``g * sigmoid(z / t)`` (presets: 1.0, 1.6); None keeps the plain derivative.
+      layer_norm: ``"detached"`` (mean and variance held constant; presets) or ``"plain"``.
+      attention: ``"tempered"`` (presets, with ``attention_temperature`` 1.0: the plain
+        gradient), ``"value_only"`` (weights held constant) or ``"plain"``.
     Returns:
       ``(N, K, H, W, 3)`` float32: for every image and target, d logit / d x under the gates.
     """
     x = checks.images(x)
     t = checks.targets(targets, x.shape[0], model.num_classes)
-    gating = make_gating(temperature, pool_temperature, gate, pool_weights, rules=rules)
+    gating = make_gating(temperature, pool_temperature, gate, pool_weights, rules=rules,
+                         gelu_temperature=gelu_temperature, silu_temperature=silu_temperature,
+                         layer_norm=layer_norm, attention=attention, attention_temperature=attention_temperature)
     return pullback_core(model, x, t, gating)
 
 
@@ -177,6 +189,11 @@ def ascent(
     pool_temperature: Optional[float] = FROM_RULES,
     gate: str = FROM_RULES,
     pool_weights: str = FROM_RULES,
+    gelu_temperature: Optional[float] = FROM_RULES,
+    silu_temperature: Optional[float] = FROM_RULES,
+    layer_norm: str = FROM_RULES,
+    attention: str = FROM_RULES,
+    attention_temperature: Optional[float] = FROM_RULES,
     output: str = "image",
 ) -> jax.Array:
     """The paper's projected gradient ascent along excitation pullbacks, per (image, target).
@@ -196,7 +213,8 @@ def ascent(
         ``"self_explain"`` (0.5 * ||logits||^2, targets ignored).
       relative_alpha: scale the step by ||x||.
       clip: clamp every iterate.
-      temperature, pool_temperature, gate, pool_weights: the gates, as in :func:`pullback`
+      temperature, pool_temperature, gate, pool_weights, gelu_temperature, silu_temperature,
+        layer_norm, attention, attention_temperature: the rules, as in :func:`pullback`
         (``temperature=None``: plain gradient ascent).
       output: ``"image"`` returns x_K; ``"diff"`` returns x_K - x0 (the paper's figure).
     Returns:
@@ -204,7 +222,9 @@ def ascent(
     """
     x = checks.images(x)
     t = checks.targets(targets, x.shape[0], model.num_classes)
-    gating = make_gating(temperature, pool_temperature, gate, pool_weights, rules=rules)
+    gating = make_gating(temperature, pool_temperature, gate, pool_weights, rules=rules,
+                         gelu_temperature=gelu_temperature, silu_temperature=silu_temperature,
+                         layer_norm=layer_norm, attention=attention, attention_temperature=attention_temperature)
     settings = make_ascent(steps=steps, alpha=alpha, eps=eps, margin=margin, loss=loss, relative_alpha=relative_alpha,
                            clip=clip, rules=rules)
     checks.choice(output, OUTPUTS, "output")

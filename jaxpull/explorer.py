@@ -9,6 +9,8 @@ functions (temperature, label, step size and steps are traced arguments).
 
 from __future__ import annotations
 
+import dataclasses
+
 import atexit
 import shutil
 import tempfile
@@ -94,7 +96,11 @@ def strip_core(model: Model, x: jax.Array, targets: jax.Array, gating: Gating, a
     ``x`` ``(1, H, W, 3)``, ``targets`` ``(1, 1)``, ``gating.temperature`` and
     ``gating.pool_temperature`` ``(T,)`` -> ``(T, H, W, 3)``.
     """
-    return jax.vmap(lambda g: explain.ascent_core(model, x, targets, g, ascent)[0, 0] - x[0])(gating)
+    def one(t, tp):
+        g = dataclasses.replace(gating, temperature=t, pool_temperature=tp)
+        return explain.ascent_core(model, x, targets, g, ascent)[0, 0] - x[0]
+
+    return jax.vmap(one)(gating.temperature, gating.pool_temperature)
 
 
 @dataclass

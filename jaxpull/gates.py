@@ -11,6 +11,16 @@ Every rule of METHOD.md's table lives here and nowhere else:
   general reading for ``f(z) = z * s(z)``, the gate ``s`` held constant and tempered; as
   t -> 0 it tends to the step at 0, not to the vanilla derivative). Its temperature is
   ``Gating.hardswish_temperature`` (None: the ReLU temperature).
+* ``gelu`` (erf and tanh forms): backward ``g * Phi(z / t)``, the gate of ``z * Phi(z)`` held
+  constant and tempered (default t = 1.0); ``Gating.gelu_temperature``.
+* ``silu`` (Swish): backward ``g * sigmoid(z / t)`` (default t = 1.6); ``Gating.silu_temperature``.
+* ``layer_norm`` (over the last axis; ConvNeXt's LayerNorm2d is the same on NHWC): with
+  ``Gating.layer_norm == "detached"`` the mean and variance are held constant, backward
+  ``g * gamma / sqrt(var + eps)``.
+* ``attention_probs`` and ``tempered_attention``: ``"tempered"`` evaluates the attention's VJP at
+  its in-projection inputs for query and key scaled by 1 / t (value unscaled), the scaling passed
+  straight through (t = 1 is the plain gradient); ``"value_only"`` holds the attention weights
+  constant, so the gradient flows through V only.
 * Guided Backprop (Springenberg et al. 2015), a baseline: ``Gating(guided=True)`` makes the
   ReLU/ReLU6 backward ``g * 1[z > 0] * 1[g > 0]`` (ReLU6 also ``1[z < 6]``); max-pools and
   Hardswish keep their vanilla derivative (Guided Backprop is a rule for ReLUs).
@@ -43,6 +53,8 @@ from jax.scipy.special import ndtr
 
 GATES = ("sigmoid", "normal_cdf")
 POOL_WEIGHTS = ("soft", "detached")
+LAYER_NORM_RULES = ("plain", "detached")
+ATTENTION_RULES = ("plain", "tempered", "value_only")
 
 
 @jax.tree_util.register_dataclass
@@ -60,6 +72,14 @@ class Gating:
       guided: Guided Backprop's ReLU rule instead (needs ``temperature=None``). Static.
       hardswish_temperature: Hardswish gate temperature (scalar array); None means "same as
         ``temperature``"; used when ``temperature`` is not None.
+      gelu_temperature: GELU gate temperature (``g * Phi(z / t)``); None: plain derivative.
+      silu_temperature: SiLU gate temperature (``g * sigmoid(z / t)``); None: plain derivative.
+      layer_norm: ``"plain"`` (exact derivative) or ``"detached"`` (mean and variance held
+        constant). Static.
+      attention: ``"plain"``, ``"tempered"`` (VJP at the in-projection inputs scaled by
+        1 / ``attention_temperature``, straight through) or ``"value_only"`` (attention weights
+        held constant). Static.
+      attention_temperature: the tempered attention's t (scalar array).
     """
 
     temperature: Optional[jax.Array] = None
@@ -68,15 +88,30 @@ class Gating:
     pool_weights: str = dataclasses.field(default="soft", metadata=dict(static=True))
     guided: bool = dataclasses.field(default=False, metadata=dict(static=True))
     hardswish_temperature: Optional[jax.Array] = None
+    gelu_temperature: Optional[jax.Array] = None
+    silu_temperature: Optional[jax.Array] = None
+    layer_norm: str = dataclasses.field(default="plain", metadata=dict(static=True))
+    attention: str = dataclasses.field(default="plain", metadata=dict(static=True))
+    attention_temperature: Optional[jax.Array] = None
 
     def __post_init__(self):
-        if self.guided and (self.temperature is not None or self.hardswish_temperature is not None):
-            raise ValueError("Guided Backprop takes no temperature: use Gating(guided=True) alone")
+        temperatures = (self.temperature, self.hardswish_temperature, self.gelu_temperature, self.silu_temperature,
+                        self.attention_temperature)
+        if self.guided and (any(t is not None for t in temperatures) or self.layer_norm != "plain"
+                            or self.attention != "plain"):
+            raise ValueError("Guided Backprop takes no temperature or rule: use Gating(guided=True) alone")
+        if self.layer_norm not in LAYER_NORM_RULES:
+            raise ValueError(f"unknown layer_norm rule {self.layer_norm!r}: use one of {', '.join(LAYER_NORM_RULES)}")
+        if self.attention not in ATTENTION_RULES:
+            raise ValueError(f"unknown attention rule {self.attention!r}: use one of {', '.join(ATTENTION_RULES)}")
+        if (self.attention == "tempered") != (self.attention_temperature is not None):
+            raise ValueError('attention="tempered" needs attention_temperature, and only it takes one')
 
     @property
     def vanilla(self) -> bool:
-        """True when every gate is the exact (hard) derivative."""
-        return self.temperature is None and not self.guided
+        """True when every gate is the exact derivative."""
+        return (self.temperature is None and not self.guided and self.gelu_temperature is None
+                and self.silu_temperature is None and self.layer_norm == "plain" and self.attention == "plain")
 
 
 VANILLA = Gating()
@@ -253,6 +288,119 @@ def hardswish(z: jax.Array, gating: Gating) -> jax.Array:
         return _hardswish_exact(z)
     t = gating.hardswish_temperature if gating.hardswish_temperature is not None else gating.temperature
     return _hardswish_soft(z, jnp.asarray(t, jnp.float32), gating.gate)
+
+
+# --------------------------------------------------------------------------------------
+# GELU and SiLU: activations z * s(z), the gate s held constant and tempered
+# --------------------------------------------------------------------------------------
+
+
+def _gelu_forward(z: jax.Array, approximate: bool) -> jax.Array:
+    return jax.nn.gelu(z, approximate=approximate)
+
+
+_gelu_soft = {approximate: _soft_unit(functools.partial(_gelu_forward, approximate=approximate),
+                                      lambda z, t, s: s(z / t)) for approximate in (False, True)}
+_silu_soft = _soft_unit(jax.nn.silu, lambda z, t, s: s(z / t))
+
+
+def gelu(z: jax.Array, gating: Gating, approximate: bool = False) -> jax.Array:
+    """GELU whose backward pass is ``g * Phi(z / t)``, ``t = gating.gelu_temperature``.
+
+    Args:
+      z: pre-activations, any shape.
+      gating: the backward rule; ``gelu_temperature`` None gives the exact derivative.
+      approximate: torch's ``approximate="tanh"`` form (the gate is Phi for both forms).
+    Returns:
+      ``z * Phi(z)`` (or its tanh approximation), same shape and dtype as ``z``.
+    """
+    if gating.gelu_temperature is None:
+        return _gelu_forward(z, approximate)
+    return _gelu_soft[approximate](z, jnp.asarray(gating.gelu_temperature, jnp.float32), "normal_cdf")
+
+
+def silu(z: jax.Array, gating: Gating) -> jax.Array:
+    """SiLU (Swish) whose backward pass is ``g * sigmoid(z / t)``, ``t = gating.silu_temperature``.
+
+    Args:
+      z: pre-activations, any shape.
+      gating: the backward rule; ``silu_temperature`` None gives the exact derivative.
+    Returns:
+      ``z * sigmoid(z)``, same shape and dtype as ``z``.
+    """
+    if gating.silu_temperature is None:
+        return jax.nn.silu(z)
+    return _silu_soft(z, jnp.asarray(gating.silu_temperature, jnp.float32), "sigmoid")
+
+
+# --------------------------------------------------------------------------------------
+# LayerNorm
+# --------------------------------------------------------------------------------------
+
+
+def layer_norm(x: jax.Array, scale: Optional[jax.Array], bias: Optional[jax.Array], eps: float,
+               gating: Gating) -> jax.Array:
+    """``torch.nn.LayerNorm`` over the last axis (biased variance); with ``gating.layer_norm ==
+    "detached"`` the mean and variance are held constant in the backward pass.
+
+    Args:
+      x: ``(..., C)``; scale, bias: ``(C,)`` or None; eps: torch's ``eps``.
+    Returns:
+      ``(x - mean) / sqrt(var + eps) * scale + bias``, same shape as ``x``.
+    """
+    mean = jnp.mean(x, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
+    if gating.layer_norm == "detached":
+        mean, var = lax.stop_gradient(mean), lax.stop_gradient(var)
+    y = (x - mean) * lax.rsqrt(var + eps)
+    if scale is not None:
+        y = y * scale
+    if bias is not None:
+        y = y + bias
+    return y
+
+
+# --------------------------------------------------------------------------------------
+# Attention
+# --------------------------------------------------------------------------------------
+
+
+def attention_probs(scores: jax.Array, gating: Gating) -> jax.Array:
+    """``softmax(scores)`` over the last axis; held constant under ``attention="value_only"``.
+
+    Args:
+      scores: ``(..., Lq, Lk)`` attention logits (scaled, with any bias or mask added).
+    Returns:
+      the attention weights, same shape.
+    """
+    probs = jax.nn.softmax(scores, axis=-1)
+    return lax.stop_gradient(probs) if gating.attention == "value_only" else probs
+
+
+def straight_through_scale(x: jax.Array, t: jax.Array) -> jax.Array:
+    """Forward ``x / t``; backward the identity (the scaling is passed straight through)."""
+    return x + lax.stop_gradient(x / _safe_temperature(t, x.dtype) - x)
+
+
+def tempered_attention(attend: Callable[[jax.Array, jax.Array, jax.Array], jax.Array], query: jax.Array,
+                       key: jax.Array, value: jax.Array, gating: Gating) -> jax.Array:
+    """The attention rule around a whole attention layer ``attend(query, key, value)``.
+
+    ``query``, ``key`` and ``value`` are the layer's inputs *before* its in-projection (for
+    self-attention all three are the same tokens), as in the reference, which scales the inputs
+    of ``nn.MultiheadAttention``: the projection's bias is not scaled, so at t != 1 the scores
+    are those of ``W x / t + b``. Under ``attention="tempered"`` the forward is
+    ``attend(query, key, value)`` exactly and the backward is the VJP of
+    ``attend(query / t, key / t, value)`` with the 1 / t passed straight through; t = 1 is the
+    plain gradient. Otherwise it is ``attend`` itself (whose softmax, through
+    :func:`attention_probs`, applies ``"value_only"``).
+    """
+    exact = attend(query, key, value)
+    if gating.attention != "tempered":
+        return exact
+    t = jnp.asarray(gating.attention_temperature, jnp.float32)
+    soft = attend(straight_through_scale(query, t), straight_through_scale(key, t), value)
+    return soft - lax.stop_gradient(soft) + lax.stop_gradient(exact)
 
 
 # --------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from typing import Any, Dict, Optional, Tuple
 import jax
 
 from jaxpull import checks
-from jaxpull.gates import GATES, POOL_WEIGHTS, Gating
+from jaxpull.gates import ATTENTION_RULES, GATES, LAYER_NORM_RULES, POOL_WEIGHTS, Gating
 
 LOSSES = ("logit", "cross_entropy", "self_explain")
 
@@ -74,7 +74,8 @@ class Rules:
     """A named rule set: every gate and ascent setting of one version of the method.
 
     ``pool_temperature=None`` means "the same as ``temperature``" (also when that is overridden).
-    ``pending`` lists rules of the set that jaxpull does not implement yet.
+    The rules for GELU, SiLU, LayerNorm and attention are the current version's in both presets:
+    the first version defines none (it covers ReLU networks only).
     """
 
     name: str
@@ -84,7 +85,11 @@ class Rules:
     gate: str
     pool_weights: str
     ascent: Ascent
-    pending: Tuple[str, ...] = ()
+    gelu_temperature: Optional[float] = 1.0
+    silu_temperature: Optional[float] = 1.6
+    layer_norm: str = "detached"
+    attention: str = "tempered"
+    attention_temperature: Optional[float] = 1.0
 
 
 PRESETS: Dict[str, Rules] = {
@@ -96,8 +101,6 @@ PRESETS: Dict[str, Rules] = {
         "semantic", "the paper's current version (v5/v6, 'Pulling Back the Curtain on Deep Networks')",
         temperature=0.6, pool_temperature=0.3, gate="normal_cdf", pool_weights="detached",
         ascent=Ascent(eps=None, project=False),
-        # with the GELU / SiLU / LayerNorm / attention layers (issue 13)
-        pending=("GELU t 1.0", "SiLU t 1.6", "LayerNorm statistics detached", "attention t 1.0"),
     ),
 }
 DEFAULT_RULES = "excitation"
@@ -117,25 +120,54 @@ def make_gating(
     pool_weights: str = FROM_RULES,
     *,
     rules: str = DEFAULT_RULES,
+    gelu_temperature: Optional[float] = FROM_RULES,
+    silu_temperature: Optional[float] = FROM_RULES,
+    layer_norm: str = FROM_RULES,
+    attention: str = FROM_RULES,
+    attention_temperature: Optional[float] = FROM_RULES,
 ) -> Gating:
     """Validate the gate settings and build a :class:`~jaxpull.gates.Gating`.
 
     Every setting not given comes from the preset ``rules``. ``temperature=None`` gives the
-    exact vanilla gradient (the preset's pool temperature is then dropped); temperatures may be
-    arrays (vmapped sweeps); ``pool_temperature=None`` means "same as temperature".
+    exact vanilla gradient of every layer (the preset's other rules are then dropped, and giving
+    one is an error); temperatures may be arrays (vmapped sweeps); ``pool_temperature=None``
+    means "same as temperature". ``gelu_temperature`` / ``silu_temperature`` None: that
+    activation keeps its plain derivative; ``layer_norm``: ``"detached"`` or ``"plain"``;
+    ``attention``: ``"tempered"`` (with ``attention_temperature``), ``"value_only"`` or ``"plain"``.
     """
     p = preset(rules)
-    gate = checks.choice(p.gate if gate is FROM_RULES else gate, GATES, "gate")
-    pool_weights = checks.choice(p.pool_weights if pool_weights is FROM_RULES else pool_weights, POOL_WEIGHTS,
-                                 "pool_weights")
-    t = checks.temperature(p.temperature if temperature is FROM_RULES else temperature)
+    given = lambda v, default: default if v is FROM_RULES else v
+    gate = checks.choice(given(gate, p.gate), GATES, "gate")
+    pool_weights = checks.choice(given(pool_weights, p.pool_weights), POOL_WEIGHTS, "pool_weights")
+    t = checks.temperature(given(temperature, p.temperature))
+    others = dict(pool_temperature=pool_temperature, gelu_temperature=gelu_temperature,
+                  silu_temperature=silu_temperature, layer_norm=layer_norm, attention=attention,
+                  attention_temperature=attention_temperature)
     if t is None:
-        if pool_temperature is not FROM_RULES and pool_temperature is not None:
-            raise ValueError("pool_temperature needs a temperature: set temperature too, or neither for vanilla")
+        named = [k for k, v in others.items() if v is not FROM_RULES and v is not None and v != "plain"]
+        if named:
+            raise ValueError(f"{', '.join(named)} needs a temperature: set temperature too, or none of them for vanilla")
         return Gating(gate=gate, pool_weights=pool_weights)
-    tp = checks.temperature(p.pool_temperature if pool_temperature is FROM_RULES else pool_temperature,
-                            "pool_temperature")
-    return Gating(t, t if tp is None else tp, gate, pool_weights)
+    tp = checks.temperature(given(pool_temperature, p.pool_temperature), "pool_temperature")
+    attention = checks.choice(given(attention, p.attention), ATTENTION_RULES, "attention")
+    ta = given(attention_temperature, p.attention_temperature) if attention == "tempered" else None
+    if attention != "tempered" and attention_temperature not in (FROM_RULES, None):
+        raise ValueError(f'attention_temperature applies to attention="tempered", not {attention!r}: drop one')
+    if attention == "tempered" and ta is None:
+        raise ValueError('attention="tempered" needs attention_temperature: give a positive number')
+    return Gating(
+        t, t if tp is None else tp, gate, pool_weights,
+        gelu_temperature=checks.temperature(given(gelu_temperature, p.gelu_temperature), "gelu_temperature"),
+        silu_temperature=checks.temperature(given(silu_temperature, p.silu_temperature), "silu_temperature"),
+        layer_norm=checks.choice(given(layer_norm, p.layer_norm), LAYER_NORM_RULES, "layer_norm"),
+        attention=attention,
+        attention_temperature=checks.temperature(ta, "attention_temperature"),
+    )
+
+
+# the gate settings make_gating takes, by keyword (the first four also by position)
+GATE_SETTINGS = ("temperature", "pool_temperature", "gate", "pool_weights", "gelu_temperature", "silu_temperature",
+                 "layer_norm", "attention", "attention_temperature")
 
 
 # the settings make_ascent takes (``project`` follows from ``eps``)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-import torch_reference as R
+from jaxpull_convert import torch_reference as R
 from jaxpull import gates
 from jaxpull.gates import VANILLA, Gating
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import jaxpull
-import torch_reference as R
+from jaxpull_convert import torch_reference as R
 from conftest import images, torch_and_jax
 from helpers import assert_logits_close, assert_maps_close
 

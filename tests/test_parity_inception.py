@@ -22,7 +22,7 @@ import torchvision
 
 import jaxpull
 import jaxpull_convert
-import torch_reference as R
+from jaxpull_convert import torch_reference as R
 from conftest import images, randomize_batchnorm
 from helpers import assert_logits_close, assert_maps_close
 from jaxpull import gates, models

@@ -19,7 +19,7 @@ import torch
 
 import jaxpull
 import jaxpull_convert
-import torch_reference as R
+from jaxpull_convert import torch_reference as R
 from conftest import images, torch_and_jax
 from helpers import REL_ERR_MAX, assert_logits_close, assert_maps_close
 from jaxpull import gates

@@ -31,7 +31,7 @@ import torchvision
 
 import jaxpull
 import jaxpull.models
-import torch_reference as R
+from jaxpull_convert import torch_reference as R
 from conftest import images, torch_and_jax
 from helpers import LOGIT_REL, map_errors
 from jaxpull.model import ModelSpec, param_shapes

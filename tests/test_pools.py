@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import torch_reference as R
+from jaxpull_convert import torch_reference as R
 from jaxpull import gates
 from jaxpull.gates import Gating
 

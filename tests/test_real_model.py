@@ -9,7 +9,7 @@ import torch
 
 import jaxpull
 import jaxpull_convert
-import torch_reference as R
+from jaxpull_convert import torch_reference as R
 from conftest import torch_and_jax
 from helpers import assert_logits_close, assert_maps_close
 from jaxpull import images

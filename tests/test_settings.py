@@ -31,7 +31,7 @@ def test_defaults_are_methods_and_presets_print():
     assert (e.gate, e.temperature, e.pool_temperature, e.pool_weights) == ("sigmoid", 0.3, None, "soft")
     assert (s.gate, s.temperature, s.pool_temperature, s.pool_weights) == ("normal_cdf", 0.6, 0.3, "detached")
     assert settings.DEFAULT_RULES == "excitation"
-    assert "eps=None" in repr(s) and "project=False" in repr(s) and "GELU t 1.0" in repr(s)
+    assert "eps=None" in repr(s) and "project=False" in repr(s) and "gelu_temperature=1.0" in repr(s)
     assert set(explain.LOSS_FUNCTIONS) == set(settings.LOSSES)
     g = settings.make_gating(rules="excitation")
     assert float(g.temperature) == float(g.pool_temperature) == np.float32(0.3)

@@ -1,5 +1,8 @@
 """A PyTorch implementation of the method, written from METHOD.md, to test jaxpull against.
 
+Library code for the tests and the benchmarks (``from jaxpull_convert import torch_reference``);
+it needs torch. Not used to compute explanations.
+
 It follows the reference implementation's approach: swap every ``nn.ReLU`` / ``nn.ReLU6`` /
 ``nn.Hardswish`` / ``nn.MaxPool2d`` module for one whose forward is unchanged and whose backward
 is the gate (``torch.autograd.Function``); max-pool's backward is the VJP of softmax pooling built
@@ -7,6 +10,13 @@ with ``F.unfold`` (zero padding, as the reference; in ceil mode zero-padded on t
 far as torch's last windows reach). torchvision DenseNet's functional ReLU after
 ``features`` is gated too (jaxpull gates every ReLU), by running its forward by hand; so are
 GoogLeNet's and Inception-v3's functional ReLUs and Inception-v3's functional max-pools.
+
+The current version's rules (METHOD.md, "Semantic pullbacks"): ``nn.GELU`` and ``nn.SiLU``
+swapped for gated forms, ``nn.LayerNorm`` (and ConvNeXt's ``LayerNorm2d``, a subclass) for one
+with detached statistics, ``nn.MultiheadAttention`` (ViT) for a hand-written attention with the
+tempered or value-only rule. Architectures whose attention is functional (Swin's
+``shifted_window_attention``, MaxViT's ``RelativePositionalMultiHeadAttention``) are patched by
+the functions in ``FAMILY_PATCHES``, keyed by the model's class name.
 """
 
 from __future__ import annotations
@@ -92,6 +102,116 @@ def soft_pool(x, kernel, stride, padding, t, detached, ceil_mode=False):
     return (unf * weights).sum(dim=2).view(b, c, ho, wo)
 
 
+class GatedActivationFunction(torch.autograd.Function):
+    """``f(z) = z * s(z)`` forward (GELU, SiLU); backward ``g * s(z / t)``."""
+
+    @staticmethod
+    def forward(ctx, z, t, kind, approximate):
+        ctx.save_for_backward(z)
+        ctx.t, ctx.kind = t, kind
+        return F.gelu(z, approximate=approximate) if kind == "gelu" else F.silu(z)
+
+    @staticmethod
+    def backward(ctx, g):
+        (z,) = ctx.saved_tensors
+        s = torch.special.ndtr if ctx.kind == "gelu" else torch.sigmoid
+        return g * s(z / ctx.t), None, None, None
+
+
+class GatedGELU(nn.Module):
+    def __init__(self, t: float, approximate: str = "none"):
+        super().__init__()
+        self.t, self.approximate = t, approximate
+
+    def forward(self, z):
+        return GatedActivationFunction.apply(z, self.t, "gelu", self.approximate)
+
+
+class GatedSiLU(nn.Module):
+    def __init__(self, t: float):
+        super().__init__()
+        self.t = t
+
+    def forward(self, z):
+        return GatedActivationFunction.apply(z, self.t, "silu", "none")
+
+
+def layer_norm(x, weight, bias, eps, detached: bool):
+    """LayerNorm over the last axis, by hand; ``detached``: mean and variance held constant."""
+    mean = x.mean(-1, keepdim=True)
+    var = x.var(-1, keepdim=True, unbiased=False)
+    if detached:
+        mean, var = mean.detach(), var.detach()
+    y = (x - mean) * torch.rsqrt(var + eps)
+    if weight is not None:
+        y = y * weight
+    return y + bias if bias is not None else y
+
+
+class DetachedLayerNorm(nn.Module):
+    """``nn.LayerNorm`` (last axis) or torchvision's ``LayerNorm2d`` (channels of NCHW) whose
+    statistics are held constant in the backward pass."""
+
+    def __init__(self, norm: nn.LayerNorm):
+        super().__init__()
+        self.norm, self.channels_first = norm, type(norm).__name__ == "LayerNorm2d"
+
+    def forward(self, x):
+        n = self.norm
+        if self.channels_first:
+            x = x.permute(0, 2, 3, 1)
+        y = layer_norm(x, n.weight, n.bias, n.eps, detached=True)
+        return y.permute(0, 3, 1, 2) if self.channels_first else y
+
+
+def straight_through_scale(x, t: float):
+    """Forward ``x / t``; backward the identity."""
+    return (x / t).detach() + (x - x.detach())
+
+
+def attention_weights(scores, attention: str):
+    """softmax over the last axis; detached under the "value_only" rule."""
+    w = F.softmax(scores, dim=-1)
+    return w.detach() if attention == "value_only" else w
+
+
+def tempered(attend, query, key, value, attention: str, t: Optional[float]):
+    """The attention rule around ``attend(query, key, value)`` (inputs before the in-projection):
+    under "tempered" the forward is exact and the backward that of ``attend(query / t, key / t,
+    value)`` with the scaling passed straight through."""
+    exact = attend(query, key, value)
+    if attention != "tempered":
+        return exact
+    soft = attend(straight_through_scale(query, t), straight_through_scale(key, t), value)
+    return soft - soft.detach() + exact.detach()
+
+
+class RuledMultiheadAttention(nn.Module):
+    """``nn.MultiheadAttention`` (batch_first, no masks: torchvision ViT) computed by hand, with
+    the attention rule ("tempered" at ``t`` or "value_only")."""
+
+    def __init__(self, mha: nn.MultiheadAttention, attention: str, t: Optional[float]):
+        super().__init__()
+        assert mha.batch_first and mha._qkv_same_embed_dim and mha.in_proj_bias is not None
+        self.mha, self.attention, self.t = mha, attention, t
+
+    def _attend(self, query, key, value):
+        m = self.mha
+        wq, wk, wv = m.in_proj_weight.chunk(3)
+        bq, bk, bv = m.in_proj_bias.chunk(3)
+        b, lq, e = query.shape
+        h = m.num_heads
+        split = lambda a: a.reshape(b, -1, h, e // h).transpose(1, 2)
+        q, k, v = split(F.linear(query, wq, bq)), split(F.linear(key, wk, bk)), split(F.linear(value, wv, bv))
+        w = attention_weights(q @ k.transpose(-2, -1) / (e // h) ** 0.5, self.attention)
+        out = (w @ v).transpose(1, 2).reshape(b, lq, e)
+        return m.out_proj(out)
+
+    def forward(self, query, key, value, need_weights=False, **kw):
+        assert not need_weights and not kw, "the reference handles ViT's unmasked self-attention only"
+        return tempered(self._attend, query, key, value, self.attention, self.t), None
+
+
 class SurrogateMaxPool(nn.Module):
     """Hard max-pool forward; softmax-pool gradient (the reference's hard + soft - soft.detach())."""
 
@@ -107,16 +227,32 @@ class SurrogateMaxPool(nn.Module):
         return hard.detach() + (soft - soft.detach())
 
 
+# Patches for functional operations of a family, by the model's class name:
+# ``patch(model, rules)`` with ``rules`` the keyword settings of :func:`gated`.
+FAMILY_PATCHES = {}
+
+
 def gated(model: nn.Module, t: float, tp: Optional[float] = None, gate: str = "sigmoid", detached: bool = False,
-          th: Optional[float] = None) -> nn.Module:
+          th: Optional[float] = None, *, gelu_t: Optional[float] = None, silu_t: Optional[float] = None,
+          layer_norm: str = "plain", attention: str = "plain", attention_t: Optional[float] = None) -> nn.Module:
     """A copy of ``model`` with every ReLU, ReLU6, Hardswish and max-pool module swapped for its
-    gated form (``tp``: pool temperature, ``th``: Hardswish temperature; None means ``t``)."""
+    gated form (``tp``: pool temperature, ``th``: Hardswish temperature; None means ``t``), and
+    GELU / SiLU (``gelu_t`` / ``silu_t``; None: plain), LayerNorm (``layer_norm="detached"``) and
+    attention (``attention`` "tempered" at ``attention_t``, or "value_only") given their rules."""
     model = copy.deepcopy(model)
     tp = t if tp is None else tp
     th = t if th is None else th
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if isinstance(child, nn.ReLU6):
+            if isinstance(child, nn.GELU) and gelu_t is not None:
+                setattr(parent, name, GatedGELU(gelu_t, child.approximate))
+            elif isinstance(child, nn.SiLU) and silu_t is not None:
+                setattr(parent, name, GatedSiLU(silu_t))
+            elif isinstance(child, nn.LayerNorm) and layer_norm == "detached":
+                setattr(parent, name, DetachedLayerNorm(child))
+            elif isinstance(child, nn.MultiheadAttention) and attention != "plain":
+                setattr(parent, name, RuledMultiheadAttention(child, attention, attention_t))
+            elif isinstance(child, nn.ReLU6):
                 setattr(parent, name, GatedReLU(t, gate, six=True))
             elif isinstance(child, nn.ReLU):
                 setattr(parent, name, GatedReLU(t, gate))
@@ -133,7 +269,20 @@ def gated(model: nn.Module, t: float, tp: Optional[float] = None, gate: str = "s
 
         model.forward = forward
     _gate_functional_inception(model, t, tp, gate, detached)
+    patch = FAMILY_PATCHES.get(type(model).__name__)
+    if patch is not None:
+        patch(model, dict(t=t, tp=tp, gate=gate, detached=detached, th=th, gelu_t=gelu_t, silu_t=silu_t,
+                          layer_norm=layer_norm, attention=attention, attention_t=attention_t))
     return model
+
+
+def gated_like(model: nn.Module, gating) -> nn.Module:
+    """:func:`gated` with the settings of a jaxpull ``Gating`` (concrete temperatures)."""
+    f = lambda v: None if v is None else float(v)
+    return gated(model, f(gating.temperature), f(gating.pool_temperature), gating.gate,
+                 gating.pool_weights == "detached", f(gating.hardswish_temperature),
+                 gelu_t=f(gating.gelu_temperature), silu_t=f(gating.silu_temperature), layer_norm=gating.layer_norm,
+                 attention=gating.attention, attention_t=f(gating.attention_temperature))
 
 
 def _basic_conv(m, relu, x):
