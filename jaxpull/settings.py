@@ -13,7 +13,7 @@ and the app) builds its settings with these two functions; their defaults are th
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional
 
 import jax
 
