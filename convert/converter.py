@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Mapping, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Mapping, Optional, Tuple
 
 if TYPE_CHECKING:  # torch is imported where a function needs it: converting known weights does not
     import torch
@@ -50,11 +50,14 @@ def from_state_dict(
     metadata: Optional[Mapping[str, str]] = None,
     transform_input: Optional[bool] = None,
     preprocessing: Optional[Preprocessing] = None,
+    config: Optional[Mapping[str, Any]] = None,
 ) -> Model:
     """Map a torch state_dict (numpy arrays) onto ``arch``'s Flax parameters.
 
     ``transform_input`` (GoogLeNet, Inception-v3 only) and ``preprocessing`` default to what the
     family's pretrained weights use. The family's training-only auxiliary heads are dropped.
+    ``config``: the family builder's size options for a model of other sizes than ``arch``'s
+    (see ``ModelSpec.config``); passed to the family's ``torch_layout`` too.
 
     Raises:
       ConversionError: listing every missing, unexpected and wrongly shaped key at once.
@@ -76,8 +79,9 @@ def from_state_dict(
         metadata=meta,
         transform_input=bool(family.transform_input if transform_input is None else transform_input),
         preprocessing=(preprocessing or family.preprocessing).check(),
+        config=tuple(sorted(dict(config or {}).items())),
     )
-    params = family.torch_layout(arch, sd)
+    params = family.torch_layout(arch, sd, **dict(config or {}))
     problems = [f"missing {k}" for k in sd.missing] + [f"unexpected {k}" for k in sd.unused()]
     # Then what the Flax module expects and did not get (blocks absent from the state_dict).
     problems += [f"{p} (Flax parameter)" for p in io.param_problems(params, spec)]
@@ -88,10 +92,13 @@ def from_state_dict(
 
 def from_torch_module(arch: str, module: torch.nn.Module, class_names: Tuple[str, ...] = ()) -> Model:
     """Convert an in-memory torch model (e.g. ``torchvision.models.resnet50()``), with its
-    ``transform_input`` where it has one (GoogLeNet, Inception-v3)."""
+    ``transform_input`` where it has one (GoogLeNet, Inception-v3), and the sizes it was built
+    with where the family reads them (``torch_config``: e.g. a small ``VisionTransformer``)."""
     tensors = {k: v.detach().cpu().numpy() for k, v in module.state_dict().items()}
+    family = models.get(arch)
+    config = family.torch_config(module) if family.torch_config is not None else None
     return from_state_dict(arch, tensors, class_names=class_names, metadata={"bn_folded": "true"},
-                           transform_input=getattr(module, "transform_input", None))
+                           transform_input=getattr(module, "transform_input", None), config=config)
 
 
 def logit_parity(torch_model: torch.nn.Module, model: Model, image_size: int = 224, batch: int = 2, seed: int = 0) -> dict:

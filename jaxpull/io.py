@@ -157,6 +157,8 @@ def save(model: Model, path: PathLike, extra_metadata: Mapping[str, str] = ()) -
     )
     if models.get(spec.arch).transform_input is not None:
         meta["transform_input"] = "true" if spec.transform_input else "false"
+    if spec.config:
+        meta["config"] = json.dumps(dict(spec.config))
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 
@@ -226,9 +228,15 @@ def _spec_from_metadata(meta: Mapping[str, str]) -> ModelSpec:
     transform = meta.get("transform_input", "false")
     if transform not in ("true", "false"):
         raise ValueError(f"transform_input {transform!r} is not true or false")
+    config = json.loads(meta.get("config", "{}"))
+    if not isinstance(config, dict) or not all(isinstance(v, (int, float, str, bool, list)) for v in config.values()):
+        raise ValueError(f"config {meta['config']!r} is not a mapping of builder options to numbers or strings")
+    freeze = lambda v: tuple(freeze(u) for u in v) if isinstance(v, list) else v
+    config = tuple(sorted((k, freeze(v)) for k, v in config.items()))
     return ModelSpec(arch=meta["arch"], num_classes=num_classes, input_mean=stats["input_mean"],
                      input_std=stats["input_std"], class_names=tuple(names), metadata=meta,
-                     transform_input=transform == "true", preprocessing=Preprocessing.from_metadata(meta))
+                     transform_input=transform == "true", preprocessing=Preprocessing.from_metadata(meta),
+                     config=config)
 
 
 def check_tensors(flat: Mapping[str, np.ndarray], where: str) -> None:

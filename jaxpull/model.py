@@ -30,6 +30,9 @@ class ModelSpec:
     ``class_names``, ``preprocessing`` (the image sizes its weights expect) and ``metadata`` do
     not take part in equality or hashing, so two models of the same architecture share compiled
     functions. ``transform_input`` is torchvision's option of GoogLeNet and Inception-v3.
+    ``config``: the family builder's size options, as sorted ``(name, value)`` pairs, for models
+    built with other sizes than the named architecture's (e.g. a 2-layer ViT in the tests; the
+    family's ``torch_config`` reads them off a torch module); empty for the named architectures.
     """
 
     arch: str
@@ -41,6 +44,7 @@ class ModelSpec:
     metadata: Mapping[str, str] = dataclasses.field(default_factory=dict, compare=False, hash=False)
     transform_input: bool = False
     preprocessing: Preprocessing = dataclasses.field(default=Preprocessing(), compare=False, hash=False)
+    config: Tuple[Tuple[str, Any], ...] = ()
 
     def __post_init__(self):
         if self.transform_input and models.get(self.arch).transform_input is None:
@@ -50,7 +54,7 @@ class ModelSpec:
     def module(self) -> nn.Module:
         """The Flax module of this architecture."""
         options = {"transform_input": True} if self.transform_input else {}
-        return models.get(self.arch).build(num_classes=self.num_classes, **options)
+        return models.get(self.arch).build(num_classes=self.num_classes, **options, **dict(self.config))
 
 
 @jax.tree_util.register_pytree_node_class
@@ -139,8 +143,10 @@ def _logits(model: Model, x: jax.Array) -> jax.Array:
 
 
 def param_shapes(spec: ModelSpec, image_size: int = 224) -> Mapping[str, Any]:
-    """The parameter tree's shapes for ``spec`` (``jax.ShapeDtypeStruct`` leaves), computed abstractly."""
+    """The parameter tree's shapes for ``spec`` (``jax.ShapeDtypeStruct`` leaves), computed abstractly
+    (at the ``image_size`` of ``spec.config`` where it has one: ViT's position embeddings)."""
     module = spec.module()
+    image_size = dict(spec.config).get("image_size", image_size)
     x = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
     variables = jax.eval_shape(lambda x: module.init(jax.random.key(0), x, VANILLA), x)
     return variables["params"]

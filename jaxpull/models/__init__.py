@@ -27,11 +27,14 @@ class Family(NamedTuple):
     preprocessing: Preprocessing = Preprocessing()  # PREPROCESSING: resize/crop its pretrained weights expect
     transform_input: Optional[bool] = None  # TRANSFORM_INPUT: torchvision's for those weights; None: no such option
     auxiliary_keys: Optional[str] = None  # AUXILIARY_KEYS: regex of training-only state_dict keys, dropped
+    # torch_config(torch module) -> {builder option: value}: the sizes of a torch model built with
+    # other options than the named architecture's (tests use small ones); None: no size options.
+    torch_config: Optional[Callable] = None
 
 
 def _family(module, max_pools: bool) -> Dict[str, Family]:
     facts = (getattr(module, "PREPROCESSING", Preprocessing()), getattr(module, "TRANSFORM_INPUT", None),
-             getattr(module, "AUXILIARY_KEYS", None))
+             getattr(module, "AUXILIARY_KEYS", None), getattr(module, "torch_config", None))
     return {name: Family(build, module.torch_layout, max_pools, *facts) for name, build in module.ARCHITECTURES.items()}
 
 
