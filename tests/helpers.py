@@ -35,3 +35,58 @@ def assert_logits_close(got, ref, rel=LOGIT_REL):
     got, ref = as_np(got), as_np(ref)
     err = np.abs(got - ref).max()
     assert err <= rel * max(1.0, np.abs(ref).max()), f"max |logit error| {err:.3g}"
+
+
+def check_parity(tm, model, x: np.ndarray, targets: np.ndarray, *, presets=("excitation", "semantic"),
+                 vanilla: bool = True, ascent_rel=None, norm=None) -> dict:
+    """Every parity check of one converted model against its torch model ``tm`` (eval mode).
+
+    * logits (LOGIT_REL);
+    * the pullbacks of each rules preset (every rule of the preset, gated the same way in the
+      torch reference: ``torch_reference.gated_like``), maps within COSINE_MIN / REL_ERR_MAX;
+    * ``vanilla``: plain gradients of each image's two largest logits, against torch autograd in
+      float64 (hard gates are discontinuous in the weights: float32 rounding can flip one);
+    * ``ascent_rel``: also the first preset's ascent (its settings, one pair per image), x_K - x0
+      within this relative tolerance.
+
+    ``x``: ``(N, H, W, 3)`` float32 in [-1, 1]; ``targets``: ``(N, K)``; ``norm``: the torch
+    side's input normalisation (default: ImageNet's). Returns the measured errors by check.
+    """
+    import copy
+
+    import torch
+
+    import jaxpull
+    from jaxpull.settings import make_ascent, make_gating
+    from jaxpull_convert import torch_reference as R
+
+    norm = norm or R.normalize
+    xt, tt = torch.from_numpy(x), torch.from_numpy(targets)
+    errors = {}
+    with torch.no_grad():
+        ref_logits = tm(norm(xt))
+    assert ref_logits.abs().max() > 0.1, "the logits are near zero: randomise the model more"
+    assert_logits_close(model(x), ref_logits)
+    errors["logits"] = float(np.abs(as_np(model(x)) - ref_logits.numpy()).max())
+    for rules in presets:
+        got = jaxpull.pullback(model, x, targets, rules=rules)
+        assert got.shape == targets.shape + x.shape[1:]
+        ref = R.pullback(R.gated_like(tm, make_gating(rules=rules)), xt, tt, norm=norm)
+        assert_maps_close(got, ref)
+        errors[rules] = map_errors(got, ref)
+    if vanilla:
+        top = np.argsort(-ref_logits.numpy(), axis=1)[:, :2]
+        got = jaxpull.pullback(model, x, top, temperature=None)
+        ref = R.pullback(copy.deepcopy(tm).double(), xt.double(), torch.from_numpy(top),
+                         norm=lambda a: norm(a).double())
+        assert_maps_close(got, ref)
+        errors["vanilla"] = map_errors(got, ref)
+    if ascent_rel is not None:
+        rules = presets[0]
+        a = make_ascent(rules=rules)
+        got = jaxpull.ascent(model, x, targets[:, :1], rules=rules)
+        ref = R.ascent(R.gated_like(tm, make_gating(rules=rules)), xt, tt[:, :1], steps=a.steps, alpha=a.alpha,
+                       eps=a.eps, clip=a.clip, margin=a.margin, norm=norm)
+        assert_maps_close(np.asarray(got) - x[:, None], ref - xt[:, None], rel_max=ascent_rel)
+        errors["ascent"] = map_errors(np.asarray(got) - x[:, None], ref - xt[:, None])
+    return errors

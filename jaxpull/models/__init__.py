@@ -24,7 +24,7 @@ class Family(NamedTuple):
     torch_layout: Callable  # (arch, StateDict reader) -> parameter tree
     max_pools: bool  # whether the network has max-pools (a pool temperature applies)
     # The family file's optional facts (module constants of the same names):
-    preprocessing: Preprocessing = Preprocessing()  # PREPROCESSING: resize/crop its pretrained weights expect
+    preprocessing: Preprocessing = Preprocessing()  # PREPROCESSING (or a dict by arch): resize/crop its weights expect
     transform_input: Optional[bool] = None  # TRANSFORM_INPUT: torchvision's for those weights; None: no such option
     auxiliary_keys: Optional[str] = None  # AUXILIARY_KEYS: regex of training-only state_dict keys, dropped
     # torch_config(torch module) -> {builder option: value}: the sizes of a torch model built with
@@ -33,9 +33,12 @@ class Family(NamedTuple):
 
 
 def _family(module, max_pools: bool) -> Dict[str, Family]:
-    facts = (getattr(module, "PREPROCESSING", Preprocessing()), getattr(module, "TRANSFORM_INPUT", None),
-             getattr(module, "AUXILIARY_KEYS", None), getattr(module, "torch_config", None))
-    return {name: Family(build, module.torch_layout, max_pools, *facts) for name, build in module.ARCHITECTURES.items()}
+    """The entries of a family file; its ``PREPROCESSING`` is one for all, or a dict by architecture."""
+    pre = getattr(module, "PREPROCESSING", Preprocessing())
+    facts = (getattr(module, "TRANSFORM_INPUT", None), getattr(module, "AUXILIARY_KEYS", None),
+             getattr(module, "torch_config", None))
+    return {name: Family(build, module.torch_layout, max_pools, pre.get(name, Preprocessing()) if isinstance(pre, dict)
+                         else pre, *facts) for name, build in module.ARCHITECTURES.items()}
 
 
 ARCHITECTURES: Dict[str, Family] = {
