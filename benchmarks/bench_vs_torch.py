@@ -138,6 +138,8 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--ks", default="10,100,1000")
     parser.add_argument("--cases", default="a,b,c")
+    parser.add_argument("--rules", default="excitation", choices=["excitation", "semantic"],
+                        help="the rules preset of both sides (semantic for ViT / ConvNeXt / Swin: GELU, LayerNorm, attention)")
     parser.add_argument("--torch-batch", type=int, default=25)
     parser.add_argument("--chunk", type=int, default=100, help="labels per jaxpull call for K > chunk (sweep)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
@@ -169,7 +171,8 @@ def main() -> None:
     tm = torchvision.models.get_model(args.arch).eval()
     model32 = jaxpull_convert.from_torch_module(args.arch, tm)
     model = model32.astype(args.dtype)
-    gated = R.gated(tm, 0.3).to(device)
+    gating = jaxpull.make_gating(rules=args.rules)
+    gated = R.gated_like(tm, gating).to(device)
     for p in gated.parameters():
         p.requires_grad_(False)
     rng = np.random.default_rng(0)
@@ -212,7 +215,6 @@ def main() -> None:
             out.append(g)
         return torch.cat(out)
 
-    gating = jaxpull.make_gating()
     if "a" in args.cases:
         for k in [int(v) for v in args.ks.split(",")]:
             labels = np.arange(k) % 1000
@@ -220,11 +222,11 @@ def main() -> None:
             per = flops(explain.pullback_core, model, jnp.asarray(x1), jnp.asarray(labels[None, :chunk]),
                         gating) * (k / chunk)
             if k <= args.chunk:
-                jax_fn = lambda: jaxpull.pullback(model, x1, labels)
+                jax_fn = lambda: jaxpull.pullback(model, x1, labels, rules=args.rules)
             else:  # bounded memory: chunks of --chunk labels, maps streamed to host
-                jax_fn = lambda: S.sweep(model, x1, labels, [0.3], chunk_size=args.chunk, progress=False)["maps"]
+                jax_fn = lambda: S.sweep(model, x1, labels, [float(gating.temperature)], rules=args.rules, chunk_size=args.chunk, progress=False)["maps"]
             # K > chunk: one run only (its compile time is included and reported as 0)
-            row(f"a) pullback K={k}", jax_fn, lambda: torch_pullbacks(x1, labels, args.torch_batch), per,
+            row(f"a) {args.rules} pullback K={k}", jax_fn, lambda: torch_pullbacks(x1, labels, args.torch_batch), per,
                 repeats=1 if k <= args.chunk else 0)
             if args.dtype != "float32" and k <= 100:
                 a = np.asarray(jaxpull.pullback(model, x1, labels)).reshape(k, -1).astype(np.float64)
@@ -235,10 +237,10 @@ def main() -> None:
         targets = np.arange(10) * 97
         xt, tt = torch.from_numpy(x5).to(device), torch.from_numpy(np.tile(targets, (5, 1))).to(device)
         args_b = (model, jnp.asarray(x5), jnp.asarray(np.tile(targets, (5, 1))), gating,
-                  jaxpull.make_ascent(steps=1))
+                  jaxpull.make_ascent(steps=1, rules=args.rules))
         per_step = flops(explain.ascent_core, *args_b)
-        row("b) ascent 5 steps, 5 images x 10 labels", lambda: jaxpull.ascent(model, x5, targets),
-            lambda: R.ascent(gated, xt, tt), 5 * per_step)
+        row("b) ascent 5 steps, 5 images x 10 labels", lambda: jaxpull.ascent(model, x5, targets, rules=args.rules),
+            lambda: R.ascent(gated, xt, tt, eps=jaxpull.make_ascent(rules=args.rules).eps), 5 * per_step)
     if "c" in args.cases:
         ts = jnp.geomspace(0.01, 3.0, 16)
         # the model and image are arguments, not closed-over constants (XLA would constant-fold them)

@@ -305,7 +305,7 @@ def sweep(
 
     config = dict(arch=model.arch, source=model.metadata.get("source", ""), images=list(x.shape),
                   labels=labels.tolist(), temperatures=temperatures, method=method, reduce=reduce,
-                  gate=gatings[0].gate, pool_weights=gatings[0].pool_weights,
+                  rules=rules, gate=gatings[0].gate, pool_weights=gatings[0].pool_weights,
                   pool_temperatures=[None if g.pool_temperature is None else float(g.pool_temperature) for g in gatings],
                   options=dataclasses.asdict(ascent), format=2)
     fingerprint = _fingerprint(model, x, config)
