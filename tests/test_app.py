@@ -1,7 +1,8 @@
 """The explorer: its request handlers directly, and the page end to end in a real browser.
 
 The browser test drives Debian's Chromium (``/usr/bin/chromium``, which ``.ci/run`` installs)
-through Playwright; where Chromium or Playwright is missing it is skipped with the reason.
+through Playwright; where Chromium or Playwright is missing it is skipped with the reason, and
+fails instead when the environment variable ``CI`` is set.
 It saves a screenshot to ``test-artifacts/app.png``.
 """
 
@@ -138,12 +139,15 @@ def _free_port() -> int:
 
 
 def _browser_or_skip():
+    """Playwright's entry point; where Chromium or Playwright is missing, a skip with the reason,
+    or a failure when ``CI`` is set (CI must run the browser test, not report it passed)."""
+    missing = lambda why: pytest.fail(why) if os.environ.get("CI") else pytest.skip(why)
     if not os.path.exists(CHROMIUM):
-        pytest.skip(f"BROWSER TEST NOT RUN: {CHROMIUM} is missing (apt-get install -y chromium, as .ci/run does)")
+        missing(f"BROWSER TEST NOT RUN: {CHROMIUM} is missing (apt-get install -y chromium, as .ci/run does)")
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
-        pytest.skip("BROWSER TEST NOT RUN: the playwright package is missing (pip install 'jaxpull[test]')")
+        missing("BROWSER TEST NOT RUN: the playwright package is missing (pip install 'jaxpull[test]')")
     return sync_playwright
 
 
