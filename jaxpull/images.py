@@ -183,16 +183,41 @@ def _skimage_photos(files: Sequence[Tuple[str, str]]) -> Dict[str, Path]:
 
 
 # More real photos from scikit-image for evaluations (file name in skimage.data's folder).
-# Synthetic images (logos, text, test patterns) are left out.
+# Synthetic images (logos, text, test patterns, binary silhouettes) are left out, and so are
+# motorcycle_right (the other half of motorcycle_left's stereo pair: not an independent photo)
+# and the grayscale texture crops (brick, grass, gravel).
 _MORE_PHOTOS = (
     ("camera", "camera.png"), ("motorcycle", "motorcycle_left.png"), ("clock", "clock_motion.png"),
     ("coins", "coins.png"), ("moon", "moon.png"), ("hubble", "hubble_deep_field.jpg"), ("ihc", "ihc.png"),
+    ("retina", "retina.jpg"),
 )
 
 
+def _package_photos() -> Dict[str, Path]:
+    """matplotlib's photo of a tea pack and scikit-learn's ``load_sample_images`` (china, flower),
+    where those packages are installed."""
+    found: Dict[str, Path] = {}
+    try:
+        import matplotlib
+
+        p = Path(matplotlib.get_data_path()) / "sample_data" / "Minduka_Present_Blue_Pack.png"
+        if p.is_file():
+            found["tea_pack"] = p
+    except ImportError:
+        pass
+    try:
+        import sklearn.datasets
+    except ImportError:
+        return found
+    folder = Path(sklearn.datasets.__file__).parent / "images"
+    found.update({name: folder / f"{name}.jpg" for name in ("china", "flower") if (folder / f"{name}.jpg").is_file()})
+    return found
+
+
 def evaluation_photos() -> Dict[str, Path]:
-    """The sample photos plus seven more of scikit-image's real photographs: name -> path."""
-    return {**sample_images(), **_skimage_photos(_MORE_PHOTOS)}
+    """Every real photo found in installed packages: the sample photos, eight more of
+    scikit-image's photographs, matplotlib's tea pack, scikit-learn's china and flower (name -> path)."""
+    return {**sample_images(), **_skimage_photos(_MORE_PHOTOS), **_package_photos()}
 
 
 def sample_paths(names: Sequence[str] = ()) -> List[Path]:
