@@ -338,21 +338,44 @@ def silu(z: jax.Array, gating: Gating) -> jax.Array:
 # --------------------------------------------------------------------------------------
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def _normalize(x: jax.Array, eps: float, detached: bool) -> jax.Array:
+    mean = jnp.mean(x, axis=-1, keepdims=True)
+    return (x - mean) * lax.rsqrt(jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True) + eps)
+
+
+def _normalize_fwd(x, eps, detached):
+    mean = jnp.mean(x, axis=-1, keepdims=True)
+    r = lax.rsqrt(jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True) + eps)
+    xhat = (x - mean) * r
+    return xhat, (xhat, r)
+
+
+def _normalize_bwd(eps, detached, res, g):
+    xhat, r = res
+    if detached:  # mean and variance held constant
+        return (g * r,)
+    # the exact derivative, written out: autodiff's version of it, vmapped over K cotangents,
+    # is miscompiled by XLA:CPU (jax 0.10) from about 2048 rows on (wrong maps for all but the
+    # first cotangent); this form is not (tests/test_semantic_rules.py checks both at 4096 rows)
+    return (r * (g - jnp.mean(g, axis=-1, keepdims=True) - xhat * jnp.mean(g * xhat, axis=-1, keepdims=True)),)
+
+
+_normalize.defvjp(_normalize_fwd, _normalize_bwd)
+
+
 def layer_norm(x: jax.Array, scale: Optional[jax.Array], bias: Optional[jax.Array], eps: float,
                gating: Gating) -> jax.Array:
     """``torch.nn.LayerNorm`` over the last axis (biased variance); with ``gating.layer_norm ==
-    "detached"`` the mean and variance are held constant in the backward pass.
+    "detached"`` the mean and variance are held constant in the backward pass
+    (``g * gamma / sqrt(var + eps)``), else its exact derivative.
 
     Args:
       x: ``(..., C)``; scale, bias: ``(C,)`` or None; eps: torch's ``eps``.
     Returns:
       ``(x - mean) / sqrt(var + eps) * scale + bias``, same shape as ``x``.
     """
-    mean = jnp.mean(x, axis=-1, keepdims=True)
-    var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
-    if gating.layer_norm == "detached":
-        mean, var = lax.stop_gradient(mean), lax.stop_gradient(var)
-    y = (x - mean) * lax.rsqrt(var + eps)
+    y = _normalize(x, eps, gating.layer_norm == "detached")
     if scale is not None:
         y = y * scale
     if bias is not None:

@@ -1,0 +1,315 @@
+"""The semantic version's rules (jaxpull.gates: GELU, SiLU, LayerNorm, attention), on small arrays.
+
+Each rule: the forward pass is the plain operation (and torch's), the backward pass is
+METHOD.md's formula, linear in the cotangent, and the temperatures are traced (vmap, one
+compile). Attention is checked against ``jaxpull_convert.torch_reference``.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from jax.scipy.special import ndtr
+
+from jaxpull import gates, settings
+from jaxpull.gates import Gating
+from jaxpull_convert import torch_reference as R
+
+RNG = np.random.default_rng(0)
+Z = jnp.asarray(np.concatenate([[-6.0, -1.0, -1e-3, 0.0, 1e-3, 1.0, 6.0], RNG.normal(0, 2, 25)]), jnp.float32)
+G = jnp.asarray(RNG.normal(size=Z.shape), jnp.float32)  # a cotangent
+
+
+def vjp_of(fn, z, g):
+    return jax.vjp(fn, z)[1](g)[0]
+
+
+def torch_of(a, dtype=torch.float32):
+    return torch.tensor(np.asarray(a), dtype=dtype)
+
+
+# --------------------------------------------------------------------------------------
+# GELU and SiLU: forward exact, backward g * s(z / t)
+# --------------------------------------------------------------------------------------
+
+ACTIVATIONS = {  # name: (rule, plain jax forward, torch module, the gate s of z * s(z), Gating keyword)
+    "gelu": (gates.gelu, lambda z: jax.nn.gelu(z, approximate=False), torch.nn.GELU(), ndtr, "gelu_temperature"),
+    "gelu_tanh": (lambda z, g: gates.gelu(z, g, approximate=True), lambda z: jax.nn.gelu(z, approximate=True),
+                  torch.nn.GELU(approximate="tanh"), ndtr, "gelu_temperature"),
+    "silu": (gates.silu, jax.nn.silu, torch.nn.SiLU(), jax.nn.sigmoid, "silu_temperature"),
+}
+
+
+@pytest.mark.parametrize("name", list(ACTIVATIONS))
+@pytest.mark.parametrize("t", [0.5, 1.0, 1.6])
+def test_activation_forward_is_exact_and_backward_is_the_tempered_gate(name, t):
+    rule, plain, torch_module, s, keyword = ACTIVATIONS[name]
+    gating = Gating(**{keyword: jnp.float32(t)})
+    y = rule(Z, gating)
+    np.testing.assert_array_equal(y, plain(Z))  # the rule never changes the forward pass
+    np.testing.assert_allclose(y, torch_module(torch_of(Z)).numpy(), rtol=2e-7, atol=2e-7)  # torch's, to ~1 ulp
+    np.testing.assert_allclose(vjp_of(lambda z: rule(z, gating), Z, G), G * s(Z / t), rtol=1e-6, atol=1e-7)
+    # the vanilla rule is the exact derivative, as torch autograd computes it
+    zt = torch_of(Z).requires_grad_(True)
+    torch_module(zt).backward(torch_of(G))
+    np.testing.assert_allclose(vjp_of(lambda z: rule(z, gates.VANILLA), Z, G), zt.grad.numpy(), rtol=1e-5, atol=1e-6)
+    assert not np.allclose(vjp_of(lambda z: rule(z, gating), Z, G), zt.grad.numpy(), atol=1e-3)  # the rule acts
+
+
+@pytest.mark.parametrize("name", list(ACTIVATIONS))
+def test_activation_backward_matches_the_torch_reference(name):
+    rule, _, torch_module, _, keyword = ACTIVATIONS[name]
+    ref = R.GatedSiLU(0.7) if name == "silu" else R.GatedGELU(0.7, torch_module.approximate)
+    zt = torch_of(Z).requires_grad_(True)
+    ref(zt).backward(torch_of(G))
+    got = vjp_of(lambda z: rule(z, Gating(**{keyword: jnp.float32(0.7)})), Z, G)
+    np.testing.assert_allclose(got, zt.grad.numpy(), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", list(ACTIVATIONS))
+def test_backward_is_linear_in_the_cotangent(name):
+    rule, _, _, _, keyword = ACTIVATIONS[name]
+    gating = Gating(**{keyword: jnp.float32(0.8)})
+    _, vjp = jax.vjp(lambda z: rule(z, gating), Z)
+    g2 = jnp.asarray(RNG.normal(size=Z.shape), jnp.float32)
+    np.testing.assert_allclose(vjp(2.0 * G - 3.0 * g2)[0], 2.0 * vjp(G)[0] - 3.0 * vjp(g2)[0], rtol=1e-5, atol=1e-6)
+
+
+def test_temperatures_are_traced_vmap_and_one_compile():
+    traces = []
+
+    @jax.jit
+    def grads(tg, ts):
+        traces.append(1)
+        gating = Gating(gelu_temperature=tg, silu_temperature=ts)
+        return vjp_of(lambda z: gates.gelu(z, gating) + gates.silu(z, gating), Z, G)
+
+    pairs = [(0.5, 1.6), (1.0, 0.3), (2.0, 1.0)]
+    per_t = [grads(jnp.float32(a), jnp.float32(b)) for a, b in pairs]
+    assert len(traces) == 1  # three temperatures, one trace (and one compile)
+    for (a, b), got in zip(pairs, per_t):
+        np.testing.assert_allclose(got, G * ndtr(Z / a) + G * jax.nn.sigmoid(Z / b), rtol=1e-6, atol=1e-6)
+    batched = jax.vmap(grads)(*(jnp.asarray(v, jnp.float32) for v in zip(*pairs)))
+    np.testing.assert_allclose(batched, jnp.stack(per_t), rtol=1e-6, atol=1e-7)
+
+
+# --------------------------------------------------------------------------------------
+# LayerNorm
+# --------------------------------------------------------------------------------------
+
+X = jnp.asarray(RNG.normal(1.0, 2.0, (3, 4, 8)), jnp.float32)
+GAMMA = jnp.asarray(RNG.uniform(0.5, 1.5, 8), jnp.float32)
+BETA = jnp.asarray(RNG.normal(0, 0.3, 8), jnp.float32)
+GX = jnp.asarray(RNG.normal(size=X.shape), jnp.float32)
+EPS = 1e-6
+
+
+def test_layer_norm_forward_is_torch_layer_norm():
+    tm = torch.nn.LayerNorm(8, eps=EPS)
+    with torch.no_grad():
+        tm.weight.copy_(torch_of(GAMMA))
+        tm.bias.copy_(torch_of(BETA))
+    expected = tm(torch_of(X)).detach().numpy()
+    for rule in gates.LAYER_NORM_RULES:
+        np.testing.assert_allclose(gates.layer_norm(X, GAMMA, BETA, EPS, Gating(layer_norm=rule)), expected,
+                                   rtol=1e-5, atol=2e-6)
+    # without affine parameters, too
+    plain = torch.nn.functional.layer_norm(torch_of(X), (8,), eps=EPS).numpy()
+    np.testing.assert_allclose(gates.layer_norm(X, None, None, EPS, gates.VANILLA), plain, rtol=1e-5, atol=2e-6)
+
+
+def test_layer_norm_backward_detached_and_plain():
+    sd = np.sqrt(np.var(np.asarray(X, np.float64), axis=-1, keepdims=True) + EPS)
+    detached = vjp_of(lambda x: gates.layer_norm(x, GAMMA, BETA, EPS, Gating(layer_norm="detached")), X, GX)
+    np.testing.assert_allclose(detached, GX * GAMMA / sd, rtol=1e-5, atol=1e-6)  # g * gamma / sqrt(var + eps)
+    # plain: the exact derivative, (1 / sd) * (h - mean(h) - y * mean(h * y)), h = g * gamma, y normalised
+    x64 = np.asarray(X, np.float64)
+    y = (x64 - x64.mean(-1, keepdims=True)) / sd
+    h = np.asarray(GX, np.float64) * np.asarray(GAMMA, np.float64)
+    exact = (h - h.mean(-1, keepdims=True) - y * (h * y).mean(-1, keepdims=True)) / sd
+    plain = vjp_of(lambda x: gates.layer_norm(x, GAMMA, BETA, EPS, gates.VANILLA), X, GX)
+    np.testing.assert_allclose(plain, exact, rtol=1e-4, atol=1e-5)
+    xt = torch_of(X, torch.float64).requires_grad_(True)
+    torch.nn.functional.layer_norm(xt, (8,), torch_of(GAMMA, torch.float64), torch_of(BETA, torch.float64),
+                                   EPS).backward(torch_of(GX, torch.float64))
+    np.testing.assert_allclose(exact, xt.grad.numpy(), rtol=1e-9, atol=1e-12)  # the formula is torch's
+    # the reference's detached LayerNorm
+    xt = torch_of(X).requires_grad_(True)
+    R.layer_norm(xt, torch_of(GAMMA), torch_of(BETA), EPS, detached=True).backward(torch_of(GX))
+    np.testing.assert_allclose(detached, xt.grad.numpy(), rtol=1e-5, atol=1e-6)
+    assert not np.allclose(detached, plain, atol=1e-3)
+
+
+# --------------------------------------------------------------------------------------
+# Attention
+# --------------------------------------------------------------------------------------
+
+
+def test_attention_probs_and_straight_through_scale():
+    scores = jnp.asarray(RNG.normal(size=(2, 3, 5)), jnp.float32)
+    g = jnp.asarray(RNG.normal(size=scores.shape), jnp.float32)
+    for rule in gates.ATTENTION_RULES:
+        gating = Gating(attention=rule, attention_temperature=1.0 if rule == "tempered" else None)
+        np.testing.assert_array_equal(gates.attention_probs(scores, gating), jax.nn.softmax(scores, axis=-1))
+    plain = vjp_of(lambda s: gates.attention_probs(s, gates.VANILLA), scores, g)
+    np.testing.assert_allclose(plain, vjp_of(lambda s: jax.nn.softmax(s, axis=-1), scores, g), rtol=1e-6)
+    assert float(jnp.abs(plain).max()) > 1e-3
+    held = vjp_of(lambda s: gates.attention_probs(s, Gating(attention="value_only")), scores, g)
+    np.testing.assert_array_equal(held, jnp.zeros_like(scores))
+    # straight through: forward x / t, backward the identity
+    t = jnp.float32(0.25)
+    np.testing.assert_allclose(gates.straight_through_scale(scores, t), scores / t, rtol=1e-6)
+    np.testing.assert_array_equal(vjp_of(lambda s: gates.straight_through_scale(s, t), scores, g), g)
+
+
+E, HEADS, L = 8, 2, 5
+
+
+@pytest.fixture(scope="module")
+def mha():
+    """A small batch_first ``nn.MultiheadAttention`` with random (non-zero) biases, float64."""
+    torch.manual_seed(0)
+    m = torch.nn.MultiheadAttention(E, HEADS, batch_first=True).double().eval()
+    with torch.no_grad():
+        m.in_proj_bias.normal_(0, 0.5)
+        m.out_proj.bias.normal_(0, 0.5)
+        m.in_proj_weight.mul_(3.0)  # sharper attention, so that the temperature matters
+    return m
+
+
+def jax_attend(m, gating):
+    """``m`` in JAX: the in-projection, per-head scaled dot-product with gates.attention_probs, out_proj."""
+    w_in = jnp.asarray(m.in_proj_weight.detach().numpy(), jnp.float32)
+    b_in = jnp.asarray(m.in_proj_bias.detach().numpy(), jnp.float32)
+    w_out = jnp.asarray(m.out_proj.weight.detach().numpy(), jnp.float32)
+    b_out = jnp.asarray(m.out_proj.bias.detach().numpy(), jnp.float32)
+    (wq, wk, wv), (bq, bk, bv) = jnp.split(w_in, 3), jnp.split(b_in, 3)
+
+    def attend(query, key, value):  # (B, L, E) each
+        split = lambda a: a.reshape(a.shape[0], a.shape[1], HEADS, E // HEADS).transpose(0, 2, 1, 3)
+        q, k, v = split(query @ wq.T + bq), split(key @ wk.T + bk), split(value @ wv.T + bv)
+        probs = gates.attention_probs(q @ k.transpose(0, 1, 3, 2) / np.sqrt(E // HEADS), gating)
+        out = (probs @ v).transpose(0, 2, 1, 3).reshape(query.shape)
+        return out @ w_out.T + b_out
+
+    return attend
+
+
+QKV = [jnp.asarray(RNG.normal(size=(2, L, E)), jnp.float32) for _ in range(3)]
+GOUT = jnp.asarray(RNG.normal(size=(2, L, E)), jnp.float32)
+
+
+def attention_grads(m, gating, self_attention=False):
+    """Forward output and the VJP w.r.t. (query, key, value) of the ruled attention."""
+    attend = jax_attend(m, gating)
+    if self_attention:
+        fn = lambda x: gates.tempered_attention(attend, x, x, x, gating)
+        out, vjp = jax.vjp(fn, QKV[0])
+    else:
+        fn = lambda q, k, v: gates.tempered_attention(attend, q, k, v, gating)
+        out, vjp = jax.vjp(fn, *QKV)
+    return out, vjp(GOUT)
+
+
+def test_tempered_attention_at_t1_is_the_plain_gradient_and_value_only_stops_query_and_key(mha):
+    plain_out, plain = attention_grads(mha, gates.VANILLA)
+    out, tempered = attention_grads(mha, Gating(attention="tempered", attention_temperature=jnp.float32(1.0)))
+    np.testing.assert_array_equal(out, plain_out)
+    for a, b in zip(tempered, plain):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    out, held = attention_grads(mha, Gating(attention="value_only"))
+    np.testing.assert_array_equal(out, plain_out)
+    np.testing.assert_array_equal(held[0], 0.0)  # query
+    np.testing.assert_array_equal(held[1], 0.0)  # key
+    np.testing.assert_allclose(held[2], plain[2], rtol=1e-5, atol=1e-6)  # value: the weights' own path is unchanged
+    assert float(jnp.abs(plain[0]).max()) > 1e-2 and float(jnp.abs(plain[1]).max()) > 1e-2
+
+
+@pytest.mark.parametrize("rule,t", [("tempered", 0.5), ("value_only", None), ("plain", None)])
+@pytest.mark.parametrize("self_attention", [True, False])
+def test_attention_rules_match_the_torch_reference(mha, rule, t, self_attention):
+    gating = Gating(attention=rule, attention_temperature=None if t is None else jnp.float32(t))
+    out, grads = attention_grads(mha, gating, self_attention)
+    ref = R.RuledMultiheadAttention(mha, rule, t)
+    inputs = [torch_of(a, torch.float64).requires_grad_(True) for a in QKV]
+    if self_attention:
+        inputs = inputs[:1]
+    ref_out, _ = ref(*(inputs * 3 if self_attention else inputs))
+    ref_out.backward(torch_of(GOUT, torch.float64))
+    with torch.no_grad():
+        exact, _ = mha(*(inputs * 3 if self_attention else inputs), need_weights=False)
+    np.testing.assert_allclose(out, exact.numpy(), rtol=1e-5, atol=1e-5)  # forward: torch's own module
+    for a, b in zip(grads, inputs):
+        expected = np.zeros(b.shape) if b.grad is None else b.grad.numpy()  # value_only: no path to query, key
+        assert np.abs(np.asarray(a) - expected).max() <= 1e-5 * max(1.0, np.abs(expected).max()), rule
+    if rule == "tempered":  # at t = 0.5 the rule acts
+        _, plain = attention_grads(mha, gates.VANILLA, self_attention)
+        assert not np.allclose(grads[0], plain[0], atol=1e-3)
+
+
+# --------------------------------------------------------------------------------------
+# Validation and presets
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("build,fragment", [
+    (lambda: Gating(layer_norm="frozen"), "unknown layer_norm rule 'frozen': use one of plain, detached"),
+    (lambda: Gating(attention="soft"), "unknown attention rule 'soft'"),
+    (lambda: Gating(attention="tempered"), 'attention="tempered" needs attention_temperature'),
+    (lambda: Gating(attention="value_only", attention_temperature=1.0), "only it takes one"),
+    (lambda: Gating(guided=True, layer_norm="detached"), "Guided Backprop takes no temperature or rule"),
+    (lambda: settings.make_gating(layer_norm="frozen"), "unknown layer_norm 'frozen': use one of plain, detached"),
+    (lambda: settings.make_gating(attention="soft"), "unknown attention 'soft': use one of plain, tempered, value_only"),
+    (lambda: settings.make_gating(attention="plain", attention_temperature=0.5),
+     'attention_temperature applies to attention="tempered", not \'plain\''),
+    (lambda: settings.make_gating(attention="tempered", attention_temperature=None), "needs attention_temperature"),
+    (lambda: settings.make_gating(temperature=None, gelu_temperature=1.0), "gelu_temperature needs a temperature"),
+    (lambda: settings.make_gating(temperature=None, attention="value_only"), "attention needs a temperature"),
+    (lambda: settings.make_gating(gelu_temperature=-1.0), "gelu_temperature must be positive"),
+    (lambda: settings.make_gating(silu_temperature=0.0), "silu_temperature must be positive"),
+    (lambda: settings.make_gating(attention_temperature=float("nan")), "attention_temperature must be positive"),
+])
+def test_bad_settings_are_one_line_errors(build, fragment):
+    with pytest.raises(ValueError) as e:
+        build()
+    assert fragment in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize("rules", list(settings.PRESETS))
+def test_presets_carry_the_semantic_rules_and_none_is_vanilla(rules):
+    g = settings.make_gating(rules=rules)
+    assert float(g.gelu_temperature) == 1.0 and float(g.silu_temperature) == np.float32(1.6)
+    assert g.layer_norm == "detached" and g.attention == "tempered" and float(g.attention_temperature) == 1.0
+    vanilla = settings.make_gating(temperature=None, rules=rules)
+    assert vanilla.vanilla and vanilla.gelu_temperature is None and vanilla.silu_temperature is None
+    assert vanilla.layer_norm == "plain" and vanilla.attention == "plain" and vanilla.attention_temperature is None
+    # every rule of a vanilla Gating is the exact derivative
+    np.testing.assert_allclose(vjp_of(lambda z: gates.gelu(z, vanilla), Z, G), vjp_of(lambda z: jax.nn.gelu(z, approximate=False), Z, G),
+                               rtol=1e-6)
+    explicit = settings.make_gating(rules=rules, gelu_temperature=None, silu_temperature=None, layer_norm="plain",
+                                    attention="value_only")
+    assert explicit.gelu_temperature is None and explicit.layer_norm == "plain" and explicit.attention == "value_only"
+    assert not explicit.vanilla  # a ReLU temperature and the value-only rule remain
+
+
+@pytest.mark.parametrize("rule", ["plain", "detached"])
+def test_layer_norm_backward_vmapped_over_cotangents_at_many_rows(rule):
+    """pullback_core vmaps the VJP over the K target cotangents. XLA:CPU (jax 0.10) miscompiled
+    autodiff's LayerNorm derivative under that vmap from about 2048 rows on (every cotangent but
+    the first got a wrong map: relative error 0.5-1.0 at 4096 rows), so the rule's backward is
+    written out; here the vmapped VJP must equal one VJP per cotangent at 4096 rows."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((4096, 16)).astype(np.float32)
+    scale = jnp.asarray(rng.uniform(0.5, 1.5, 16).astype(np.float32))
+    bias = jnp.asarray(rng.standard_normal(16).astype(np.float32))
+    w = jnp.asarray(rng.standard_normal((16, 3)).astype(np.float32))
+    gating = Gating() if rule == "plain" else settings.make_gating(rules="semantic")
+    _, vjp = jax.vjp(lambda x: jnp.mean(gates.layer_norm(x, scale, bias, 1e-5, gating), axis=0) @ w, x)
+    cts = jnp.eye(3)
+    batched = jax.jit(jax.vmap(vjp))(cts)[0]
+    for k in range(3):
+        one = jax.jit(vjp)(cts[k])[0]
+        np.testing.assert_allclose(batched[k], one, rtol=0, atol=1e-6 * float(jnp.abs(one).max()))
