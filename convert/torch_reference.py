@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import math
 from typing import Optional
 
 import torch
@@ -363,3 +364,120 @@ def ascent(model, x_nhwc, targets, steps=5, alpha=20.0, eps=100.0, clip=True, ma
             if clip:
                 x = x.clamp(-1 - margin, 1 + margin)
     return x.detach().view(n, k, *x_nhwc.shape[1:])
+
+
+def _maxvit_attention(m, attention: str, t: Optional[float], x):
+    """torchvision MaxViT's ``RelativePositionalMultiHeadAttention.forward`` (``x`` ``(B, G, P, D)``)
+    by hand, its functional softmax through :func:`attention_weights` and the whole layer
+    (``to_qkv`` included; the relative position bias added unscaled) through :func:`tempered`."""
+    b, g, p, d = x.shape
+    h, dh = m.n_heads, m.head_dim
+    wq, wk, wv = m.to_qkv.weight.chunk(3)
+    bq, bk, bv = m.to_qkv.bias.chunk(3)
+    split = lambda a: a.reshape(b, g, p, h, dh).permute(0, 1, 3, 2, 4)
+
+    def attend(query, key, value):
+        q, k, v = split(F.linear(query, wq, bq)), split(F.linear(key, wk, bk)), split(F.linear(value, wv, bv))
+        scores = torch.einsum("bghid,bghjd->bghij", q, k * m.scale_factor) + m.get_relative_positional_bias()
+        out = torch.einsum("bghij,bghjd->bghid", attention_weights(scores, attention), v)
+        return m.merge(out.permute(0, 1, 3, 2, 4).reshape(b, g, p, d))
+
+    return tempered(attend, x, x, x, attention, t)
+
+
+def _patch_maxvit(model, rules) -> None:
+    """MaxViT's attention is functional (``F.softmax`` in ``RelativePositionalMultiHeadAttention``;
+    the paper's module swap leaves it plain): give it the attention rule, forward unchanged."""
+    if rules["attention"] == "plain":
+        return
+    for m in model.modules():
+        if type(m).__name__ == "RelativePositionalMultiHeadAttention":
+            m.forward = functools.partial(_maxvit_attention, m, rules["attention"], rules["attention_t"])
+
+
+FAMILY_PATCHES["MaxVit"] = _patch_maxvit
+
+
+def _swin_attend(m, relative_position_bias, attention: str, query, key, value):
+    """torchvision's ``shifted_window_attention`` (eval mode) for one ``ShiftedWindowAttention(V2)``,
+    its logic copied, with q, k and v projected from their own inputs and the softmax the rule's."""
+    window_size, num_heads, logit_scale = m.window_size, m.num_heads, getattr(m, "logit_scale", None)
+    B, H, W, C = query.shape
+    pad_r = (window_size[1] - W % window_size[1]) % window_size[1]
+    pad_b = (window_size[0] - H % window_size[0]) % window_size[0]
+    _, pad_H, pad_W, _ = F.pad(query, (0, 0, 0, pad_r, 0, pad_b)).shape
+    shift_size = list(m.shift_size)
+    if window_size[0] >= pad_H:
+        shift_size[0] = 0
+    if window_size[1] >= pad_W:
+        shift_size[1] = 0
+    num_windows = (pad_H // window_size[0]) * (pad_W // window_size[1])
+
+    def windows(x):
+        x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))
+        if sum(shift_size) > 0:
+            x = torch.roll(x, shifts=(-shift_size[0], -shift_size[1]), dims=(1, 2))
+        x = x.view(B, pad_H // window_size[0], window_size[0], pad_W // window_size[1], window_size[1], C)
+        return x.permute(0, 1, 3, 2, 4, 5).reshape(B * num_windows, window_size[0] * window_size[1], C)
+
+    qkv_bias = m.qkv.bias
+    if logit_scale is not None and qkv_bias is not None:
+        qkv_bias = qkv_bias.clone()
+        length = qkv_bias.numel() // 3
+        qkv_bias[length : 2 * length].zero_()
+    weights = m.qkv.weight.chunk(3)
+    biases = (None,) * 3 if qkv_bias is None else qkv_bias.chunk(3)
+
+    def project(x, i):  # the i-th third of qkv (q, k, v), split into heads: (B*nW, heads, N, C / heads)
+        y = F.linear(windows(x), weights[i], biases[i])
+        return y.reshape(B * num_windows, -1, num_heads, C // num_heads).transpose(1, 2)
+
+    q, k, v = project(query, 0), project(key, 1), project(value, 2)
+    if logit_scale is not None:
+        attn = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)
+        attn = attn * torch.clamp(logit_scale, max=math.log(100.0)).exp()
+    else:
+        attn = (q * (C // num_heads) ** -0.5).matmul(k.transpose(-2, -1))
+    attn = attn + relative_position_bias
+    n = attn.shape[-1]
+    if sum(shift_size) > 0:
+        attn_mask = query.new_zeros((pad_H, pad_W))
+        h_slices = ((0, -window_size[0]), (-window_size[0], -shift_size[0]), (-shift_size[0], None))
+        w_slices = ((0, -window_size[1]), (-window_size[1], -shift_size[1]), (-shift_size[1], None))
+        count = 0
+        for h in h_slices:
+            for w in w_slices:
+                attn_mask[h[0] : h[1], w[0] : w[1]] = count
+                count += 1
+        attn_mask = attn_mask.view(pad_H // window_size[0], window_size[0], pad_W // window_size[1], window_size[1])
+        attn_mask = attn_mask.permute(0, 2, 1, 3).reshape(num_windows, window_size[0] * window_size[1])
+        attn_mask = attn_mask.unsqueeze(1) - attn_mask.unsqueeze(2)
+        attn_mask = attn_mask.masked_fill(attn_mask != 0, float(-100.0)).masked_fill(attn_mask == 0, float(0.0))
+        attn = attn.view(B, num_windows, num_heads, n, n) + attn_mask.unsqueeze(1).unsqueeze(0)
+        attn = attn.view(-1, num_heads, n, n)
+    attn = attention_weights(attn, attention)
+    x = attn.matmul(v).transpose(1, 2).reshape(B * num_windows, n, C)
+    x = F.linear(x, m.proj.weight, m.proj.bias)
+    x = x.view(B, pad_H // window_size[0], pad_W // window_size[1], window_size[0], window_size[1], C)
+    x = x.permute(0, 1, 3, 2, 4, 5).reshape(B, pad_H, pad_W, C)
+    if sum(shift_size) > 0:
+        x = torch.roll(x, shifts=(shift_size[0], shift_size[1]), dims=(1, 2))
+    return x[:, :H, :W, :].contiguous()
+
+
+def _swin_attention(m, attention: str, t: Optional[float], x):
+    bias = m.get_relative_position_bias()
+    return tempered(functools.partial(_swin_attend, m, bias, attention), x, x, x, attention, t)
+
+
+def _patch_swin(model, rules) -> None:
+    """torchvision's Swin computes its window attention functionally (``shifted_window_attention``,
+    ``F.softmax``), which a module swap misses: give each ``ShiftedWindowAttention(V2)`` the rule."""
+    if rules["attention"] == "plain":
+        return
+    for m in model.modules():
+        if type(m).__name__ in ("ShiftedWindowAttention", "ShiftedWindowAttentionV2"):
+            m.forward = functools.partial(_swin_attention, m, rules["attention"], rules["attention_t"])
+
+
+FAMILY_PATCHES["SwinTransformer"] = _patch_swin

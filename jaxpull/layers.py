@@ -46,8 +46,15 @@ def compute_dtype(name: str) -> Iterator[None]:
         _COMPUTE_DTYPE.reset(token)
 
 
-def _operand_dtype(dtype: Optional[jnp.dtype]) -> jnp.dtype:
+def operand_dtype(dtype: Optional[jnp.dtype] = None) -> jnp.dtype:
+    """``dtype``, or the compute dtype of the model being traced (``compute_dtype``)."""
     return jnp.dtype(dtype) if dtype is not None else jnp.dtype(_COMPUTE_DTYPE.get())
+
+
+def matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """``x @ kernel`` with operands in the compute dtype, accumulated and returned in float32."""
+    dtype = operand_dtype()
+    return jnp.dot(x.astype(dtype), kernel.astype(dtype), preferred_element_type=jnp.float32)
 
 
 def to_model_input(x: jax.Array, mean: Sequence[float], std: Sequence[float]) -> jax.Array:
@@ -117,7 +124,7 @@ class Conv(nn.Module):
             pad = ((self.padding, self.padding), (self.padding, self.padding))
         else:
             pad = self.padding
-        dtype = _operand_dtype(self.dtype)
+        dtype = operand_dtype(self.dtype)
         if self.groups > 1 and self.groups == x.shape[-1] == self.features:
             y = depthwise_conv(x.astype(dtype), kernel.astype(dtype), self.stride, pad)
         else:
@@ -155,11 +162,24 @@ class Dense(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         kernel = self.param("kernel", nn.initializers.lecun_normal(), (x.shape[-1], self.features))
-        dtype = _operand_dtype(None)
-        y = jnp.dot(x.astype(dtype), kernel.astype(dtype), preferred_element_type=jnp.float32)
+        y = matmul(x, kernel)
         if self.use_bias:
             y = y + self.param("bias", nn.initializers.zeros, (self.features,))
         return y
+
+
+class LayerNorm(nn.Module):
+    """``torch.nn.LayerNorm(C, eps)`` over the last axis (ConvNeXt's ``LayerNorm2d`` is the same on
+    NHWC), with the LayerNorm rule of ``gating`` (``gates.layer_norm``); ``(..., C)`` -> same."""
+
+    eps: float
+
+    @nn.compact
+    def __call__(self, x: jax.Array, gating: gates.Gating) -> jax.Array:
+        c = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (c,))
+        bias = self.param("bias", nn.initializers.zeros, (c,))
+        return gates.layer_norm(x, scale, bias, self.eps, gating)
 
 
 def avg_pool(x: jax.Array, window: int, stride: int) -> jax.Array:

@@ -14,6 +14,11 @@ from jaxpull.models import alexnet, densenet, efficientnet_lite, mobilenet, resn
 from jaxpull.models import mnasnet, regnet, shufflenet
 from jaxpull.models import googlenet, inception
 from jaxpull.models import mobilenet_v3, squeezenet
+from jaxpull.models import efficientnet
+from jaxpull.models import convnext
+from jaxpull.models import maxvit
+from jaxpull.models import vit
+from jaxpull.models import swin
 from jaxpull.preprocessing import Preprocessing
 
 
@@ -55,6 +60,11 @@ ARCHITECTURES: Dict[str, Family] = {
     **_family(inception, max_pools=True),
     **_family(mobilenet_v3, max_pools=False),
     **_family(squeezenet, max_pools=True),
+    **_family(efficientnet, max_pools=False),
+    **_family(convnext, max_pools=False),
+    **_family(maxvit, max_pools=False),
+    **_family(vit, max_pools=False),
+    **_family(swin, max_pools=False),
 }
 
 

@@ -1,0 +1,146 @@
+"""Parity with PyTorch for torchvision's ConvNeXt (tiny, small, base, large).
+
+* Every named model gets the shape check: its torchvision state_dict, built on the meta device
+  (no weights in memory), goes through ``convnext.torch_layout`` and must give every parameter
+  of the Flax module with its shape, and no missing or unused key; ``torch_config`` reads no
+  size options off it.
+* Numerical parity runs on a small torchvision ``ConvNeXt`` (three stages of widths 8, 16, 24,
+  one block each: every code path of the named ones, stem, blocks, downsamplings, classifier),
+  converted with ``from_torch_module`` (its ``block_setting`` recorded in ``ModelSpec.config``),
+  on 72x72 images (72 -> 18 -> 9 -> 4: odd sizes floored as torch does). torchvision's init
+  would make the test trivial (LayerNorm 1/0, zero biases, layer scales 1e-6 so that every
+  residual branch vanishes, weights of std 0.02): all of them are randomised. ``check_parity``:
+  logits, both presets' pullbacks (the same rules here: ConvNeXt has no ReLU or max-pool, and
+  both presets gate GELU at t = 1 and detach LayerNorm statistics), float64 vanilla gradients,
+  one ascent. Each compiled function costs 5-15 s of CPU (the depthwise 7x7 convolutions are
+  49 shifted views each), hence so few blocks.
+* The GELU and LayerNorm rules act: switching either off changes the pullback, and the torch
+  reference agrees with the variant.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import torchvision
+from torchvision.models.convnext import CNBlockConfig, ConvNeXt
+
+import jaxpull
+import jaxpull.models
+import jaxpull_convert
+from conftest import images
+from helpers import assert_logits_close, assert_maps_close, check_parity, map_errors
+from jaxpull import io
+from jaxpull.gates import VANILLA
+from jaxpull.model import ModelSpec, param_shapes
+from jaxpull.models import convnext
+from jaxpull.settings import make_gating
+from jaxpull_convert import torch_reference as R
+
+ARCHS = ["convnext_tiny", "convnext_small", "convnext_base", "convnext_large"]
+SMALL_SETTING = ((8, 16, 1), (16, 24, 1), (24, None, 1))  # every code path; few blocks compile fast
+TARGETS = np.array([[1, 7], [3, 0]])
+
+
+def _stand_in(shape) -> np.ndarray:
+    """A float32 array of ``shape`` that takes no memory (every stride 0)."""
+    return np.lib.stride_tricks.as_strided(np.zeros(1, np.float32), tuple(shape), [0] * len(shape))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_torch_layout_gives_every_parameter_shape(arch):
+    """torchvision's state_dict (meta device) maps onto exactly the Flax module's parameters."""
+    from flax import traverse_util
+
+    from jaxpull_convert.state_dict import StateDict
+
+    with torch.device("meta"):
+        tm = torchvision.models.get_model(arch, weights=None)
+    assert convnext.torch_config(tm) == {}
+    sd = StateDict({k: _stand_in(v.shape) for k, v in tm.state_dict().items()})
+    params = jaxpull.models.get(arch).torch_layout(arch, sd)
+    assert sd.missing == [] and sd.unused() == []
+    got = {k: v.shape for k, v in traverse_util.flatten_dict(params, sep="/").items()}
+    want = {k: v.shape for k, v in traverse_util.flatten_dict(param_shapes(ModelSpec(arch)), sep="/").items()}
+    assert got == want
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_preprocessing_is_torchvisions(arch):
+    t = torchvision.models.get_model_weights(arch).DEFAULT.transforms()
+    pre = jaxpull.models.get(arch).preprocessing
+    assert (pre.crop_size, pre.resize_size, pre.interpolation) == (t.crop_size[0], t.resize_size[0], t.interpolation.value)
+
+
+def _small_convnext() -> ConvNeXt:
+    """A small torchvision ConvNeXt with every parameter random and O(1) (eval mode)."""
+    torch.manual_seed(0)
+    tm = ConvNeXt([CNBlockConfig(*s) for s in SMALL_SETTING], num_classes=10).eval()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for m in tm.modules():
+            if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)):
+                m.reset_parameters()  # torch's default init: weights ~ 1/sqrt(fan_in), random biases
+            elif isinstance(m, torch.nn.LayerNorm):  # LayerNorm2d too
+                m.weight.copy_(0.5 + torch.rand(m.weight.shape, generator=g))
+                m.bias.copy_(0.4 * torch.rand(m.bias.shape, generator=g) - 0.2)
+            elif type(m).__name__ == "CNBlock":
+                m.layer_scale.copy_(0.3 + 0.7 * torch.rand(m.layer_scale.shape, generator=g))
+    return tm
+
+
+@pytest.fixture(scope="module")
+def small():
+    tm = _small_convnext()
+    return tm, jaxpull_convert.from_torch_module("convnext_tiny", tm)
+
+
+def test_small_model_records_its_block_setting(small, tmp_path):
+    tm, model = small
+    assert dict(model.spec.config) == {"block_setting": SMALL_SETTING}
+    io.save(model, tmp_path / "small.safetensors")
+    loaded = io.load(tmp_path / "small.safetensors")
+    assert loaded.spec.config == model.spec.config
+    x = images(2, 72, seed=3)
+    with torch.no_grad():
+        ref = tm(R.normalize(torch.from_numpy(x)))
+    assert_logits_close(loaded(x), ref)
+
+
+def test_matches_torch(small):
+    """Logits, both presets' pullbacks, float64 vanilla gradients, the excitation ascent."""
+    tm, model = small
+    errors = check_parity(tm, model, images(2, 72), TARGETS, ascent_rel=1e-3)
+    print("convnext (small config) parity:", errors)
+
+
+def test_gelu_and_layer_norm_rules_act(small):
+    """Each rule changes the pullback: the semantic preset with the GELU rule off differs from
+    the full preset (the GELU rule acts) and from the vanilla gradient, whose only other
+    difference is the plain LayerNorm (the LayerNorm rule acts); the torch reference agrees
+    with that variant too. (One more compiled function: the vanilla one is check_parity's.)"""
+    tm, model = small
+    x = images(2, 72)
+    full = jaxpull.pullback(model, x, TARGETS, rules="semantic")
+    gelu_off = jaxpull.pullback(model, x, TARGETS, rules="semantic", gelu_temperature=None)
+    vanilla = jaxpull.pullback(model, x, TARGETS, temperature=None)
+    for rule, (a, b) in {"GELU": (full, gelu_off), "LayerNorm": (gelu_off, vanilla)}.items():
+        cos, rel = map_errors(a, b)
+        print(f"{rule} rule on vs off: cosine {cos:.4f}, max abs diff / max |off| {rel:.3f}")
+        assert rel > 0.01, f"the {rule} rule changes the pullback only by {rel:.2e} (cosine {cos:.6f})"
+    ref = R.pullback(R.gated_like(tm, make_gating(rules="semantic", gelu_temperature=None)), torch.from_numpy(x),
+                     torch.from_numpy(TARGETS))
+    assert_maps_close(gelu_off, ref)
+
+
+def test_too_small_image_is_refused(small):
+    _, model = small  # two downsamplings: 16 pixels at least
+    with pytest.raises(ValueError, match="at least 16x16 pixels, got 15x15: use a larger image"):
+        model(images(1, 15))
+    module = ModelSpec("convnext_tiny").module()  # 72 passes, 28 does not (shapes only)
+    jax.eval_shape(lambda x: module.init(jax.random.key(0), x, VANILLA), jnp.zeros((1, 72, 72, 3)))
+    with pytest.raises(ValueError, match="at least 32x32 pixels, got 28x28"):
+        jax.eval_shape(lambda x: module.init(jax.random.key(0), x, VANILLA), jnp.zeros((1, 28, 28, 3)))
