@@ -72,6 +72,11 @@ def print_top5(model, names, logits: np.ndarray) -> None:
         print(f"{name}: " + "; ".join(f"{model.class_name(i)} ({i}) {p[i]:.1%}" for i in top))
 
 
+# the gate settings that have no meaning for the vanilla gradient (``make_gating`` refuses them with temperature None)
+VANILLA_DROPS = ("pool_temperature", "gelu_temperature", "silu_temperature", "layer_norm", "attention",
+                 "attention_temperature")
+
+
 def run_explanations(model, x, targets, methods, options, progress=True):
     """Ascent diffs ``(N, K, H, W, 3)`` per method, one image at a time (bounded memory)."""
     import jaxpull
@@ -83,8 +88,9 @@ def run_explanations(model, x, targets, methods, options, progress=True):
     jobs = [(m, i) for m in methods for i in range(len(x))]
     for m, i in tqdm(jobs, desc="explaining", unit="image", disable=not progress or len(jobs) < 2):
         opts = dict(options)
-        if m == "vanilla":
-            opts.pop("pool_temperature", None)
+        if m == "vanilla":  # the exact gradient: only the ascent options and the names gate / pool_weights remain
+            for name in VANILLA_DROPS:
+                opts.pop(name, None)
         results[m][i] = np.asarray(
             jaxpull.ascent(model, x[i : i + 1], targets[i : i + 1], temperature=temperatures[m], output="diff", **opts)
         )[0]
@@ -123,6 +129,9 @@ def _settings(args) -> tuple:
     ascent = settings.make_ascent(**{k: v for k, v in given.items() if k not in settings.GATE_SETTINGS}, rules=args.rules)
     resolved = dict(rules=args.rules, gate=gating.gate, pool_weights=gating.pool_weights,
                     temperature=gating.temperature, pool_temperature=gating.pool_temperature,
+                    gelu_temperature=gating.gelu_temperature, silu_temperature=gating.silu_temperature,
+                    layer_norm=gating.layer_norm, attention=gating.attention,
+                    attention_temperature=gating.attention_temperature,
                     steps=ascent.steps, alpha=ascent.alpha, eps=ascent.eps, margin=ascent.margin)
     return dict(rules=args.rules, **given), resolved
 
@@ -338,9 +347,11 @@ def _evaluate(args: argparse.Namespace) -> int:
     evaluate.check_request(model, names, metric_names, len(paths))
     options = {n: {"rules": args.rules} for n in names if n in explainers.TAKE_RULES}
     if args.temperature is not FROM_RULES:
-        options.update({n: {**options.get(n, {}), "temperature": args.temperature} for n in names if "pullback" in n})
+        options.update({n: {**options.get(n, {}), "temperature": args.temperature} for n in names
+                        if "pullback" in n.lower()})
     if args.samples is not None:
-        options.update({n: {**options.get(n, {}), "samples": args.samples} for n in names if n.startswith("smoothgrad")})
+        options.update({n: {**options.get(n, {}), "samples": args.samples} for n in names
+                        if n.startswith("smoothgrad") or n == "SmoothPullback"})
     labels = None
     if args.labels == "folders":
         if classes is None:
@@ -410,7 +421,7 @@ def _from_rules(get) -> str:
 
 def _add_settings(p: argparse.ArgumentParser, temperature: bool = True) -> None:
     """The rules preset and the gate / ascent flags, each defaulting to the preset's value."""
-    from jaxpull.gates import GATES, POOL_WEIGHTS
+    from jaxpull.gates import ATTENTION_RULES, GATES, LAYER_NORM_RULES, POOL_WEIGHTS
 
     p.add_argument("--rules", choices=list(PRESETS), default=DEFAULT_RULES,
                    help=f"rule set (default {DEFAULT_RULES}): " + "; ".join(f"{n}: {r.description}" for n, r in PRESETS.items()))
@@ -427,6 +438,21 @@ def _add_settings(p: argparse.ArgumentParser, temperature: bool = True) -> None:
     p.add_argument("--gate", choices=GATES, default=FROM_RULES, help="ReLU gate " + _from_rules(lambda r: r.gate))
     p.add_argument("--pool-weights", choices=POOL_WEIGHTS, default=FROM_RULES,
                    help="max-pool softmax weights " + _from_rules(lambda r: r.pool_weights))
+    # the semantic version's rules (transformer-era layers; no effect on models without them)
+    p.add_argument("--gelu-temperature", type=_number_or_none, default=FROM_RULES,
+                   help="GELU gate temperature, backward g * Phi(z / t); none: the plain derivative "
+                   + _from_rules(lambda r: r.gelu_temperature))
+    p.add_argument("--silu-temperature", type=_number_or_none, default=FROM_RULES,
+                   help="SiLU gate temperature, backward g * sigmoid(z / t); none: the plain derivative "
+                   + _from_rules(lambda r: r.silu_temperature))
+    p.add_argument("--layer-norm", choices=LAYER_NORM_RULES, default=FROM_RULES,
+                   help="LayerNorm backward: detached (mean and variance held constant) or plain "
+                   + _from_rules(lambda r: r.layer_norm))
+    p.add_argument("--attention", choices=ATTENTION_RULES, default=FROM_RULES,
+                   help="attention backward: tempered (query and key scaled by 1/t, straight through), value_only "
+                   "(attention weights held constant) or plain " + _from_rules(lambda r: r.attention))
+    p.add_argument("--attention-temperature", type=_number, default=FROM_RULES,
+                   help="t of --attention tempered; 1 is the plain gradient " + _from_rules(lambda r: r.attention_temperature))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -488,10 +514,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stages", type=int, default=6, help="cascading randomisation steps (default 6)")
     p.add_argument("--sensitivity-samples", type=int, default=10, help="max-sensitivity perturbations per image (default 10)")
     p.add_argument("--rules", choices=list(PRESETS), default=DEFAULT_RULES,
-                   help=f"rule set of the pullback and ascent explainers (default {DEFAULT_RULES})")
+                   help=f"rule set of the pullback and ascent explainers (default {DEFAULT_RULES}); the paper's current "
+                   "explainers (SoftPullback, PullbackAscent, PullbackAscentClipLast, SmoothPullback) keep semantic")
     p.add_argument("--temperature", type=_number, default=FROM_RULES,
                    help="temperature of the pullback explainers " + _from_rules(lambda r: r.temperature))
-    p.add_argument("--samples", type=int, default=None, help="SmoothGrad samples (default 50)")
+    p.add_argument("--samples", type=int, default=None, help="SmoothGrad / SmoothPullback samples (default 50)")
     p.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples (default 2000)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("-o", "--output", required=True, help="output .md (a .csv is written beside it)")

@@ -16,6 +16,17 @@ map per (image, target), in input units. ``EXPLAINERS`` maps each name to its fu
 ``smoothgrad_pullback``  SmoothGrad of excitation pullbacks
 =====================  ================================================================
 
+and the explainers of the paper's current code (lib/evaluator.py), by their names there, with
+the ``"semantic"`` rules by default (any gate or ascent keyword beats the preset):
+
+==========================  ===========================================================
+``SoftPullback``            one gated gradient, no normalisation (``jaxpull.pullback``)
+``PullbackAscent``          x_K - x0 of the figure's ascent (5 steps, alpha 20, eps None)
+                            with **no clamping at all** (unlike ``pullback_ascent``)
+``PullbackAscentClipLast``  the same, clamped to [-1, 1] after the last step only
+``SmoothPullback``          SmoothGrad over pullbacks, n = 50, sigma = 0.15
+==========================  ===========================================================
+
 The noise of the SmoothGrad variants is drawn from ``seed``, so a call is reproducible.
 """
 
@@ -104,7 +115,7 @@ def gradient_x_input(model: Model, x, targets) -> jax.Array:
 def _smooth(model: Model, x, targets, gating: Gating, samples: int, sigma: float, seed: int) -> jax.Array:
     x, t = _checked(model, x, targets)
     samples = checks.count(samples, "samples")
-    checks.positive(sigma, "sigma")
+    sigma = checks.non_negative(sigma, "sigma")  # sigma 0: the plain mean of identical maps
     key = jax.random.key(seed)
     return noise_average_core(model, x, t, gating, key, jnp.asarray(sigma, jnp.float32), samples)
 
@@ -134,6 +145,52 @@ def guided_backprop(model: Model, x, targets) -> jax.Array:
     return explain.pullback_core(model, x, t, Gating(guided=True))
 
 
+# --------------------------------------------------------------------------------------
+# The paper's current explainers (lib/evaluator.py), "semantic" rules by default
+# --------------------------------------------------------------------------------------
+
+CURRENT_RULES = "semantic"
+
+
+def soft_pullback(model: Model, x, targets, *, rules: str = CURRENT_RULES, **gates) -> jax.Array:
+    """SoftPullback: one gated gradient of each target logit, not normalised: ``(N, K, H, W, 3)``."""
+    return explain.pullback(model, x, targets, rules=rules, **gates)
+
+
+def _no_clip_option(options: dict, name: str) -> None:
+    if "clip" in options:
+        raise ValueError(f"{name} fixes its clamping: drop clip, or use pullback_ascent (which takes it)")
+
+
+def pullback_ascent_no_clip(model: Model, x, targets, *, rules: str = CURRENT_RULES, **options) -> jax.Array:
+    """PullbackAscent: x_K - x0 of the preset's ascent (5 steps, alpha 20, eps None for
+    ``"semantic"``) with no clamping at all, so x_K may leave [-1, 1]: ``(N, K, H, W, 3)``."""
+    _no_clip_option(options, "PullbackAscent")
+    return explain.ascent(model, x, targets, rules=rules, clip=False, output="diff", **options)
+
+
+def pullback_ascent_clip_last(model: Model, x, targets, *, rules: str = CURRENT_RULES, **options) -> jax.Array:
+    """PullbackAscentClipLast: the unclamped ascent, x_K clamped to [-1 - margin, 1 + margin]
+    after the last step only; returns x_K - x0, ``(N, K, H, W, 3)``.
+
+    Clamping only after the last step is clamping the final iterate of the unclamped ascent
+    (the projection, if any, comes before the clamp within a step).
+    """
+    _no_clip_option(options, "PullbackAscentClipLast")
+    x = checks.images(x)
+    margin = settings.make_ascent(rules=rules, margin=options.get("margin", settings.FROM_RULES)).margin
+    xk = explain.ascent(model, x, targets, rules=rules, clip=False, output="image", **options)
+    return jnp.clip(xk, -1.0 - margin, 1.0 + margin) - x[:, None]
+
+
+def smooth_pullback(
+    model: Model, x, targets, *, samples: int = 50, sigma: float = 0.15, seed: int = 0, rules: str = CURRENT_RULES,
+    **gates,
+) -> jax.Array:
+    """SmoothPullback: mean pullback over ``samples`` noisy copies (sigma in [-1, 1] units): ``(N, K, H, W, 3)``."""
+    return _smooth(model, x, targets, settings.make_gating(rules=rules, **gates), samples, sigma, seed)
+
+
 EXPLAINERS: Dict[str, Explainer] = {
     "pullback": pullback,
     "pullback_ascent": pullback_ascent,
@@ -144,10 +201,15 @@ EXPLAINERS: Dict[str, Explainer] = {
     "integrated_gradients": integrated_gradients,
     "guided_backprop": guided_backprop,
     "smoothgrad_pullback": smoothgrad_pullback,
+    "SoftPullback": soft_pullback,
+    "PullbackAscent": pullback_ascent_no_clip,
+    "PullbackAscentClipLast": pullback_ascent_clip_last,
+    "SmoothPullback": smooth_pullback,
 }
 
 
-# the explainers that take the ``rules`` preset (and the gate / ascent keywords it sets)
+# the explainers that follow a ``rules`` preset chosen by the caller (the CLI's --rules); the
+# paper's current explainers take ``rules`` too, but default to "semantic", their version's
 TAKE_RULES = ("pullback", "pullback_ascent", "gradient_ascent", "smoothgrad_pullback")
 
 

@@ -263,6 +263,11 @@ def sweep(
     pool_temperature: Optional[float] = settings.FROM_RULES,
     gate: str = settings.FROM_RULES,
     pool_weights: str = settings.FROM_RULES,
+    gelu_temperature: Optional[float] = settings.FROM_RULES,
+    silu_temperature: Optional[float] = settings.FROM_RULES,
+    layer_norm: str = settings.FROM_RULES,
+    attention: str = settings.FROM_RULES,
+    attention_temperature: Optional[float] = settings.FROM_RULES,
     progress: bool = True,
     devices: Optional[Sequence[jax.Device]] = None,
     **ascent_options,
@@ -276,7 +281,9 @@ def sweep(
       temperatures: the T temperatures (``None`` for the vanilla gradient); default: the one of
         the preset ``rules``.
       method: ``"pullback"`` or ``"ascent"`` (then ``ascent_options``: steps, alpha, eps, ...).
-      rules, pool_temperature, gate, pool_weights: the gates, as in :func:`jaxpull.pullback`;
+      rules, pool_temperature, gate, pool_weights, gelu_temperature, silu_temperature, layer_norm,
+        attention, attention_temperature: the gates, as in :func:`jaxpull.pullback` (a None
+        temperature ignores all but ``gate`` and ``pool_weights``: it is the exact gradient);
         ``rules`` also gives the ascent options not given (:func:`jaxpull.settings.make_ascent`).
       reduce: ``"maps"`` keeps every map ``(N, T, L, H, W, 3)``; ``"norms"`` keeps ``(N, T, L)``
         L2 norms; ``"alignment"`` keeps ``(N, T, L)`` cosines between map and image, and
@@ -299,7 +306,12 @@ def sweep(
     temperatures = [settings.preset(rules).temperature] if temperatures is settings.FROM_RULES else list(temperatures)
     if not temperatures:
         raise ValueError("temperatures is empty: give at least one (None for vanilla)")
-    gatings = [settings.make_gating(t, pool_temperature, gate, pool_weights, rules=rules) for t in temperatures]
+    rule_options = dict(pool_temperature=pool_temperature, gelu_temperature=gelu_temperature,
+                        silu_temperature=silu_temperature, layer_norm=layer_norm, attention=attention,
+                        attention_temperature=attention_temperature)
+    # a None temperature is the exact gradient: the other rules do not apply to it (as the CLI's --method vanilla)
+    gatings = [settings.make_gating(t, gate=gate, pool_weights=pool_weights, rules=rules,
+                                    **(rule_options if t is not None else {})) for t in temperatures]
     n, L, T = len(x), len(labels), len(temperatures)
     shapes = {"maps": (n, T, L) + x.shape[1:]} if reduce == "maps" else {reduce: (n, T, L)}
 
@@ -307,6 +319,7 @@ def sweep(
                   labels=labels.tolist(), temperatures=temperatures, method=method, reduce=reduce,
                   rules=rules, gate=gatings[0].gate, pool_weights=gatings[0].pool_weights,
                   pool_temperatures=[None if g.pool_temperature is None else float(g.pool_temperature) for g in gatings],
+                  semantic_rules=[_semantic_rules(g) for g in gatings],
                   options=dataclasses.asdict(ascent), format=2)
     fingerprint = _fingerprint(model, x, config)
     done, manifest_path, recorded_chunk = set(), None, None
@@ -366,6 +379,13 @@ def sweep(
             atomic_write(out / "top_labels.npy", lambda tmp: _save_npy(tmp, top))
             results["top_labels"] = np.load(out / "top_labels.npy", mmap_mode="r")
     return results
+
+
+def _semantic_rules(g) -> list:
+    """The GELU, SiLU, LayerNorm and attention rules of a Gating, JSON-able (for the manifest)."""
+    number = lambda t: None if t is None else float(t)
+    return [number(g.gelu_temperature), number(g.silu_temperature), g.layer_norm, g.attention,
+            number(g.attention_temperature)]
 
 
 def _save_npy(path: str, array: np.ndarray) -> None:

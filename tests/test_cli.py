@@ -195,3 +195,23 @@ def test_sweep_command(model_file, photo_files, tmp_path):
                               "--out", tmp_path / "s2"), "too small for one label")
     assert_one_line_error(run("sweep", photo_files[0], "--model", model_file, "--labels", "5-1200",
                               "--out", tmp_path / "s3"), "out of range")
+
+
+def test_semantic_rule_flags(model_file, photo_files, tmp_path):
+    """--gelu-temperature, --silu-temperature, --layer-norm, --attention, --attention-temperature:
+    preset defaults, resolved and recorded with the arrays; bad values are one-line errors."""
+    arrays = tmp_path / "raw.npz"
+    proc = run("explain", photo_files[0], "--model", model_file, "--targets", "0", "--steps", 1, "--method", "pullback",
+               "--rules", "semantic", "--gelu-temperature", 0.5, "--silu-temperature", "none", "--layer-norm", "plain",
+               "--attention", "value_only", "-o", tmp_path / "fig.png", "--save-arrays", arrays)
+    assert proc.returncode == 0, proc.stderr
+    data = np.load(arrays)
+    assert float(data["gelu_temperature"]) == 0.5 and np.isnan(data["silu_temperature"])
+    assert np.isnan(data["attention_temperature"]) and float(data["temperature"]) == np.float32(0.6)  # value_only: no t
+    base = [photo_files[0], "--model", model_file, "-o", tmp_path / "bad.png"]
+    assert_one_line_error(run("explain", *base, "--layer-norm", "frozen"), "--layer-norm", "invalid choice: 'frozen'")
+    assert_one_line_error(run("explain", *base, "--attention", "plain", "--attention-temperature", 0.5),
+                          'attention_temperature applies to attention="tempered"')
+    assert_one_line_error(run("sweep", photo_files[0], "--model", model_file, "--gelu-temperature", "-1",
+                              "--out", tmp_path / "s"), "gelu_temperature must be positive")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fig.png", "raw.npz"]

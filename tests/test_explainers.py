@@ -9,11 +9,12 @@ import pytest
 from conftest import images
 
 import jaxpull
-from jaxpull import explainers, gates
+from jaxpull import explain, explainers, gates, settings
 from jaxpull.gates import Gating
 
 FAST = {"smoothgrad": {"samples": 3}, "smoothgrad_pullback": {"samples": 3}, "integrated_gradients": {"steps": 4},
-        "pullback_ascent": {"steps": 2}, "gradient_ascent": {"steps": 2}}
+        "pullback_ascent": {"steps": 2}, "gradient_ascent": {"steps": 2}, "SmoothPullback": {"samples": 3},
+        "PullbackAscent": {"steps": 2}, "PullbackAscentClipLast": {"steps": 2}}
 
 
 @pytest.mark.parametrize("name", list(explainers.EXPLAINERS))
@@ -83,9 +84,77 @@ def test_bad_input(tiny_model):
         explainers.get("lime")
     with pytest.raises(ValueError, match="samples must be a positive integer"):
         explainers.smoothgrad(tiny_model, x, [1], samples=0)
-    with pytest.raises(ValueError, match="sigma must be positive"):
+    with pytest.raises(ValueError, match="sigma must be finite and >= 0"):
         explainers.smoothgrad(tiny_model, x, [1], sigma=-1)
     with pytest.raises(ValueError, match="steps must be a positive integer"):
         explainers.integrated_gradients(tiny_model, x, [1], steps=0)
     with pytest.raises(ValueError, match="out of range"):
         explainers.guided_backprop(tiny_model, x, [10])
+
+
+# --------------------------------------------------------------------------------------
+# The paper's current explainers (lib/evaluator.py): "semantic" rules by default
+# --------------------------------------------------------------------------------------
+
+
+# The same shapes as the signature test above, (2, 32, 32, 3) and targets [1, 4], so that the
+# compiled functions are shared (the noise samples and ascent steps are traced or the same).
+T = [1, 4]
+
+
+def test_soft_pullback_is_the_semantic_pullback(tiny_model):
+    x = images(2, 32, seed=4)
+    soft = explainers.get("SoftPullback")(tiny_model, x, T)
+    np.testing.assert_array_equal(soft, jaxpull.pullback(tiny_model, x, T, rules="semantic"))
+    assert not np.allclose(soft, explainers.pullback(tiny_model, x, T))  # not the excitation default
+    np.testing.assert_array_equal(explainers.soft_pullback(tiny_model, x, T, temperature=0.4),
+                                  jaxpull.pullback(tiny_model, x, T, rules="semantic", temperature=0.4))
+
+
+def test_pullback_ascent_leaves_the_box_and_the_clamped_ones_do_not(tiny_model):
+    x = images(2, 32, seed=5)
+    free = x[:, None] + explainers.get("PullbackAscent")(tiny_model, x, T, steps=2)
+    every = x[:, None] + explainers.pullback_ascent(tiny_model, x, T, rules="semantic", steps=2)
+    last = x[:, None] + explainers.get("PullbackAscentClipLast")(tiny_model, x, T, steps=2)
+    assert float(jnp.abs(free).max()) > 1.05  # unclamped: it leaves [-1, 1]
+    assert float(jnp.abs(every).max()) <= 1.0 and float(jnp.abs(last).max()) <= 1.0
+    assert not np.allclose(last, every, atol=1e-3)  # clamping once is not clamping every step
+    np.testing.assert_allclose(free, jaxpull.ascent(tiny_model, x, T, rules="semantic", steps=2, clip=False), atol=1e-6)
+
+
+def test_clip_last_is_the_unclamped_ascent_then_one_clamped_step(tiny_model):
+    """K - 1 unclamped steps (PullbackAscent), then the K-th step by hand: semantic pullback,
+    x + 20 g / ||g||_2 per (image, target), clamped to [-1, 1]."""
+    x = images(2, 32, seed=6)
+    before = (x[:, None] + explainers.get("PullbackAscent")(tiny_model, x, T, steps=2)).reshape(4, 32, 32, 3)
+    assert float(jnp.abs(before).max()) > 1.0  # the first steps were not clamped
+    labels = jnp.asarray([[1], [4], [1], [4]])
+    g = explain.pullback_core(tiny_model, before, labels, settings.make_gating(rules="semantic"))[:, 0]
+    step = 20.0 * g / jnp.sqrt(jnp.sum(g**2, axis=(1, 2, 3), keepdims=True))
+    expected = jnp.clip(before + step, -1.0, 1.0).reshape(2, 2, 32, 32, 3)
+    got = x[:, None] + explainers.get("PullbackAscentClipLast")(tiny_model, x, T, steps=3)
+    np.testing.assert_allclose(got, expected, atol=2e-5)
+
+
+def test_smooth_pullback(tiny_model):
+    x = images(2, 32, seed=7)
+    smooth = explainers.get("SmoothPullback")
+    no_noise = smooth(tiny_model, x, T, samples=3, sigma=0.0)  # n copies of the same map
+    np.testing.assert_allclose(no_noise, explainers.soft_pullback(tiny_model, x, T), rtol=1e-5, atol=1e-8)
+    a = smooth(tiny_model, x, T, samples=3, seed=7)
+    np.testing.assert_array_equal(a, smooth(tiny_model, x, T, samples=3, seed=7))  # reproducible
+    assert not np.allclose(a, smooth(tiny_model, x, T, samples=3, seed=8))
+    assert not np.allclose(a, no_noise)
+
+
+def test_current_explainers_bad_input(tiny_model):
+    x = images(1, 32)
+    for name in ("PullbackAscent", "PullbackAscentClipLast"):
+        with pytest.raises(ValueError, match=f"{name} fixes its clamping: drop clip"):
+            explainers.get(name)(tiny_model, x, [1], clip=True)
+    with pytest.raises(ValueError, match="unknown rules 'paper'"):
+        explainers.get("SoftPullback")(tiny_model, x, [1], rules="paper")
+    with pytest.raises(ValueError, match="sigma must be finite and >= 0"):
+        explainers.get("SmoothPullback")(tiny_model, x, [1], sigma=-0.1)
+    with pytest.raises(ValueError, match="margin must be finite and >= 0"):
+        explainers.get("PullbackAscentClipLast")(tiny_model, x, [1], margin=-1)
