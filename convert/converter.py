@@ -70,6 +70,11 @@ def from_state_dict(
     if family.auxiliary_keys and sd.ignore(family.auxiliary_keys):
         meta["ignored_keys"] = f"{len(sd.ignored)} tensors of the training-only auxiliary classifiers ({family.auxiliary_keys})"
     num_classes = _num_classes(sd.tensors)
+    if config is None and family.state_dict_config is not None:
+        try:
+            config = family.state_dict_config(arch, sd.tensors)
+        except ValueError as e:
+            raise ConversionError(f"state_dict does not match {arch}: {e}") from None
     spec = ModelSpec(
         arch=arch,
         num_classes=num_classes,
@@ -210,8 +215,12 @@ def convert(
         metadata.update(_fingerprint_check(arch, model, sha256, tolerance))
         io.save(Model(model.params, model.spec), out, metadata)
         return metadata
+    config = dict(model.spec.config)
+    if "image_size" in config:  # a fixed input size (ViT's position embeddings): check at that size
+        image_size = config["image_size"]
     if torch_model is None:
-        torch_model = sources.torch_model(arch, tensors, model.num_classes, image_size, model.spec.transform_input)
+        torch_model = sources.torch_model(arch, tensors, model.num_classes, image_size, model.spec.transform_input,
+                                          config)
     try:
         err = logit_parity(torch_model, model, image_size=image_size)
     except (RuntimeError, ValueError, TypeError) as e:

@@ -7,16 +7,14 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Dict, Mapping, Tuple
+from typing import TYPE_CHECKING, Dict, Mapping, Optional, Tuple
 
 if TYPE_CHECKING:  # torch is imported where a function needs it: converting known weights does not
     import torch
 
 import numpy as np
 
-from jaxpull.layers import IMAGENET_MEAN, IMAGENET_STD
 from jaxpull import models
-from jaxpull.models import densenet, efficientnet_lite
 from jaxpull.preprocessing import Preprocessing
 from jaxpull_convert import offline, pth
 from jaxpull_convert.imagenet_classes import IMAGENET_CLASSES
@@ -33,12 +31,12 @@ def torch_or_none():
 
 def input_mean(arch: str) -> Tuple[float, float, float]:
     """Per-channel mean, in [0, 1] pixel units, that ``arch``'s weights were trained with."""
-    return efficientnet_lite.INPUT_MEAN if arch == "efficientnet_lite0" else IMAGENET_MEAN
+    return models.get(arch).input_mean
 
 
 def input_std(arch: str) -> Tuple[float, float, float]:
     """Per-channel std, in [0, 1] pixel units, that ``arch``'s weights were trained with."""
-    return efficientnet_lite.INPUT_STD if arch == "efficientnet_lite0" else IMAGENET_STD
+    return models.get(arch).input_std
 
 
 def efficientnet_lite0_file() -> Path:
@@ -95,7 +93,7 @@ def read_state_dict(path: Path) -> Dict[str, np.ndarray]:
 
 
 def torch_model(arch: str, tensors: Mapping[str, np.ndarray], num_classes: int, image_size: int = 224,
-                transform_input: bool = False) -> torch.nn.Module:
+                transform_input: bool = False, config: Optional[Mapping] = None) -> torch.nn.Module:
     """The reference torch model for ``arch`` with ``tensors`` loaded (legacy keys renamed;
     GoogLeNet's and Inception-v3's training-only auxiliary heads left out, ``transform_input`` set)."""
     import torch
@@ -112,11 +110,13 @@ def torch_model(arch: str, tensors: Mapping[str, np.ndarray], num_classes: int, 
     if arch == "efficientnet_lite0":
         module = efficientnet_lite0_torch(num_classes, image_size)
     else:
+        # the options a state_dict fixes beyond the named sizes (ViT's image_size) are torchvision's too
+        options.update(config or {})
         module = torchvision.models.get_model(arch, weights=None, num_classes=num_classes, **options)
     sd = {k: torch.from_numpy(np.asarray(v)) for k, v in tensors.items()}
-    if arch.startswith("densenet"):
-        rx = re.compile(densenet.LEGACY_KEY)
-        sd = {rx.sub(r"\1\2", k): v for k, v in sd.items()}
+    if family.legacy_keys is not None:
+        rx = re.compile(family.legacy_keys[0])
+        sd = {rx.sub(family.legacy_keys[1], k): v for k, v in sd.items()}
     # BatchNorm's step counter plays no part in eval mode and is absent from old checkpoints.
     result = module.load_state_dict(sd, strict=False)
     bad = [k for k in result.missing_keys + result.unexpected_keys if not k.endswith("num_batches_tracked")]

@@ -7,6 +7,11 @@ and max |error| / max |reference| < 1e-3 (see helpers.py).
 
 from __future__ import annotations
 
+import re
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -27,10 +32,36 @@ CORE = ["resnet18", "resnet50", "vgg11_bn", "densenet121", "alexnet"]
 TARGETS = np.array([[1, 7], [3, 500]])
 
 
-def test_every_torchvision_family_member_is_covered():
+NUMERIC = re.compile(r"match(es)?_(py)?torch|parity")  # test names of numerical parity checks
+SHAPES = re.compile(r"parameter_shape|shapes")  # of shape-level conversion checks (full-size builders)
+
+
+def test_every_family_is_covered():
+    """Every registered architecture is converted by a parity test (numerically, or by shapes for
+    the full-size builders whose family is checked numerically at reduced sizes), and every family
+    file has at least one numerical parity test; read from pytest's own collection of the
+    tests/test_parity*.py files (and test_real_model.py: efficientnet_lite0's real weights), so a
+    model added without a test fails here."""
     import jaxpull.models
 
-    assert set(ALL) <= set(jaxpull.models.ARCHITECTURES)
+    here = Path(__file__).parent
+    files = sorted(str(p) for p in here.glob("test_parity*.py")) + [str(here / "test_real_model.py")]
+    out = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", *files],
+                         capture_output=True, text=True, cwd=here.parent, timeout=600)
+    ids = [line.strip() for line in out.stdout.splitlines() if "::" in line]
+    assert out.returncode == 0 and ids, out.stdout[-2000:] + out.stderr[-2000:]
+    numeric = [i for i in ids if NUMERIC.search(i.split("::")[1])]
+    shapes = [i for i in ids if SHAPES.search(i.split("::")[1])]
+    # the name in a parametrize id, or in the test's name between underscores
+    mentions = lambda arch, tests: any(re.search(rf"[\[\-_]{arch}([\]\-]|_|$)", t) for t in tests)
+    uncovered = [a for a in jaxpull.models.ARCHITECTURES if not mentions(a, numeric + shapes)]
+    assert not uncovered, f"architectures without a parity test: {uncovered}"
+    families = {}
+    for arch, family in jaxpull.models.ARCHITECTURES.items():
+        families.setdefault(family.torch_layout.__module__.rsplit(".", 1)[1], []).append(arch)
+    unchecked = [f for f, archs in families.items()
+                 if not any(mentions(a, numeric) for a in archs) and not any(f"test_parity_{f}.py" in t for t in numeric)]
+    assert not unchecked, f"families without a numerical parity test: {unchecked}"
 
 
 @pytest.mark.parametrize("arch", ALL)

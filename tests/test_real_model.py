@@ -58,7 +58,7 @@ def test_logits_and_top5_on_real_photos_match_pytorch(lite0, photos):
     assert model.class_names[int(coffee.argmax())] == "espresso"
 
 
-def test_relu6_pullbacks_on_real_weights_match_pytorch(lite0, photos):
+def test_efficientnet_lite0_relu6_pullbacks_on_real_weights_match_pytorch(lite0, photos):
     tm, model = lite0
     x, targets = photos[:2], np.array([[967, 282], [400, 657]])
     for kw, ref_model in [

@@ -186,3 +186,6 @@ def torch_layout(arch: str, sd, block_setting: Optional[Tuple[StageSetting, ...]
             p[f"features_{i}"] = {"norm": _layer_norm(sd, f"features.{i}.0"), "conv": sd.conv_bn(f"features.{i}.1", None)}
             i += 1
     return p
+
+
+MAX_POOLS = False  # whether the network has max-pools (a pool temperature applies)

@@ -101,7 +101,7 @@ LEGACY_KEY = r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias
 
 def torch_layout(arch: str, sd) -> dict:
     """Map a torchvision DenseNet state_dict (either key spelling) onto the parameter tree."""
-    sd.rename(LEGACY_KEY, r"\1\2")
+    sd.rename(*LEGACY_KEYS)
     f = "features"
     p = {"conv0": sd.conv_bn(f"{f}.conv0", f"{f}.norm0"), "norm5": sd.affine(f"{f}.norm5"),
          "classifier": sd.dense("classifier")}
@@ -121,3 +121,7 @@ def torch_layout(arch: str, sd) -> dict:
                                    "conv": sd.conv_bn(f"{f}.transition{b}.conv", None)}
         b += 1
     return p
+
+
+MAX_POOLS = True  # whether the network has max-pools (a pool temperature applies)
+LEGACY_KEYS = (LEGACY_KEY, r"\1\2")  # the published checkpoints' norm.1 / conv.1 -> the modules' norm1 / conv1

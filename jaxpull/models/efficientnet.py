@@ -286,3 +286,6 @@ def torch_layout(arch: str, sd, stages: Optional[Sequence[Sequence]] = None, las
                     block[name] = conv(f"{b}.{k}")
             p[f"features_{i}_{j}"] = block
     return p
+
+
+MAX_POOLS = False  # whether the network has max-pools (a pool temperature applies)

@@ -20,6 +20,7 @@ STAGES = ((1, 3, 1, 1, 32, 16), (2, 3, 2, 6, 16, 24), (2, 5, 2, 6, 24, 40), (3, 
 BN_EPS = 1e-3
 INPUT_MEAN = (127.0 / 255,) * 3  # (p/255 - 127/255) / (128/255) == (p - 127) / 128
 INPUT_STD = (128.0 / 255,) * 3
+INPUT_NORMALIZATION = (INPUT_MEAN, INPUT_STD)
 
 
 def blocks():
@@ -82,3 +83,6 @@ def torch_layout(arch: str, sd) -> dict:
             block["expand_conv"] = sd.conv_bn(f"{b}._expand_conv", f"{b}._bn0", BN_EPS)
         p[f"blocks_{index}"] = block
     return p
+
+
+MAX_POOLS = False  # whether the network has max-pools (a pool temperature applies)

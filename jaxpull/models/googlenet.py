@@ -132,3 +132,6 @@ def basic_convs(sd) -> dict:
 def torch_layout(arch: str, sd) -> dict:
     """Map a torchvision GoogLeNet state_dict onto the tree (the converter has dropped ``AUXILIARY_KEYS``)."""
     return {**basic_convs(sd), "fc": sd.dense("fc")}
+
+
+MAX_POOLS = True  # whether the network has max-pools (a pool temperature applies)

@@ -165,3 +165,6 @@ ARCHITECTURES = {"inception_v3": Inception3}
 def torch_layout(arch: str, sd) -> dict:
     """Map a torchvision Inception-v3 state_dict onto the tree (the converter has dropped ``AUXILIARY_KEYS``)."""
     return {**basic_convs(sd), "fc": sd.dense("fc")}
+
+
+MAX_POOLS = True  # whether the network has max-pools (a pool temperature applies)

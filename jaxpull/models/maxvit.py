@@ -378,3 +378,5 @@ def torch_layout(arch: str, sd, **config) -> dict:
         p[f"blocks_{i}"] = block
     return p
 
+
+MAX_POOLS = False  # whether the network has max-pools (a pool temperature applies)

@@ -114,3 +114,6 @@ def torch_layout(arch: str, sd) -> dict:
             i += 1
         p[f"layers_{index}"] = stack
     return p
+
+
+MAX_POOLS = False  # whether the network has max-pools (a pool temperature applies)

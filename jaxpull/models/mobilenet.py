@@ -72,3 +72,6 @@ def torch_layout(arch: str, sd) -> dict:
                                       "depthwise": sd.conv_bn(f"{c}.1.0", f"{c}.1.1"),
                                       "project": sd.conv_bn(f"{c}.2", f"{c}.3")}
     return p
+
+
+MAX_POOLS = False  # whether the network has max-pools (a pool temperature applies)

@@ -148,3 +148,6 @@ def torch_layout(arch: str, sd) -> dict:
                 block[name] = sd.conv_bn(f"{b}.{j}.0", f"{b}.{j}.1", BN_EPS)
         p[f"features_{i + 1}"] = block
     return p
+
+
+MAX_POOLS = False  # whether the network has max-pools (a pool temperature applies)

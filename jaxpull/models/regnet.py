@@ -198,3 +198,6 @@ def torch_layout(arch: str, sd) -> dict:
         p[f"block{s}"] = stage
         s += 1
     return p
+
+
+MAX_POOLS = False  # whether the network has max-pools (a pool temperature applies)

@@ -146,3 +146,6 @@ def torch_layout(arch: str, sd) -> dict:
             i += 1
         p[f"layer{stage}"] = layer
     return p
+
+
+MAX_POOLS = True  # whether the network has max-pools (a pool temperature applies)

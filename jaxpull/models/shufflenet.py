@@ -94,3 +94,6 @@ def torch_layout(arch: str, sd) -> dict:
             p[f"stage{stage}_{i}"] = unit
             i += 1
     return p
+
+
+MAX_POOLS = True  # whether the network has max-pools (a pool temperature applies)

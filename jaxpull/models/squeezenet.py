@@ -85,3 +85,6 @@ def torch_layout(arch: str, sd) -> dict:
             p[f"features_{index}"] = {name: sd.conv_bn(f"features.{index}.{name}", None)
                                       for name in ("squeeze", "expand1x1", "expand3x3")}
     return p
+
+
+MAX_POOLS = True  # whether the network has max-pools (a pool temperature applies)

@@ -363,3 +363,6 @@ def torch_layout(arch: str, sd, **config) -> dict:
             p[f"features_{2 * i + 2}"] = {"reduction": {} if w is None else {"kernel": w.T.astype(np.float32)},
                                           "norm": _layer_norm(sd, f"features.{2 * i + 2}.norm")}
     return p
+
+
+MAX_POOLS = False  # whether the network has max-pools (a pool temperature applies)

@@ -71,3 +71,6 @@ def torch_layout(arch: str, sd) -> dict:
     for i in (0, 3, 6):
         p[f"classifier_{i}"] = sd.dense(f"classifier.{i}")
     return p
+
+
+MAX_POOLS = True  # whether the network has max-pools (a pool temperature applies)

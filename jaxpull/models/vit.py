@@ -266,3 +266,6 @@ def torch_layout(arch: str, sd, **config) -> dict:
     if config.get("representation_size") is not None:
         p["pre_logits"] = sd.dense("heads.pre_logits")
     return {k: v for k, v in p.items() if v is not None}
+
+
+MAX_POOLS = False  # whether the network has max-pools (a pool temperature applies)
