@@ -90,3 +90,36 @@ def check_parity(tm, model, x: np.ndarray, targets: np.ndarray, *, presets=("exc
         assert_maps_close(np.asarray(got) - x[:, None], ref - xt[:, None], rel_max=ascent_rel)
         errors["ascent"] = map_errors(np.asarray(got) - x[:, None], ref - xt[:, None])
     return errors
+
+
+class _ShapeOnly(np.ndarray):
+    """A stride-0 array standing in for a tensor: its copies (``astype``) take no memory either."""
+
+    def astype(self, dtype, *args, **kwargs):
+        return stand_in(self.shape, dtype)
+
+
+def stand_in(shape, dtype=np.float32) -> np.ndarray:
+    """An array of ``shape`` that takes no memory (every stride 0, copies too): for shape-only
+    conversions of full-size models (vit_h_14's 632M parameters)."""
+    return np.lib.stride_tricks.as_strided(np.zeros(1, dtype), tuple(shape), [0] * len(shape)).view(_ShapeOnly)
+
+
+def check_layout_shapes(arch: str, tm, **config) -> None:
+    """``tm``'s state_dict (typically built on torch's meta device: shapes only, no memory) maps
+    through ``arch``'s ``torch_layout`` onto exactly the Flax module's parameter shapes (computed
+    abstractly), with no key missing or left over."""
+    from flax import traverse_util
+
+    import jaxpull.models
+    from jaxpull.model import ModelSpec, param_shapes
+    from jaxpull_convert.state_dict import StateDict
+
+    sd = StateDict({})
+    sd.tensors = {k: stand_in(v.shape) for k, v in tm.state_dict().items()}  # not through np.asarray
+    params = jaxpull.models.get(arch).torch_layout(arch, sd, **config)
+    assert sd.missing == [] and sd.unused() == [], (sd.missing[:5], sd.unused()[:5])
+    got = {k: v.shape for k, v in traverse_util.flatten_dict(params, sep="/").items()}
+    spec = ModelSpec(arch, config=tuple(sorted(config.items())))
+    want = {k: v.shape for k, v in traverse_util.flatten_dict(param_shapes(spec), sep="/").items()}
+    assert got == want

@@ -32,10 +32,10 @@ import jaxpull
 import jaxpull.models
 import jaxpull_convert
 from conftest import images
-from helpers import assert_logits_close, assert_maps_close, check_parity, map_errors
+from helpers import assert_logits_close, assert_maps_close, check_parity, check_layout_shapes, map_errors
 from jaxpull import io
 from jaxpull.gates import VANILLA
-from jaxpull.model import ModelSpec, param_shapes
+from jaxpull.model import ModelSpec
 from jaxpull.models import convnext
 from jaxpull.settings import make_gating
 from jaxpull_convert import torch_reference as R
@@ -45,27 +45,15 @@ SMALL_SETTING = ((8, 16, 1), (16, 24, 1), (24, None, 1))  # every code path; few
 TARGETS = np.array([[1, 7], [3, 0]])
 
 
-def _stand_in(shape) -> np.ndarray:
-    """A float32 array of ``shape`` that takes no memory (every stride 0)."""
-    return np.lib.stride_tricks.as_strided(np.zeros(1, np.float32), tuple(shape), [0] * len(shape))
 
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_torch_layout_gives_every_parameter_shape(arch):
     """torchvision's state_dict (meta device) maps onto exactly the Flax module's parameters."""
-    from flax import traverse_util
-
-    from jaxpull_convert.state_dict import StateDict
-
     with torch.device("meta"):
         tm = torchvision.models.get_model(arch, weights=None)
     assert convnext.torch_config(tm) == {}
-    sd = StateDict({k: _stand_in(v.shape) for k, v in tm.state_dict().items()})
-    params = jaxpull.models.get(arch).torch_layout(arch, sd)
-    assert sd.missing == [] and sd.unused() == []
-    got = {k: v.shape for k, v in traverse_util.flatten_dict(params, sep="/").items()}
-    want = {k: v.shape for k, v in traverse_util.flatten_dict(param_shapes(ModelSpec(arch)), sep="/").items()}
-    assert got == want
+    check_layout_shapes(arch, tm)
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -22,27 +22,21 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from flax import traverse_util
 from torchvision.models.efficientnet import EfficientNet, FusedMBConvConfig, MBConvConfig
 
 import jaxpull
 import jaxpull_convert
 from jaxpull_convert import torch_reference as R
 from conftest import images, randomize_batchnorm
-from helpers import REL_ERR_MAX, assert_logits_close, check_parity, map_errors
+from helpers import REL_ERR_MAX, assert_logits_close, check_parity, check_layout_shapes, map_errors
 from jaxpull import io
-from jaxpull.model import ModelSpec, param_shapes
 from jaxpull.models import efficientnet
-from jaxpull_convert.state_dict import StateDict
 
 V1 = [f"efficientnet_b{i}" for i in range(8)]
 V2 = ["efficientnet_v2_s", "efficientnet_v2_m", "efficientnet_v2_l"]
 TARGETS = np.array([[1, 7], [3, 5]])
 
 
-def _stand_in(shape) -> np.ndarray:
-    """A float32 array of ``shape`` that takes no memory (every stride 0)."""
-    return np.lib.stride_tricks.as_strided(np.zeros(1, np.float32), tuple(shape), [0] * len(shape))
 
 
 def test_every_model_is_registered_with_its_preprocessing():
@@ -58,12 +52,7 @@ def test_torch_layout_gives_every_parameter_shape(arch):
     with torch.device("meta"):
         tm = torchvision.models.get_model(arch, weights=None)
     assert efficientnet.torch_config(tm) == {}
-    sd = StateDict({k: _stand_in(v.shape) for k, v in tm.state_dict().items()})
-    params = jaxpull.models.get(arch).torch_layout(arch, sd)
-    assert sd.missing == [] and sd.unused() == []
-    got = {k: v.shape for k, v in traverse_util.flatten_dict(params, sep="/").items()}
-    want = {k: v.shape for k, v in traverse_util.flatten_dict(param_shapes(ModelSpec(arch)), sep="/").items()}
-    assert got == want
+    check_layout_shapes(arch, tm)
 
 
 def _randomized(tm: torch.nn.Module) -> torch.nn.Module:

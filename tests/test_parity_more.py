@@ -33,8 +33,7 @@ import jaxpull
 import jaxpull.models
 from jaxpull_convert import torch_reference as R
 from conftest import images, torch_and_jax
-from helpers import LOGIT_REL, map_errors
-from jaxpull.model import ModelSpec, param_shapes
+from helpers import LOGIT_REL, check_layout_shapes, map_errors
 
 REGNET_X = ["regnet_x_400mf", "regnet_x_800mf", "regnet_x_1_6gf", "regnet_x_3_2gf", "regnet_x_8gf",
             "regnet_x_16gf", "regnet_x_32gf"]
@@ -52,9 +51,6 @@ def test_every_model_is_registered():
     assert set(ALL) <= set(jaxpull.models.ARCHITECTURES)
 
 
-def _stand_in(shape) -> np.ndarray:
-    """A float32 array of ``shape`` that takes no memory (every stride 0)."""
-    return np.lib.stride_tricks.as_strided(np.zeros(1, np.float32), tuple(shape), [0] * len(shape))
 
 
 def _torchvision_block_params(arch: str):
@@ -87,17 +83,8 @@ def test_regnet_stages_are_torchvisions(arch):
 @pytest.mark.parametrize("arch", ALL)
 def test_torch_layout_gives_every_parameter_shape(arch):
     """torchvision's state_dict (meta device) maps onto exactly the Flax module's parameters."""
-    from flax import traverse_util
-
-    from jaxpull_convert.state_dict import StateDict
-
     tm = _meta_model(arch)
-    sd = StateDict({k: _stand_in(v.shape) for k, v in tm.state_dict().items()})
-    params = jaxpull.models.get(arch).torch_layout(arch, sd)
-    assert sd.missing == [] and sd.unused() == []
-    got = {k: v.shape for k, v in traverse_util.flatten_dict(params, sep="/").items()}
-    want = {k: v.shape for k, v in traverse_util.flatten_dict(param_shapes(ModelSpec(arch)), sep="/").items()}
-    assert got == want
+    check_layout_shapes(arch, tm)
 
 
 def parity_errors(arch: str, ascent: bool) -> dict:

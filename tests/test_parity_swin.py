@@ -32,8 +32,7 @@ from torchvision.models.swin_transformer import PatchMergingV2, SwinTransformer,
 import jaxpull
 import jaxpull.models
 import jaxpull_convert
-from helpers import assert_maps_close, check_parity, map_errors
-from jaxpull.model import ModelSpec, param_shapes
+from helpers import assert_maps_close, check_parity, check_layout_shapes, map_errors
 from jaxpull.models import swin
 from jaxpull.settings import make_ascent, make_gating
 from jaxpull_convert import torch_reference as R
@@ -44,9 +43,6 @@ SIZES = {False: (44, 36), True: (36, 52)}  # (H, W): stage 1 11x9 / 9x13, stage 
 TARGETS = np.array([[1, 7], [3, 5]])
 
 
-def _stand_in(shape) -> np.ndarray:
-    """A float32 array of ``shape`` that takes no memory (every stride 0)."""
-    return np.lib.stride_tricks.as_strided(np.zeros(1, np.float32), tuple(shape), [0] * len(shape))
 
 
 def _randomize(tm: torch.nn.Module, seed: int = 0) -> None:
@@ -94,19 +90,10 @@ def test_every_model_is_registered_with_its_preprocessing():
 @pytest.mark.parametrize("arch", ALL)
 def test_torch_layout_gives_every_parameter_shape(arch):
     """torchvision's state_dict (meta device) maps onto exactly the Flax module's parameters."""
-    from flax import traverse_util
-
-    from jaxpull_convert.state_dict import StateDict
-
     with torch.device("meta"):
         tm = torchvision.models.get_model(arch, weights=None)
     assert swin.torch_config(tm) == {}
-    sd = StateDict({k: _stand_in(v.shape) for k, v in tm.state_dict().items()})
-    params = jaxpull.models.get(arch).torch_layout(arch, sd)
-    assert sd.missing == [] and sd.unused() == []
-    got = {k: v.shape for k, v in traverse_util.flatten_dict(params, sep="/").items()}
-    want = {k: v.shape for k, v in traverse_util.flatten_dict(param_shapes(ModelSpec(arch)), sep="/").items()}
-    assert got == want
+    check_layout_shapes(arch, tm)
 
 
 def test_window_constants_are_torchvisions():

@@ -29,40 +29,19 @@ from torchvision.models.vision_transformer import VisionTransformer
 import jaxpull
 import jaxpull_convert
 from conftest import images
-from helpers import assert_maps_close, check_parity, map_errors
+from helpers import assert_maps_close, check_layout_shapes, check_parity, map_errors, stand_in
 from jaxpull.model import ModelSpec, param_shapes
 from jaxpull.models import vit
 from jaxpull.settings import make_gating
 from jaxpull_convert import torch_reference as R
-from jaxpull_convert.state_dict import StateDict
 
 ARCHS = ["vit_b_16", "vit_b_32", "vit_l_16", "vit_l_32", "vit_h_14"]
 SMALL = dict(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64)
 TARGETS = np.array([[1, 7], [3, 5]])
 
 
-class _ShapeOnly(np.ndarray):
-    """A stride-0 array standing in for a tensor: its copies (``astype``) take no memory either."""
-
-    def astype(self, dtype, *args, **kwargs):
-        return _stand_in(self.shape, dtype)
-
-
-def _stand_in(shape, dtype=np.float32) -> np.ndarray:
-    return np.lib.stride_tricks.as_strided(np.zeros(1, dtype), tuple(shape), [0] * len(shape)).view(_ShapeOnly)
-
-
 def _shapes(tree) -> dict:
     return {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(tree, sep="/").items()}
-
-
-def _layout_shapes(arch: str, tm: torch.nn.Module, **config) -> dict:
-    """torch_layout of ``tm``'s state_dict (shapes only), checked to read every key."""
-    sd = StateDict({})
-    sd.tensors = {k: _stand_in(v.shape) for k, v in tm.state_dict().items()}
-    params = vit.torch_layout(arch, sd, **config)
-    assert sd.missing == [] and sd.unused() == []
-    return _shapes(params)
 
 
 def test_every_model_is_registered():
@@ -77,7 +56,7 @@ def test_torch_layout_gives_every_parameter_shape(arch):
     with torch.device("meta"):
         tm = torchvision.models.get_model(arch, weights=None)
     assert vit.torch_config(tm) == {}
-    assert _layout_shapes(arch, tm) == _shapes(param_shapes(ModelSpec(arch)))
+    check_layout_shapes(arch, tm)
 
 
 def test_vit_h_14_at_the_size_of_its_default_weights():
@@ -86,10 +65,10 @@ def test_vit_h_14_at_the_size_of_its_default_weights():
         tm = torchvision.models.vit_h_14(image_size=518)
     config = vit.torch_config(tm)
     assert config == {"image_size": 518}
-    assert vit.state_dict_config("vit_h_14", {k: _stand_in(v.shape) for k, v in tm.state_dict().items()}) == config
+    assert vit.state_dict_config("vit_h_14", {k: stand_in(v.shape) for k, v in tm.state_dict().items()}) == config
+    check_layout_shapes("vit_h_14", tm, **config)
     spec = ModelSpec("vit_h_14", config=tuple(config.items()))
-    shapes = _layout_shapes("vit_h_14", tm, **config)
-    assert shapes == _shapes(param_shapes(spec)) and shapes["encoder/pos_embedding"] == (1, 37 * 37 + 1, 1280)
+    assert _shapes(param_shapes(spec))["encoder/pos_embedding"] == (1, 37 * 37 + 1, 1280)
 
 
 def _randomize(tm: torch.nn.Module, seed: int = 1) -> torch.nn.Module:
