@@ -158,18 +158,20 @@ def sample_images() -> Dict[str, Path]:
     matplotlib's ``grace_hopper.jpg`` and scikit-image's chelsea, coffee, rocket and astronaut,
     where those packages are installed.
     """
-    found: Dict[str, Path] = {}
-    try:
-        import matplotlib
-
-        p = Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"
-        if p.is_file():
-            found["grace_hopper"] = p
-    except ImportError:
-        pass
+    found = _matplotlib_photos((("grace_hopper", "grace_hopper.jpg"),))
     found.update(_skimage_photos((("chelsea", "chelsea.png"), ("coffee", "coffee.png"), ("rocket", "rocket.jpg"),
                                   ("astronaut", "astronaut.png"))))
     return found
+
+
+def _matplotlib_photos(files: Sequence[Tuple[str, str]]) -> Dict[str, Path]:
+    """name -> path of those of matplotlib's ``sample_data`` ``files`` that are installed."""
+    try:
+        import matplotlib
+    except ImportError:
+        return {}
+    paths = {name: Path(matplotlib.get_data_path()) / "sample_data" / file for name, file in files}
+    return {name: p for name, p in paths.items() if p.is_file()}
 
 
 def _skimage_photos(files: Sequence[Tuple[str, str]]) -> Dict[str, Path]:
@@ -196,15 +198,7 @@ _MORE_PHOTOS = (
 def _package_photos() -> Dict[str, Path]:
     """matplotlib's photo of a tea pack and scikit-learn's ``load_sample_images`` (china, flower),
     where those packages are installed."""
-    found: Dict[str, Path] = {}
-    try:
-        import matplotlib
-
-        p = Path(matplotlib.get_data_path()) / "sample_data" / "Minduka_Present_Blue_Pack.png"
-        if p.is_file():
-            found["tea_pack"] = p
-    except ImportError:
-        pass
+    found = _matplotlib_photos((("tea_pack", "Minduka_Present_Blue_Pack.png"),))
     try:
         import sklearn.datasets
     except ImportError:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from typing import Iterator, Optional, Sequence, Tuple, Union
+from typing import Callable, Iterator, Optional, Sequence, Tuple, Union
 
 import flax.linen as nn
 import jax
@@ -180,6 +180,22 @@ class LayerNorm(nn.Module):
         scale = self.param("scale", nn.initializers.ones, (c,))
         bias = self.param("bias", nn.initializers.zeros, (c,))
         return gates.layer_norm(x, scale, bias, self.eps, gating)
+
+
+class SqueezeExcitation(nn.Module):
+    """torchvision's ``SqueezeExcitation``: ``x * scale(fc2(activation(fc1(mean(x)))))`` on
+    ``(N, H, W, C)``. ``activation`` is a gated unit of :mod:`jaxpull.gates` (``relu``, ``silu``:
+    its rule applies); ``scale`` (sigmoid, hardsigmoid) and the product keep their plain derivatives."""
+
+    squeeze_channels: int
+    activation: Callable[[jax.Array, gates.Gating], jax.Array]
+    scale: Callable[[jax.Array], jax.Array] = jax.nn.sigmoid
+
+    @nn.compact
+    def __call__(self, x: jax.Array, gating: gates.Gating) -> jax.Array:
+        s = jnp.mean(x, axis=(1, 2), keepdims=True)  # (N, 1, 1, C)
+        s = self.activation(Conv(self.squeeze_channels, 1, use_bias=True, name="fc1")(s), gating)
+        return self.scale(Conv(x.shape[-1], 1, use_bias=True, name="fc2")(s)) * x
 
 
 def avg_pool(x: jax.Array, window: int, stride: int) -> jax.Array:

@@ -39,6 +39,13 @@ TARGETS = np.array([[1, 7], [3, 5]])
 
 
 
+def test_v2_l_records_its_own_normalisation():
+    from jaxpull_convert import sources
+
+    assert sources.input_mean("efficientnet_v2_l") == (0.5, 0.5, 0.5) == sources.input_std("efficientnet_v2_l")
+    assert sources.input_mean("efficientnet_v2_m") == jaxpull.layers.IMAGENET_MEAN
+
+
 def test_every_model_is_registered_with_its_preprocessing():
     for arch in V1 + V2:
         assert jaxpull.models.get(arch).preprocessing == efficientnet.PREPROCESSING[arch]

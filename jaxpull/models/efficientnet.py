@@ -25,10 +25,9 @@ from typing import NamedTuple, Optional, Sequence, Tuple
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
 from jaxpull.gates import Gating, silu
-from jaxpull.layers import Conv, Dense, global_avg_pool
+from jaxpull.layers import Conv, Dense, SqueezeExcitation, global_avg_pool
 from jaxpull.preprocessing import Preprocessing
 
 BLOCKS = ("MBConv", "FusedMBConv")
@@ -109,24 +108,10 @@ PREPROCESSING = {
     "efficientnet_v2_l": Preprocessing(480, 480, "bicubic"),
 }
 # The same transforms' normalisation where it is not ImageNet's: efficientnet_v2_l's weights take
-# mean = std = (0.5, 0.5, 0.5) (NOT yet wired into jaxpull_convert.sources: see the report).
+# mean = std = (0.5, 0.5, 0.5) (the converter records it in the file, as for EfficientNet-Lite0).
 INPUT_NORMALIZATION = {"efficientnet_v2_l": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))}
 
 
-class SqueezeExcitation(nn.Module):
-    """torchvision's ``SqueezeExcitation`` (SiLU): ``x * sigmoid(fc2(silu(fc1(mean(x)))))``.
-
-    The SiLU is gated; the sigmoid and the product keep their plain derivatives.
-    """
-
-    squeeze_channels: int
-
-    @nn.compact
-    def __call__(self, x: jax.Array, gating: Gating) -> jax.Array:
-        scale = jnp.mean(x, axis=(1, 2), keepdims=True)  # (N, 1, 1, C)
-        scale = silu(Conv(self.squeeze_channels, 1, use_bias=True, name="fc1")(scale), gating)
-        scale = Conv(x.shape[-1], 1, use_bias=True, name="fc2")(scale)
-        return jax.nn.sigmoid(scale) * x
 
 
 class MBConv(nn.Module):
@@ -147,7 +132,7 @@ class MBConv(nn.Module):
         y = Conv(expanded, self.kernel, self.stride, (self.kernel - 1) // 2, groups=expanded, use_bias=True,
                  name="depthwise")(y)
         y = silu(y, gating)
-        y = SqueezeExcitation(max(1, self.input_channels // 4), name="se")(y, gating)
+        y = SqueezeExcitation(max(1, self.input_channels // 4), silu, name="se")(y, gating)
         y = Conv(self.out_channels, 1, use_bias=True, name="project")(y)
         return y + x if self.stride == 1 and self.input_channels == self.out_channels else y
 

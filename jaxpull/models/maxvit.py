@@ -34,7 +34,7 @@ import numpy as np
 
 from jaxpull import gates
 from jaxpull.gates import Gating
-from jaxpull.layers import Affine, Conv, Dense, LayerNorm, avg_pool, matmul
+from jaxpull.layers import Affine, Conv, Dense, LayerNorm, SqueezeExcitation, avg_pool, matmul
 from jaxpull.preprocessing import Preprocessing
 
 BN_EPS = 1e-3  # torchvision's BatchNorm2d(eps=1e-3, momentum=0.01)
@@ -155,17 +155,6 @@ class PartitionAttentionLayer(nn.Module):
         return window_departition(swap(t), p, h // p, w // p)
 
 
-class SqueezeExcitation(nn.Module):
-    """torchvision's ``SqueezeExcitation`` with SiLU: ``x * sigmoid(fc2(silu(fc1(mean(x)))))``;
-    the SiLU is gated, the sigmoid and the product keep their plain derivatives."""
-
-    squeeze_channels: int
-
-    @nn.compact
-    def __call__(self, x: jax.Array, gating: Gating) -> jax.Array:
-        s = jnp.mean(x, axis=(1, 2), keepdims=True)  # (N, 1, 1, C)
-        s = gates.silu(Conv(self.squeeze_channels, 1, use_bias=True, name="fc1")(s), gating)
-        return jax.nn.sigmoid(Conv(x.shape[-1], 1, use_bias=True, name="fc2")(s)) * x
 
 
 class MBConv(nn.Module):
@@ -186,7 +175,7 @@ class MBConv(nn.Module):
         y = Affine(name="pre_norm")(x)
         y = gates.gelu(Conv(mid, 1, use_bias=True, name="conv_a")(y), gating)
         y = gates.gelu(Conv(mid, 3, self.stride, 1, groups=mid, use_bias=True, name="conv_b")(y), gating)
-        y = SqueezeExcitation(int(self.out_channels * SQUEEZE_RATIO), name="squeeze_excitation")(y, gating)
+        y = SqueezeExcitation(int(self.out_channels * SQUEEZE_RATIO), gates.silu, name="squeeze_excitation")(y, gating)
         return res + Conv(self.out_channels, 1, use_bias=True, name="conv_c")(y)
 
 

@@ -14,10 +14,9 @@ from typing import Optional
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
 from jaxpull.gates import Gating, hardsigmoid, hardswish, relu
-from jaxpull.layers import Conv, Dense, global_avg_pool
+from jaxpull.layers import Conv, Dense, SqueezeExcitation, global_avg_pool
 
 BN_EPS = 1e-3
 
@@ -70,17 +69,6 @@ def activation(name: str):
     return {"RE": relu, "HS": hardswish}[name]
 
 
-class SqueezeExcitation(nn.Module):
-    """torchvision's ``SqueezeExcitation`` (ReLU, Hardsigmoid scale): ``x * scale(mean(x))``."""
-
-    squeeze_channels: int
-
-    @nn.compact
-    def __call__(self, x: jax.Array, gating: Gating) -> jax.Array:
-        s = jnp.mean(x, axis=(1, 2), keepdims=True)
-        s = relu(Conv(self.squeeze_channels, 1, use_bias=True, name="fc1")(s), gating)
-        s = hardsigmoid(Conv(x.shape[-1], 1, use_bias=True, name="fc2")(s))
-        return s * x
 
 
 class InvertedResidual(nn.Module):
@@ -104,7 +92,7 @@ class InvertedResidual(nn.Module):
                  use_bias=True, name="depthwise")(y)
         y = act(y, gating)
         if self.use_se:
-            y = SqueezeExcitation(make_divisible(self.expanded // 4), name="se")(y, gating)
+            y = SqueezeExcitation(make_divisible(self.expanded // 4), relu, hardsigmoid, name="se")(y, gating)
         y = Conv(self.out, 1, use_bias=True, name="project")(y)
         return y + x if self.stride == 1 and self.inp == self.out else y
 

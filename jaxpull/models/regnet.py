@@ -19,11 +19,10 @@ from typing import NamedTuple, Optional, Tuple
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jaxpull.gates import Gating
-from jaxpull.layers import Conv, Dense, global_avg_pool, relu
+from jaxpull.layers import Conv, Dense, SqueezeExcitation, global_avg_pool, relu
 
 
 class Stage(NamedTuple):
@@ -68,20 +67,6 @@ def block_params(depth: int, w_0: int, w_a: float, w_m: float, group_width: int,
     return tuple(stages)
 
 
-class SqueezeExcitation(nn.Module):
-    """torchvision's ``SqueezeExcitation``: ``x * sigmoid(fc2(relu(fc1(mean(x)))))``.
-
-    The ReLU is gated; the sigmoid and the product keep their plain derivatives.
-    """
-
-    squeeze_channels: int
-
-    @nn.compact
-    def __call__(self, x: jax.Array, gating: Gating) -> jax.Array:
-        scale = jnp.mean(x, axis=(1, 2), keepdims=True)  # (N, 1, 1, C)
-        scale = relu(Conv(self.squeeze_channels, 1, use_bias=True, name="fc1")(scale), gating)
-        scale = Conv(x.shape[-1], 1, use_bias=True, name="fc2")(scale)
-        return jax.nn.sigmoid(scale) * x
 
 
 class BottleneckTransform(nn.Module):
@@ -101,7 +86,7 @@ class BottleneckTransform(nn.Module):
         y = relu(Conv(w_b, 3, self.stride, 1, groups, use_bias=True, name="b")(y), gating)
         if self.se_ratio:
             # the SE reduction is relative to the block's input width
-            y = SqueezeExcitation(int(round(self.se_ratio * x.shape[-1])), name="se")(y, gating)
+            y = SqueezeExcitation(int(round(self.se_ratio * x.shape[-1])), relu, name="se")(y, gating)
         return Conv(self.width_out, 1, use_bias=True, name="c")(y)
 
 
