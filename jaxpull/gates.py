@@ -49,7 +49,6 @@ from typing import Callable, Optional
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.scipy.special import ndtr
 
 GATES = ("sigmoid", "normal_cdf")
 POOL_WEIGHTS = ("soft", "detached")
@@ -117,12 +116,22 @@ class Gating:
 VANILLA = Gating()
 
 
+def normal_cdf(z: jax.Array) -> jax.Array:
+    """The standard normal CDF Phi as ``0.5 * (1 + erf(z / sqrt(2)))``, the reference's form.
+
+    ``jax.scipy.special.ndtr`` (accurate far into the lower tail) costs about 5x more on XLA:CPU
+    (mobilenet_v2, 2 images x 10 labels: 2.10 s vs 0.41 s per call); the two differ only where
+    Phi < 1e-7, which no gate can tell from 0.
+    """
+    return 0.5 * (1 + lax.erf(z * jnp.asarray(0.7071067811865476, z.dtype)))
+
+
 def gate_function(gate: str) -> Callable[[jax.Array], jax.Array]:
     """The smooth step ``s`` of a gate name: sigmoid or the standard normal CDF."""
     if gate == "sigmoid":
         return jax.nn.sigmoid
     if gate == "normal_cdf":
-        return ndtr
+        return normal_cdf
     raise ValueError(f"unknown gate {gate!r}: use one of {', '.join(GATES)}")
 
 
