@@ -45,8 +45,6 @@ SMALL_SETTING = ((8, 16, 1), (16, 24, 1), (24, None, 1))  # every code path; few
 TARGETS = np.array([[1, 7], [3, 0]])
 
 
-
-
 @pytest.mark.parametrize("arch", ARCHS)
 def test_torch_layout_gives_every_parameter_shape(arch):
     """torchvision's state_dict (meta device) maps onto exactly the Flax module's parameters."""

@@ -37,8 +37,6 @@ V2 = ["efficientnet_v2_s", "efficientnet_v2_m", "efficientnet_v2_l"]
 TARGETS = np.array([[1, 7], [3, 5]])
 
 
-
-
 def test_v2_l_records_its_own_normalisation():
     from jaxpull_convert import sources
 

@@ -51,8 +51,6 @@ def test_every_model_is_registered():
     assert set(ALL) <= set(jaxpull.models.ARCHITECTURES)
 
 
-
-
 def _torchvision_block_params(arch: str):
     """torchvision's ``BlockParams`` of a RegNet (its builder stopped before building the model)."""
     with mock.patch("torchvision.models.regnet._regnet", lambda params, weights, progress, **kw: params):

@@ -43,8 +43,6 @@ SIZES = {False: (44, 36), True: (36, 52)}  # (H, W): stage 1 11x9 / 9x13, stage 
 TARGETS = np.array([[1, 7], [3, 5]])
 
 
-
-
 def _randomize(tm: torch.nn.Module, seed: int = 0) -> None:
     """Make every parameter matter: LayerNorm affines near 1 / 0, biases, unit-gain linear weights,
     relative position bias tables O(1), logit scales around log 10 (the first one above log 100)."""

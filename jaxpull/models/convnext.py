@@ -57,8 +57,6 @@ PREPROCESSING = {
 }
 
 
-
-
 class CNBlock(nn.Module):
     """``x + layer_scale * pwconv2(gelu(pwconv1(norm(dwconv(x)))))`` on ``(N, H, W, C)``."""
 

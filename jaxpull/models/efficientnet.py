@@ -112,8 +112,6 @@ PREPROCESSING = {
 INPUT_NORMALIZATION = {"efficientnet_v2_l": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))}
 
 
-
-
 class MBConv(nn.Module):
     """[1x1 ``expand`` + SiLU] -> kxk ``depthwise`` + SiLU -> ``se`` -> 1x1 ``project`` (+ input)."""
 

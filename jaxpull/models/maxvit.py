@@ -87,8 +87,6 @@ def window_departition(x: jax.Array, p: int, hp: int, wp: int) -> jax.Array:
     return x.reshape(n, hp, wp, p, p, c).transpose(0, 1, 3, 2, 4, 5).reshape(n, hp * p, wp * p, c)
 
 
-
-
 class QKVProjection(nn.Module):
     """``to_qkv``: one ``Linear(C, 3 D)`` whose thirds project the query, key and value inputs
     (which the attention rule may scale differently); ``kernel`` ``(C, 3 D)``, ``bias`` ``(3 D,)``."""
@@ -153,8 +151,6 @@ class PartitionAttentionLayer(nn.Module):
         y = gates.gelu(Dense(c * MLP_RATIO, name="mlp_layer_1")(y), gating)
         t = t + Dense(c, name="mlp_layer_3")(y)
         return window_departition(swap(t), p, h // p, w // p)
-
-
 
 
 class MBConv(nn.Module):

@@ -69,8 +69,6 @@ def activation(name: str):
     return {"RE": relu, "HS": hardswish}[name]
 
 
-
-
 class InvertedResidual(nn.Module):
     """[1x1 expand + act] -> kxk depthwise + act -> [SE] -> 1x1 linear projection (+ residual)."""
 

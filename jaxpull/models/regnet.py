@@ -67,8 +67,6 @@ def block_params(depth: int, w_0: int, w_a: float, w_m: float, group_width: int,
     return tuple(stages)
 
 
-
-
 class BottleneckTransform(nn.Module):
     """``f``: 1x1 ``a`` -> grouped 3x3 ``b`` (strided) [-> ``se``] -> 1x1 ``c`` (no ReLU)."""
 

@@ -67,8 +67,6 @@ PREPROCESSING = {
 }
 
 
-
-
 class SelfAttention(nn.Module):
     """``nn.MultiheadAttention(hidden_dim, num_heads, batch_first=True)`` on ``(x, x, x)``, no mask.
 
