@@ -10,7 +10,7 @@ from __future__ import annotations
 import statistics
 import time
 
-from jaxpull import explorer as ex
+from jaxpull.shell import explorer as ex
 
 
 def timed(fn, *args):

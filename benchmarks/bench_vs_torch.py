@@ -15,7 +15,7 @@ matmul peak. Not a test: figures vary with the machine and its load.
 
 Cases (resnet50, 224x224, random weights, float32):
   a) single-step pullbacks of 1 image for K labels: jaxpull.pullback (shared forward; K = 1000
-     through jaxpull.sweep in memory-bounded chunks) vs torch with module-swapped gates, the image
+     through jaxpull.shell.sweep in memory-bounded chunks) vs torch with module-swapped gates, the image
      repeated K times in batches of --torch-batch and one backward per batch;
   b) 5-step ascent, 5 images x 10 labels: jaxpull.ascent (all 50 pairs as one batch) vs the
      reference PGA loop batched over the same 50 pairs;
@@ -164,8 +164,8 @@ def main() -> None:
     import jaxpull
     import jaxpull_convert
     from jaxpull_convert import torch_reference as R
-    from jaxpull import explain
-    from jaxpull import sweep as S
+    from jaxpull.core import pullback
+    from jaxpull.shell import sweep as S
 
     torch.manual_seed(0)
     tm = torchvision.models.get_model(args.arch).eval()
@@ -219,7 +219,7 @@ def main() -> None:
         for k in [int(v) for v in args.ks.split(",")]:
             labels = np.arange(k) % 1000
             chunk = min(k, args.chunk)
-            per = flops(explain.pullback_core, model, jnp.asarray(x1), jnp.asarray(labels[None, :chunk]),
+            per = flops(pullback.pullback_core, model, jnp.asarray(x1), jnp.asarray(labels[None, :chunk]),
                         gating) * (k / chunk)
             if k <= args.chunk:
                 jax_fn = lambda: jaxpull.pullback(model, x1, labels, rules=args.rules)
@@ -238,13 +238,13 @@ def main() -> None:
         xt, tt = torch.from_numpy(x5).to(device), torch.from_numpy(np.tile(targets, (5, 1))).to(device)
         args_b = (model, jnp.asarray(x5), jnp.asarray(np.tile(targets, (5, 1))), gating,
                   jaxpull.make_ascent(steps=1, rules=args.rules))
-        per_step = flops(explain.ascent_core, *args_b)
+        per_step = flops(pullback.ascent_core, *args_b)
         row("b) ascent 5 steps, 5 images x 10 labels", lambda: jaxpull.ascent(model, x5, targets, rules=args.rules),
             lambda: R.ascent(gated, xt, tt, eps=jaxpull.make_ascent(rules=args.rules).eps), 5 * per_step)
     if "c" in args.cases:
         ts = jnp.geomspace(0.01, 3.0, 16)
         # the model and image are arguments, not closed-over constants (XLA would constant-fold them)
-        swept_fn = jax.jit(jax.vmap(lambda t, m, x: explain.pullback_core(m, x, jnp.asarray([[207]]),
+        swept_fn = jax.jit(jax.vmap(lambda t, m, x: pullback.pullback_core(m, x, jnp.asarray([[207]]),
                                                                           jaxpull.make_gating(t)),
                                     in_axes=(0, None, None)))
         xj = jnp.asarray(x1)

@@ -22,7 +22,7 @@ def main() -> None:
     import torch
 
     import jaxpull
-    import jaxpull.models
+    import jaxpull.core.models
     from jaxpull_convert import torch_reference as R
     from conftest import images, torch_and_jax
     from helpers import map_errors
@@ -31,7 +31,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("archs", nargs="*")
     args = parser.parse_args()
-    archs = args.archs or [a for a in jaxpull.models.ARCHITECTURES if a != "efficientnet_lite0"]
+    archs = args.archs or [a for a in jaxpull.core.models.ARCHITECTURES if a != "efficientnet_lite0"]
     targets = np.array([[1, 7], [3, 500]])
     print("| arch | logits max abs err / max abs logit | pullback t=0.3: min cosine, max rel err | vanilla: min cosine, max rel err |")
     print("|---|---|---|---|")

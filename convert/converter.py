@@ -13,9 +13,10 @@ import jax
 import numpy as np
 
 import jaxpull
-from jaxpull import io, models
-from jaxpull.model import Model, ModelSpec
-from jaxpull.preprocessing import Preprocessing
+from jaxpull.files import model_file, outputs
+from jaxpull.core import models
+from jaxpull.core.model import Model, ModelSpec
+from jaxpull.core.preprocessing import Preprocessing
 from jaxpull_convert import fingerprint, offline, sources
 from jaxpull_convert.state_dict import StateDict
 
@@ -89,9 +90,9 @@ def from_state_dict(
     params = family.torch_layout(arch, sd, **dict(config or {}))
     problems = [f"missing {k}" for k in sd.missing] + [f"unexpected {k}" for k in sd.unused()]
     # Then what the Flax module expects and did not get (blocks absent from the state_dict).
-    problems += [f"{p} (Flax parameter)" for p in io.param_problems(params, spec)]
+    problems += [f"{p} (Flax parameter)" for p in model_file.param_problems(params, spec)]
     if problems:
-        raise ConversionError(f"state_dict does not match {arch}: {io.summarize(problems)}")
+        raise ConversionError(f"state_dict does not match {arch}: {model_file.summarize(problems)}")
     return Model(jax.tree_util.tree_map(jax.numpy.asarray, params), spec)
 
 
@@ -173,7 +174,7 @@ def convert(
     models.get(arch)
     if (weights is None) == (state_dict is None):
         raise ConversionError("give exactly one of --weights NAME or --state-dict FILE")
-    out = io.check_output(out, ".safetensors")  # before any download or compute
+    out = outputs.check_output(out, ".safetensors")  # before any download or compute
     if isinstance(image_size, bool) or not isinstance(image_size, int) or not MIN_IMAGE_SIZE <= image_size <= MAX_IMAGE_SIZE:
         raise ConversionError(
             f"image size {image_size!r} is out of range: use a whole number of pixels in [{MIN_IMAGE_SIZE}, {MAX_IMAGE_SIZE}]"
@@ -213,7 +214,7 @@ def convert(
         torch_model.transform_input = model.spec.transform_input
     if torch is None:
         metadata.update(_fingerprint_check(arch, model, sha256, tolerance))
-        io.save(Model(model.params, model.spec), out, metadata)
+        model_file.save(Model(model.params, model.spec), out, metadata)
         return metadata
     config = dict(model.spec.config)
     if "image_size" in config:  # a fixed input size (ViT's position embeddings): check at that size
@@ -240,5 +241,5 @@ def convert(
         parity_max_rel=f"{err['max_rel']:.3e}",
         parity_check=f"2 random images {image_size}x{image_size} in [-1, 1], tolerance {tolerance:g} relative",
     )
-    io.save(Model(model.params, model.spec), out, metadata)
+    model_file.save(Model(model.params, model.spec), out, metadata)
     return metadata

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Tuple
 
-from jaxpull.layers import IMAGENET_MEAN, IMAGENET_STD
-from jaxpull.models import efficientnet_lite
+from jaxpull.core.layers import IMAGENET_MEAN, IMAGENET_STD
+from jaxpull.core.models import efficientnet_lite
 from jaxpull_convert.imagenet_classes import IMAGENET_CLASSES
 
 

@@ -14,8 +14,8 @@ if TYPE_CHECKING:  # torch is imported where a function needs it: converting kno
 
 import numpy as np
 
-from jaxpull import models
-from jaxpull.preprocessing import Preprocessing
+from jaxpull.core import models
+from jaxpull.core.preprocessing import Preprocessing
 from jaxpull_convert import offline, pth
 from jaxpull_convert.imagenet_classes import IMAGENET_CLASSES
 

@@ -8,11 +8,11 @@ Convert a torchvision model once (``jaxpull convert``), then::
     xs = jaxpull.ascent(model, x, targets=[207, 1])      # (N, K, H, W, 3)
 """
 
-from jaxpull.explain import ascent, pullback
-from jaxpull.gates import Gating
-from jaxpull.io import ModelFileError, load, save
-from jaxpull.model import Model, ModelSpec
-from jaxpull.settings import PRESETS, Ascent, make_ascent, make_gating
+from jaxpull.core.pullback import ascent, pullback
+from jaxpull.core.gates import Gating
+from jaxpull.files.model_file import ModelFileError, load, save
+from jaxpull.core.model import Model, ModelSpec
+from jaxpull.core.settings import PRESETS, Ascent, make_ascent, make_gating
 
 __all__ = ["ascent", "pullback", "make_gating", "make_ascent", "Ascent", "PRESETS", "Gating", "load", "save", "Model",
            "ModelSpec", "ModelFileError"]

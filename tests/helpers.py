@@ -57,7 +57,7 @@ def check_parity(tm, model, x: np.ndarray, targets: np.ndarray, *, presets=("exc
     import torch
 
     import jaxpull
-    from jaxpull.settings import make_ascent, make_gating
+    from jaxpull.core.settings import make_ascent, make_gating
     from jaxpull_convert import torch_reference as R
 
     norm = norm or R.normalize
@@ -111,13 +111,13 @@ def check_layout_shapes(arch: str, tm, **config) -> None:
     abstractly), with no key missing or left over."""
     from flax import traverse_util
 
-    import jaxpull.models
-    from jaxpull.model import ModelSpec, param_shapes
+    import jaxpull.core.models
+    from jaxpull.core.model import ModelSpec, param_shapes
     from jaxpull_convert.state_dict import StateDict
 
     sd = StateDict({})
     sd.tensors = {k: stand_in(v.shape) for k, v in tm.state_dict().items()}  # not through np.asarray
-    params = jaxpull.models.get(arch).torch_layout(arch, sd, **config)
+    params = jaxpull.core.models.get(arch).torch_layout(arch, sd, **config)
     assert sd.missing == [] and sd.unused() == [], (sd.missing[:5], sd.unused()[:5])
     got = {k: v.shape for k, v in traverse_util.flatten_dict(params, sep="/").items()}
     spec = ModelSpec(arch, config=tuple(sorted(config.items())))

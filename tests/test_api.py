@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import jaxpull
-from jaxpull import explain
+from jaxpull.core import pullback
 from conftest import images, torch_and_jax
 
 
@@ -47,14 +47,14 @@ def test_targets_shared_by_all_images(model):
 
 def test_new_temperature_or_label_does_not_recompile(model):
     jaxpull.pullback(model, X, T, temperature=0.3)
-    before = explain.pullback_core._cache_size()
+    before = pullback.pullback_core._cache_size()
     jaxpull.pullback(model, X, T + 0, temperature=0.7, pool_temperature=0.1)
     jaxpull.pullback(model, X, T[:, ::-1], temperature=0.05)
-    assert explain.pullback_core._cache_size() == before
+    assert pullback.pullback_core._cache_size() == before
     jaxpull.ascent(model, X[:1], T[:1], steps=1)
-    before = explain.ascent_core._cache_size()
+    before = pullback.ascent_core._cache_size()
     jaxpull.ascent(model, X[:1], T[:1][:, ::-1], steps=3, alpha=5.0, eps=10.0, temperature=0.9)
-    assert explain.ascent_core._cache_size() == before
+    assert pullback.ascent_core._cache_size() == before
 
 
 def test_vmap_over_temperatures_through_the_public_api(model):

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jaxpull import explorer as ex
+from jaxpull.shell import explorer as ex
 
 CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"  # git-ignored: screenshots for a person to look at
@@ -31,12 +31,12 @@ ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"  # git-ign
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
     """A model cache holding the offline default model (converted once for this module)."""
-    from jaxpull import store
+    from jaxpull.files import cache
 
     root = tmp_path_factory.mktemp("cache")
     old = os.environ.get("JAXPULL_CACHE")
     os.environ["JAXPULL_CACHE"] = str(root)
-    store.resolve(store.DEFAULT_MODEL, log=lambda m: None)
+    cache.resolve(cache.DEFAULT_MODEL, log=lambda m: None)
     yield root
     if old is None:
         del os.environ["JAXPULL_CACHE"]
@@ -80,7 +80,7 @@ def test_class_choices_and_models(explorer, tmp_path):
     choices = explorer.class_choices(ex.DEFAULT_LABEL)
     assert choices[0] == ex.TOP1 and choices[283] == "282: tiger cat" and len(choices) == 1001
     assert not explorer.has_max_pools(ex.DEFAULT_LABEL)
-    shutil.copy(Path(os.environ["JAXPULL_CACHE"]) / f"{ex.store.DEFAULT_MODEL}.safetensors", tmp_path / "mine.safetensors")
+    shutil.copy(Path(os.environ["JAXPULL_CACHE"]) / f"{ex.cache.DEFAULT_MODEL}.safetensors", tmp_path / "mine.safetensors")
     other = ex.Explorer(str(tmp_path))
     assert list(other.models) == [ex.DEFAULT_LABEL, "mine"]
     (tmp_path / "mine.safetensors").unlink()
@@ -156,7 +156,7 @@ def test_app_in_a_real_browser(cache, tmp_path):
     port = _free_port()
     env = dict(os.environ, JAXPULL_CACHE=str(cache))
     log = open(tmp_path / "server.log", "w")
-    server = subprocess.Popen([sys.executable, "-m", "jaxpull.cli", "app", "--port", str(port)], stdout=log,
+    server = subprocess.Popen([sys.executable, "-m", "jaxpull.shell.cli", "app", "--port", str(port)], stdout=log,
                               stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}/"
     try:
@@ -189,9 +189,9 @@ def test_app_in_a_real_browser(cache, tmp_path):
             page.locator("#result img").wait_for(timeout=60_000)
             text = page.locator("#top5").inner_text()
             # the page's top-1 probability is the library's, for the default model on this photo
-            from jaxpull import images, store
+            from jaxpull.files import images, cache
 
-            model = store.resolve(store.DEFAULT_MODEL, log=lambda m: None)
+            model = cache.resolve(cache.DEFAULT_MODEL, log=lambda m: None)
             logits = np.asarray(model(images.load_images(images.sample_paths(["coffee"]),
                                                          **model.preprocessing.image_options)))[0]
             p = np.exp(logits - logits.max())

@@ -1,7 +1,7 @@
 """Bad input and faults (issue 11): every entry point answers bad values with one line and
 writes nothing; no silent wrong results; nothing is left behind.
 
-Most cases call the library or ``jaxpull.cli.main([...])`` in-process (a CLI subprocess costs
+Most cases call the library or ``jaxpull.shell.cli.main([...])`` in-process (a CLI subprocess costs
 seconds of imports); the real ``jaxpull`` command runs in one grouped test.
 """
 
@@ -23,7 +23,9 @@ import pytest
 from PIL import Image
 
 import jaxpull
-from jaxpull import cli, evaluate, explainers, images, io, metrics, sweep
+from jaxpull.shell import cli, sweep
+from jaxpull.evaluation import pipeline, explainers, metrics
+from jaxpull.files import images, outputs
 from conftest import torch_and_jax
 
 SIZE = 32  # small images keep every case fast
@@ -122,7 +124,7 @@ def entry_points(model, tmp_path):
             lambda m, xx, tt: _explain(m)(xx, tt), model, x, np.asarray(t), a, key, 2),
         "focus": lambda x, t, a: metrics.focus(a, x, quadrants),
         "max_sensitivity": lambda x, t, a: metrics.max_sensitivity(_explain(model), x, np.asarray(t), a, key, samples=1),
-        "evaluate": lambda x, t, a: evaluate.evaluate(model, x, list(np.asarray(t).ravel()), explainer_names=["gradient"],
+        "evaluate": lambda x, t, a: pipeline.evaluate(model, x, list(np.asarray(t).ravel()), explainer_names=["gradient"],
                                                       metric_names=["faithfulness"], progress=False),
         "sweep": lambda x, t, a: sweep.sweep(model, x, t, out=tmp_path / "runs" / "s",
                                              chunk_size=2, progress=False),
@@ -195,7 +197,7 @@ def test_out_of_range_class_indices_are_refused_not_clamped(model):
         metrics.random_logit(_explain(model), x, np.array([3]), a, 1)
     one_line_error(e, "num_classes must be a whole number >= 2")
     with pytest.raises(ValueError) as e:
-        evaluate.evaluate(model, x, [1.7], explainer_names=["gradient"], metric_names=["faithfulness"], progress=False)
+        pipeline.evaluate(model, x, [1.7], explainer_names=["gradient"], metric_names=["faithfulness"], progress=False)
     one_line_error(e, "integer")  # was silently truncated to label 1
     with pytest.raises(ValueError) as e:
         model.label(True)
@@ -483,7 +485,7 @@ def test_stale_temp_files_of_killed_writes_are_removed_and_permissions_normal(tm
     for f in (orphan, legacy, live, other, backup):
         f.write_bytes(b"partial")
         f.chmod(0o600)
-    io.save_arrays(target, {"a": np.arange(3)})
+    outputs.save_arrays(target, {"a": np.arange(3)})
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["a.npz", live.name, other.name, backup.name])
     umask = os.umask(0)
     os.umask(umask)
@@ -493,17 +495,17 @@ def test_stale_temp_files_of_killed_writes_are_removed_and_permissions_normal(tm
 
 def test_kill_9_during_a_write_leaves_a_temp_that_the_next_write_removes(tmp_path):
     code = (
-        "import os, signal, sys; from jaxpull import io\n"
+        "import os, signal, sys; from jaxpull.files import outputs\n"
         "def write(tmp):\n"
         "    open(tmp, 'wb').write(b'x' * 1000)\n"
         "    os.kill(os.getpid(), signal.SIGKILL)\n"
-        f"io.atomic_write({str(tmp_path / 'm.json')!r}, write)\n"
+        f"outputs.atomic_write({str(tmp_path / 'm.json')!r}, write)\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == -9
     left = [p.name for p in tmp_path.iterdir()]
     assert len(left) == 1 and left[0].startswith(".m.json.") and left[0].endswith(".part")
-    io.atomic_write(tmp_path / "m.json", lambda tmp: open(tmp, "w").write("{}"))
+    outputs.atomic_write(tmp_path / "m.json", lambda tmp: open(tmp, "w").write("{}"))
     assert [p.name for p in tmp_path.iterdir()] == ["m.json"]
 
 
@@ -570,7 +572,7 @@ def test_two_sweep_processes_do_not_both_compute(model, tmp_path):
 
 
 def test_app_uploads_are_opened_by_jaxpull(tmp_path, monkeypatch):
-    from jaxpull import explorer as ex
+    from jaxpull.shell import explorer as ex
 
     cases = {
         "notes.png": (b"these are notes, not pixels", "not an image this app can read"),
@@ -602,7 +604,7 @@ def test_app_uploads_are_opened_by_jaxpull(tmp_path, monkeypatch):
 
 
 def test_app_output_files_are_bounded_and_removed(tmp_path, monkeypatch):
-    from jaxpull import explorer as ex
+    from jaxpull.shell import explorer as ex
 
     monkeypatch.setattr(ex, "available_models", lambda d: {ex.DEFAULT_LABEL: "efficientnet_lite0"})
     monkeypatch.setattr(ex.tempfile, "tempdir", str(tmp_path))  # where mkdtemp puts jaxpull-app-*

@@ -13,7 +13,7 @@ import torchvision
 
 import jaxpull
 
-JAXPULL = [sys.executable, "-m", "jaxpull.cli"]
+JAXPULL = [sys.executable, "-m", "jaxpull.shell.cli"]
 
 
 def run(*args, **kw):
@@ -107,7 +107,7 @@ def model_file(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def photo_files():
-    from jaxpull import images
+    from jaxpull.files import images
 
     return images.sample_paths(["chelsea", "coffee"])
 
@@ -152,7 +152,7 @@ def test_demo_runs_offline_without_torch_and_caches_the_model(tmp_path):
     torchvision's MobileNetV2 from the offline package on first use and draws the figure."""
     env = dict(os.environ, JAXPULL_CACHE=str(tmp_path / "cache"))
     script = ("import sys; sys.modules['torch'] = None; sys.modules['torchvision'] = None\n"
-              "from jaxpull.cli import main; sys.exit(main(sys.argv[1:]))")
+              "from jaxpull.shell.cli import main; sys.exit(main(sys.argv[1:]))")
     proc = subprocess.run([sys.executable, "-c", script, "demo", "-o", str(tmp_path / "demo.png")],
                           capture_output=True, text=True, env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
@@ -166,17 +166,18 @@ def test_demo_runs_offline_without_torch_and_caches_the_model(tmp_path):
     assert width >= 7 * 224 and height >= 15 * 224, (width, height)
     cached = tmp_path / "cache" / "mobilenet_v2.safetensors"
     assert cached.is_file() and not list((tmp_path / "cache").glob("*.part"))
-    from jaxpull import cli, store
+    from jaxpull.shell import cli
+    from jaxpull.files import cache
 
     os.environ["JAXPULL_CACHE"] = str(tmp_path / "cache")
     try:
         logs = []
-        model = store.resolve("mobilenet_v2", log=logs.append)  # warm: no conversion
-        assert logs == [] and model.arch == "mobilenet_v2" == store.DEFAULT_MODEL == cli.DEFAULT_MODEL
+        model = cache.resolve("mobilenet_v2", log=logs.append)  # warm: no conversion
+        assert logs == [] and model.arch == "mobilenet_v2" == cache.DEFAULT_MODEL == cli.DEFAULT_MODEL
         assert "without torch" in model.metadata["converted_with"]
         cached.write_bytes(cached.read_bytes()[:1000])  # a corrupt cache file: one line naming it and the fix
         with pytest.raises(ValueError, match=r"cached model .*mobilenet_v2.safetensors is unusable.*delete it") as e:
-            store.resolve("mobilenet_v2")
+            cache.resolve("mobilenet_v2")
         assert "\n" not in str(e.value)
     finally:
         del os.environ["JAXPULL_CACHE"]

@@ -1,4 +1,4 @@
-"""``jaxpull.evaluate`` and the ``jaxpull evaluate`` command."""
+"""``jaxpull.evaluation.pipeline`` and the ``jaxpull evaluate`` command."""
 
 from __future__ import annotations
 
@@ -9,24 +9,24 @@ import pytest
 from conftest import images
 from test_cli import assert_one_line_error, model_file, run  # noqa: F401  (fixture)
 
-from jaxpull import evaluate
+from jaxpull.evaluation import pipeline
 
 
 def test_bootstrap_intervals():
     rng = np.random.default_rng(0)
-    assert evaluate.bootstrap_ci(np.full(10, 0.25), 200, rng) == (0.25, 0.25, 0.25)
-    mean, lo, hi = evaluate.bootstrap_ci(np.array([0.0, 1.0] * 20 + [np.nan]), 2000, rng)
+    assert pipeline.bootstrap_ci(np.full(10, 0.25), 200, rng) == (0.25, 0.25, 0.25)
+    mean, lo, hi = pipeline.bootstrap_ci(np.array([0.0, 1.0] * 20 + [np.nan]), 2000, rng)
     assert mean == 0.5 and 0.3 < lo < 0.5 < hi < 0.7
     a = rng.normal(size=30)
     # paired: a constant shift is known exactly, however noisy the items are
-    assert evaluate.paired_difference(a + 1.0, a, 500, rng)[:3] == pytest.approx((1.0, 1.0, 1.0))
+    assert pipeline.paired_difference(a + 1.0, a, 500, rng)[:3] == pytest.approx((1.0, 1.0, 1.0))
     b = a.copy()
     b[3] = np.nan
-    assert evaluate.paired_difference(a, b, 100, rng)[3] == 29
+    assert pipeline.paired_difference(a, b, 100, rng)[3] == 29
 
 
 def test_imagenet_style_folders_give_sorted_class_indices(tmp_path):
-    from jaxpull import images as image_io
+    from jaxpull.files import images as image_io
 
     photos = image_io.sample_paths(["chelsea", "coffee", "rocket"])
     for wnid, photo in zip(["n03", "n01", "n02"], photos):
@@ -34,44 +34,44 @@ def test_imagenet_style_folders_give_sorted_class_indices(tmp_path):
         shutil.copy(photo, tmp_path / wnid / f"a{photo.suffix}")
         shutil.copy(photo, tmp_path / wnid / f"b{photo.suffix}")
     (tmp_path / "n01" / "notes.txt").write_text("not an image")
-    paths, classes = evaluate.find_images([tmp_path])
+    paths, classes = pipeline.find_images([tmp_path])
     assert classes == [0, 1, 2, 0, 1, 2]  # n01 -> 0, n02 -> 1, n03 -> 2, classes in turn
     assert [p.parent.name for p in paths] == ["n01", "n02", "n03"] * 2
-    assert evaluate.find_images([tmp_path], limit=4)[1] == [0, 1, 2, 0]
-    files, none = evaluate.find_images(photos)
+    assert pipeline.find_images([tmp_path], limit=4)[1] == [0, 1, 2, 0]
+    files, none = pipeline.find_images(photos)
     assert files == photos and none is None
     with pytest.raises(ValueError, match="does not exist"):
-        evaluate.find_images([tmp_path / "nope"])
+        pipeline.find_images([tmp_path / "nope"])
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no images found"):
-        evaluate.find_images([tmp_path / "empty"])
+        pipeline.find_images([tmp_path / "empty"])
 
 
 def test_evaluate_report(tiny_model):
     x = images(6, 32)
-    report = evaluate.evaluate(tiny_model, x, classes=[0, 1, 2, 0, 1, 2], explainer_names=["pullback", "gradient"],
+    report = pipeline.evaluate(tiny_model, x, classes=[0, 1, 2, 0, 1, 2], explainer_names=["pullback", "gradient"],
                                metric_names=["focus", "faithfulness", "randomization"], mosaics=5, stages=2, progress=False)
     assert set(report.scores) == {"focus", "faithfulness", "randomization"}
     assert report.scores["focus"]["gradient"].shape == (5,) and report.scores["faithfulness"]["pullback"].shape == (6,)
     assert report.curves["pullback"].shape == (2, 6) and len(report.stage_names) == 2
-    rows = evaluate.summary_rows(report, 200)
+    rows = pipeline.summary_rows(report, 200)
     assert len(rows) == 6 and all(np.isnan(r["diff"]) for r in rows if r["explainer"] == "gradient")
-    text = evaluate.to_markdown(report, rows, "jaxpull evaluate ...")
+    text = pipeline.to_markdown(report, rows, "jaxpull evaluate ...")
     assert "## focus (higher is better)" in text and "| pullback | 5 |" in text and "Sanity verdict" in text
-    csv = evaluate.to_csv(rows).splitlines()
+    csv = pipeline.to_csv(rows).splitlines()
     assert csv[0].startswith("metric,explainer,n,mean,ci_low,ci_high,diff") and len(csv) == 7
-    again = evaluate.evaluate(tiny_model, x, classes=[0, 1, 2, 0, 1, 2], explainer_names=["pullback", "gradient"],
+    again = pipeline.evaluate(tiny_model, x, classes=[0, 1, 2, 0, 1, 2], explainer_names=["pullback", "gradient"],
                               metric_names=["focus", "faithfulness", "randomization"], mosaics=5, stages=2, progress=False)
-    assert evaluate.to_csv(evaluate.summary_rows(again, 200)) == evaluate.to_csv(rows)  # the seed reproduces it
+    assert pipeline.to_csv(pipeline.summary_rows(again, 200)) == pipeline.to_csv(rows)  # the seed reproduces it
     with pytest.raises(ValueError, match="unknown metric 'accuracy'"):
-        evaluate.evaluate(tiny_model, x, metric_names=["accuracy"])
+        pipeline.evaluate(tiny_model, x, metric_names=["accuracy"])
     with pytest.raises(ValueError, match="options given for explainers not chosen"):
-        evaluate.evaluate(tiny_model, x, explainer_names=["gradient"], options={"pullback": {"temperature": 1.0}})
+        pipeline.evaluate(tiny_model, x, explainer_names=["gradient"], options={"pullback": {"temperature": 1.0}})
 
 
 @pytest.fixture(scope="module")
 def class_folder(tmp_path_factory):
-    from jaxpull import images as image_io
+    from jaxpull.files import images as image_io
 
     root = tmp_path_factory.mktemp("val")
     for wnid, name in zip(["n01", "n02", "n03"], ["chelsea", "coffee", "rocket"]):

@@ -9,8 +9,9 @@ import pytest
 from conftest import images
 
 import jaxpull
-from jaxpull import explain, explainers, gates, settings
-from jaxpull.gates import Gating
+from jaxpull.core import pullback, gates, settings
+from jaxpull.evaluation import explainers
+from jaxpull.core.gates import Gating
 
 FAST = {"smoothgrad": {"samples": 3}, "smoothgrad_pullback": {"samples": 3}, "integrated_gradients": {"steps": 4},
         "pullback_ascent": {"steps": 2}, "gradient_ascent": {"steps": 2}, "SmoothPullback": {"samples": 3},
@@ -129,7 +130,7 @@ def test_clip_last_is_the_unclamped_ascent_then_one_clamped_step(tiny_model):
     before = (x[:, None] + explainers.get("PullbackAscent")(tiny_model, x, T, steps=2)).reshape(4, 32, 32, 3)
     assert float(jnp.abs(before).max()) > 1.0  # the first steps were not clamped
     labels = jnp.asarray([[1], [4], [1], [4]])
-    g = explain.pullback_core(tiny_model, before, labels, settings.make_gating(rules="semantic"))[:, 0]
+    g = pullback.pullback_core(tiny_model, before, labels, settings.make_gating(rules="semantic"))[:, 0]
     step = 20.0 * g / jnp.sqrt(jnp.sum(g**2, axis=(1, 2, 3), keepdims=True))
     expected = jnp.clip(before + step, -1.0, 1.0).reshape(2, 2, 32, 32, 3)
     got = x[:, None] + explainers.get("PullbackAscentClipLast")(tiny_model, x, T, steps=3)

@@ -1,4 +1,4 @@
-"""Properties of the gating rules (jaxpull.gates), independent of any architecture."""
+"""Properties of the gating rules (jaxpull.core.gates), independent of any architecture."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from jaxpull_convert import torch_reference as R
-from jaxpull import gates
-from jaxpull.gates import VANILLA, Gating
+from jaxpull.core import gates
+from jaxpull.core.gates import VANILLA, Gating
 
 
 def grad_of(fn, z, g=None):

@@ -7,7 +7,7 @@ import pytest
 import torchvision.transforms as T
 from PIL import Image
 
-from jaxpull import images
+from jaxpull.files import images
 
 
 def photo(w, h, mode="RGB", seed=0):

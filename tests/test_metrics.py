@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxpull import metrics
+from jaxpull.evaluation import metrics
 
 
 @jax.tree_util.register_dataclass
@@ -155,7 +155,7 @@ def test_cascading_randomization(tiny_model):
     assert np.array_equal(randomized.params["conv1"]["kernel"], tiny_model.params["conv1"]["kernel"])
     x = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (2, 32, 32, 3)).astype(np.float32))
     t = np.array([1, 2])
-    from jaxpull import explainers
+    from jaxpull.evaluation import explainers
 
     grad = lambda m, xx, tt: explainers.gradient(m, xx, tt[:, None])[:, 0]
     names, rho = metrics.model_randomization(grad, tiny_model, x, t, grad(tiny_model, x, t), jax.random.key(0), 3)

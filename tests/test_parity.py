@@ -42,7 +42,7 @@ def test_every_family_is_covered():
     file has at least one numerical parity test; read from pytest's own collection of the
     tests/test_parity*.py files (and test_real_model.py: efficientnet_lite0's real weights), so a
     model added without a test fails here."""
-    import jaxpull.models
+    import jaxpull.core.models
 
     here = Path(__file__).parent
     files = sorted(str(p) for p in here.glob("test_parity*.py")) + [str(here / "test_real_model.py")]
@@ -54,10 +54,10 @@ def test_every_family_is_covered():
     shapes = [i for i in ids if SHAPES.search(i.split("::")[1])]
     # the name in a parametrize id, or in the test's name between underscores
     mentions = lambda arch, tests: any(re.search(rf"[\[\-_]{arch}([\]\-]|_|$)", t) for t in tests)
-    uncovered = [a for a in jaxpull.models.ARCHITECTURES if not mentions(a, numeric + shapes)]
+    uncovered = [a for a in jaxpull.core.models.ARCHITECTURES if not mentions(a, numeric + shapes)]
     assert not uncovered, f"architectures without a parity test: {uncovered}"
     families = {}
-    for arch, family in jaxpull.models.ARCHITECTURES.items():
+    for arch, family in jaxpull.core.models.ARCHITECTURES.items():
         families.setdefault(family.torch_layout.__module__.rsplit(".", 1)[1], []).append(arch)
     unchecked = [f for f, archs in families.items()
                  if not any(mentions(a, numeric) for a in archs) and not any(f"test_parity_{f}.py" in t for t in numeric)]

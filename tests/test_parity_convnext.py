@@ -29,15 +29,15 @@ import torchvision
 from torchvision.models.convnext import CNBlockConfig, ConvNeXt
 
 import jaxpull
-import jaxpull.models
+import jaxpull.core.models
 import jaxpull_convert
 from conftest import images
 from helpers import assert_logits_close, assert_maps_close, check_parity, check_layout_shapes, map_errors
-from jaxpull import io
-from jaxpull.gates import VANILLA
-from jaxpull.model import ModelSpec
-from jaxpull.models import convnext
-from jaxpull.settings import make_gating
+from jaxpull.files import model_file
+from jaxpull.core.gates import VANILLA
+from jaxpull.core.model import ModelSpec
+from jaxpull.core.models import convnext
+from jaxpull.core.settings import make_gating
 from jaxpull_convert import torch_reference as R
 
 ARCHS = ["convnext_tiny", "convnext_small", "convnext_base", "convnext_large"]
@@ -57,7 +57,7 @@ def test_torch_layout_gives_every_parameter_shape(arch):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_preprocessing_is_torchvisions(arch):
     t = torchvision.models.get_model_weights(arch).DEFAULT.transforms()
-    pre = jaxpull.models.get(arch).preprocessing
+    pre = jaxpull.core.models.get(arch).preprocessing
     assert (pre.crop_size, pre.resize_size, pre.interpolation) == (t.crop_size[0], t.resize_size[0], t.interpolation.value)
 
 
@@ -87,8 +87,8 @@ def small():
 def test_small_model_records_its_block_setting(small, tmp_path):
     tm, model = small
     assert dict(model.spec.config) == {"block_setting": SMALL_SETTING}
-    io.save(model, tmp_path / "small.safetensors")
-    loaded = io.load(tmp_path / "small.safetensors")
+    model_file.save(model, tmp_path / "small.safetensors")
+    loaded = model_file.load(tmp_path / "small.safetensors")
     assert loaded.spec.config == model.spec.config
     x = images(2, 72, seed=3)
     with torch.no_grad():

@@ -29,8 +29,8 @@ import jaxpull_convert
 from jaxpull_convert import torch_reference as R
 from conftest import images, randomize_batchnorm
 from helpers import REL_ERR_MAX, assert_logits_close, check_parity, check_layout_shapes, map_errors
-from jaxpull import io
-from jaxpull.models import efficientnet
+from jaxpull.files import model_file
+from jaxpull.core.models import efficientnet
 
 V1 = [f"efficientnet_b{i}" for i in range(8)]
 V2 = ["efficientnet_v2_s", "efficientnet_v2_m", "efficientnet_v2_l"]
@@ -41,14 +41,14 @@ def test_v2_l_records_its_own_normalisation():
     from jaxpull_convert import sources
 
     assert sources.input_mean("efficientnet_v2_l") == (0.5, 0.5, 0.5) == sources.input_std("efficientnet_v2_l")
-    assert sources.input_mean("efficientnet_v2_m") == jaxpull.layers.IMAGENET_MEAN
+    assert sources.input_mean("efficientnet_v2_m") == jaxpull.core.layers.IMAGENET_MEAN
 
 
 def test_every_model_is_registered_with_its_preprocessing():
     for arch in V1 + V2:
-        assert jaxpull.models.get(arch).preprocessing == efficientnet.PREPROCESSING[arch]
-    assert jaxpull.models.get("efficientnet_b7").preprocessing.crop_size == 600
-    assert jaxpull.models.get("efficientnet_v2_s").preprocessing.interpolation == "bilinear"
+        assert jaxpull.core.models.get(arch).preprocessing == efficientnet.PREPROCESSING[arch]
+    assert jaxpull.core.models.get("efficientnet_b7").preprocessing.crop_size == 600
+    assert jaxpull.core.models.get("efficientnet_v2_s").preprocessing.interpolation == "bilinear"
 
 
 @pytest.mark.parametrize("arch", V1 + V2)
@@ -127,8 +127,8 @@ def test_matches_torch(tiny):
 
 def test_saved_small_model_loads_with_its_sizes_at_any_input_size(tmp_path):
     tm, model = tiny_v2()
-    io.save(model, tmp_path / "tiny.safetensors")
-    loaded = io.load(tmp_path / "tiny.safetensors")
+    model_file.save(model, tmp_path / "tiny.safetensors")
+    loaded = model_file.load(tmp_path / "tiny.safetensors")
     assert loaded.spec.config == model.spec.config
     x = images(1, 37)  # odd sizes through every stride-2 convolution
     with torch.no_grad():

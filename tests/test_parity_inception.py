@@ -25,8 +25,8 @@ import jaxpull_convert
 from jaxpull_convert import torch_reference as R
 from conftest import images, randomize_batchnorm
 from helpers import assert_logits_close, assert_maps_close
-from jaxpull import gates, models
-from jaxpull.preprocessing import Preprocessing
+from jaxpull.core import gates, models
+from jaxpull.core.preprocessing import Preprocessing
 
 TARGETS = np.array([[1, 7], [3, 500]])
 
@@ -106,7 +106,7 @@ def test_googlenet_ceil_mode_adds_windows_at_64():
 
 def test_inception_avg_pool_counts_the_padding():
     """Inception-v3's F.avg_pool2d(x, 3, 1, 1) divides by 9 at the border too (count_include_pad)."""
-    from jaxpull.models.inception import avg_pool_3x3
+    from jaxpull.core.models.inception import avg_pool_3x3
 
     x = np.random.default_rng(0).normal(size=(1, 5, 5, 2)).astype(np.float32)
     xt = torch.from_numpy(x).permute(0, 3, 1, 2)
@@ -146,12 +146,12 @@ def test_preprocessing_is_recorded_and_explain_loads_299(tmp_path):
     assert model.spec.transform_input and model.metadata["transform_input"] == "true"
     assert model.metadata["crop_size"] == "299" and model.metadata["resize_size"] == "342"
 
-    from jaxpull import images
+    from jaxpull.files import images
 
     photo = images.sample_paths(["chelsea"])[0]
     arrays = tmp_path / "raw.npz"
     proc = subprocess.run(
-        [sys.executable, "-m", "jaxpull.cli", "explain", str(photo), "--model", str(out), "--targets", "0",
+        [sys.executable, "-m", "jaxpull.shell.cli", "explain", str(photo), "--model", str(out), "--targets", "0",
          "--method", "pullback", "--steps", "1", "-o", str(tmp_path / "fig.png"), "--save-arrays", str(arrays)],
         capture_output=True, text=True,
     )

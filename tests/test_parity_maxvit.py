@@ -28,11 +28,11 @@ import jaxpull
 import jaxpull_convert
 from conftest import images, randomize_batchnorm
 from helpers import COSINE_MIN, REL_ERR_MAX, assert_maps_close, check_parity, map_errors
-from jaxpull import io
-from jaxpull.gates import VANILLA
-from jaxpull.model import ModelSpec
-from jaxpull.models import maxvit
-from jaxpull.settings import make_gating
+from jaxpull.files import model_file
+from jaxpull.core.gates import VANILLA
+from jaxpull.core.model import ModelSpec
+from jaxpull.core.models import maxvit
+from jaxpull.core.settings import make_gating
 from jaxpull_convert import torch_reference as R
 from jaxpull_convert.state_dict import StateDict
 
@@ -94,7 +94,7 @@ def test_full_size_maxvit_t_shapes():
     sd = StateDict(tensors)
     params = maxvit.torch_layout("maxvit_t", sd)
     assert not sd.missing and not sd.unused()
-    assert io.param_problems(params, ModelSpec("maxvit_t")) == []
+    assert model_file.param_problems(params, ModelSpec("maxvit_t")) == []
     n_params = sum(int(np.prod(v.shape)) for v in jax.tree_util.tree_leaves(params))
     n_torch = sum(p.numel() for p in tm.parameters())
     # BatchNorm folding: each BatchNorm after a convolution keeps no parameters of its own
@@ -104,7 +104,7 @@ def test_full_size_maxvit_t_shapes():
     conv_bias_gained = sum(m.out_channels for m in tm.modules() if isinstance(m, torch.nn.Conv2d) and m.bias is None)
     assert n_params == n_torch - folded + conv_bias_gained
     assert maxvit.torch_config(tm) == {}
-    assert jaxpull.models.get("maxvit_t").preprocessing == maxvit.PREPROCESSING
+    assert jaxpull.core.models.get("maxvit_t").preprocessing == maxvit.PREPROCESSING
 
 
 def test_small_maxvit_parity():

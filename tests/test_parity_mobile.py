@@ -22,9 +22,9 @@ import jaxpull_convert
 from jaxpull_convert import torch_reference as R
 from conftest import images, torch_and_jax
 from helpers import REL_ERR_MAX, assert_logits_close, assert_maps_close
-from jaxpull import gates
-from jaxpull.layers import IMAGENET_MEAN, IMAGENET_STD
-from jaxpull.models import squeezenet
+from jaxpull.core import gates
+from jaxpull.core.layers import IMAGENET_MEAN, IMAGENET_STD
+from jaxpull.core.models import squeezenet
 from jaxpull_convert import sources
 
 TARGETS = np.array([[1, 7], [3, 500]])
@@ -120,7 +120,7 @@ def test_squeezenet_matches_torch(arch):
 
 @pytest.mark.parametrize("arch", MOBILENET_V3 + SQUEEZENET)
 def test_registered_with_imagenet_normalisation(arch):
-    assert arch in jaxpull.models.ARCHITECTURES
+    assert arch in jaxpull.core.models.ARCHITECTURES
     assert sources.input_mean(arch) == IMAGENET_MEAN and sources.input_std(arch) == IMAGENET_STD
 
 

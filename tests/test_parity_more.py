@@ -30,7 +30,7 @@ import torch
 import torchvision
 
 import jaxpull
-import jaxpull.models
+import jaxpull.core.models
 from jaxpull_convert import torch_reference as R
 from conftest import images, torch_and_jax
 from helpers import LOGIT_REL, check_layout_shapes, map_errors
@@ -48,7 +48,7 @@ TARGETS = np.array([[1, 7], [3, 500]])
 
 
 def test_every_model_is_registered():
-    assert set(ALL) <= set(jaxpull.models.ARCHITECTURES)
+    assert set(ALL) <= set(jaxpull.core.models.ARCHITECTURES)
 
 
 def _torchvision_block_params(arch: str):
@@ -72,7 +72,7 @@ def _meta_model(arch: str) -> torch.nn.Module:
 def test_regnet_stages_are_torchvisions(arch):
     """Widths, depths, group widths, bottleneck multipliers and SE ratio, as BlockParams computes them."""
     bp = _torchvision_block_params(arch)
-    build = jaxpull.models.get(arch).build
+    build = jaxpull.core.models.get(arch).build
     stages, se_ratio = build.args
     assert [tuple(s) for s in stages] == list(zip(bp.widths, bp.depths, bp.group_widths, bp.bottleneck_multipliers))
     assert bp.strides == [2] * len(stages) and se_ratio == bp.se_ratio

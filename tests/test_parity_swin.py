@@ -30,11 +30,11 @@ import torchvision
 from torchvision.models.swin_transformer import PatchMergingV2, SwinTransformer, SwinTransformerBlockV2
 
 import jaxpull
-import jaxpull.models
+import jaxpull.core.models
 import jaxpull_convert
 from helpers import assert_maps_close, check_parity, check_layout_shapes, map_errors
-from jaxpull.models import swin
-from jaxpull.settings import make_ascent, make_gating
+from jaxpull.core.models import swin
+from jaxpull.core.settings import make_ascent, make_gating
 from jaxpull_convert import torch_reference as R
 
 ALL = ["swin_t", "swin_s", "swin_b", "swin_v2_t", "swin_v2_s", "swin_v2_b"]
@@ -80,7 +80,7 @@ def _images(v2: bool) -> np.ndarray:
 
 def test_every_model_is_registered_with_its_preprocessing():
     for arch in ALL:
-        family = jaxpull.models.get(arch)
+        family = jaxpull.core.models.get(arch)
         t = torchvision.models.get_model_weights(arch).DEFAULT.transforms()
         assert family.preprocessing == (t.crop_size[0], t.resize_size[0], "bicubic") and not family.max_pools
 

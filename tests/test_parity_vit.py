@@ -30,9 +30,9 @@ import jaxpull
 import jaxpull_convert
 from conftest import images
 from helpers import assert_maps_close, check_layout_shapes, check_parity, map_errors, stand_in
-from jaxpull.model import ModelSpec, param_shapes
-from jaxpull.models import vit
-from jaxpull.settings import make_gating
+from jaxpull.core.model import ModelSpec, param_shapes
+from jaxpull.core.models import vit
+from jaxpull.core.settings import make_gating
 from jaxpull_convert import torch_reference as R
 
 ARCHS = ["vit_b_16", "vit_b_32", "vit_l_16", "vit_l_32", "vit_h_14"]
@@ -45,9 +45,9 @@ def _shapes(tree) -> dict:
 
 
 def test_every_model_is_registered():
-    assert set(ARCHS) <= set(jaxpull.models.ARCHITECTURES)
-    assert jaxpull.models.get("vit_h_14").preprocessing == jaxpull.preprocessing.Preprocessing(518, 518, "bicubic")
-    assert jaxpull.models.get("vit_l_16").preprocessing.resize_size == 242
+    assert set(ARCHS) <= set(jaxpull.core.models.ARCHITECTURES)
+    assert jaxpull.core.models.get("vit_h_14").preprocessing == jaxpull.core.preprocessing.Preprocessing(518, 518, "bicubic")
+    assert jaxpull.core.models.get("vit_l_16").preprocessing.resize_size == 242
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -144,7 +144,7 @@ def test_wrong_image_size_is_one_clear_error():
         jaxpull.pullback(model, np.zeros((1, 32, 40, 3), np.float32), [1])
     with pytest.raises(ValueError, match="image_size 36 is not a multiple of patch_size 8"):
         ModelSpec("vit_b_16", num_classes=10, config=tuple({**SMALL, "image_size": 36}.items())).module().init(
-            jax.random.key(0), np.zeros((1, 36, 36, 3), np.float32), jaxpull.gates.VANILLA)
+            jax.random.key(0), np.zeros((1, 36, 36, 3), np.float32), jaxpull.core.gates.VANILLA)
 
 
 def test_unsupported_torch_models_are_refused():

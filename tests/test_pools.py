@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from jaxpull_convert import torch_reference as R
-from jaxpull import gates
-from jaxpull.gates import Gating
+from jaxpull.core import gates
+from jaxpull.core.gates import Gating
 
 # (size, window, stride, padding): ceil mode adds a last window in each of these, except the
 # last, where torch's rule (a window must start inside the input or left padding) removes it.

@@ -21,7 +21,7 @@ import jaxpull
 from jaxpull_convert import fingerprint, offline, pth, sources
 
 OFFLINE = {src.arch: src for src in offline.OFFLINE}
-JAXPULL = [sys.executable, "-m", "jaxpull.cli"]
+JAXPULL = [sys.executable, "-m", "jaxpull.shell.cli"]
 
 
 def offline_path(arch: str) -> Path:
@@ -225,7 +225,7 @@ def test_conversion_without_torch_equals_conversion_with_torch(tmp_path):
     proc = run("convert", "mobilenet_v2", "--weights", "DEFAULT", "-o", with_torch)
     assert proc.returncode == 0, proc.stderr
     script = BLOCK_TORCH + textwrap.dedent(f"""
-        from jaxpull.cli import main
+        from jaxpull.shell.cli import main
         assert main(["convert", "mobilenet_v2", "--weights", "IMAGENET1K_V1", "-o", {str(without)!r}]) == 0
         assert "torch" not in sys.modules or sys.modules["torch"] is None
     """)
@@ -246,7 +246,7 @@ def test_without_torch_unknown_checkpoints_are_refused(tmp_path):
     with open(sd, "ab") as f:
         f.write(b"\0")  # same tensors, another file: not known
     out = tmp_path / "x.safetensors"
-    script = BLOCK_TORCH + f"from jaxpull.cli import main; sys.exit(main(['convert', 'mobilenet_v2', '--state-dict', {str(sd)!r}, '-o', {str(out)!r}]))"
+    script = BLOCK_TORCH + f"from jaxpull.shell.cli import main; sys.exit(main(['convert', 'mobilenet_v2', '--state-dict', {str(sd)!r}, '-o', {str(out)!r}]))"
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()

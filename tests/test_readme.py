@@ -20,7 +20,7 @@ def test_readme_example_runs(tmp_path):
     assert text.index(first) < text.index("    " + ci + "\n")  # the README's test command is exactly what CI runs
     convert = re.search(r"^jaxpull convert efficientnet_lite0 .*?(?=\s+#)", text, re.M).group(0)
     (tmp_path / "weights").mkdir()
-    subprocess.run([sys.executable, "-m", "jaxpull.cli"] + convert.split()[1:], cwd=tmp_path, check=True)
+    subprocess.run([sys.executable, "-m", "jaxpull.shell.cli"] + convert.split()[1:], cwd=tmp_path, check=True)
     code = re.search(r"```python\n(.*?)```", text, re.S).group(1)
     code += "\nassert maps.shape == (2, 2, 224, 224, 3) and xs.shape == maps.shape and logits.shape == (2, 1000)\n"
     subprocess.run([sys.executable, "-c", code], cwd=tmp_path, check=True)

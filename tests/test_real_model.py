@@ -12,8 +12,8 @@ import jaxpull_convert
 from jaxpull_convert import torch_reference as R
 from conftest import torch_and_jax
 from helpers import assert_logits_close, assert_maps_close
-from jaxpull import images
-from jaxpull.models import efficientnet_lite
+from jaxpull.files import images
+from jaxpull.core.models import efficientnet_lite
 from jaxpull_convert import sources
 
 PHOTOS = ["grace_hopper", "chelsea", "coffee", "rocket", "astronaut"]

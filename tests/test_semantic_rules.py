@@ -1,4 +1,4 @@
-"""The semantic version's rules (jaxpull.gates: GELU, SiLU, LayerNorm, attention), on small arrays.
+"""The semantic version's rules (jaxpull.core.gates: GELU, SiLU, LayerNorm, attention), on small arrays.
 
 Each rule: the forward pass is the plain operation (and torch's), the backward pass is
 METHOD.md's formula, linear in the cotangent, and the temperatures are traced (vmap, one
@@ -14,8 +14,8 @@ import pytest
 import torch
 from jax.scipy.special import ndtr
 
-from jaxpull import gates, settings
-from jaxpull.gates import Gating
+from jaxpull.core import gates, settings
+from jaxpull.core.gates import Gating
 from jaxpull_convert import torch_reference as R
 
 RNG = np.random.default_rng(0)

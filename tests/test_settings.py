@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 
 import jaxpull
-from jaxpull import cli, explain, settings
-from jaxpull import sweep as S
-from jaxpull.gates import Gating
+from jaxpull.shell import cli
+from jaxpull.core import pullback, settings
+from jaxpull.shell import sweep as S
+from jaxpull.core.gates import Gating
 from conftest import images
 
 X = images(1, 32, seed=3)
@@ -32,7 +33,7 @@ def test_defaults_are_methods_and_presets_print():
     assert (s.gate, s.temperature, s.pool_temperature, s.pool_weights) == ("normal_cdf", 0.6, 0.3, "detached")
     assert settings.DEFAULT_RULES == "excitation"
     assert "eps=None" in repr(s) and "project=False" in repr(s) and "gelu_temperature=1.0" in repr(s)
-    assert set(explain.LOSS_FUNCTIONS) == set(settings.LOSSES)
+    assert set(pullback.LOSS_FUNCTIONS) == set(settings.LOSSES)
     g = settings.make_gating(rules="excitation")
     assert float(g.temperature) == float(g.pool_temperature) == np.float32(0.3)
 
@@ -167,15 +168,15 @@ def test_presets_select_the_gates_and_keywords_beat_them(tiny_model):
 
 def test_new_ascent_settings_do_not_recompile(tiny_model):
     jaxpull.ascent(tiny_model, X, [1], steps=1)
-    before = explain.ascent_core._cache_size()
+    before = pullback.ascent_core._cache_size()
     jaxpull.ascent(tiny_model, X, [2], steps=3, alpha=5.0, eps=10.0, margin=0.1, temperature=0.9)
     jaxpull.ascent(tiny_model, X, [2], steps=np.int64(2), alpha=np.float32(7))
-    assert explain.ascent_core._cache_size() == before
+    assert pullback.ascent_core._cache_size() == before
 
 
 def test_app_strip_uses_the_pool_temperature(tiny_model, tmp_path):
-    from jaxpull import explorer as ex
-    from jaxpull.figures import normalize_cell
+    from jaxpull.shell import explorer as ex
+    from jaxpull.shell.figures import normalize_cell
 
     jaxpull.save(tiny_model, tmp_path / "r18.safetensors")  # resnet18: has a max-pool
     explorer = ex.Explorer(str(tmp_path), output_dir=str(tmp_path / "out"))

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import jaxpull
-from jaxpull import sweep as S
+from jaxpull.shell import sweep as S
 from conftest import images, torch_and_jax
 
 
@@ -101,7 +101,7 @@ import sys, numpy as np, jax
 sys.path.insert(0, {tests!r})
 assert len(jax.devices()) == 4, jax.devices()
 from conftest import images, torch_and_jax
-from jaxpull import sweep as S
+from jaxpull.shell import sweep as S
 model = torch_and_jax("resnet18", 10)[1]
 x = images(2, 48, seed=11)
 r = S.sweep(model, x, range(10), [0.3, 1.0], chunk_size=3, progress=False)["maps"]

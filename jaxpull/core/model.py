@@ -1,0 +1,152 @@
+"""``Model``: a converted network as a pytree of parameters plus a static description.
+
+A ``Model`` is what ``jaxpull.load`` returns. Its parameters are pytree leaves, so a model can
+be passed straight into ``jax.jit`` / ``jax.vmap`` / ``jax.grad`` as an ordinary argument: the
+parameters are traced, never baked into the compiled function as constants. Everything static
+(architecture, number of classes, input normalisation) lives in a hashable ``ModelSpec``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxpull.core import checks, models
+from jaxpull.core.gates import VANILLA, Gating
+from jaxpull.core.layers import COMPUTE_DTYPES, IMAGENET_MEAN, IMAGENET_STD, compute_dtype, to_model_input
+from jaxpull.core.preprocessing import Preprocessing
+
+Params = Mapping[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """The static part of a model: what its compiled functions depend on, and its labels.
+
+    ``class_names``, ``preprocessing`` (the image sizes its weights expect) and ``metadata`` do
+    not take part in equality or hashing, so two models of the same architecture share compiled
+    functions. ``transform_input`` is torchvision's option of GoogLeNet and Inception-v3.
+    ``config``: the family builder's size options, as sorted ``(name, value)`` pairs, for models
+    built with other sizes than the named architecture's (e.g. a 2-layer ViT in the tests; the
+    family's ``torch_config`` reads them off a torch module); empty for the named architectures.
+    """
+
+    arch: str
+    num_classes: int = 1000
+    input_mean: Tuple[float, float, float] = IMAGENET_MEAN
+    input_std: Tuple[float, float, float] = IMAGENET_STD
+    class_names: Tuple[str, ...] = dataclasses.field(default=(), compare=False, hash=False)
+    compute_dtype: str = "float32"
+    metadata: Mapping[str, str] = dataclasses.field(default_factory=dict, compare=False, hash=False)
+    transform_input: bool = False
+    preprocessing: Preprocessing = dataclasses.field(default=Preprocessing(), compare=False, hash=False)
+    config: Tuple[Tuple[str, Any], ...] = ()
+
+    def __post_init__(self):
+        if self.transform_input and models.get(self.arch).transform_input is None:
+            having = ", ".join(a for a, f in models.ARCHITECTURES.items() if f.transform_input is not None)
+            raise ValueError(f"{self.arch} has no transform_input option (these have: {having})")
+
+    def module(self) -> nn.Module:
+        """The Flax module of this architecture."""
+        options = {"transform_input": True} if self.transform_input else {}
+        return models.get(self.arch).build(num_classes=self.num_classes, **options, **dict(self.config))
+
+
+@jax.tree_util.register_pytree_node_class
+class Model:
+    """A converted classifier: ``model(x) -> logits`` with ``x`` ``(N, H, W, 3)`` in [-1, 1]."""
+
+    def __init__(self, params: Params, spec: ModelSpec):
+        self.params = params
+        self.spec = spec
+
+    # pytree protocol: parameters are children, the spec is static auxiliary data.
+    def tree_flatten(self):
+        return (self.params,), self.spec
+
+    @classmethod
+    def tree_unflatten(cls, spec, children):
+        return cls(children[0], spec)
+
+    @property
+    def arch(self) -> str:
+        return self.spec.arch
+
+    @property
+    def num_classes(self) -> int:
+        return self.spec.num_classes
+
+    @property
+    def class_names(self) -> Tuple[str, ...]:
+        return self.spec.class_names
+
+    @property
+    def metadata(self) -> Mapping[str, str]:
+        return self.spec.metadata
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        """The image sizes its weights expect: ``images.load_images(paths, **model.preprocessing.image_options)``."""
+        return self.spec.preprocessing
+
+    def apply(self, x: jax.Array, gating: Gating = VANILLA) -> jax.Array:
+        """Pure forward pass: ``(N, H, W, 3)`` in [-1, 1] -> logits ``(N, num_classes)``.
+
+        ``gating`` changes only the backward pass. Call inside ``jax.jit`` (no input checks).
+        """
+        x = to_model_input(x, self.spec.input_mean, self.spec.input_std)
+        with compute_dtype(self.spec.compute_dtype):
+            return self.spec.module().apply({"params": self.params}, x, gating)
+
+    def astype(self, dtype: str) -> "Model":
+        """The same model computing its convolutions and dense layers with ``dtype`` operands.
+
+        ``"bfloat16"`` is an opt-in speed/accuracy trade: operands are rounded to bfloat16 and
+        accumulated in float32; parameters stay stored in float32, results are float32. A
+        ``"bfloat16"`` model compiles its own functions (the dtype is static).
+        """
+        try:
+            name = jnp.dtype(dtype).name
+        except TypeError:
+            name = str(dtype)
+        if name not in COMPUTE_DTYPES:
+            raise ValueError(f"unknown compute dtype {dtype!r}: use one of {', '.join(COMPUTE_DTYPES)}")
+        return Model(self.params, dataclasses.replace(self.spec, compute_dtype=name))
+
+    def __call__(self, x) -> jax.Array:
+        """Logits ``(N, num_classes)`` of images ``x`` ``(N, H, W, 3)`` in [-1, 1] (checked)."""
+        x = checks.images(x)
+        return _logits(self, x)
+
+    def class_name(self, index: int) -> str:
+        """The name of class ``index`` (its index as text if the model has no names)."""
+        return self.class_names[index] if self.class_names else str(index)
+
+    def label(self, name_or_index) -> int:
+        """The class index of a class name (case-insensitive) or an index; ValueError if neither."""
+        return checks.label(name_or_index, self.num_classes, self.class_names)
+
+    def __repr__(self) -> str:
+        n = sum(int(p.size) for p in jax.tree_util.tree_leaves(self.params))
+        dtype = "" if self.spec.compute_dtype == "float32" else f", compute_dtype={self.spec.compute_dtype!r}"
+        return f"Model(arch={self.arch!r}, num_classes={self.num_classes}, parameters={n:,}{dtype})"
+
+
+@jax.jit
+def _logits(model: Model, x: jax.Array) -> jax.Array:
+    return model.apply(x)
+
+
+def param_shapes(spec: ModelSpec, image_size: int = 224) -> Mapping[str, Any]:
+    """The parameter tree's shapes for ``spec`` (``jax.ShapeDtypeStruct`` leaves), computed abstractly
+    (at the ``image_size`` of ``spec.config`` where it has one: ViT's position embeddings)."""
+    module = spec.module()
+    image_size = dict(spec.config).get("image_size", image_size)
+    x = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
+    variables = jax.eval_shape(lambda x: module.init(jax.random.key(0), x, VANILLA), x)
+    return variables["params"]

@@ -1,0 +1,119 @@
+"""torchvision's MNASNet (B1 variant, version 2): mnasnet0_5, mnasnet0_75, mnasnet1_0, mnasnet1_3.
+
+A ReLU network of inverted residuals (1x1 expand + ReLU -> depthwise kxk + ReLU -> linear 1x1,
+plus a skip where shapes allow). Channel depths scale with ``alpha`` through torchvision's
+``_round_to_multiple_of``. BatchNorm uses torch's default eps 1e-5 (torchvision only changes
+its momentum, which eval mode ignores) and is folded into each convolution. Top-level names
+are torchvision's ``layers`` indices (``layers_0``, ``layers_8/0``, ``layers_14``).
+
+Torchvision rewrites the stem of version-1 checkpoints (fixed 32/16 channels) for alpha != 1
+when loading them; jaxpull builds the version-2 network, so such a checkpoint is refused by the
+converter's shape check.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Tuple
+
+import flax.linen as nn
+import jax
+
+from jaxpull.core.gates import Gating
+from jaxpull.core.layers import Conv, Dense, global_avg_pool, relu
+
+# (kernel, first stride, expansion, repeats) of the six stacks, torchvision's ``layers[8:14]``
+STACKS = ((3, 2, 3, 3), (5, 2, 3, 3), (5, 2, 6, 3), (3, 1, 6, 2), (5, 2, 6, 4), (3, 1, 6, 1))
+DEPTHS = (32, 16, 24, 40, 80, 96, 192, 320)
+
+
+def _round_to_multiple_of(val: float, divisor: int, round_up_bias: float = 0.9) -> int:
+    """torchvision's asymmetric rounding to a multiple of ``divisor``: (83, 8) -> 80, (84, 8) -> 88."""
+    new_val = max(divisor, int(val + divisor / 2) // divisor * divisor)
+    return new_val if new_val >= round_up_bias * val else new_val + divisor
+
+
+def get_depths(alpha: float) -> Tuple[int, ...]:
+    """The eight channel depths of ``alpha``'s network (torchvision's ``_get_depths``)."""
+    return tuple(_round_to_multiple_of(d * alpha, 8) for d in DEPTHS)
+
+
+class InvertedResidual(nn.Module):
+    """``pointwise`` 1x1 + ReLU -> ``depthwise`` kxk + ReLU -> ``linear`` 1x1 (+ input if same shape)."""
+
+    out_ch: int
+    kernel_size: int
+    stride: int
+    expansion_factor: int
+
+    @nn.compact
+    def __call__(self, x: jax.Array, gating: Gating) -> jax.Array:
+        mid = x.shape[-1] * self.expansion_factor
+        y = relu(Conv(mid, 1, use_bias=True, name="pointwise")(x), gating)
+        y = Conv(mid, self.kernel_size, self.stride, self.kernel_size // 2, groups=mid, use_bias=True,
+                 name="depthwise")(y)
+        y = Conv(self.out_ch, 1, use_bias=True, name="linear")(relu(y, gating))
+        return y + x if x.shape[-1] == self.out_ch and self.stride == 1 else y
+
+
+class Stack(nn.Module):
+    """torchvision's ``_stack``: ``repeats`` inverted residuals named ``0``, ``1``, ...; the first strides."""
+
+    out_ch: int
+    kernel_size: int
+    stride: int
+    expansion_factor: int
+    repeats: int
+
+    @nn.compact
+    def __call__(self, x: jax.Array, gating: Gating) -> jax.Array:
+        for i in range(self.repeats):
+            x = InvertedResidual(self.out_ch, self.kernel_size, self.stride if i == 0 else 1,
+                                 self.expansion_factor, name=str(i))(x, gating)
+        return x
+
+
+class MNASNet(nn.Module):
+    """torchvision ``MNASNet``: stem, depthwise-separable conv, six stacks, 1x1 to 1280, linear."""
+
+    alpha: float
+    num_classes: int = 1000
+
+    @nn.compact
+    def __call__(self, x: jax.Array, gating: Gating) -> jax.Array:
+        depths = get_depths(self.alpha)
+        x = relu(Conv(depths[0], 3, 2, 1, use_bias=True, name="layers_0")(x), gating)
+        x = relu(Conv(depths[0], 3, 1, 1, groups=depths[0], use_bias=True, name="layers_3")(x), gating)
+        x = Conv(depths[1], 1, use_bias=True, name="layers_6")(x)
+        for i, (kernel, stride, expansion, repeats) in enumerate(STACKS):
+            x = Stack(depths[i + 2], kernel, stride, expansion, repeats, name=f"layers_{8 + i}")(x, gating)
+        x = relu(Conv(1280, 1, use_bias=True, name="layers_14")(x), gating)
+        return Dense(self.num_classes, name="classifier_1")(global_avg_pool(x))
+
+
+ARCHITECTURES = {
+    "mnasnet0_5": functools.partial(MNASNet, 0.5),
+    "mnasnet0_75": functools.partial(MNASNet, 0.75),
+    "mnasnet1_0": functools.partial(MNASNet, 1.0),
+    "mnasnet1_3": functools.partial(MNASNet, 1.3),
+}
+
+
+def torch_layout(arch: str, sd) -> dict:
+    """Map a torchvision MNASNet state_dict onto this module's parameter tree."""
+    p = {"layers_0": sd.conv_bn("layers.0", "layers.1"), "layers_3": sd.conv_bn("layers.3", "layers.4"),
+         "layers_6": sd.conv_bn("layers.6", "layers.7"), "layers_14": sd.conv_bn("layers.14", "layers.15"),
+         "classifier_1": sd.dense("classifier.1")}
+    for index in range(8, 8 + len(STACKS)):
+        stack, i = {}, 0
+        while sd.has(f"layers.{index}.{i}.layers.0.weight"):
+            pre = f"layers.{index}.{i}.layers"
+            stack[str(i)] = {"pointwise": sd.conv_bn(f"{pre}.0", f"{pre}.1"),
+                             "depthwise": sd.conv_bn(f"{pre}.3", f"{pre}.4"),
+                             "linear": sd.conv_bn(f"{pre}.6", f"{pre}.7")}
+            i += 1
+        p[f"layers_{index}"] = stack
+    return p
+
+
+MAX_POOLS = False  # whether the network has max-pools (a pool temperature applies)

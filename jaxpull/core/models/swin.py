@@ -1,0 +1,368 @@
+"""torchvision's Swin Transformer: swin_t, swin_s, swin_b (V1) and swin_v2_t, swin_v2_s, swin_v2_b (V2).
+
+A 4x4/4 patch embedding (convolution + LayerNorm), stages of Swin blocks (shifted-window
+self-attention and a GELU MLP, each residual) with patch merging between stages, a final
+LayerNorm, a global average pool and ``head``. Windows are ``window_size`` tokens; every second
+block of a stage shifts them cyclically by half a window and masks (-100) the pairs that the
+shift brought together, exactly as torchvision's ``shifted_window_attention`` (inputs padded to
+window multiples with zeros before the projections, no shift along an axis the window covers).
+
+V1 adds a learned relative position bias (``relative_position_bias_table``) to the scaled
+dot-product scores; V2 uses cosine attention scaled by ``exp(min(logit_scale, log 100))`` and a
+continuous bias ``16 * sigmoid(cpb_mlp(coords))`` (computed in the forward pass from the converted
+``cpb_mlp``; it does not depend on the image, so its ReLU is plain), puts the block's norms after
+attention and MLP (res-post-norm), merges patches with the norm after the reduction, and has no
+key bias (torchvision zeroes that third of ``qkv.bias`` in its forward pass).
+
+Rules (METHOD.md, "Semantic pullbacks"): every LayerNorm is :func:`gates.layer_norm`, every GELU
+:func:`gates.gelu`, each window attention layer is wrapped whole by
+:func:`gates.tempered_attention` (its q and k projections take the scaled tokens, v the plain
+ones) and its softmax is :func:`gates.attention_probs` (the "value_only" rule). The relative
+position bias and the shift mask are added to the scores unscaled. The paper's code swaps
+modules, so it misses torchvision's functional softmax here; jaxpull applies the rule.
+
+Parameter names follow torchvision's keys (``features_1_0/attn/proj`` is ``features.1.0.attn.proj``),
+except that ``qkv`` is split into ``q``, ``k`` and ``v`` (the attention rule treats them apart).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxpull.core import gates
+from jaxpull.core.gates import Gating
+from jaxpull.core.layers import Conv, Dense, LayerNorm
+from jaxpull.core.preprocessing import Preprocessing
+
+LN_EPS = 1e-5
+MASK = -100.0  # torchvision's score for token pairs that the cyclic shift brought together
+CPB_HIDDEN = 512  # width of V2's continuous position bias MLP
+
+# torchvision's builders: patch_size, embed_dim, depths, num_heads, window_size (V2: plus its blocks).
+_V1 = dict(patch_size=(4, 4), window_size=(7, 7))
+_V2 = dict(patch_size=(4, 4), window_size=(8, 8), v2=True)
+SETTINGS = {
+    "swin_t": dict(_V1, embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24)),
+    "swin_s": dict(_V1, embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24)),
+    "swin_b": dict(_V1, embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32)),
+    "swin_v2_t": dict(_V2, embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24)),
+    "swin_v2_s": dict(_V2, embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24)),
+    "swin_v2_b": dict(_V2, embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32)),
+}
+
+# torchvision's weights transforms (Swin_*_Weights.IMAGENET1K_V1.transforms(), read once):
+# crop, resize, bicubic.
+PREPROCESSING = {
+    "swin_t": Preprocessing(224, 232, "bicubic"),
+    "swin_s": Preprocessing(224, 246, "bicubic"),
+    "swin_b": Preprocessing(224, 238, "bicubic"),
+    "swin_v2_t": Preprocessing(256, 260, "bicubic"),
+    "swin_v2_s": Preprocessing(256, 260, "bicubic"),
+    "swin_v2_b": Preprocessing(256, 272, "bicubic"),
+}
+
+
+# --------------------------------------------------------------------------------------
+# Constants of a window: relative position index, V2's coordinate table, the shift mask
+# --------------------------------------------------------------------------------------
+
+
+def relative_position_index(window: Tuple[int, int]) -> np.ndarray:
+    """``(Wh*Ww * Wh*Ww,)``: each token pair's row of the bias table (torchvision's buffer)."""
+    wh, ww = window
+    coords = np.stack(np.meshgrid(np.arange(wh), np.arange(ww), indexing="ij")).reshape(2, -1)
+    rel = (coords[:, :, None] - coords[:, None, :]).transpose(1, 2, 0)  # (N, N, 2)
+    return ((rel[..., 0] + wh - 1) * (2 * ww - 1) + rel[..., 1] + ww - 1).reshape(-1)
+
+
+def relative_coords_table(window: Tuple[int, int]) -> np.ndarray:
+    """``(1, 2Wh-1, 2Ww-1, 2)``: V2's log-spaced relative coordinates (float32, as torch computes)."""
+    wh, ww = window
+    h = np.arange(-(wh - 1), wh, dtype=np.float32)
+    w = np.arange(-(ww - 1), ww, dtype=np.float32)
+    table = np.stack(np.meshgrid(h, w, indexing="ij"), axis=-1)[None]
+    table[..., 0] /= np.float32(wh - 1)
+    table[..., 1] /= np.float32(ww - 1)
+    table *= np.float32(8)
+    return (np.sign(table) * np.log2(np.abs(table) + np.float32(1)) / np.float32(3)).astype(np.float32)
+
+
+def shift_mask(padded: Tuple[int, int], window: Tuple[int, int], shift: Tuple[int, int]) -> np.ndarray:
+    """``(num_windows, N, N)``: 0 for token pairs of the same region of the shifted map, -100 else."""
+    (ph, pw), (wh, ww), (sh, sw) = padded, window, shift
+    regions = np.zeros((ph, pw), np.float32)
+    count = 0
+    for h in (slice(0, -wh), slice(-wh, -sh), slice(-sh, None)):
+        for w in (slice(0, -ww), slice(-ww, -sw), slice(-sw, None)):
+            regions[h, w] = count
+            count += 1
+    regions = regions.reshape(ph // wh, wh, pw // ww, ww).transpose(0, 2, 1, 3).reshape(-1, wh * ww)
+    return np.where(regions[:, None, :] - regions[:, :, None] != 0, MASK, 0.0).astype(np.float32)
+
+
+def relative_position_bias(table: jax.Array, window: Tuple[int, int], v2: bool) -> jax.Array:
+    """``(1, heads, N, N)`` from a ``((2Wh-1)(2Ww-1), heads)`` table: its entries (V1), or
+    ``16 * sigmoid`` of them (V2, whose table is ``cpb_mlp`` of :func:`relative_coords_table`)."""
+    n = window[0] * window[1]
+    bias = table[relative_position_index(window)].reshape(n, n, -1).transpose(2, 0, 1)[None]
+    return 16 * jax.nn.sigmoid(bias) if v2 else bias
+
+
+def l2_normalize(t: jax.Array) -> jax.Array:
+    """``F.normalize(t, dim=-1)``: ``t / max(||t||, 1e-12)``, with torch's zero gradient of the norm
+    below 1e-12 (V2's padded tokens have all-zero keys; ``jnp.linalg.norm`` would give NaN there)."""
+    return t / jnp.sqrt(jnp.maximum(jnp.sum(t * t, axis=-1, keepdims=True), 1e-24))
+
+
+# --------------------------------------------------------------------------------------
+# Window partition
+# --------------------------------------------------------------------------------------
+
+
+def window_partition(x: jax.Array, window: Tuple[int, int], shift: Tuple[int, int]) -> jax.Array:
+    """``(B, H, W, C)`` (padded to window multiples) -> ``(B * nW, Wh*Ww, C)``, rolled by ``-shift``."""
+    b, h, w, c = x.shape
+    wh, ww = window
+    if sum(shift) > 0:
+        x = jnp.roll(x, (-shift[0], -shift[1]), axis=(1, 2))
+    x = x.reshape(b, h // wh, wh, w // ww, ww, c).transpose(0, 1, 3, 2, 4, 5)
+    return x.reshape(-1, wh * ww, c)
+
+
+def window_reverse(x: jax.Array, shape: Tuple[int, int, int], window: Tuple[int, int],
+                   shift: Tuple[int, int]) -> jax.Array:
+    """Inverse of :func:`window_partition`: ``(B * nW, Wh*Ww, C)`` -> ``(B, H, W, C)``."""
+    b, h, w = shape
+    wh, ww = window
+    x = x.reshape(b, h // wh, w // ww, wh, ww, -1).transpose(0, 1, 3, 2, 4, 5).reshape(b, h, w, -1)
+    if sum(shift) > 0:
+        x = jnp.roll(x, shift, axis=(1, 2))
+    return x
+
+
+# --------------------------------------------------------------------------------------
+# Modules
+# --------------------------------------------------------------------------------------
+
+
+class ShiftedWindowAttention(nn.Module):
+    """torchvision's ``ShiftedWindowAttention`` (V1) / ``ShiftedWindowAttentionV2`` on ``(B, H, W, C)``."""
+
+    window_size: Tuple[int, int]
+    shift_size: Tuple[int, int]
+    num_heads: int
+    v2: bool = False
+
+    @nn.compact
+    def __call__(self, x: jax.Array, gating: Gating) -> jax.Array:
+        b, h, w, c = x.shape
+        heads, (wh, ww) = self.num_heads, self.window_size
+        pad_h, pad_w = -h % wh, -w % ww
+        padded = (h + pad_h, w + pad_w)
+        # torchvision: no shift along an axis that one window covers
+        shift = tuple(0 if win >= size else s for win, size, s in zip(self.window_size, padded, self.shift_size))
+        q_proj = Dense(c, name="q")
+        k_proj = Dense(c, use_bias=not self.v2, name="k")  # V2 has no key bias
+        v_proj = Dense(c, name="v")
+        proj = Dense(c, name="proj")
+        if self.v2:  # the continuous position bias: an MLP of the window's constant coordinates
+            coords = jnp.asarray(relative_coords_table(self.window_size))
+            hidden = jax.nn.relu(Dense(CPB_HIDDEN, name="cpb_mlp_0")(coords))
+            table = Dense(heads, use_bias=False, name="cpb_mlp_2")(hidden).reshape(-1, heads)
+        else:
+            table = self.param("relative_position_bias_table", nn.initializers.truncated_normal(0.02),
+                               ((2 * wh - 1) * (2 * ww - 1), heads))
+        bias = relative_position_bias(table, self.window_size, self.v2)
+        if self.v2:
+            logit_scale = self.param("logit_scale", nn.initializers.constant(math.log(10.0)), (heads, 1, 1))
+        mask = jnp.asarray(shift_mask(padded, self.window_size, shift)) if sum(shift) > 0 else None
+
+        def windows(t: jax.Array) -> jax.Array:
+            return window_partition(jnp.pad(t, ((0, 0), (0, pad_h), (0, pad_w), (0, 0))), self.window_size, shift)
+
+        def split_heads(t: jax.Array) -> jax.Array:  # (B*nW, N, C) -> (B*nW, heads, N, C / heads)
+            return t.reshape(t.shape[0], t.shape[1], heads, c // heads).transpose(0, 2, 1, 3)
+
+        def attend(query: jax.Array, key: jax.Array, value: jax.Array) -> jax.Array:
+            q = split_heads(q_proj(windows(query)))
+            k = split_heads(k_proj(windows(key)))
+            v = split_heads(v_proj(windows(value)))
+            if self.v2:  # cosine attention
+                scores = l2_normalize(q) @ l2_normalize(k).swapaxes(-2, -1)
+                scores = scores * jnp.exp(jnp.minimum(logit_scale, math.log(100.0)))
+            else:
+                scores = (q * (c // heads) ** -0.5) @ k.swapaxes(-2, -1)
+            scores = scores + bias
+            if mask is not None:
+                n = scores.shape[-1]
+                scores = (scores.reshape(b, -1, heads, n, n) + mask[None, :, None]).reshape(-1, heads, n, n)
+            probs = gates.attention_probs(scores, gating)
+            out = (probs @ v).transpose(0, 2, 1, 3).reshape(q.shape[0], -1, c)
+            return window_reverse(proj(out), (b,) + padded, self.window_size, shift)[:, :h, :w]
+
+        return gates.tempered_attention(attend, x, x, x, gating)
+
+
+class SwinTransformerBlock(nn.Module):
+    """V1: ``x + attn(norm1(x))``, then ``x + mlp(norm2(x))``; V2: ``x + norm1(attn(x))``, ``x + norm2(mlp(x))``."""
+
+    num_heads: int
+    window_size: Tuple[int, int]
+    shift_size: Tuple[int, int]
+    mlp_ratio: float = 4.0
+    v2: bool = False
+
+    @nn.compact
+    def __call__(self, x: jax.Array, gating: Gating) -> jax.Array:
+        dim = x.shape[-1]
+        attn = ShiftedWindowAttention(self.window_size, self.shift_size, self.num_heads, self.v2, name="attn")
+        norm1, norm2 = LayerNorm(LN_EPS, name="norm1"), LayerNorm(LN_EPS, name="norm2")
+
+        def mlp(y: jax.Array) -> jax.Array:  # torchvision's MLP: Linear, GELU, (Dropout), Linear, (Dropout)
+            y = gates.gelu(Dense(int(dim * self.mlp_ratio), name="mlp_0")(y), gating)
+            return Dense(dim, name="mlp_3")(y)
+
+        if self.v2:
+            x = x + norm1(attn(x, gating), gating)
+            return x + norm2(mlp(x), gating)
+        x = x + attn(norm1(x, gating), gating)
+        return x + mlp(norm2(x, gating))
+
+
+class PatchMerging(nn.Module):
+    """2x2 neighbours concatenated (odd sizes zero-padded): V1 ``reduction(norm(x))``, V2 ``norm(reduction(x))``."""
+
+    v2: bool = False
+
+    @nn.compact
+    def __call__(self, x: jax.Array, gating: Gating) -> jax.Array:
+        dim = x.shape[-1]
+        x = jnp.pad(x, ((0, 0), (0, x.shape[1] % 2), (0, x.shape[2] % 2), (0, 0)))
+        x = jnp.concatenate([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], axis=-1)
+        reduction, norm = Dense(2 * dim, use_bias=False, name="reduction"), LayerNorm(LN_EPS, name="norm")
+        return norm(reduction(x), gating) if self.v2 else reduction(norm(x, gating))
+
+
+class SwinTransformer(nn.Module):
+    """torchvision ``SwinTransformer``: patch embedding, stages of Swin blocks with patch merging
+    between them, LayerNorm, global average pool, ``head``.
+
+    ``__call__``: ``(N, H, W, 3)`` normalised images (any size of at least one patch) -> ``(N, num_classes)``.
+    """
+
+    patch_size: Tuple[int, int]
+    embed_dim: int
+    depths: Tuple[int, ...]
+    num_heads: Tuple[int, ...]
+    window_size: Tuple[int, int]
+    v2: bool = False
+    mlp_ratio: float = 4.0
+    num_classes: int = 1000
+
+    @nn.compact
+    def __call__(self, x: jax.Array, gating: Gating) -> jax.Array:
+        ph, pw = self.patch_size
+        if ph != pw:
+            raise ValueError(f"patch_size {tuple(self.patch_size)} is not square: jaxpull's Swin needs square patches")
+        if x.shape[1] < ph or x.shape[2] < pw:
+            raise ValueError(f"a {x.shape[1]}x{x.shape[2]} image is smaller than one {ph}x{pw} patch: "
+                             f"use images of at least {ph}x{pw} pixels (the ImageNet weights expect 224x224, V2's 256x256)")
+        x = Conv(self.embed_dim, (ph, pw), ph, use_bias=True, name="features_0_0")(x)
+        x = LayerNorm(LN_EPS, name="features_0_2")(x, gating)
+        for i, (depth, heads) in enumerate(zip(self.depths, self.num_heads)):
+            for j in range(depth):
+                shift = (0, 0) if j % 2 == 0 else tuple(w // 2 for w in self.window_size)
+                x = SwinTransformerBlock(heads, tuple(self.window_size), shift, self.mlp_ratio, self.v2,
+                                         name=f"features_{2 * i + 1}_{j}")(x, gating)
+            if i < len(self.depths) - 1:
+                x = PatchMerging(self.v2, name=f"features_{2 * i + 2}")(x, gating)
+        x = LayerNorm(LN_EPS, name="norm")(x, gating)
+        return Dense(self.num_classes, name="head")(jnp.mean(x, axis=(1, 2)))
+
+
+ARCHITECTURES = {arch: functools.partial(SwinTransformer, **settings) for arch, settings in SETTINGS.items()}
+
+
+# --------------------------------------------------------------------------------------
+# Conversion
+# --------------------------------------------------------------------------------------
+
+_OPTIONS = ("patch_size", "embed_dim", "depths", "num_heads", "window_size", "mlp_ratio")
+
+
+def torch_config(module) -> dict:
+    """The size options of a torchvision ``SwinTransformer`` (``patch_size``, ``embed_dim``,
+    ``depths``, ``num_heads``, ``window_size``, ``mlp_ratio``); ``{}`` when they are a named model's."""
+    stages = [m for m in module.features if type(m).__name__ == "Sequential" and type(m[0]).__name__.startswith("Swin")]
+    conv, attn = module.features[0][0], stages[0][0].attn
+    mlp = stages[0][0].mlp
+    config = dict(patch_size=tuple(int(k) for k in conv.kernel_size), embed_dim=int(conv.out_channels),
+                  depths=tuple(len(s) for s in stages), num_heads=tuple(int(s[0].attn.num_heads) for s in stages),
+                  window_size=tuple(int(w) for w in attn.window_size),
+                  mlp_ratio=float(mlp[0].out_features / mlp[0].in_features))
+    v2 = hasattr(attn, "logit_scale")
+    named = [{k: s.get(k, 4.0) for k in _OPTIONS} for s in SETTINGS.values() if s.get("v2", False) == v2]
+    return {} if config in named else config
+
+
+def _layer_norm(sd, prefix: str) -> dict:
+    w, b = sd.get(f"{prefix}.weight"), sd.get(f"{prefix}.bias")
+    return {k: v.astype(np.float32) for k, v in (("scale", w), ("bias", b)) if v is not None}
+
+
+def _attention(sd, prefix: str, v2: bool) -> dict:
+    """``attn``: ``qkv`` split into ``q``, ``k`` (V2: no bias), ``v``; ``proj``; the position bias."""
+    w, b = sd.get(f"{prefix}.qkv.weight"), sd.get(f"{prefix}.qkv.bias")
+    p = {"proj": sd.dense(f"{prefix}.proj")}
+    for i, name in enumerate("qkv"):
+        part = {}
+        if w is not None:
+            part["kernel"] = np.split(w, 3)[i].T.astype(np.float32)
+        if b is not None and not (v2 and name == "k"):  # torchvision zeroes V2's key bias in its forward
+            part["bias"] = np.split(b, 3)[i].astype(np.float32)
+        p[name] = part
+    sd.get(f"{prefix}.relative_position_index")  # a constant of the window size, recomputed here
+    if v2:
+        sd.get(f"{prefix}.relative_coords_table")  # likewise
+        logit_scale = sd.get(f"{prefix}.logit_scale")
+        if logit_scale is not None:
+            p["logit_scale"] = logit_scale.astype(np.float32)
+        p["cpb_mlp_0"] = sd.dense(f"{prefix}.cpb_mlp.0")
+        w2 = sd.get(f"{prefix}.cpb_mlp.2.weight")
+        p["cpb_mlp_2"] = {} if w2 is None else {"kernel": w2.T.astype(np.float32)}
+    else:
+        table = sd.get(f"{prefix}.relative_position_bias_table")
+        if table is not None:
+            p["relative_position_bias_table"] = table.astype(np.float32)
+    return p
+
+
+def torch_layout(arch: str, sd, **config) -> dict:
+    """Map a torchvision SwinTransformer state_dict onto this module's parameter tree."""
+    settings = {**SETTINGS[arch], **config}
+    v2 = settings.get("v2", False)
+    p = {"features_0_0": sd.conv_bn("features.0.0", None), "features_0_2": _layer_norm(sd, "features.0.2"),
+         "norm": _layer_norm(sd, "norm"), "head": sd.dense("head")}
+    for i, depth in enumerate(settings["depths"]):
+        for j in range(depth):
+            pre = f"features.{2 * i + 1}.{j}"
+            p[f"features_{2 * i + 1}_{j}"] = {
+                "norm1": _layer_norm(sd, f"{pre}.norm1"), "norm2": _layer_norm(sd, f"{pre}.norm2"),
+                "attn": _attention(sd, f"{pre}.attn", v2),
+                "mlp_0": sd.dense(f"{pre}.mlp.0"), "mlp_3": sd.dense(f"{pre}.mlp.3"),
+            }
+        if i < len(settings["depths"]) - 1:
+            w = sd.get(f"features.{2 * i + 2}.reduction.weight")
+            p[f"features_{2 * i + 2}"] = {"reduction": {} if w is None else {"kernel": w.T.astype(np.float32)},
+                                          "norm": _layer_norm(sd, f"features.{2 * i + 2}.norm")}
+    return p
+
+
+MAX_POOLS = False  # whether the network has max-pools (a pool temperature applies)

@@ -1,0 +1,269 @@
+"""torchvision's Vision Transformer: vit_b_16, vit_b_32, vit_l_16, vit_l_32, vit_h_14.
+
+The image is cut into patches (``conv_proj``, a convolution with kernel = stride = patch size),
+a class token is prepended, the position embedding added, and ``num_layers`` pre-norm encoder
+blocks run: ``x + attention(ln_1(x))``, then ``x + mlp(ln_2(x))`` (Linear -> GELU -> Linear);
+a final LayerNorm, and the class token's features go through ``heads`` (``head``, or
+``pre_logits`` -> tanh -> ``head`` when ``representation_size`` is set). Dropout is the identity
+(eval mode).
+
+The rules of METHOD.md ("Semantic pullbacks") apply at every such operation, through
+``jaxpull.core.gates``: every LayerNorm (``ln_1``, ``ln_2``, the encoder's ``ln``) is
+``gates.layer_norm``, the MLP's GELU ``gates.gelu``, and each self-attention layer is wrapped
+whole by ``gates.tempered_attention`` (its inputs the tokens before the in-projection, as the
+reference scales the inputs of ``nn.MultiheadAttention``), its softmax ``gates.attention_probs``.
+Every one of these is an ``nn.Module`` in torchvision's ViT, so the reference's module swap
+reaches them all: no operation is gated here that the reference leaves plain. The tanh of
+``pre_logits`` keeps its plain derivative (METHOD.md).
+
+The position embeddings fix the input size: a model takes ``image_size`` x ``image_size``
+images only (224 for torchvision's builders without weights; torchvision's vit_h_14 DEFAULT
+weights, SWAG E2E, are 518 px, vit_b_16's and vit_l_16's SWAG E2E weights 384 and 512 px: a
+model of those weights needs ``image_size`` in its ``ModelSpec.config``: ``torch_config`` reads
+it off a torch module, ``state_dict_config`` off a state_dict; the converter's ``--weights`` /
+``--state-dict`` path does not call the latter yet). Parameter names follow torchvision's
+(``encoder/encoder_layer_0/self_attention/...``); ``nn.MultiheadAttention``'s fused
+``in_proj_weight`` is split into ``query``, ``key`` and ``value`` projections.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Mapping, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxpull.core import gates
+from jaxpull.core.gates import Gating
+from jaxpull.core.layers import Conv, Dense, LayerNorm
+from jaxpull.core.preprocessing import Preprocessing
+
+LN_EPS = 1e-6  # torchvision's norm_layer: partial(nn.LayerNorm, eps=1e-6)
+DEFAULT_IMAGE_SIZE = 224  # torchvision's _vision_transformer without weights
+
+# torchvision's vit_* builders: patch size, depth, heads, width, MLP width.
+SETTINGS = {
+    "vit_b_16": dict(patch_size=16, num_layers=12, num_heads=12, hidden_dim=768, mlp_dim=3072),
+    "vit_b_32": dict(patch_size=32, num_layers=12, num_heads=12, hidden_dim=768, mlp_dim=3072),
+    "vit_l_16": dict(patch_size=16, num_layers=24, num_heads=16, hidden_dim=1024, mlp_dim=4096),
+    "vit_l_32": dict(patch_size=32, num_layers=24, num_heads=16, hidden_dim=1024, mlp_dim=4096),
+    "vit_h_14": dict(patch_size=14, num_layers=32, num_heads=16, hidden_dim=1280, mlp_dim=5120),
+}
+
+# torchvision 0.29's DEFAULT weights' transforms() (read once):
+# ViT_B_16 / B_32 / L_32 IMAGENET1K_V1: crop 224, resize 256, bilinear; ViT_L_16 IMAGENET1K_V1:
+# crop 224, resize 242, bilinear; ViT_H_14 DEFAULT = IMAGENET1K_SWAG_E2E_V1: 518 / 518, bicubic
+# (those weights are for image_size 518; the other weights, not DEFAULT: SWAG E2E of B_16 384 /
+# 384 and of L_16 512 / 512, bicubic; SWAG LINEAR 224 / 224, bicubic).
+PREPROCESSING = {
+    "vit_b_16": Preprocessing(224, 256, "bilinear"),
+    "vit_b_32": Preprocessing(224, 256, "bilinear"),
+    "vit_l_16": Preprocessing(224, 242, "bilinear"),
+    "vit_l_32": Preprocessing(224, 256, "bilinear"),
+    "vit_h_14": Preprocessing(518, 518, "bicubic"),
+}
+
+
+class SelfAttention(nn.Module):
+    """``nn.MultiheadAttention(hidden_dim, num_heads, batch_first=True)`` on ``(x, x, x)``, no mask.
+
+    ``(N, L, E)`` -> ``(N, L, E)``: per head softmax(q k^T / sqrt(E / heads)) v, heads concatenated,
+    ``out_proj``; the whole layer under ``gates.tempered_attention``.
+    """
+
+    num_heads: int
+
+    @nn.compact
+    def __call__(self, x: jax.Array, gating: Gating) -> jax.Array:
+        n, length, e = x.shape
+        head_dim = e // self.num_heads
+        query, key, value = Dense(e, name="query"), Dense(e, name="key"), Dense(e, name="value")
+        out_proj = Dense(e, name="out_proj")
+
+        def heads(a: jax.Array) -> jax.Array:  # (N, L, E) -> (N, L, heads, E / heads)
+            return a.reshape(a.shape[0], a.shape[1], self.num_heads, head_dim)
+
+        def attend(q_in: jax.Array, k_in: jax.Array, v_in: jax.Array) -> jax.Array:
+            q, k, v = heads(query(q_in)), heads(key(k_in)), heads(value(v_in))
+            scores = jnp.einsum("nqhd,nkhd->nhqk", q, k) / np.sqrt(head_dim)
+            probs = gates.attention_probs(scores, gating)
+            return out_proj(jnp.einsum("nhqk,nkhd->nqhd", probs, v).reshape(n, length, e))
+
+        return gates.tempered_attention(attend, x, x, x, gating)
+
+
+class MLPBlock(nn.Module):
+    """torchvision's ``MLPBlock``: Linear (``linear_1``) -> GELU -> Linear (``linear_2``)."""
+
+    mlp_dim: int
+
+    @nn.compact
+    def __call__(self, x: jax.Array, gating: Gating) -> jax.Array:
+        y = gates.gelu(Dense(self.mlp_dim, name="linear_1")(x), gating)
+        return Dense(x.shape[-1], name="linear_2")(y)
+
+
+class EncoderBlock(nn.Module):
+    """``x + self_attention(ln_1(x))``, then ``x + mlp(ln_2(x))`` on ``(N, L, E)``."""
+
+    num_heads: int
+    mlp_dim: int
+
+    @nn.compact
+    def __call__(self, x: jax.Array, gating: Gating) -> jax.Array:
+        x = x + SelfAttention(self.num_heads, name="self_attention")(LayerNorm(LN_EPS, name="ln_1")(x, gating), gating)
+        return x + MLPBlock(self.mlp_dim, name="mlp")(LayerNorm(LN_EPS, name="ln_2")(x, gating), gating)
+
+
+class Encoder(nn.Module):
+    """Add ``pos_embedding`` ``(1, L, E)``, run ``encoder_layer_0 ...``, then ``ln``."""
+
+    num_layers: int
+    num_heads: int
+    mlp_dim: int
+
+    @nn.compact
+    def __call__(self, x: jax.Array, gating: Gating) -> jax.Array:
+        x = x + self.param("pos_embedding", nn.initializers.normal(0.02), (1,) + x.shape[1:])
+        for i in range(self.num_layers):
+            x = EncoderBlock(self.num_heads, self.mlp_dim, name=f"encoder_layer_{i}")(x, gating)
+        return LayerNorm(LN_EPS, name="ln")(x, gating)
+
+
+class VisionTransformer(nn.Module):
+    """torchvision ``VisionTransformer`` (no convolutional stem): ``(N, S, S, 3)`` -> logits, S = image_size."""
+
+    patch_size: int
+    num_layers: int
+    num_heads: int
+    hidden_dim: int
+    mlp_dim: int
+    image_size: int = DEFAULT_IMAGE_SIZE
+    num_classes: int = 1000
+    representation_size: Optional[int] = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array, gating: Gating) -> jax.Array:
+        s, p = self.image_size, self.patch_size
+        if s % p:
+            raise ValueError(f"image_size {s} is not a multiple of patch_size {p}: use a multiple of {p}")
+        if x.shape[1:3] != (s, s):
+            raise ValueError(f"this ViT takes {s}x{s} images (its position embeddings fix the input size), "
+                             f"got {x.shape[1]}x{x.shape[2]}: resize the images to {s}x{s}")
+        n = x.shape[0]
+        x = Conv(self.hidden_dim, p, p, use_bias=True, name="conv_proj")(x)
+        x = x.reshape(n, -1, self.hidden_dim)  # (N, (S / p)^2, E), patches in row-major order as torch's
+        class_token = self.param("class_token", nn.initializers.zeros, (1, 1, self.hidden_dim))
+        x = jnp.concatenate([jnp.broadcast_to(class_token, (n, 1, self.hidden_dim)).astype(x.dtype), x], axis=1)
+        x = Encoder(self.num_layers, self.num_heads, self.mlp_dim, name="encoder")(x, gating)
+        x = x[:, 0]
+        if self.representation_size is not None:
+            x = jnp.tanh(Dense(self.representation_size, name="pre_logits")(x))
+        return Dense(self.num_classes, name="head")(x)
+
+
+ARCHITECTURES = {arch: functools.partial(VisionTransformer, **s) for arch, s in SETTINGS.items()}
+
+SIZE_OPTIONS = ("patch_size", "num_layers", "num_heads", "hidden_dim", "mlp_dim")
+
+
+def torch_config(module) -> dict:
+    """The builder options of a torchvision ``VisionTransformer`` beyond a named architecture's.
+
+    A module with a named architecture's layer sizes gives only what differs from its builder:
+    ``image_size`` (when not 224) and ``representation_size`` (when set), so ``{}`` for
+    torchvision's ``vit_*()``; a module of other layer sizes (the tests' small ViTs) gives every
+    size option too, whichever name it is converted under.
+
+    Raises:
+      ValueError: a convolutional stem (``conv_stem_configs``) or LayerNorm epsilon other than
+        1e-6, which this port does not have.
+    """
+    if not hasattr(module.conv_proj, "weight"):
+        raise ValueError("ViTs with a convolutional stem (conv_stem_configs) are not supported: "
+                         "use torchvision's patch embedding (conv_stem_configs=None)")
+    if module.encoder.ln.eps != LN_EPS:
+        raise ValueError(f"this ViT's LayerNorm eps is {module.encoder.ln.eps}, jaxpull's ViT has {LN_EPS}: "
+                         "build it with torchvision's default norm_layer")
+    sizes = dict(patch_size=module.patch_size, num_layers=len(module.encoder.layers),
+                 num_heads=module.encoder.layers[0].num_heads, hidden_dim=module.hidden_dim, mlp_dim=module.mlp_dim)
+    config = {} if sizes in SETTINGS.values() else sizes
+    if module.image_size != DEFAULT_IMAGE_SIZE:
+        config["image_size"] = module.image_size
+    if module.representation_size is not None:
+        config["representation_size"] = module.representation_size
+    return config
+
+
+def state_dict_config(arch: str, tensors: Mapping[str, np.ndarray]) -> dict:
+    """The builder options a state_dict of ``arch``'s layer sizes fixes beyond them: ``image_size``
+    (from the position embeddings' length, when not 224) and ``representation_size``
+    (``heads.pre_logits``). E.g. ``{"image_size": 518}`` for vit_h_14's DEFAULT (SWAG E2E) weights.
+
+    Raises:
+      ValueError: the position embeddings are not those of a square grid of patches plus the
+        class token.
+    """
+    config = {}
+    p = int(np.shape(tensors["conv_proj.weight"])[-1]) if "conv_proj.weight" in tensors else SETTINGS[arch]["patch_size"]
+    if "encoder.pos_embedding" in tensors:
+        patches = int(np.shape(tensors["encoder.pos_embedding"])[1]) - 1
+        side = int(round(patches ** 0.5))
+        if side * side != patches:
+            raise ValueError(f"encoder.pos_embedding has {patches + 1} positions, not a square grid of patches "
+                             "plus the class token: is this a torchvision ViT state_dict?")
+        if side * p != DEFAULT_IMAGE_SIZE:
+            config["image_size"] = side * p
+    if "heads.pre_logits.weight" in tensors:
+        config["representation_size"] = int(np.shape(tensors["heads.pre_logits.weight"])[0])
+    return config
+
+
+# torchvision before 0.14 named the MLP's linear layers mlp.linear_1 / linear_2 (now mlp.0 / mlp.3).
+LEGACY_MLP_KEY = r"^(encoder\.layers\.encoder_layer_\d+\.mlp)\.linear_([12])\.(weight|bias)$"
+
+
+def _layer_norm(sd, prefix: str) -> dict:
+    w, b = sd.get(f"{prefix}.weight"), sd.get(f"{prefix}.bias")
+    return {k: v.astype(np.float32) for k, v in (("scale", w), ("bias", b)) if v is not None}
+
+
+def _self_attention(sd, prefix: str) -> dict:
+    """``nn.MultiheadAttention``'s fused ``in_proj`` (3E, E) split into query, key, value Dense layers."""
+    w, b = sd.get(f"{prefix}.in_proj_weight"), sd.get(f"{prefix}.in_proj_bias")
+    p = {"out_proj": sd.dense(f"{prefix}.out_proj")}
+    for i, name in enumerate(("query", "key", "value")):
+        p[name] = {}
+        if w is not None:
+            p[name]["kernel"] = np.split(w, 3)[i].T.astype(np.float32)
+        if b is not None:
+            p[name]["bias"] = np.split(b, 3)[i].astype(np.float32)
+    return p
+
+
+def torch_layout(arch: str, sd, **config) -> dict:
+    """Map a torchvision ViT state_dict onto this module's parameter tree (``config``: its size options)."""
+    sd.rename(LEGACY_MLP_KEY, lambda m: f"{m[1]}.{3 * (int(m[2]) - 1)}.{m[3]}")
+    get32 = lambda key: None if (v := sd.get(key)) is None else v.astype(np.float32)
+    encoder = {"ln": _layer_norm(sd, "encoder.ln")}
+    if (pos := get32("encoder.pos_embedding")) is not None:
+        encoder["pos_embedding"] = pos
+    for i in range(config.get("num_layers", SETTINGS[arch]["num_layers"])):
+        pre = f"encoder.layers.encoder_layer_{i}"
+        encoder[f"encoder_layer_{i}"] = {
+            "ln_1": _layer_norm(sd, f"{pre}.ln_1"),
+            "self_attention": _self_attention(sd, f"{pre}.self_attention"),
+            "ln_2": _layer_norm(sd, f"{pre}.ln_2"),
+            "mlp": {"linear_1": sd.dense(f"{pre}.mlp.0"), "linear_2": sd.dense(f"{pre}.mlp.3")},
+        }
+    p = {"conv_proj": sd.conv_bn("conv_proj", None), "class_token": get32("class_token"),
+         "encoder": encoder, "head": sd.dense("heads.head")}
+    if config.get("representation_size") is not None:
+        p["pre_logits"] = sd.dense("heads.pre_logits")
+    return {k: v for k, v in p.items() if v is not None}
+
+
+MAX_POOLS = False  # whether the network has max-pools (a pool temperature applies)

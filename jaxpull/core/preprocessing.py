@@ -1,0 +1,58 @@
+"""How images are prepared for a model's weights: torchvision's ``weights.transforms()`` sizes.
+
+A square image is resized straight to ``crop_size`` x ``crop_size`` (the paper's rule); any
+other is resized so its short side is ``resize_size`` and centre-cropped to ``crop_size``.
+Most ImageNet weights use 256 / 224 (the paper's); Inception-v3's use 342 / 299. A converted
+file records these (``crop_size``, ``resize_size``, ``interpolation``); files written before
+they were recorded get the defaults.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Dict, Mapping, NamedTuple
+
+INTERPOLATIONS = ("bilinear", "bicubic")
+
+
+class Preprocessing(NamedTuple):
+    """Resize and crop sizes (pixels) and the resampling filter of a model's input images."""
+
+    crop_size: int = 224
+    resize_size: int = 256
+    interpolation: str = "bilinear"
+
+    def check(self) -> "Preprocessing":
+        """Return ``self``; ValueError naming the bad value otherwise."""
+        for name in ("crop_size", "resize_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+                raise ValueError(f"{name} must be a positive whole number of pixels, got {value!r}")
+        if self.resize_size < self.crop_size:
+            raise ValueError(f"resize_size {self.resize_size} is smaller than crop_size {self.crop_size}: "
+                             "the centre crop must fit in the resized image")
+        if self.interpolation not in INTERPOLATIONS:
+            raise ValueError(f"unknown interpolation {self.interpolation!r}: use one of {', '.join(INTERPOLATIONS)}")
+        return self
+
+    def to_metadata(self) -> Dict[str, str]:
+        """The file metadata entries (strings)."""
+        return {"crop_size": str(self.crop_size), "resize_size": str(self.resize_size),
+                "interpolation": self.interpolation}
+
+    @classmethod
+    def from_metadata(cls, meta: Mapping[str, str]) -> "Preprocessing":
+        """Read the entries of :meth:`to_metadata` (defaults where absent); ValueError if malformed."""
+        default = cls()
+        try:
+            crop = int(meta.get("crop_size", default.crop_size))
+            resize = int(meta.get("resize_size", default.resize_size))
+        except ValueError:
+            raise ValueError(f"crop_size / resize_size must be whole numbers, got "
+                             f"{meta.get('crop_size')!r} / {meta.get('resize_size')!r}") from None
+        return cls(crop, resize, meta.get("interpolation", default.interpolation)).check()
+
+    @property
+    def image_options(self) -> Dict[str, object]:
+        """Keyword arguments of ``jaxpull.files.images.load_image(s)``: ``size``, ``resize``, ``interpolation``."""
+        return {"size": self.crop_size, "resize": self.resize_size, "interpolation": self.interpolation}

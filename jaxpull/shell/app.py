@@ -1,0 +1,117 @@
+"""``jaxpull app``: the explorer in the browser, a Gradio page over :mod:`jaxpull.shell.explorer`.
+
+Needs the optional extra: ``pip install 'jaxpull[app]'``. Listens on loopback by default.
+Requests are queued one at a time (they share the CPU and the compiled functions); a bad
+request shows its one-line message in the page and the server keeps running.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from jaxpull.files import images
+from jaxpull.shell.explorer import DEFAULT_LABEL, METHODS, STRIP_TEMPERATURES, TOP1, Explorer
+from jaxpull.core.settings import DEFAULT_RULES, PRESETS
+
+INTRO = (
+    "# jaxpull explorer\n"
+    "Projected gradient ascent along **excitation pullbacks** (soft ReLU / max-pool gates in the backward "
+    "pass only) or along the vanilla gradient. Each row: the clean image, the perturbed image x_K, and "
+    "x_K - x0 normalised to [0, 1] (grey = no change). The first request compiles; later ones reuse it."
+)
+
+
+def build(explorer: Explorer):
+    """The Gradio ``Blocks`` page for ``explorer``."""
+    try:
+        import gradio as gr
+    except ImportError as e:
+        raise RuntimeError(f"the app needs Gradio ({e}): pip install 'jaxpull[app]'") from None
+
+    def guarded(fn, outputs: int):
+        """Run ``fn``; on a user error keep the shown results and put the message in the note."""
+
+        def call(*args):
+            try:
+                return fn(*args)
+            except (ValueError, OSError, RuntimeError) as e:
+                gr.Warning(str(e))
+                return (gr.update(),) * (outputs - 1) + (f"**Error:** {e}",)
+
+        return call
+
+    def on_model(name):
+        choices = explorer.class_choices(name)
+        return (gr.update(choices=choices, value=TOP1),
+                gr.update(visible=explorer.has_max_pools(name)))
+
+    def preset_values(rules):
+        """The form's numbers of a preset: steps, alpha, eps, t, tp (empty eps: no projection; empty tp: t)."""
+        p = PRESETS[rules]
+        return p.ascent.steps, p.ascent.alpha, p.ascent.eps, p.temperature, p.pool_temperature
+
+    samples = list(images.sample_images())
+    defaults = preset_values(DEFAULT_RULES)
+    # delete_cache: Gradio's copies of uploads and results older than an hour go, checked hourly
+    with gr.Blocks(title="jaxpull explorer", delete_cache=(3600, 3600)) as page:
+        gr.Markdown(INTRO)
+        with gr.Row():
+            with gr.Column(scale=1):
+                # a plain file input: jaxpull opens the upload itself (jaxpull.shell.explorer.read_upload), so a
+                # file that is no image gets the app's one-line message, not Gradio's preprocessing error
+                upload = gr.File(label="Upload an image (JPEG, PNG, ...)", type="filepath", elem_id="upload")
+                sample = gr.Dropdown(samples, value=samples[0] if samples else None, label="...or a sample photo",
+                                     elem_id="sample")
+                model = gr.Dropdown(list(explorer.models), value=DEFAULT_LABEL, label="Model", elem_id="model")
+                target = gr.Dropdown(explorer.class_choices(DEFAULT_LABEL), value=TOP1, filterable=True,
+                                     label="Target class (type to search)", elem_id="target")
+                method = gr.Radio(list(METHODS), value="both", label="Method", elem_id="method")
+                rules = gr.Radio(list(PRESETS), value=DEFAULT_RULES, label="Rules (sets every number below)",
+                                 elem_id="rules")
+                with gr.Row():  # steps: no rounding in the page (2.5 gets a message, not 2 steps)
+                    steps = gr.Number(defaults[0], label="steps", elem_id="steps")
+                    alpha = gr.Number(defaults[1], label="alpha", elem_id="alpha")
+                    eps = gr.Number(defaults[2], label="eps (empty: no projection)", elem_id="eps")
+                with gr.Row():
+                    temperature = gr.Number(defaults[3], label="temperature t", elem_id="temperature")
+                    pool_temperature = gr.Number(defaults[4], label="pool temperature (empty: t)",
+                                                 elem_id="pool-temperature", visible=explorer.has_max_pools(DEFAULT_LABEL))
+                run = gr.Button("Explain", variant="primary", elem_id="run")
+                strip = gr.Button(f"Temperature strip (t = {', '.join(f'{t:g}' for t in STRIP_TEMPERATURES)})",
+                                  elem_id="strip")
+            with gr.Column(scale=2):
+                top5 = gr.Label(num_top_classes=5, label="Top-5 predictions", elem_id="top5")
+                note = gr.Markdown(elem_id="note")
+                picture = gr.Image(label="clean | perturbed x_K | x_K - x0", type="numpy", interactive=False,
+                                   elem_id="result")
+                arrays = gr.File(label="Raw arrays (.npz: x0, x_K, x_K - x0, target)", elem_id="arrays")
+                strip_picture = gr.Image(label="Temperature strip: x_K - x0 per t", type="numpy", interactive=False,
+                                         elem_id="strip-result")
+        model.change(guarded(on_model, 2), model, [target, pool_temperature])
+        rules.change(preset_values, rules, [steps, alpha, eps, temperature, pool_temperature])
+        inputs = [upload, sample, model, target]
+        run.click(guarded(explorer.explain, 4),
+                  inputs + [method, steps, alpha, eps, temperature, pool_temperature, rules],
+                  [top5, picture, arrays, note], concurrency_id="compute")
+        strip.click(guarded(explorer.strip, 2), inputs + [steps, alpha, eps, pool_temperature, rules],
+                    [strip_picture, note], concurrency_id="compute")
+    page.queue(default_concurrency_limit=1, max_size=64)
+    return page
+
+
+def serve(host: str = "127.0.0.1", port: int = 7860, models_dir: Optional[str] = None) -> None:
+    """Build the explorer and serve it until interrupted."""
+    explorer = Explorer(models_dir)
+    try:
+        explorer.model(DEFAULT_LABEL)  # load (and on first use convert) before the page opens
+        page = build(explorer)
+        try:
+            page.launch(server_name=host, server_port=port, show_error=True, quiet=True, prevent_thread_lock=True)
+        except OSError as e:
+            if "empty port" in str(e):
+                raise OSError(f"port {port} on {host} is in use: choose another with --port") from None
+            raise
+        print(f"jaxpull app: http://{host}:{port} (Ctrl-C stops it)", flush=True)
+        page.block_thread()
+    finally:
+        explorer.close()  # the per-request .npz files go with the server
