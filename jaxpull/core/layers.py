@@ -10,9 +10,7 @@ where there is one (``Conv`` with ``use_bias=True``), and stores the rest as ``A
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
-from typing import Callable, Iterator, Optional, Sequence, Tuple, Union
+from typing import Callable, Optional, Sequence, Tuple, Union
 
 import flax.linen as nn
 import jax
@@ -28,33 +26,14 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+# The operand dtypes a model's convolutions and dense layers may compute in: a layer takes its
+# operands in its kernel's dtype (``Model.astype`` casts the kernels), accumulating in float32.
 COMPUTE_DTYPES = ("float32", "bfloat16")
-_COMPUTE_DTYPE: contextvars.ContextVar[str] = contextvars.ContextVar("jaxpull_compute_dtype", default="float32")
-
-
-@contextlib.contextmanager
-def compute_dtype(name: str) -> Iterator[None]:
-    """Within this context (while a model is traced), convolutions and dense layers take their
-    operands in ``name`` (``"float32"`` or ``"bfloat16"``) and accumulate in float32; everything
-    else (activations, gates, pools) stays float32. ``Model.astype`` sets it for a model."""
-    if name not in COMPUTE_DTYPES:
-        raise ValueError(f"unknown compute dtype {name!r}: use one of {', '.join(COMPUTE_DTYPES)}")
-    token = _COMPUTE_DTYPE.set(name)
-    try:
-        yield
-    finally:
-        _COMPUTE_DTYPE.reset(token)
-
-
-def operand_dtype(dtype: Optional[jnp.dtype] = None) -> jnp.dtype:
-    """``dtype``, or the compute dtype of the model being traced (``compute_dtype``)."""
-    return jnp.dtype(dtype) if dtype is not None else jnp.dtype(_COMPUTE_DTYPE.get())
 
 
 def matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    """``x @ kernel`` with operands in the compute dtype, accumulated and returned in float32."""
-    dtype = operand_dtype()
-    return jnp.dot(x.astype(dtype), kernel.astype(dtype), preferred_element_type=jnp.float32)
+    """``x @ kernel`` with operands in the kernel's dtype, accumulated and returned in float32."""
+    return jnp.dot(x.astype(kernel.dtype), kernel, preferred_element_type=jnp.float32)
 
 
 def to_model_input(x: jax.Array, mean: Sequence[float], std: Sequence[float]) -> jax.Array:
@@ -110,7 +89,7 @@ class Conv(nn.Module):
     padding: Padding = 0
     groups: int = 1
     use_bias: bool = False
-    dtype: Optional[jnp.dtype] = None  # operand dtype; None: the surrounding compute_dtype
+    dtype: Optional[jnp.dtype] = None  # operand dtype; None: the kernel's (float32, or bfloat16 after Model.astype)
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -124,7 +103,7 @@ class Conv(nn.Module):
             pad = ((self.padding, self.padding), (self.padding, self.padding))
         else:
             pad = self.padding
-        dtype = operand_dtype(self.dtype)
+        dtype = kernel.dtype if self.dtype is None else jnp.dtype(self.dtype)
         if self.groups > 1 and self.groups == x.shape[-1] == self.features:
             y = depthwise_conv(x.astype(dtype), kernel.astype(dtype), self.stride, pad)
         else:

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 
 from jaxpull.core import checks, models
 from jaxpull.core.gates import VANILLA, Gating
-from jaxpull.core.layers import COMPUTE_DTYPES, IMAGENET_MEAN, IMAGENET_STD, compute_dtype, to_model_input
+from jaxpull.core.layers import COMPUTE_DTYPES, IMAGENET_MEAN, IMAGENET_STD, to_model_input
 from jaxpull.core.preprocessing import Preprocessing
 
 Params = Mapping[str, Any]
@@ -40,7 +40,6 @@ class ModelSpec:
     input_mean: Tuple[float, float, float] = IMAGENET_MEAN
     input_std: Tuple[float, float, float] = IMAGENET_STD
     class_names: Tuple[str, ...] = dataclasses.field(default=(), compare=False, hash=False)
-    compute_dtype: str = "float32"
     metadata: Mapping[str, str] = dataclasses.field(default_factory=dict, compare=False, hash=False)
     transform_input: bool = False
     preprocessing: Preprocessing = dataclasses.field(default=Preprocessing(), compare=False, hash=False)
@@ -100,15 +99,21 @@ class Model:
         ``gating`` changes only the backward pass. Call inside ``jax.jit`` (no input checks).
         """
         x = to_model_input(x, self.spec.input_mean, self.spec.input_std)
-        with compute_dtype(self.spec.compute_dtype):
-            return self.spec.module().apply({"params": self.params}, x, gating)
+        return self.spec.module().apply({"params": self.params}, x, gating)
+
+    @property
+    def compute_dtype(self) -> str:
+        """The operand dtype of its convolutions and dense layers: their kernels' (``astype``)."""
+        kernels = [leaf.dtype for path, leaf in jax.tree_util.tree_leaves_with_path(self.params) if _is_kernel(path)]
+        return jnp.dtype(kernels[0] if kernels else jnp.float32).name
 
     def astype(self, dtype: str) -> "Model":
         """The same model computing its convolutions and dense layers with ``dtype`` operands.
 
-        ``"bfloat16"`` is an opt-in speed/accuracy trade: operands are rounded to bfloat16 and
-        accumulated in float32; parameters stay stored in float32, results are float32. A
-        ``"bfloat16"`` model compiles its own functions (the dtype is static).
+        The kernels are cast to ``dtype`` (every layer takes its operands in its kernel's dtype and
+        accumulates in float32; biases, norms and gates stay float32, results are float32).
+        ``"bfloat16"`` is an opt-in speed/accuracy trade that halves the kernels' memory; the
+        array dtypes are part of a compiled function's signature, so it compiles its own functions.
         """
         try:
             name = jnp.dtype(dtype).name
@@ -116,7 +121,8 @@ class Model:
             name = str(dtype)
         if name not in COMPUTE_DTYPES:
             raise ValueError(f"unknown compute dtype {dtype!r}: use one of {', '.join(COMPUTE_DTYPES)}")
-        return Model(self.params, dataclasses.replace(self.spec, compute_dtype=name))
+        cast = lambda path, leaf: leaf.astype(name) if _is_kernel(path) else leaf
+        return Model(jax.tree_util.tree_map_with_path(cast, self.params), self.spec)
 
     def __call__(self, x) -> jax.Array:
         """Logits ``(N, num_classes)`` of images ``x`` ``(N, H, W, 3)`` in [-1, 1] (checked)."""
@@ -133,8 +139,13 @@ class Model:
 
     def __repr__(self) -> str:
         n = sum(int(p.size) for p in jax.tree_util.tree_leaves(self.params))
-        dtype = "" if self.spec.compute_dtype == "float32" else f", compute_dtype={self.spec.compute_dtype!r}"
+        dtype = "" if self.compute_dtype == "float32" else f", compute_dtype={self.compute_dtype!r}"
         return f"Model(arch={self.arch!r}, num_classes={self.num_classes}, parameters={n:,}{dtype})"
+
+
+def _is_kernel(path) -> bool:
+    """Whether a parameter path ends in a convolution's or dense layer's ``kernel``."""
+    return getattr(path[-1], "key", None) == "kernel"
 
 
 @jax.jit
