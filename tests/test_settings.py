@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import jaxpull
-from jaxpull.shell import cli
+from jaxpull.shell import cli, tasks
 from jaxpull.core import pullback, settings
 from jaxpull.shell import sweep as S
 from jaxpull.core.gates import Gating
@@ -138,12 +138,11 @@ def test_cli_help_shows_the_presets_defaults(capsys):
 
 
 def test_pool_settings_on_a_model_without_max_pools_get_a_note(capsys):
-    args = types.SimpleNamespace(pool_temperature=0.2, pool_weights=settings.FROM_RULES)
-    cli._note_unused_pool_settings(args, types.SimpleNamespace(arch="mobilenet_v2"))
+    note = tasks.note_unused_pool_settings
+    note({"pool_temperature": 0.2}, types.SimpleNamespace(arch="mobilenet_v2"))
     assert capsys.readouterr().err == "jaxpull: note: --pool-temperature has no effect: mobilenet_v2 has no max-pools\n"
-    cli._note_unused_pool_settings(args, types.SimpleNamespace(arch="resnet18"))  # has max-pools: silent
-    args.pool_temperature = settings.FROM_RULES
-    cli._note_unused_pool_settings(args, types.SimpleNamespace(arch="mobilenet_v2"))  # not given: silent
+    note({"pool_temperature": 0.2}, types.SimpleNamespace(arch="resnet18"))  # has max-pools: silent
+    note({"steps": 3}, types.SimpleNamespace(arch="mobilenet_v2"))  # not given: silent
     assert capsys.readouterr().err == ""
 
 

@@ -200,3 +200,14 @@ def make_ascent(*, rules: str = DEFAULT_RULES, **overrides) -> Ascent:
         project=eps is not None,
         clip=checks.flag(v["clip"], "clip"),
     )
+
+
+def resolved(rules: str = DEFAULT_RULES, **given) -> Dict[str, Any]:
+    """Every gate and ascent setting once ``given`` (any of ``GATE_SETTINGS`` and ``ASCENT_SETTINGS``)
+    overrides the preset ``rules``, checked as ``make_gating`` and ``make_ascent`` check them:
+    ``{"rules": ..., "temperature": ..., ..., "steps": ..., "alpha": ..., "eps": ..., "margin": ...}``,
+    what a saved result records."""
+    gating = make_gating(**{k: v for k, v in given.items() if k in GATE_SETTINGS}, rules=rules)
+    ascent = make_ascent(**{k: v for k, v in given.items() if k not in GATE_SETTINGS}, rules=rules)
+    return dict(rules=rules, **{n: getattr(gating, n) for n in GATE_SETTINGS},
+                **{n: getattr(ascent, n) for n in ("steps", "alpha", "eps", "margin")})

@@ -9,10 +9,8 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
-from pathlib import Path
 from typing import List, Optional
 
-import numpy as np
 
 from jaxpull.core.settings import DEFAULT_RULES, FROM_RULES, PRESETS
 
@@ -38,224 +36,30 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_output(path: str, suffix: str) -> Path:
-    """Fail before any compute if ``path`` cannot be written (the one check of :func:`jaxpull.files.outputs.check_output`)."""
-    from jaxpull.files.outputs import check_output
-
-    return check_output(path, suffix)
-
-
-def resolve_targets(model, logits: np.ndarray, spec: str) -> np.ndarray:
-    """``"0,goldfish,top3"`` -> int ``(N, K)``: indices, class names, or each image's top-n labels."""
-    items = [s.strip() for s in spec.split(",") if s.strip()]
-    if not items:
-        raise ValueError("--targets is empty: give labels such as 0,goldfish,top3")
-    columns = []
-    order = np.argsort(-logits, axis=1)
-    for item in items:
-        if item.lower().startswith("top") and item[3:].isdigit():
-            n = int(item[3:])
-            if not 1 <= n <= model.num_classes:
-                raise ValueError(f"--targets {item}: n must be in [1, {model.num_classes}]")
-            columns.extend(order[:, i] for i in range(n))
-        else:
-            columns.append(np.full(len(logits), model.label(item)))
-    return np.stack(columns, axis=1).astype(np.int32)
-
-
-def print_top5(model, names, logits: np.ndarray) -> None:
-    """Print each image's top-5 labels with probabilities."""
-    probs = np.exp(logits - logits.max(1, keepdims=True))
-    probs /= probs.sum(1, keepdims=True)
-    for name, p in zip(names, probs):
-        top = np.argsort(-p)[:5]
-        print(f"{name}: " + "; ".join(f"{model.class_name(i)} ({i}) {p[i]:.1%}" for i in top))
-
-
-# the gate settings that have no meaning for the vanilla gradient (``make_gating`` refuses them with temperature None)
-VANILLA_DROPS = ("pool_temperature", "gelu_temperature", "silu_temperature", "layer_norm", "attention",
-                 "attention_temperature")
-
-
-def run_explanations(model, x, targets, methods, options, progress=True):
-    """Ascent diffs ``(N, K, H, W, 3)`` per method, one image at a time (bounded memory)."""
-    import jaxpull
-    from tqdm import tqdm
-
-    options = dict(options)  # the caller's options stay as given (they are also saved with the arrays)
-    temperatures = {"pullback": options.pop("temperature", FROM_RULES), "vanilla": None}
-    results = {m: np.zeros(targets.shape + x.shape[1:], np.float32) for m in methods}
-    jobs = [(m, i) for m in methods for i in range(len(x))]
-    for m, i in tqdm(jobs, desc="explaining", unit="image", disable=not progress or len(jobs) < 2):
-        opts = dict(options)
-        if m == "vanilla":  # the exact gradient: only the ascent options and the names gate / pool_weights remain
-            for name in VANILLA_DROPS:
-                opts.pop(name, None)
-        results[m][i] = np.asarray(
-            jaxpull.ascent(model, x[i : i + 1], targets[i : i + 1], temperature=temperatures[m], output="diff", **opts)
-        )[0]
-    return results
-
-
-HEADINGS = {"pullback": "excitation pullback (PGA, x_K - x_0)", "vanilla": "vanilla gradient (PGA, x_K - x_0)"}
-
-
-def write_outputs(model, names, x, targets, results, out, arrays_path, options) -> None:
-    """The figure, and optionally the raw arrays (both written atomically)."""
-    from jaxpull.shell import figures
-    from jaxpull.files.outputs import save_arrays
-
-    titles = [[figures.short_name(model.class_name(int(t))) for t in row] for row in targets]
-    panels = {HEADINGS[m]: d for m, d in results.items()}
-    figures.explanation_figure(x, panels, titles, out)
-    print(f"wrote {out}")
-    if arrays_path:
-        arrays = {f"{m}_diff": d for m, d in results.items()}
-        meta = {k: np.asarray(v if v is not None else np.nan) for k, v in options.items() if not isinstance(v, str)}
-        save_arrays(arrays_path, dict(images=x, targets=targets, image_names=np.array(names), **arrays, **meta))
-        print(f"wrote {arrays_path}")
-
-
-
-
-def _settings(args) -> tuple:
-    """The setting flags given (the others come from ``--rules``), checked by :mod:`jaxpull.core.settings`
-    before any work: ``(options for jaxpull.ascent, every resolved value)``."""
+def _given(args: argparse.Namespace) -> dict:
+    """The gate and ascent setting flags the user gave (the others come from ``--rules``)."""
     from jaxpull.core import settings
 
-    given = {n: getattr(args, n) for n in settings.ASCENT_SETTINGS + settings.GATE_SETTINGS
-             if getattr(args, n, FROM_RULES) is not FROM_RULES}
-    gating = settings.make_gating(**{k: v for k, v in given.items() if k in settings.GATE_SETTINGS}, rules=args.rules)
-    ascent = settings.make_ascent(**{k: v for k, v in given.items() if k not in settings.GATE_SETTINGS}, rules=args.rules)
-    resolved = dict(rules=args.rules, gate=gating.gate, pool_weights=gating.pool_weights,
-                    temperature=gating.temperature, pool_temperature=gating.pool_temperature,
-                    gelu_temperature=gating.gelu_temperature, silu_temperature=gating.silu_temperature,
-                    layer_norm=gating.layer_norm, attention=gating.attention,
-                    attention_temperature=gating.attention_temperature,
-                    steps=ascent.steps, alpha=ascent.alpha, eps=ascent.eps, margin=ascent.margin)
-    return dict(rules=args.rules, **given), resolved
-
-
-def _note_unused_pool_settings(args, model) -> None:
-    """A one-line note on stderr when a pool setting was given for a model without max-pools."""
-    from jaxpull.core import models
-
-    flags = [f"--{n.replace('_', '-')}" for n in ("pool_temperature", "pool_weights")
-             if getattr(args, n, FROM_RULES) is not FROM_RULES]
-    if flags and not models.get(model.arch).max_pools:
-        print(f"jaxpull: note: {' and '.join(flags)} has no effect: {model.arch} has no max-pools", file=sys.stderr)
+    return {n: getattr(args, n) for n in settings.ASCENT_SETTINGS + settings.GATE_SETTINGS
+            if getattr(args, n, FROM_RULES) is not FROM_RULES}
 
 
 def _explain(args: argparse.Namespace) -> int:
-    from jaxpull.files import images, cache
-
     from jaxpull.core import checks
+    from jaxpull.shell import tasks
 
     if args.method != "vanilla" and args.temperature is not FROM_RULES:  # the CLI's vanilla is --method vanilla
         checks.positive(args.temperature, "--temperature", " (for the vanilla gradient use --method vanilla)")
-    options, resolved = _settings(args)  # before any work
-    out = _check_output(args.output, ".png")
-    arrays = _check_output(args.save_arrays, ".npz") if args.save_arrays else None
-    model = cache.resolve(args.model)
-    x = images.load_images(args.images, **model.preprocessing.image_options)  # the sizes its weights expect
-    _note_unused_pool_settings(args, model)
-    methods = ["pullback", "vanilla"] if args.method == "both" else [args.method]
-    logits = np.asarray(model(x))
-    targets = resolve_targets(model, logits, args.targets)
-    names = [Path(p).stem for p in args.images]
-    print_top5(model, names, logits)
-    results = run_explanations(model, x, targets, methods, options)
-    write_outputs(model, names, x, targets, results, out, arrays, resolved)
+    tasks.explain(args.model, args.images, args.output, target_spec=args.targets, method=args.method,
+                  arrays_path=args.save_arrays, rules=args.rules, **_given(args))
     return 0
-
-
-# The demo's rows per photo: ``jaxpull.ascent`` keywords of each method.
-DEMO_METHODS = {
-    "excitation": dict(rules="excitation"),
-    "semantic": dict(rules="semantic"),
-    "vanilla gradient": dict(rules="excitation", temperature=None),
-}
-
-
-def _rules_text(name: str) -> str:
-    """One line of a preset's settings, read from :data:`jaxpull.core.settings.PRESETS`."""
-    r = PRESETS[name]
-    a = r.ascent
-    tp = r.temperature if r.pool_temperature is None else r.pool_temperature
-    gate = {"sigmoid": "sigmoid", "normal_cdf": "normal-CDF"}.get(r.gate, r.gate)
-    ball = f"L2 ball eps {a.eps:g}" if a.project else "no L2 ball"
-    return f"{gate} gate t {r.temperature:g}, {r.pool_weights} max-pool weights tp {tp:g}, {ball}, " + (
-        "clamp to [-1, 1] after every step" if a.clip else "no clamping")
-
-
-def demo_caption(model_name: str, max_pools: bool = True) -> str:
-    """What the demo figure shows and with which settings."""
-    a = PRESETS["excitation"].ascent
-    pools = "" if max_pools else " (it has no max-pools, so the max-pool settings play no part)"
-    return (
-        f"Each cell is x_K - x_0: how {a.steps} steps of projected gradient ascent (step {a.alpha:g} in the L2 norm) "
-        "on the column's class logit change the photo x_0, min-max normalised per cell (grey: no change). "
-        "The forward pass is exact; only the backward pass differs between rows. Framed: the photo's own top-1 class; "
-        f"the other columns are counterfactual classes, the last one random. Model: {model_name}{pools}.\n"
-        f"excitation (the paper's first version): {_rules_text('excitation')}.\n"
-        f"semantic (its current version): {_rules_text('semantic')}.\n"
-        "vanilla gradient: hard gates (the plain gradient), ascent as in excitation."
-    )
 
 
 def _demo(args: argparse.Namespace) -> int:
-    import jaxpull
-    from tqdm import tqdm
+    from jaxpull.shell import tasks
 
-    from jaxpull.shell import figures
-    from jaxpull.files import images, cache
-    from jaxpull.core import models
-
-    out = _check_output(args.output, ".png")
-    _check_seed(args.seed)
-    paths = images.sample_paths()
-    names = [p.stem for p in paths]
-    x = images.load_images(paths)
-    model = cache.resolve(args.model)
-    logits = np.asarray(model(x))
-    print(f"model {model.arch} ({model.metadata.get('source', 'unknown source')})")
-    print_top5(model, names, logits)
-    # The paper's layout: one column per image's own top-1 label (the diagonal), so every
-    # other cell of that column is a counterfactual, plus one random label.
-    own = list(dict.fromkeys(int(i) for i in logits.argmax(1)))
-    rng = np.random.default_rng(args.seed)
-    extra = int(rng.choice([c for c in range(model.num_classes) if c not in own]))
-    targets = np.array(own + [extra], np.int32)
-    results = {m: np.zeros((len(x), len(targets)) + x.shape[1:], np.float32) for m in DEMO_METHODS}
-    jobs = [(m, i) for m in DEMO_METHODS for i in range(len(x))]
-    for m, i in tqdm(jobs, desc="explaining", unit="image"):
-        diff = jaxpull.ascent(model, x[i : i + 1], targets[None], output="diff", **DEMO_METHODS[m])
-        results[m][i] = np.asarray(diff)[0]
-    figures.comparison_figure(
-        x, results, [figures.short_name(model.class_name(int(t))) for t in targets], names, out,
-        own_columns=[own.index(int(i)) for i in logits.argmax(1)],
-        title=f"Excitation pullbacks vs the vanilla gradient on {model.arch}",
-        caption=demo_caption(f"{model.arch}, weights {model.metadata.get('source', 'unknown').split(' | ')[0]}",
-                             models.get(model.arch).max_pools),
-    )
-    print(f"wrote {out}")
+    tasks.demo(args.model, args.output, args.seed)
     return 0
-
-
-def parse_labels(spec: str, model) -> list:
-    """``"all"``, ``"0-99"``, or a comma list of indices / class names / ranges."""
-    if spec.strip().lower() == "all":
-        return list(range(model.num_classes))
-    labels = []
-    for item in (s.strip() for s in spec.split(",") if s.strip()):
-        lo, sep, hi = item.partition("-")
-        if sep and lo.isdigit() and hi.isdigit():
-            labels.extend(range(model.label(lo), model.label(hi) + 1))
-        else:
-            labels.append(model.label(item))
-    if not labels:
-        raise ValueError("--labels is empty: give all, a range such as 0-99, or a list")
-    return labels
 
 
 def parse_bytes(text: str) -> float:
@@ -271,28 +75,6 @@ def parse_bytes(text: str) -> float:
         return float(t) * factor
     except ValueError:
         raise ValueError(f"cannot read memory size {text!r}: use e.g. 2GB or 512MB") from None
-
-
-def _sweep(args: argparse.Namespace) -> int:
-    from jaxpull.files import images, cache
-    from jaxpull.shell import sweep
-
-    options, _ = _settings(args)  # before any work
-    temperatures = FROM_RULES if args.temperatures is FROM_RULES else parse_temperatures(args.temperatures)
-    model = cache.resolve(args.model)
-    x = images.load_images(args.images, **model.preprocessing.image_options)
-    _note_unused_pool_settings(args, model)
-    labels = parse_labels(args.labels, model)
-    result = sweep.sweep(model, x, labels, temperatures, method=args.method, reduce=args.reduce, out=args.out,
-                         memory_budget=parse_bytes(args.memory_budget), chunk_size=args.chunk_size, **options)
-    if temperatures is FROM_RULES:
-        temperatures = [PRESETS[args.rules].temperature]
-    print(f"wrote {', '.join(f'{k}.npy {tuple(v.shape)}' for k, v in result.items())} to {args.out}")
-    if "top_labels" in result:
-        for name, row in zip(args.images, result["top_labels"]):
-            for t, top in zip(temperatures, row):
-                print(f"{Path(name).stem} t={t}: most aligned labels " + ", ".join(model.class_name(int(i)) for i in top[:5]))
-    return 0
 
 
 def parse_temperatures(text: str) -> list:
@@ -314,9 +96,15 @@ def parse_temperatures(text: str) -> list:
     return temperatures
 
 
-def _check_seed(seed: int) -> None:
-    if seed < 0:
-        raise ValueError(f"--seed must be a non-negative integer, got {seed}")
+def _sweep(args: argparse.Namespace) -> int:
+    from jaxpull.shell import tasks
+
+    given = _given(args)
+    temperatures = FROM_RULES if args.temperatures is FROM_RULES else parse_temperatures(args.temperatures)
+    tasks.sweep(args.model, args.images, args.out, labels=args.labels, temperatures=temperatures, method=args.method,
+                reduce=args.reduce, memory_budget=parse_bytes(args.memory_budget), chunk_size=args.chunk_size,
+                rules=args.rules, **given)
+    return 0
 
 
 def _split(text: str) -> List[str]:
@@ -324,65 +112,13 @@ def _split(text: str) -> List[str]:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from jaxpull.evaluation import pipeline
-    from jaxpull.files import cache, images, outputs
+    from jaxpull.shell import tasks
 
-    out = _check_output(args.output, ".md")
-    csv_path = _check_output(str(out.with_suffix(".csv")), ".csv")
-    names, metric_names = _split(args.explainers), _split(args.metrics)
-    for flag in ("limit", "mosaics", "stages", "samples", "resamples", "sensitivity_samples"):
-        value = getattr(args, flag)
-        if value is not None and value < 1:
-            raise ValueError(f"--{flag.replace('_', '-')} must be a positive integer, got {value}")
-    _check_seed(args.seed)
-    from jaxpull.core import checks, settings
-    from jaxpull.evaluation import explainers
-
-    if args.temperature is not FROM_RULES:
-        checks.positive(args.temperature, "--temperature")
-    settings.make_gating(args.temperature, rules=args.rules)
-    if args.images == ["samples"]:
-        found = images.evaluation_photos()
-        if len(found) < 3:
-            raise ValueError("too few offline photos found: pip install matplotlib scikit-image (or 'jaxpull[demo]')")
-        paths, classes = list(found.values()), None
-    else:
-        paths, classes = pipeline.find_images(args.images, args.limit)
-    model = cache.resolve(args.model)
-    pipeline.check_request(model, names, metric_names, len(paths))
-    options = {n: {"rules": args.rules} for n in names if n in explainers.TAKE_RULES}
-    if args.temperature is not FROM_RULES:
-        options.update({n: {**options.get(n, {}), "temperature": args.temperature} for n in names
-                        if "pullback" in n.lower()})
-    if args.samples is not None:
-        options.update({n: {**options.get(n, {}), "samples": args.samples} for n in names
-                        if n.startswith("smoothgrad") or n == "SmoothPullback"})
-    labels = None
-    if args.labels == "folders":
-        if classes is None:
-            raise ValueError("--labels folders needs one folder of class subfolders (ImageNet style) as --images")
-        labels = classes
-    elif args.labels != "top1":
-        labels = [model.label(name) for name in _split(args.labels)]
-    x = images.load_images(paths, **model.preprocessing.image_options)
-    if labels is None:
-        labels = pipeline.top1(model, x)  # once, here: evaluate() uses these, and mosaics default to them
-    if "focus" in metric_names:
-        distinct = len(set(classes if classes is not None else labels))
-        if distinct < 3:
-            raise ValueError(f"Focus mosaics need images of at least 3 distinct classes, these have {distinct}: add images")
-    report = pipeline.evaluate(model, x, labels, classes, explainer_names=names, metric_names=metric_names,
-                               options=options, mosaics=args.mosaics, stages=args.stages,
-                               sensitivity_samples=args.sensitivity_samples, seed=args.seed)
-    report.settings["images_used"] = [Path(p).name for p in paths]
-    rows = pipeline.summary_rows(report, args.resamples)
-    command = "jaxpull " + " ".join(shlex.quote(a) for a in args.argv)
-    text = pipeline.to_markdown(report, rows, command)
-    text += "\nImages: " + ", ".join(report.settings["images_used"]) + "\n"
-    outputs.atomic_write(csv_path, lambda tmp: Path(tmp).write_text(pipeline.to_csv(rows)))
-    outputs.atomic_write(out, lambda tmp: Path(tmp).write_text(text))
-    print(text)
-    print(f"wrote {out} and {csv_path}")
+    tasks.evaluate(args.images, args.model, args.output, explainer_names=_split(args.explainers),
+                   metric_names=_split(args.metrics), labels=args.labels, limit=args.limit, mosaics=args.mosaics,
+                   stages=args.stages, sensitivity_samples=args.sensitivity_samples, rules=args.rules,
+                   temperature=args.temperature, samples=args.samples, resamples=args.resamples, seed=args.seed,
+                   command="jaxpull " + " ".join(shlex.quote(a) for a in args.argv))
     return 0
 
 

@@ -1,0 +1,267 @@
+"""The commands' work, one function each, callable from Python: ``jaxpull explain``, ``demo``,
+``sweep`` and ``evaluate`` are argument parsing plus one call here.
+
+Each function checks every setting and output path before any compute, reports through ``log``
+(``print`` by default) and writes its files atomically.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
+
+import numpy as np
+
+from jaxpull.core import models, settings, targets
+from jaxpull.core.model import Model
+from jaxpull.core.settings import FROM_RULES, PRESETS
+
+Log = Callable[[str], None]
+
+# The demo's rows: ``jaxpull.ascent`` keywords of each method.
+DEMO_METHODS = {
+    "excitation": dict(rules="excitation"),
+    "semantic": dict(rules="semantic"),
+    "vanilla gradient": dict(rules="excitation", temperature=None),
+}
+# ``explain``'s methods: figure headings.
+HEADINGS = {"pullback": "excitation pullback (PGA, x_K - x_0)", "vanilla": "vanilla gradient (PGA, x_K - x_0)"}
+# the gate settings that have no meaning for the vanilla gradient (``make_gating`` refuses them with temperature None)
+VANILLA_DROPS = ("pool_temperature", "gelu_temperature", "silu_temperature", "layer_norm", "attention",
+                 "attention_temperature")
+
+
+def warn(message: str) -> None:
+    """A one-line note on stderr."""
+    print(f"jaxpull: note: {message}", file=sys.stderr)
+
+
+def note_unused_pool_settings(given: Mapping[str, Any], model: Model, log: Log = warn) -> None:
+    """Say when a pool setting was given for a model without max-pools (it has no effect there)."""
+    flags = [f"--{n.replace('_', '-')}" for n in ("pool_temperature", "pool_weights") if n in given]
+    if flags and not models.get(model.arch).max_pools:
+        log(f"{' and '.join(flags)} has no effect: {model.arch} has no max-pools")
+
+
+def explain_images(model: Model, x: np.ndarray, target_ids: np.ndarray, methods: Sequence[str],
+                   options: Mapping[str, Any], progress: bool = True) -> Dict[str, np.ndarray]:
+    """Ascent differences x_K - x_0 per method (``"pullback"``, ``"vanilla"``), one image at a time
+    (bounded memory): ``x`` ``(N, H, W, 3)``, ``target_ids`` ``(N, K)`` -> ``{method: (N, K, H, W, 3)}``.
+
+    ``options``: ``jaxpull.ascent`` keywords (``rules``, temperatures, ascent settings); the
+    vanilla gradient drops the gate settings it has no use for.
+    """
+    import jaxpull
+    from tqdm import tqdm
+
+    options = dict(options)
+    temperatures = {"pullback": options.pop("temperature", FROM_RULES), "vanilla": None}
+    results = {m: np.zeros(target_ids.shape + x.shape[1:], np.float32) for m in methods}
+    jobs = [(m, i) for m in methods for i in range(len(x))]
+    for m, i in tqdm(jobs, desc="explaining", unit="image", disable=not progress or len(jobs) < 2):
+        opts = {k: v for k, v in options.items() if m != "vanilla" or k not in VANILLA_DROPS}
+        results[m][i] = np.asarray(jaxpull.ascent(model, x[i : i + 1], target_ids[i : i + 1],
+                                                  temperature=temperatures[m], output="diff", **opts))[0]
+    return results
+
+
+def explain(model_name: str, image_paths: Sequence[str], out: str, *, target_spec: str = "top3",
+            method: str = "both", arrays_path: Optional[str] = None, rules: str = settings.DEFAULT_RULES,
+            log: Log = print, progress: bool = True, **given) -> Dict[str, np.ndarray]:
+    """``jaxpull explain``: the paper's figure of ascent differences for ``image_paths``.
+
+    ``target_spec``: see :func:`jaxpull.core.targets.resolve_targets`; ``method``: pullback,
+    vanilla or both; ``given``: gate and ascent settings overriding the preset ``rules``. Writes
+    the figure ``out`` (.png) and, with ``arrays_path``, the raw arrays (.npz). Returns the results.
+    """
+    from jaxpull.core import checks
+    from jaxpull.files import cache, images, outputs
+    from jaxpull.shell import figures
+
+    checks.choice(method, ("pullback", "vanilla", "both"), "method")
+    record = settings.resolved(rules, **given)  # every setting checked before any work
+    out = outputs.check_output(out, ".png")
+    arrays_path = outputs.check_output(arrays_path, ".npz") if arrays_path else None
+    model = cache.resolve(model_name, log=log)
+    x = images.load_images(image_paths, **model.preprocessing.image_options)  # the sizes its weights expect
+    note_unused_pool_settings(given, model)
+    logits = np.asarray(model(x))
+    target_ids = targets.resolve_targets(model, logits, target_spec)
+    names = [Path(p).stem for p in image_paths]
+    for line in targets.top5_lines(model, names, logits):
+        log(line)
+    methods = ["pullback", "vanilla"] if method == "both" else [method]
+    results = explain_images(model, x, target_ids, methods, dict(rules=rules, **given), progress)
+    titles = [[figures.short_name(model.class_name(int(t))) for t in row] for row in target_ids]
+    figures.explanation_figure(x, {HEADINGS[m]: d for m, d in results.items()}, titles, out)
+    log(f"wrote {out}")
+    if arrays_path:
+        meta = {k: np.asarray(np.nan if v is None else v) for k, v in record.items() if not isinstance(v, str)}
+        outputs.save_arrays(arrays_path, dict(images=x, targets=target_ids, image_names=np.array(names),
+                                              **{f"{m}_diff": d for m, d in results.items()}, **meta))
+        log(f"wrote {arrays_path}")
+    return results
+
+
+def _rules_text(name: str) -> str:
+    """One line of a preset's settings, read from :data:`jaxpull.core.settings.PRESETS`."""
+    r = PRESETS[name]
+    a = r.ascent
+    tp = r.temperature if r.pool_temperature is None else r.pool_temperature
+    gate = {"sigmoid": "sigmoid", "normal_cdf": "normal-CDF"}.get(r.gate, r.gate)
+    ball = f"L2 ball eps {a.eps:g}" if a.project else "no L2 ball"
+    return f"{gate} gate t {r.temperature:g}, {r.pool_weights} max-pool weights tp {tp:g}, {ball}, " + (
+        "clamp to [-1, 1] after every step" if a.clip else "no clamping")
+
+
+def demo_caption(model_name: str, max_pools: bool = True) -> str:
+    """What the paper figure shows and with which settings."""
+    a = PRESETS["excitation"].ascent
+    pools = "" if max_pools else " (it has no max-pools, so the max-pool settings play no part)"
+    return (
+        f"Each cell is x_K - x_0: how {a.steps} steps of projected gradient ascent (step {a.alpha:g} in the L2 norm) "
+        "on the column's class logit change the photo x_0, min-max normalised per cell (grey: no change). "
+        "The forward pass is exact; only the backward pass differs between rows. Framed: the photo's own top-1 class; "
+        f"the other columns are counterfactual classes, the last one random. Model: {model_name}{pools}.\n"
+        f"excitation (the paper's first version): {_rules_text('excitation')}.\n"
+        f"semantic (its current version): {_rules_text('semantic')}.\n"
+        "vanilla gradient: hard gates (the plain gradient), ascent as in excitation."
+    )
+
+
+def paper_figure(model: Model, x: np.ndarray, names: List[str], out, *, seed: int = 0,
+                 methods: Mapping[str, Mapping[str, Any]] = DEMO_METHODS, progress: bool = True) -> Dict[str, np.ndarray]:
+    """The paper's figure: per method a block of rows (one per image) over the columns of
+    :func:`jaxpull.core.targets.paper_layout`, written to ``out`` (.png).
+
+    ``x`` ``(N, H, W, 3)``; ``methods``: row label -> ``jaxpull.ascent`` keywords. Returns
+    ``{method: (N, K, H, W, 3)}`` ascent differences, computed one image at a time.
+    """
+    import jaxpull
+    from tqdm import tqdm
+
+    from jaxpull.shell import figures
+
+    logits = np.asarray(model(x))
+    columns, own = targets.paper_layout(logits, seed)
+    results = {m: np.zeros((len(x), len(columns)) + x.shape[1:], np.float32) for m in methods}
+    jobs = [(m, i) for m in methods for i in range(len(x))]
+    for m, i in tqdm(jobs, desc="explaining", unit="image", disable=not progress):
+        diff = jaxpull.ascent(model, x[i : i + 1], columns[None], output="diff", **methods[m])
+        results[m][i] = np.asarray(diff)[0]
+    source = model.metadata.get("source", "unknown").split(" | ")[0]
+    figures.comparison_figure(
+        x, results, [figures.short_name(model.class_name(int(t))) for t in columns], names, out, own_columns=own,
+        title=f"Excitation pullbacks vs the vanilla gradient on {model.arch}",
+        caption=demo_caption(f"{model.arch}, weights {source}", models.get(model.arch).max_pools),
+    )
+    return results
+
+
+def demo(model_name: str, out: str, seed: int = 0, log: Log = print) -> Dict[str, np.ndarray]:
+    """``jaxpull demo``: :func:`paper_figure` of the offline sample photos."""
+    from jaxpull.files import cache, images, outputs
+
+    out = outputs.check_output(out, ".png")
+    if seed < 0:
+        raise ValueError(f"--seed must be a non-negative integer, got {seed}")
+    paths = images.sample_paths()
+    x = images.load_images(paths)
+    model = cache.resolve(model_name, log=log)
+    names = [p.stem for p in paths]
+    log(f"model {model.arch} ({model.metadata.get('source', 'unknown source')})")
+    for line in targets.top5_lines(model, names, np.asarray(model(x))):
+        log(line)
+    results = paper_figure(model, x, names, out, seed=seed)
+    log(f"wrote {out}")
+    return results
+
+
+def sweep(model_name: str, image_paths: Sequence[str], out: str, *, labels: str = "all",
+          temperatures=FROM_RULES, method: str = "pullback", reduce: str = "alignment",
+          memory_budget: float = 2 * 2**30, chunk_size: Optional[int] = None, rules: str = settings.DEFAULT_RULES,
+          log: Log = print, **given) -> Dict[str, np.ndarray]:
+    """``jaxpull sweep``: :func:`jaxpull.shell.sweep.sweep` over image files and a label spec
+    (:func:`jaxpull.core.targets.parse_labels`), logging each image's most aligned labels."""
+    from jaxpull.files import cache, images
+    from jaxpull.shell import sweep as sweeps
+
+    settings.resolved(rules, **given)  # every setting checked before any work
+    model = cache.resolve(model_name, log=log)
+    x = images.load_images(image_paths, **model.preprocessing.image_options)
+    note_unused_pool_settings(given, model)
+    result = sweeps.sweep(model, x, targets.parse_labels(labels, model), temperatures, method=method, reduce=reduce,
+                          out=out, memory_budget=memory_budget, chunk_size=chunk_size, rules=rules, **given)
+    log(f"wrote {', '.join(f'{k}.npy {tuple(v.shape)}' for k, v in result.items())} to {out}")
+    if "top_labels" in result:
+        shown = [PRESETS[rules].temperature] if temperatures is FROM_RULES else temperatures
+        for name, row in zip(image_paths, result["top_labels"]):
+            for t, top in zip(shown, row):
+                log(f"{Path(name).stem} t={t}: most aligned labels " + ", ".join(model.class_name(int(i)) for i in top[:5]))
+    return result
+
+
+def evaluate(image_sources: Sequence[str], model_name: str, out: str, *,
+             explainer_names: Sequence[str] = ("pullback", "pullback_ascent", "gradient", "gradient_ascent"),
+             metric_names: Sequence[str] = ("focus", "faithfulness", "infidelity"), labels: str = "top1",
+             limit: Optional[int] = None, mosaics: int = 50, stages: int = 6, sensitivity_samples: int = 10,
+             rules: str = settings.DEFAULT_RULES, temperature=FROM_RULES, samples: Optional[int] = None,
+             resamples: int = 2000, seed: int = 0, command: str = "", log: Log = print) -> str:
+    """``jaxpull evaluate``: :func:`jaxpull.evaluation.pipeline.evaluate` on image files, folders or
+    ``["samples"]`` (the offline photos), written as ``out`` (.md) and a .csv beside it.
+
+    ``labels``: ``"top1"``, ``"folders"`` (an ImageNet-style folder's classes) or a comma list, one
+    per image. ``rules`` and ``temperature`` apply to the pullback explainers that take them, ``samples``
+    to the SmoothGrad ones. Every check runs before the model is loaded. Returns the markdown.
+    """
+    from jaxpull.core import checks
+    from jaxpull.evaluation import explainers, pipeline
+    from jaxpull.files import cache, images, outputs
+
+    out = outputs.check_output(out, ".md")
+    csv_path = outputs.check_output(str(out.with_suffix(".csv")), ".csv")
+    pipeline.check_counts(limit=limit, mosaics=mosaics, stages=stages, samples=samples, resamples=resamples,
+                          sensitivity_samples=sensitivity_samples)
+    if seed < 0:
+        raise ValueError(f"--seed must be a non-negative integer, got {seed}")
+    if temperature is not FROM_RULES:
+        checks.positive(temperature, "--temperature")
+    settings.make_gating(temperature, rules=rules)
+    if list(image_sources) == ["samples"]:
+        found = images.evaluation_photos()
+        if len(found) < 3:
+            raise ValueError("too few offline photos found: pip install matplotlib scikit-image (or 'jaxpull[demo]')")
+        paths, classes = list(found.values()), None
+    else:
+        paths, classes = pipeline.find_images(image_sources, limit)
+    if labels == "folders" and classes is None:
+        raise ValueError("--labels folders needs one folder of class subfolders (ImageNet style) as --images")
+    model = cache.resolve(model_name, log=log)
+    pipeline.check_request(model, explainer_names, metric_names, len(paths))
+    options = {n: {"rules": rules} for n in explainer_names if n in explainers.TAKE_RULES}
+    if temperature is not FROM_RULES:
+        options.update({n: {**options.get(n, {}), "temperature": temperature} for n in explainer_names
+                        if "pullback" in n.lower()})
+    if samples is not None:
+        options.update({n: {**options.get(n, {}), "samples": samples} for n in explainer_names
+                        if n.startswith("smoothgrad") or n == "SmoothPullback"})
+    chosen = classes if labels == "folders" else None if labels == "top1" else [
+        model.label(name.strip()) for name in labels.split(",") if name.strip()]
+    x = images.load_images(paths, **model.preprocessing.image_options)
+    if chosen is None:
+        chosen = pipeline.top1(model, x)  # once, here: evaluate() uses these, and mosaics default to them
+    if "focus" in metric_names:
+        pipeline.check_focus_classes(classes if classes is not None else chosen)
+    report = pipeline.evaluate(model, x, chosen, classes, explainer_names=explainer_names, metric_names=metric_names,
+                               options=options, mosaics=mosaics, stages=stages,
+                               sensitivity_samples=sensitivity_samples, seed=seed)
+    report.settings["images_used"] = [Path(p).name for p in paths]
+    rows = pipeline.summary_rows(report, resamples)
+    text = pipeline.to_markdown(report, rows, command)
+    text += "\nImages: " + ", ".join(report.settings["images_used"]) + "\n"
+    outputs.atomic_write(csv_path, lambda tmp: Path(tmp).write_text(pipeline.to_csv(rows)))
+    outputs.atomic_write(out, lambda tmp: Path(tmp).write_text(text))
+    log(text)
+    log(f"wrote {out} and {csv_path}")
+    return text
