@@ -13,7 +13,7 @@ import dataclasses
 import io
 import os
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
 import jax
 import jax.numpy as jnp
@@ -23,18 +23,81 @@ from jaxpull.core import checks
 from jaxpull.evaluation import explainers, metrics
 from jaxpull.core.model import Model
 
-METRICS = ("focus", "faithfulness", "infidelity", "max_sensitivity", "random_logit", "randomization")
-HIGHER_IS_BETTER = {
-    "focus": True, "faithfulness": True, "infidelity": False,
-    "max_sensitivity": False, "random_logit": False, "randomization": False,
-}
-DESCRIPTIONS = {
-    "focus": "Focus on 2x2 mosaics: share of positive relevance (x * attribution) in the target's two quadrants; chance 0.5",
-    "faithfulness": "faithfulness correlation: Pearson r over a 4x4 grid of patches (set to 0) of attribution sum vs target-logit drop",
-    "infidelity": "infidelity with optimal scaling, Gaussian perturbations sigma 0.1 (32 per image)",
-    "max_sensitivity": "max-sensitivity: largest relative change of the map under uniform noise of radius 0.05 ({draws} draws)",
-    "random_logit": "random-logit: SSIM of the saliency for the target and for a random other class",
-    "randomization": "cascading model randomisation: Spearman r of saliency with the original after randomising all layers top-down",
+class Scoring(NamedTuple):
+    """What a metric scores: one explainer's maps on the evaluation images, and the run's settings."""
+
+    model: Model
+    x: np.ndarray  # (N, H, W, 3) in [-1, 1]
+    labels: np.ndarray  # (N,) targets
+    maps: np.ndarray  # (N, H, W, 3): the explainer's map of each image for its label
+    explain: Callable  # (model, x (n, H, W, 3), labels (n,)) -> maps (n, H, W, 3)
+    key: jax.Array  # this metric's random key
+    mosaics: Optional[metrics.Mosaics]  # Focus mosaics, when focus is scored
+    batch: int  # images per explainer call
+    sensitivity_samples: int
+    stages: int
+    seed: int
+
+
+def _batched(s: Scoring, score: Callable[[slice], jax.Array], n: Optional[int] = None) -> np.ndarray:
+    """``score(items)`` over slices of ``batch`` items, concatenated: ``(n,)``."""
+    return np.concatenate([np.asarray(score(items)) for items in _chunks(len(s.x) if n is None else n, s.batch)])
+
+
+def _focus(s: Scoring) -> np.ndarray:
+    m = s.mosaics
+    return _batched(s, lambda i: metrics.focus(s.explain(s.model, m.images[i], m.targets[i]), jnp.asarray(m.images[i]),
+                                               jnp.asarray(m.quadrants[i])), len(m.images))
+
+
+def _faithfulness(s: Scoring) -> np.ndarray:
+    return np.asarray(metrics.faithfulness_correlation(s.model, s.x, jnp.asarray(s.labels), s.maps))
+
+
+def _infidelity(s: Scoring) -> np.ndarray:
+    return np.asarray(metrics.infidelity(s.model, s.x, jnp.asarray(s.labels), s.maps, s.key))
+
+
+def _max_sensitivity(s: Scoring) -> np.ndarray:
+    return _batched(s, lambda i: metrics.max_sensitivity(
+        lambda xx, tt: s.explain(s.model, xx, tt), s.x[i], jnp.asarray(s.labels[i]), s.maps[i],
+        jax.random.fold_in(s.key, i.start), samples=s.sensitivity_samples))
+
+
+def _random_logit(s: Scoring) -> np.ndarray:
+    return np.asarray(metrics.random_logit(lambda xx, tt: s.explain(s.model, xx, tt), s.x, jnp.asarray(s.labels),
+                                           s.maps, s.model.num_classes, s.seed))
+
+
+def _randomization(s: Scoring) -> Tuple[List[str], np.ndarray]:
+    parts = [metrics.model_randomization(s.explain, s.model, s.x[i], s.labels[i], s.maps[i], s.key, s.stages)
+             for i in _chunks(len(s.x), s.batch)]
+    return parts[0][0], np.concatenate([np.asarray(p[1]) for p in parts], axis=1)
+
+
+class Metric(NamedTuple):
+    """A metric of the registry: ``score(Scoring) -> (items,)``, or with ``curve`` a randomisation
+    curve ``(stage names, (stages, N))`` whose last stage is the score."""
+
+    score: Callable[[Scoring], object]
+    higher_is_better: bool
+    description: str  # ``{draws}``: the max-sensitivity samples
+    curve: bool = False
+
+
+METRICS: Dict[str, Metric] = {
+    "focus": Metric(_focus, True, "Focus on 2x2 mosaics: share of positive relevance (x * attribution) in the target's "
+                    "two quadrants; chance 0.5"),
+    "faithfulness": Metric(_faithfulness, True, "faithfulness correlation: Pearson r over a 4x4 grid of patches (set to "
+                           "0) of attribution sum vs target-logit drop"),
+    "infidelity": Metric(_infidelity, False, "infidelity with optimal scaling, Gaussian perturbations sigma 0.1 (32 per "
+                         "image)"),
+    "max_sensitivity": Metric(_max_sensitivity, False, "max-sensitivity: largest relative change of the map under "
+                              "uniform noise of radius 0.05 ({draws} draws)"),
+    "random_logit": Metric(_random_logit, False, "random-logit: SSIM of the saliency for the target and for a random "
+                           "other class"),
+    "randomization": Metric(_randomization, False, "cascading model randomisation: Spearman r of saliency with the "
+                            "original after randomising all layers top-down", curve=True),
 }
 BASELINE = "gradient"
 DEFAULT_EXPLAINERS = ("pullback", "pullback_ascent", "gradient", "gradient_ascent")
@@ -103,6 +166,21 @@ def check_request(model: Model, names: Sequence[str], metric_names: Sequence[str
         raise ValueError("the model needs at least 2 classes")
 
 
+def check_counts(**counts: Optional[int]) -> None:
+    """Every count given (``limit=..., mosaics=...``) is a positive integer or None; ValueError
+    naming the CLI flag otherwise."""
+    for flag, value in counts.items():
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"--{flag.replace('_', '-')} must be a positive integer, got {value}")
+
+
+def check_focus_classes(classes: Sequence[int]) -> None:
+    """Focus mosaics put 4 images of different classes together: at least 3 distinct classes."""
+    distinct = len(set(int(c) for c in classes))
+    if distinct < 3:
+        raise ValueError(f"Focus mosaics need images of at least 3 distinct classes, these have {distinct}: add images")
+
+
 def evaluate(
     model: Model,
     x: np.ndarray,
@@ -158,35 +236,13 @@ def evaluate(
         maps = np.concatenate([np.asarray(fn(model, x[s], labels[s])) for s in _chunks(len(x), batch)])
         for metric in metric_names:
             bar.set_postfix_str(f"{name} / {metric}")
-            k = jax.random.fold_in(key, METRICS.index(metric))
-            if metric == "focus":
-                mx, mt = mosaic_set.images, mosaic_set.targets
-                values = []
-                for s in _chunks(len(mx), batch):
-                    a = fn(model, mx[s], mt[s])
-                    values.append(np.asarray(metrics.focus(a, jnp.asarray(mx[s]), jnp.asarray(mosaic_set.quadrants[s]))))
-                result = np.concatenate(values)
-            elif metric == "faithfulness":
-                result = np.asarray(metrics.faithfulness_correlation(model, x, jnp.asarray(labels), maps))
-            elif metric == "infidelity":
-                result = np.asarray(metrics.infidelity(model, x, jnp.asarray(labels), maps, k))
-            elif metric == "max_sensitivity":
-                result = np.concatenate([
-                    np.asarray(metrics.max_sensitivity(
-                        lambda xx, tt: fn(model, xx, tt), x[s], jnp.asarray(labels[s]), maps[s], jax.random.fold_in(k, s.start),
-                        samples=sensitivity_samples))
-                    for s in _chunks(len(x), batch)
-                ])
-            elif metric == "random_logit":
-                result = np.asarray(metrics.random_logit(
-                    lambda xx, tt: fn(model, xx, tt), x, jnp.asarray(labels), maps, model.num_classes, seed))
-            else:  # randomization
-                parts = [metrics.model_randomization(fn, model, x[s], labels[s], maps[s], k, stages)
-                         for s in _chunks(len(x), batch)]
-                stage_names = parts[0][0]
-                curve = np.concatenate([np.asarray(p[1]) for p in parts], axis=1)
-                curves[name] = curve
-                result = curve[-1]
+            k = jax.random.fold_in(key, list(METRICS).index(metric))
+            scoring = Scoring(model, x, labels, maps, fn, k, mosaic_set, batch, sensitivity_samples, stages, seed)
+            if METRICS[metric].curve:
+                stage_names, curves[name] = METRICS[metric].score(scoring)
+                result = curves[name][-1]
+            else:
+                result = METRICS[metric].score(scoring)
             scores[metric][name] = result
             bar.update(1)
     bar.close()
@@ -248,8 +304,8 @@ def to_markdown(report: Report, rows: Sequence[Mapping[str, object]], command: s
     if s["options"]:
         lines += ["Explainer options: " + "; ".join(f"`{k}`: {v}" for k, v in s["options"].items()), ""]
     for metric in report.scores:
-        higher = HIGHER_IS_BETTER[metric]
-        lines += [f"## {metric} ({'higher' if higher else 'lower'} is better)", "", DESCRIPTIONS[metric].format(draws=s["sensitivity_samples"]), "",
+        higher = METRICS[metric].higher_is_better
+        lines += [f"## {metric} ({'higher' if higher else 'lower'} is better)", "", METRICS[metric].description.format(draws=s["sensitivity_samples"]), "",
                   f"| explainer | n | mean [95% CI] | minus {BASELINE} [95% CI] | vs {BASELINE} |", "|---|---|---|---|---|"]
         for r in rows:
             if r["metric"] != metric:
