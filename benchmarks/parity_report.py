@@ -10,12 +10,8 @@ Random-weight torchvision models with random BatchNorm statistics (as in tests/)
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 
 import numpy as np
-
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 
 
 def main() -> None:
@@ -24,8 +20,8 @@ def main() -> None:
     import jaxpull
     import jaxpull.core.models
     from jaxpull_convert import torch_reference as R
-    from conftest import images, torch_and_jax
-    from helpers import map_errors
+    from jaxpull_convert import from_torch_module
+    from jaxpull_convert.testing import map_errors, random_images, random_torchvision_model
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--size", type=int, default=64)
@@ -36,8 +32,9 @@ def main() -> None:
     print("| arch | logits max abs err / max abs logit | pullback t=0.3: min cosine, max rel err | vanilla: min cosine, max rel err |")
     print("|---|---|---|---|")
     for arch in archs:
-        tm, model = torch_and_jax(arch)
-        x = images(2, args.size)
+        tm = random_torchvision_model(arch)
+        model = from_torch_module(arch, tm)
+        x = random_images(2, args.size)
         xt, tt = torch.from_numpy(x), torch.from_numpy(targets)
         with torch.no_grad():
             ref = tm(R.normalize(xt)).numpy()
@@ -45,7 +42,6 @@ def main() -> None:
         soft = map_errors(jaxpull.pullback(model, x, targets), R.pullback(R.gated(tm, 0.3), xt, tt))
         hard = map_errors(jaxpull.pullback(model, x, targets, temperature=None), R.pullback(tm, xt, tt))
         print(f"| {arch} | {logit:.1e} | {soft[0]:.7f}, {soft[1]:.1e} | {hard[0]:.7f}, {hard[1]:.1e} |", flush=True)
-        torch_and_jax.cache_clear()
 
 
 if __name__ == "__main__":

@@ -29,15 +29,11 @@ ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"  # git-ign
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    """A model cache holding the offline default model (converted once for this module)."""
-    from jaxpull.files import cache
-
-    root = tmp_path_factory.mktemp("cache")
+def cache(offline_cache):
+    """``JAXPULL_CACHE`` set to the session's cache of the offline default model, for this module."""
     old = os.environ.get("JAXPULL_CACHE")
-    os.environ["JAXPULL_CACHE"] = str(root)
-    cache.resolve(cache.DEFAULT_MODEL, log=lambda m: None)
-    yield root
+    os.environ["JAXPULL_CACHE"] = str(offline_cache)
+    yield offline_cache
     if old is None:
         del os.environ["JAXPULL_CACHE"]
     else:

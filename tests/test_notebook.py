@@ -10,8 +10,8 @@ from nbclient import NotebookClient
 NOTEBOOK = Path(__file__).parent.parent / "notebooks" / "pullbacks.ipynb"
 
 
-def test_notebook_runs(tmp_path, monkeypatch):
-    monkeypatch.setenv("JAXPULL_CACHE", str(tmp_path / "cache"))
+def test_notebook_runs(tmp_path, monkeypatch, offline_cache):
+    monkeypatch.setenv("JAXPULL_CACHE", str(offline_cache))
     nb = nbformat.read(NOTEBOOK, as_version=4)
     NotebookClient(nb, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]

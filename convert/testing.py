@@ -1,0 +1,60 @@
+"""What the parity tests and the benchmarks share: random torchvision models whose parity
+means something, random images, and the measure of agreement between two stacks of maps.
+
+torchvision's initialisation leaves BatchNorm an identity map in eval mode (mean 0, variance 1,
+weight 1, bias 0); :func:`randomize_batchnorm` draws its statistics and affine parameters so
+that a parity test exercises the folded BatchNorm too.
+"""
+
+from __future__ import annotations
+
+from typing import Tuple
+
+import numpy as np
+
+
+def randomize_batchnorm(module, seed: int = 0) -> None:
+    """Give every ``BatchNorm2d`` of a torch ``module`` random affine parameters and running statistics."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                n = m.num_features
+                m.running_mean.copy_(torch.rand(n, generator=g) - 0.5)
+                m.running_var.copy_(0.5 + 1.5 * torch.rand(n, generator=g))
+                m.weight.copy_(0.5 + torch.rand(n, generator=g))
+                m.bias.copy_(0.4 * torch.rand(n, generator=g) - 0.2)
+
+
+def random_torchvision_model(arch: str, num_classes: int = 1000, seed: int = 0):
+    """torchvision's ``arch``, randomly initialised (seeded), with random BatchNorm, in eval mode."""
+    import torch
+    import torchvision
+
+    torch.manual_seed(seed)
+    tm = torchvision.models.get_model(arch, weights=None, num_classes=num_classes).eval()
+    randomize_batchnorm(tm, seed)
+    return tm
+
+
+def random_images(n: int, size: int, seed: int = 0) -> np.ndarray:
+    """``(n, size, size, 3)`` float32 uniform in [-1, 1]."""
+    rng = np.random.default_rng(seed)
+    return rng.uniform(-1, 1, (n, size, size, 3)).astype(np.float32)
+
+
+def as_numpy(a) -> np.ndarray:
+    """A torch tensor or array-like as a NumPy array."""
+    return a.detach().cpu().numpy() if hasattr(a, "detach") else np.asarray(a)
+
+
+def map_errors(got, ref) -> Tuple[float, float]:
+    """(min cosine over maps, max abs error / max |ref|) for ``(N, K, ...)`` stacks of maps."""
+    got, ref = as_numpy(got), as_numpy(ref)
+    assert got.shape == ref.shape, (got.shape, ref.shape)
+    g = got.reshape(got.shape[0] * got.shape[1], -1).astype(np.float64)
+    r = ref.reshape(g.shape).astype(np.float64)
+    cos = np.sum(g * r, 1) / (np.linalg.norm(g, axis=1) * np.linalg.norm(r, axis=1))
+    return float(cos.min()), float(np.abs(g - r).max() / np.abs(r).max())
