@@ -138,14 +138,26 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--ks", default="10,100,1000")
     parser.add_argument("--cases", default="a,b,c")
-    parser.add_argument("--rules", default="excitation", choices=["excitation", "semantic"],
-                        help="the rules preset of both sides (semantic for ViT / ConvNeXt / Swin: GELU, LayerNorm, attention)")
+    parser.add_argument(
+        "--rules",
+        default="excitation",
+        choices=["excitation", "semantic"],
+        help="the rules preset of both sides (semantic for ViT / ConvNeXt / Swin: GELU, LayerNorm, attention)",
+    )
     parser.add_argument("--torch-batch", type=int, default=25)
     parser.add_argument("--chunk", type=int, default=100, help="labels per jaxpull call for K > chunk (sweep)")
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
-                        help="cuda: torch on the GPU (TF32 off), JAX at highest matmul precision")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
-                        help="jaxpull's compute dtype (torch stays float32); bfloat16 also prints its cosine to float32")
+    parser.add_argument(
+        "--device",
+        default="cpu",
+        choices=["cpu", "cuda"],
+        help="cuda: torch on the GPU (TF32 off), JAX at highest matmul precision",
+    )
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16"],
+        help="jaxpull's compute dtype (torch stays float32); bfloat16 also prints its cosine to float32",
+    )
     args = parser.parse_args()
 
     import jax
@@ -180,11 +192,15 @@ def main() -> None:
     x1 = x5[:1]
     peak = matmul_peak_gflops()
     where = torch.cuda.get_device_name() if args.device == "cuda" else f"{torch.get_num_threads()} threads"
-    print(f"{args.arch} {args.size}x{args.size} jaxpull {args.dtype} | jax {jax.__version__} ({jax.devices()[0].device_kind}), "
-          f"torch {torch.__version__} ({where}) | float32 matmul peak {peak:.0f} GFLOP/s")
+    print(
+        f"{args.arch} {args.size}x{args.size} jaxpull {args.dtype} | jax {jax.__version__} ({jax.devices()[0].device_kind}), "
+        f"torch {torch.__version__} ({where}) | float32 matmul peak {peak:.0f} GFLOP/s"
+    )
     mem = "peak RSS" if args.device == "cpu" else "peak GPU memory"
-    print(f"| case | jax compile s | jax run s | torch run s | torch/jax | jax {mem} +MiB | torch {mem} +MiB "
-          "| jax GFLOP/s (% of peak) |")
+    print(
+        f"| case | jax compile s | jax run s | torch run s | torch/jax | jax {mem} +MiB | torch {mem} +MiB "
+        "| jax GFLOP/s (% of peak) |"
+    )
     print("|---|---|---|---|---|---|---|---|")
 
     def synced(fn):
@@ -199,10 +215,15 @@ def main() -> None:
     def row(name, jax_fn, torch_fn, work_flops, repeats=1):
         torch_fn = synced(torch_fn)
         jf, jr, jm = timed(jax_fn, repeats, PeakJaxGPU if GPU else None)
-        _, tr, tmem = timed(torch_fn, repeats, PeakTorchGPU if GPU else None)  # torch's first call (oneDNN set-up) is not counted either
+        _, tr, tmem = timed(
+            torch_fn, repeats, PeakTorchGPU if GPU else None
+        )  # torch's first call (oneDNN set-up) is not counted either
         rate = work_flops / jr / 1e9
-        print(f"| {name} | {max(jf - jr, 0):.1f} | {jr:.3f} | {tr:.3f} | {tr / jr:.2f} | {jm / 2**20:.0f} | "
-              f"{tmem / 2**20:.0f} | {rate:.0f} ({100 * rate / peak:.0f}%) |", flush=True)
+        print(
+            f"| {name} | {max(jf - jr, 0):.1f} | {jr:.3f} | {tr:.3f} | {tr / jr:.2f} | {jm / 2**20:.0f} | "
+            f"{tmem / 2**20:.0f} | {rate:.0f} ({100 * rate / peak:.0f}%) |",
+            flush=True,
+        )
 
     def torch_pullbacks(x, labels, batch):
         xt = torch.from_numpy(x).to(device)
@@ -219,15 +240,29 @@ def main() -> None:
         for k in [int(v) for v in args.ks.split(",")]:
             labels = np.arange(k) % 1000
             chunk = min(k, args.chunk)
-            per = flops(pullback.pullback_core, model, jnp.asarray(x1), jnp.asarray(labels[None, :chunk]),
-                        gating) * (k / chunk)
+            per = flops(pullback.pullback_core, model, jnp.asarray(x1), jnp.asarray(labels[None, :chunk]), gating) * (
+                k / chunk
+            )
             if k <= args.chunk:
                 jax_fn = lambda: jaxpull.pullback(model, x1, labels, rules=args.rules)
             else:  # bounded memory: chunks of --chunk labels, maps streamed to host
-                jax_fn = lambda: S.sweep(model, x1, labels, [float(gating.temperature)], rules=args.rules, chunk_size=args.chunk, progress=False)["maps"]
+                jax_fn = lambda: S.sweep(
+                    model,
+                    x1,
+                    labels,
+                    [float(gating.temperature)],
+                    rules=args.rules,
+                    chunk_size=args.chunk,
+                    progress=False,
+                )["maps"]
             # K > chunk: one run only (its compile time is included and reported as 0)
-            row(f"a) {args.rules} pullback K={k}", jax_fn, lambda: torch_pullbacks(x1, labels, args.torch_batch), per,
-                repeats=1 if k <= args.chunk else 0)
+            row(
+                f"a) {args.rules} pullback K={k}",
+                jax_fn,
+                lambda: torch_pullbacks(x1, labels, args.torch_batch),
+                per,
+                repeats=1 if k <= args.chunk else 0,
+            )
             if args.dtype != "float32" and k <= 100:
                 a = np.asarray(jaxpull.pullback(model, x1, labels)).reshape(k, -1).astype(np.float64)
                 b = np.asarray(jaxpull.pullback(model32, x1, labels)).reshape(k, -1).astype(np.float64)
@@ -236,17 +271,29 @@ def main() -> None:
     if "b" in args.cases:
         targets = np.arange(10) * 97
         xt, tt = torch.from_numpy(x5).to(device), torch.from_numpy(np.tile(targets, (5, 1))).to(device)
-        args_b = (model, jnp.asarray(x5), jnp.asarray(np.tile(targets, (5, 1))), gating,
-                  jaxpull.make_ascent(steps=1, rules=args.rules))
+        args_b = (
+            model,
+            jnp.asarray(x5),
+            jnp.asarray(np.tile(targets, (5, 1))),
+            gating,
+            jaxpull.make_ascent(steps=1, rules=args.rules),
+        )
         per_step = flops(pullback.ascent_core, *args_b)
-        row("b) ascent 5 steps, 5 images x 10 labels", lambda: jaxpull.ascent(model, x5, targets, rules=args.rules),
-            lambda: R.ascent(gated, xt, tt, eps=jaxpull.make_ascent(rules=args.rules).eps), 5 * per_step)
+        row(
+            "b) ascent 5 steps, 5 images x 10 labels",
+            lambda: jaxpull.ascent(model, x5, targets, rules=args.rules),
+            lambda: R.ascent(gated, xt, tt, eps=jaxpull.make_ascent(rules=args.rules).eps),
+            5 * per_step,
+        )
     if "c" in args.cases:
         ts = jnp.geomspace(0.01, 3.0, 16)
         # the model and image are arguments, not closed-over constants (XLA would constant-fold them)
-        swept_fn = jax.jit(jax.vmap(lambda t, m, x: pullback.pullback_core(m, x, jnp.asarray([[207]]),
-                                                                          jaxpull.make_gating(t)),
-                                    in_axes=(0, None, None)))
+        swept_fn = jax.jit(
+            jax.vmap(
+                lambda t, m, x: pullback.pullback_core(m, x, jnp.asarray([[207]]), jaxpull.make_gating(t)),
+                in_axes=(0, None, None),
+            )
+        )
         xj = jnp.asarray(x1)
         swept = lambda ts: swept_fn(ts, model, xj)  # noqa: E731
         work = flops(swept_fn, ts, model, xj)
@@ -263,8 +310,10 @@ def main() -> None:
         row("c) 16 temperatures, 1 image x 1 label", lambda: swept(ts), torch_sweep, work)
         before = swept_fn._cache_size()
         swept(ts * 1.5).block_until_ready()
-        print(f"c) compilations of the temperature sweep: {swept_fn._cache_size()} (after a second sweep: "
-              f"{swept_fn._cache_size() - before} new)")
+        print(
+            f"c) compilations of the temperature sweep: {swept_fn._cache_size()} (after a second sweep: "
+            f"{swept_fn._cache_size() - before} new)"
+        )
 
 
 if __name__ == "__main__":

@@ -58,8 +58,10 @@ def main() -> None:
     gating = jaxpull.make_gating()
     for k in [int(v) for v in args.ks.split(",")]:
         targets = np.arange(k)
-        ways = {"shared": lambda: jaxpull.pullback(model, x, targets),
-                "separate": lambda: separate_gradients(model, jnp.asarray(x), jnp.asarray(targets[None]), gating)}
+        ways = {
+            "shared": lambda: jaxpull.pullback(model, x, targets),
+            "separate": lambda: separate_gradients(model, jnp.asarray(x), jnp.asarray(targets[None]), gating),
+        }
         for name, fn in ways.items():
             first, run, _ = timed(fn, repeats=3)
             print(f"pullback K={k:4d} {name:8s}: first call {first:.2f}s, run {run:.3f}s")

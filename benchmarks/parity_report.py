@@ -29,7 +29,9 @@ def main() -> None:
     args = parser.parse_args()
     archs = args.archs or [a for a in jaxpull.core.models.ARCHITECTURES if a != "efficientnet_lite0"]
     targets = np.array([[1, 7], [3, 500]])
-    print("| arch | logits max abs err / max abs logit | pullback t=0.3: min cosine, max rel err | vanilla: min cosine, max rel err |")
+    print(
+        "| arch | logits max abs err / max abs logit | pullback t=0.3: min cosine, max rel err | vanilla: min cosine, max rel err |"
+    )
     print("|---|---|---|---|")
     for arch in archs:
         tm = random_torchvision_model(arch)

@@ -69,7 +69,9 @@ def from_state_dict(
     meta = dict(metadata or {})
     sd = StateDict(tensors)
     if family.auxiliary_keys and sd.ignore(family.auxiliary_keys):
-        meta["ignored_keys"] = f"{len(sd.ignored)} tensors of the training-only auxiliary classifiers ({family.auxiliary_keys})"
+        meta["ignored_keys"] = (
+            f"{len(sd.ignored)} tensors of the training-only auxiliary classifiers ({family.auxiliary_keys})"
+        )
     num_classes = _num_classes(sd.tensors)
     if config is None and family.state_dict_config is not None:
         try:
@@ -103,11 +105,19 @@ def from_torch_module(arch: str, module: torch.nn.Module, class_names: Tuple[str
     tensors = {k: v.detach().cpu().numpy() for k, v in module.state_dict().items()}
     family = models.get(arch)
     config = family.torch_config(module) if family.torch_config is not None else None
-    return from_state_dict(arch, tensors, class_names=class_names, metadata={"bn_folded": "true"},
-                           transform_input=getattr(module, "transform_input", None), config=config)
+    return from_state_dict(
+        arch,
+        tensors,
+        class_names=class_names,
+        metadata={"bn_folded": "true"},
+        transform_input=getattr(module, "transform_input", None),
+        config=config,
+    )
 
 
-def logit_parity(torch_model: torch.nn.Module, model: Model, image_size: int = 224, batch: int = 2, seed: int = 0) -> dict:
+def logit_parity(
+    torch_model: torch.nn.Module, model: Model, image_size: int = 224, batch: int = 2, seed: int = 0
+) -> dict:
     """Run both models on the same random images in [-1, 1]; return the logit errors.
 
     Returns:
@@ -175,7 +185,11 @@ def convert(
     if (weights is None) == (state_dict is None):
         raise ConversionError("give exactly one of --weights NAME or --state-dict FILE")
     out = outputs.check_output(out, ".safetensors")  # before any download or compute
-    if isinstance(image_size, bool) or not isinstance(image_size, int) or not MIN_IMAGE_SIZE <= image_size <= MAX_IMAGE_SIZE:
+    if (
+        isinstance(image_size, bool)
+        or not isinstance(image_size, int)
+        or not MIN_IMAGE_SIZE <= image_size <= MAX_IMAGE_SIZE
+    ):
         raise ConversionError(
             f"image size {image_size!r} is out of range: use a whole number of pixels in [{MIN_IMAGE_SIZE}, {MAX_IMAGE_SIZE}]"
         )
@@ -208,8 +222,14 @@ def convert(
     preprocessing = None
     if torch_model is not None:  # torchvision's weights: their own transforms() sizes
         preprocessing = sources.weights_preprocessing(sources.torchvision_weights(arch, weights))
-    model = from_state_dict(arch, tensors, class_names=class_names, metadata=metadata,
-                            transform_input=transform_input, preprocessing=preprocessing)
+    model = from_state_dict(
+        arch,
+        tensors,
+        class_names=class_names,
+        metadata=metadata,
+        transform_input=transform_input,
+        preprocessing=preprocessing,
+    )
     if torch_model is not None and hasattr(torch_model, "transform_input"):
         torch_model.transform_input = model.spec.transform_input
     if torch is None:
@@ -220,8 +240,9 @@ def convert(
     if "image_size" in config:  # a fixed input size (ViT's position embeddings): check at that size
         image_size = config["image_size"]
     if torch_model is None:
-        torch_model = sources.torch_model(arch, tensors, model.num_classes, image_size, model.spec.transform_input,
-                                          config)
+        torch_model = sources.torch_model(
+            arch, tensors, model.num_classes, image_size, model.spec.transform_input, config
+        )
     try:
         err = logit_parity(torch_model, model, image_size=image_size)
     except (RuntimeError, ValueError, TypeError) as e:

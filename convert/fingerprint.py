@@ -55,7 +55,11 @@ def error(logits: np.ndarray, record: dict) -> dict:
     diffs = []
     for row, top, mean, std, proj in zip(logits, record["top"], record["mean"], record["std"], record["projection"]):
         diffs += [abs(row[i] - v) for i, v in top]
-        diffs += [abs(row.mean() - mean), abs(row.std() - std), abs(row @ _weights(row.size) / np.sqrt(row.size) - proj)]
+        diffs += [
+            abs(row.mean() - mean),
+            abs(row.std() - std),
+            abs(row @ _weights(row.size) / np.sqrt(row.size) - proj),
+        ]
     scale = max(abs(v) for top in record["top"] for _, v in top)
     max_abs = float(max(diffs)) if len(logits) == len(record["top"]) else float("inf")
     return {"max_abs": max_abs, "max_rel": max_abs / max(1.0, scale), "scale": scale}

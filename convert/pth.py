@@ -104,12 +104,16 @@ class _Unpickler(pickle.Unpickler):
 
     def persistent_load(self, pid):
         if not (isinstance(pid, tuple) and len(pid) in (5, 6) and pid[0] == "storage"):
-            raise UnsafePickleError(f"the file's pickle holds an unknown persistent record {str(pid)[:60]!r}; "
-                                    "jaxpull refuses pickles that are not plain weights")
+            raise UnsafePickleError(
+                f"the file's pickle holds an unknown persistent record {str(pid)[:60]!r}; "
+                "jaxpull refuses pickles that are not plain weights"
+            )
         _, storage_type, key, _location, numel = pid[:5]
         view = pid[5] if len(pid) == 6 else None
         if not isinstance(storage_type, _StorageType):
-            raise UnsafePickleError("a storage record names no storage type; jaxpull refuses pickles that are not plain weights")
+            raise UnsafePickleError(
+                "a storage record names no storage type; jaxpull refuses pickles that are not plain weights"
+            )
         key = str(key)
         if key not in self.storages:
             self.storages[key] = _Storage(storage_type.name, key, numel)
@@ -143,7 +147,9 @@ def _typed(raw: bytes, name: str, numel: int, key: str) -> np.ndarray:
     if numel < 0:
         raise PthError(f"storage {key} has a negative size: the file is corrupt")
     if len(raw) < numel * dtype.itemsize:
-        raise PthError(f"storage {key} holds {len(raw)} bytes, {numel * dtype.itemsize} expected: the file is truncated")
+        raise PthError(
+            f"storage {key} holds {len(raw)} bytes, {numel * dtype.itemsize} expected: the file is truncated"
+        )
     return np.frombuffer(raw, dtype, count=numel)
 
 
@@ -161,8 +167,10 @@ def _materialise(obj: Any) -> Any:
         if obj.offset < 0 or last >= n:
             raise PthError(f"a tensor reaches past the end of storage {st.key}: the file is corrupt")
         if int(np.prod(obj.size, dtype=np.float64)) > n:  # also bounds memory: no blow-up from a tiny storage
-            raise PthError("a tensor has more elements than its storage (overlapping or broadcast strides): "
-                           "save a contiguous copy of the state_dict")
+            raise PthError(
+                "a tensor has more elements than its storage (overlapping or broadcast strides): "
+                "save a contiguous copy of the state_dict"
+            )
         view = np.lib.stride_tricks.as_strided(
             base[obj.offset :], obj.size, tuple(s * base.itemsize for s in obj.stride), writeable=False
         )

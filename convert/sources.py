@@ -92,8 +92,14 @@ def read_state_dict(path: Path) -> Dict[str, np.ndarray]:
     return {k: v.detach().float().numpy() for k, v in obj.items()}
 
 
-def torch_model(arch: str, tensors: Mapping[str, np.ndarray], num_classes: int, image_size: int = 224,
-                transform_input: bool = False, config: Optional[Mapping] = None) -> torch.nn.Module:
+def torch_model(
+    arch: str,
+    tensors: Mapping[str, np.ndarray],
+    num_classes: int,
+    image_size: int = 224,
+    transform_input: bool = False,
+    config: Optional[Mapping] = None,
+) -> torch.nn.Module:
     """The reference torch model for ``arch`` with ``tensors`` loaded (legacy keys renamed;
     GoogLeNet's and Inception-v3's training-only auxiliary heads left out, ``transform_input`` set)."""
     import torch

@@ -233,9 +233,20 @@ class SurrogateMaxPool(nn.Module):
 FAMILY_PATCHES = {}
 
 
-def gated(model: nn.Module, t: float, tp: Optional[float] = None, gate: str = "sigmoid", detached: bool = False,
-          th: Optional[float] = None, *, gelu_t: Optional[float] = None, silu_t: Optional[float] = None,
-          layer_norm: str = "plain", attention: str = "plain", attention_t: Optional[float] = None) -> nn.Module:
+def gated(
+    model: nn.Module,
+    t: float,
+    tp: Optional[float] = None,
+    gate: str = "sigmoid",
+    detached: bool = False,
+    th: Optional[float] = None,
+    *,
+    gelu_t: Optional[float] = None,
+    silu_t: Optional[float] = None,
+    layer_norm: str = "plain",
+    attention: str = "plain",
+    attention_t: Optional[float] = None,
+) -> nn.Module:
     """A copy of ``model`` with every ReLU, ReLU6, Hardswish and max-pool module swapped for its
     gated form (``tp``: pool temperature, ``th``: Hardswish temperature; None means ``t``), and
     GELU / SiLU (``gelu_t`` / ``silu_t``; None: plain), LayerNorm (``layer_norm="detached"``) and
@@ -272,18 +283,40 @@ def gated(model: nn.Module, t: float, tp: Optional[float] = None, gate: str = "s
     _gate_functional_inception(model, t, tp, gate, detached)
     patch = FAMILY_PATCHES.get(type(model).__name__)
     if patch is not None:
-        patch(model, dict(t=t, tp=tp, gate=gate, detached=detached, th=th, gelu_t=gelu_t, silu_t=silu_t,
-                          layer_norm=layer_norm, attention=attention, attention_t=attention_t))
+        patch(
+            model,
+            dict(
+                t=t,
+                tp=tp,
+                gate=gate,
+                detached=detached,
+                th=th,
+                gelu_t=gelu_t,
+                silu_t=silu_t,
+                layer_norm=layer_norm,
+                attention=attention,
+                attention_t=attention_t,
+            ),
+        )
     return model
 
 
 def gated_like(model: nn.Module, gating) -> nn.Module:
     """:func:`gated` with the settings of a jaxpull ``Gating`` (concrete temperatures)."""
     f = lambda v: None if v is None else float(v)
-    return gated(model, f(gating.temperature), f(gating.pool_temperature), gating.gate,
-                 gating.pool_weights == "detached", f(gating.hardswish_temperature),
-                 gelu_t=f(gating.gelu_temperature), silu_t=f(gating.silu_temperature), layer_norm=gating.layer_norm,
-                 attention=gating.attention, attention_t=f(gating.attention_temperature))
+    return gated(
+        model,
+        f(gating.temperature),
+        f(gating.pool_temperature),
+        gating.gate,
+        gating.pool_weights == "detached",
+        f(gating.hardswish_temperature),
+        gelu_t=f(gating.gelu_temperature),
+        silu_t=f(gating.silu_temperature),
+        layer_norm=gating.layer_norm,
+        attention=gating.attention,
+        attention_t=f(gating.attention_temperature),
+    )
 
 
 def _basic_conv(m, relu, x):
@@ -334,8 +367,19 @@ def pullback(model, x_nhwc, targets, **kw) -> torch.Tensor:
     return torch.stack(out, 1)
 
 
-def ascent(model, x_nhwc, targets, steps=5, alpha=20.0, eps=100.0, clip=True, margin=0.0,
-           relative_alpha=False, loss="logit", norm=normalize) -> torch.Tensor:
+def ascent(
+    model,
+    x_nhwc,
+    targets,
+    steps=5,
+    alpha=20.0,
+    eps=100.0,
+    clip=True,
+    margin=0.0,
+    relative_alpha=False,
+    loss="logit",
+    norm=normalize,
+) -> torch.Tensor:
     """The reference PGA loop per (image, target) pair, batched over pairs: -> (N, K, H, W, 3)."""
     n, k = targets.shape
     x0 = x_nhwc.repeat_interleave(k, 0)

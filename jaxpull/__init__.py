@@ -14,6 +14,18 @@ from jaxpull.files.model_file import ModelFileError, load, save
 from jaxpull.core.model import Model, ModelSpec
 from jaxpull.core.settings import PRESETS, Ascent, make_ascent, make_gating
 
-__all__ = ["ascent", "pullback", "make_gating", "make_ascent", "Ascent", "PRESETS", "Gating", "load", "save", "Model",
-           "ModelSpec", "ModelFileError"]
+__all__ = [
+    "ascent",
+    "pullback",
+    "make_gating",
+    "make_ascent",
+    "Ascent",
+    "PRESETS",
+    "Gating",
+    "load",
+    "save",
+    "Model",
+    "ModelSpec",
+    "ModelFileError",
+]
 __version__ = "0.1.0"

@@ -2,16 +2,38 @@
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import gc
 import os
+import shutil
 import sys
+import tempfile
 
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 
 from jaxpull_convert.testing import random_images as images, random_torchvision_model, randomize_batchnorm  # noqa: E402,F401
+
+
+def pytest_configure(config):
+    """One persistent XLA compilation cache per test session, in a fresh folder: a computation
+    compiled again (by a later module once the caches are released, by a CLI subprocess, by the
+    notebook's kernel) is loaded instead of recompiled. The executables are the same ones, keyed
+    by the computation, its compile options and the jax version, so no check changes."""
+    import jax
+
+    path = tempfile.mkdtemp(prefix="jaxpull-tests-xla-cache-")
+    config._jaxpull_xla_cache = path
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = path  # subprocesses inherit it
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(getattr(config, "_jaxpull_xla_cache", ""), ignore_errors=True)
 
 
 @functools.lru_cache(maxsize=2)  # a few hundred MB each (vgg19: 550 MB twice): keep the suite's memory low
@@ -23,16 +45,32 @@ def torch_and_jax(arch: str, num_classes: int = 1000):
     return tm, jaxpull_convert.from_torch_module(arch, tm)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _release_models_after_each_module():
-    """Free the converted models and JAX's compiled functions once a test module is done: later
-    modules rebuild what they need, and the suite's peak memory stays that of one module."""
-    yield
+def release_memory() -> None:
+    """Free the converted models, JAX's compiled functions, and the heap pages that freeing left
+    behind (glibc keeps them otherwise: the suite's resident memory would only grow)."""
     import jax
 
     torch_and_jax.cache_clear()
     jax.clear_caches()
     gc.collect()
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _release_models_after_each_module():
+    """Later modules rebuild what they need, so the suite's peak memory is that of one module."""
+    yield
+    release_memory()
+
+
+@pytest.fixture(autouse=True)
+def _release_models_after_each_large_test(request):
+    """Tests marked ``large_models`` (one full-width architecture each) release everything
+    after each test, so a module's peak is that of its largest test, not their sum."""
+    yield
+    if request.node.get_closest_marker("large_models"):
+        release_memory()
 
 
 @pytest.fixture

@@ -25,8 +25,17 @@ def assert_logits_close(got, ref, rel=LOGIT_REL):
     assert err <= rel * max(1.0, np.abs(ref).max()), f"max |logit error| {err:.3g}"
 
 
-def check_parity(tm, model, x: np.ndarray, targets: np.ndarray, *, presets=("excitation", "semantic"),
-                 vanilla: bool = True, ascent_rel=None, norm=None) -> dict:
+def check_parity(
+    tm,
+    model,
+    x: np.ndarray,
+    targets: np.ndarray,
+    *,
+    presets=("excitation", "semantic"),
+    vanilla: bool = True,
+    ascent_rel=None,
+    norm=None,
+) -> dict:
     """Every parity check of one converted model against its torch model ``tm`` (eval mode).
 
     * logits (LOGIT_REL);
@@ -65,16 +74,26 @@ def check_parity(tm, model, x: np.ndarray, targets: np.ndarray, *, presets=("exc
     if vanilla:
         top = np.argsort(-ref_logits.numpy(), axis=1)[:, :2]
         got = jaxpull.pullback(model, x, top, temperature=None)
-        ref = R.pullback(copy.deepcopy(tm).double(), xt.double(), torch.from_numpy(top),
-                         norm=lambda a: norm(a).double())
+        ref = R.pullback(
+            copy.deepcopy(tm).double(), xt.double(), torch.from_numpy(top), norm=lambda a: norm(a).double()
+        )
         assert_maps_close(got, ref)
         errors["vanilla"] = map_errors(got, ref)
     if ascent_rel is not None:
         rules = presets[0]
         a = make_ascent(rules=rules)
         got = jaxpull.ascent(model, x, targets[:, :1], rules=rules)
-        ref = R.ascent(R.gated_like(tm, make_gating(rules=rules)), xt, tt[:, :1], steps=a.steps, alpha=a.alpha,
-                       eps=a.eps, clip=a.clip, margin=a.margin, norm=norm)
+        ref = R.ascent(
+            R.gated_like(tm, make_gating(rules=rules)),
+            xt,
+            tt[:, :1],
+            steps=a.steps,
+            alpha=a.alpha,
+            eps=a.eps,
+            clip=a.clip,
+            margin=a.margin,
+            norm=norm,
+        )
         assert_maps_close(np.asarray(got) - x[:, None], ref - xt[:, None], rel_max=ascent_rel)
         errors["ascent"] = map_errors(np.asarray(got) - x[:, None], ref - xt[:, None])
     return errors

@@ -138,8 +138,15 @@ def test_bad_input_is_a_clear_error(model, x, targets, kwargs, message):
 
 @pytest.mark.parametrize(
     "kwargs,message",
-    [(dict(steps=-1), "steps"), (dict(steps=2.5), "steps"), (dict(alpha=0.0), "alpha"), (dict(eps=-3.0), "eps"),
-     (dict(loss="mse"), "unknown loss"), (dict(margin=-0.1), "margin"), (dict(output="png"), "unknown output")],
+    [
+        (dict(steps=-1), "steps"),
+        (dict(steps=2.5), "steps"),
+        (dict(alpha=0.0), "alpha"),
+        (dict(eps=-3.0), "eps"),
+        (dict(loss="mse"), "unknown loss"),
+        (dict(margin=-0.1), "margin"),
+        (dict(output="png"), "unknown output"),
+    ],
 )
 def test_bad_ascent_options_are_clear_errors(model, kwargs, message):
     with pytest.raises(ValueError, match=message):

@@ -25,7 +25,9 @@ from PIL import Image
 from jaxpull.shell import explorer as ex
 
 CHROMIUM = "/usr/bin/chromium"
-ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"  # git-ignored: screenshots for a person to look at
+ARTIFACTS = (
+    Path(__file__).resolve().parent.parent / "test-artifacts"
+)  # git-ignored: screenshots for a person to look at
 
 
 @pytest.fixture(scope="module")
@@ -46,8 +48,9 @@ def explorer(cache, tmp_path_factory):
 
 
 def test_explain_handler(explorer):
-    top5, picture, path, note = explorer.explain(None, "coffee", ex.DEFAULT_LABEL, "967: espresso", "both",
-                                                  2, 20, 100, 0.3, None)
+    top5, picture, path, note = explorer.explain(
+        None, "coffee", ex.DEFAULT_LABEL, "967: espresso", "both", 2, 20, 100, 0.3, None
+    )
     assert list(top5)[0] == "espresso (967)" and top5["espresso (967)"] > 0.9 and len(top5) == 5
     assert picture.dtype == np.uint8 and picture.shape == (2 * 242, 3 * 224, 3)
     assert picture[18:242, 448:].std() > 3  # the difference tile is not blank (uniform grey would be 0)
@@ -63,7 +66,9 @@ def test_explain_handler(explorer):
 
 
 def test_strip_handler_is_one_vmapped_call(explorer):
-    picture, note = explorer.strip(None, "chelsea", ex.DEFAULT_LABEL, ex.TOP1, 1, 20, 100, temperatures=(0.1, 1.0, 10.0))
+    picture, note = explorer.strip(
+        None, "chelsea", ex.DEFAULT_LABEL, ex.TOP1, 1, 20, 100, temperatures=(0.1, 1.0, 10.0)
+    )
     assert picture.shape == (242, 3 * 224, 3) and "3 temperatures in one vmapped call" in note
     tiles = picture[18:].reshape(224, 3, 224, 3).transpose(1, 0, 2, 3)
     assert all(t.std() > 3 for t in tiles) and not np.array_equal(tiles[0], tiles[2])
@@ -76,7 +81,9 @@ def test_class_choices_and_models(explorer, tmp_path):
     choices = explorer.class_choices(ex.DEFAULT_LABEL)
     assert choices[0] == ex.TOP1 and choices[283] == "282: tiger cat" and len(choices) == 1001
     assert not explorer.has_max_pools(ex.DEFAULT_LABEL)
-    shutil.copy(Path(os.environ["JAXPULL_CACHE"]) / f"{ex.cache.DEFAULT_MODEL}.safetensors", tmp_path / "mine.safetensors")
+    shutil.copy(
+        Path(os.environ["JAXPULL_CACHE"]) / f"{ex.cache.DEFAULT_MODEL}.safetensors", tmp_path / "mine.safetensors"
+    )
     other = ex.Explorer(str(tmp_path))
     assert list(other.models) == [ex.DEFAULT_LABEL, "mine"]
     (tmp_path / "mine.safetensors").unlink()
@@ -89,8 +96,18 @@ def test_class_choices_and_models(explorer, tmp_path):
 def test_bad_requests_give_one_line_messages(explorer, tmp_path):
     junk = tmp_path / "notes.png"
     junk.write_text("this is not a picture")
-    base = dict(upload=None, sample="coffee", model_name=ex.DEFAULT_LABEL, target=None, method="both",
-                steps=1, alpha=20, eps=100, temperature=0.3, pool_temperature=None)
+    base = dict(
+        upload=None,
+        sample="coffee",
+        model_name=ex.DEFAULT_LABEL,
+        target=None,
+        method="both",
+        steps=1,
+        alpha=20,
+        eps=100,
+        temperature=0.3,
+        pool_temperature=None,
+    )
     cases = [
         (dict(upload=str(junk)), "not an image this app can read"),
         (dict(sample=None), "no image: upload one or pick a sample photo"),
@@ -115,7 +132,9 @@ def test_bad_requests_give_one_line_messages(explorer, tmp_path):
 def test_huge_upload_is_downscaled_with_a_note(explorer, tmp_path):
     big = tmp_path / "big.jpg"
     Image.new("RGB", (6000, 4000), (200, 30, 30)).save(big, quality=80)
-    _, picture, _, note = explorer.explain(str(big), None, ex.DEFAULT_LABEL, None, "vanilla gradient", 1, 20, 100, 0.3, None)
+    _, picture, _, note = explorer.explain(
+        str(big), None, ex.DEFAULT_LABEL, None, "vanilla gradient", 1, 20, 100, 0.3, None
+    )
     assert "6000x4000 pixels: downscaled" in note and picture.shape == (242, 672, 3)
     png = tmp_path / "rgba.png"
     Image.new("RGBA", (300, 200), (0, 0, 255, 128)).save(png)
@@ -152,8 +171,12 @@ def test_app_in_a_real_browser(cache, tmp_path):
     port = _free_port()
     env = dict(os.environ, JAXPULL_CACHE=str(cache))
     log = open(tmp_path / "server.log", "w")
-    server = subprocess.Popen([sys.executable, "-m", "jaxpull.shell.cli", "app", "--port", str(port)], stdout=log,
-                              stderr=subprocess.STDOUT, env=env)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "jaxpull.shell.cli", "app", "--port", str(port)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+    )
     url = f"http://127.0.0.1:{port}/"
     try:
         deadline = time.time() + 180
@@ -165,8 +188,15 @@ def test_app_in_a_real_browser(cache, tmp_path):
                 assert server.poll() is None, (tmp_path / "server.log").read_text()
                 assert time.time() < deadline, "the app did not start within 180 s"
                 time.sleep(1)
-        flags = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync"]
+        flags = [
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+        ]
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=flags)
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
@@ -188,8 +218,9 @@ def test_app_in_a_real_browser(cache, tmp_path):
             from jaxpull.files import images, cache
 
             model = cache.resolve(cache.DEFAULT_MODEL, log=lambda m: None)
-            logits = np.asarray(model(images.load_images(images.sample_paths(["coffee"]),
-                                                         **model.preprocessing.image_options)))[0]
+            logits = np.asarray(
+                model(images.load_images(images.sample_paths(["coffee"]), **model.preprocessing.image_options))
+            )[0]
             p = np.exp(logits - logits.max())
             p /= p.sum()
             assert int(np.argmax(p)) == 967 and "espresso (967)" in text and f"{p[967]:.0%}" in text

@@ -117,29 +117,60 @@ def entry_points(model, tmp_path):
         "model(x)": lambda x, t, a: model(x),
         "pullback": lambda x, t, a: jaxpull.pullback(model, x, k_targets(t)),
         "ascent": lambda x, t, a: jaxpull.ascent(model, x, k_targets(t), steps=1),
-        "faithfulness_correlation": lambda x, t, a: metrics.faithfulness_correlation(model, x, np.asarray(t), a, grid=2),
+        "faithfulness_correlation": lambda x, t, a: metrics.faithfulness_correlation(
+            model, x, np.asarray(t), a, grid=2
+        ),
         "infidelity": lambda x, t, a: metrics.infidelity(model, x, np.asarray(t), a, key, samples=2),
         "random_logit": lambda x, t, a: metrics.random_logit(_explain(model), x, np.asarray(t), a, 10),
         "model_randomization": lambda x, t, a: metrics.model_randomization(
-            lambda m, xx, tt: _explain(m)(xx, tt), model, x, np.asarray(t), a, key, 2),
+            lambda m, xx, tt: _explain(m)(xx, tt), model, x, np.asarray(t), a, key, 2
+        ),
         "focus": lambda x, t, a: metrics.focus(a, x, quadrants),
-        "max_sensitivity": lambda x, t, a: metrics.max_sensitivity(_explain(model), x, np.asarray(t), a, key, samples=1),
-        "evaluate": lambda x, t, a: pipeline.evaluate(model, x, list(np.asarray(t).ravel()), explainer_names=["gradient"],
-                                                      metric_names=["faithfulness"], progress=False),
-        "sweep": lambda x, t, a: sweep.sweep(model, x, t, out=tmp_path / "runs" / "s",
-                                             chunk_size=2, progress=False),
+        "max_sensitivity": lambda x, t, a: metrics.max_sensitivity(
+            _explain(model), x, np.asarray(t), a, key, samples=1
+        ),
+        "evaluate": lambda x, t, a: pipeline.evaluate(
+            model,
+            x,
+            list(np.asarray(t).ravel()),
+            explainer_names=["gradient"],
+            metric_names=["faithfulness"],
+            progress=False,
+        ),
+        "sweep": lambda x, t, a: sweep.sweep(model, x, t, out=tmp_path / "runs" / "s", chunk_size=2, progress=False),
     }
-    options = {"smoothgrad": dict(samples=2), "smoothgrad_pullback": dict(samples=2), "integrated_gradients": dict(steps=2),
-               "pullback_ascent": dict(steps=1), "gradient_ascent": dict(steps=1)}
+    options = {
+        "smoothgrad": dict(samples=2),
+        "smoothgrad_pullback": dict(samples=2),
+        "integrated_gradients": dict(steps=2),
+        "pullback_ascent": dict(steps=1),
+        "gradient_ascent": dict(steps=1),
+    }
     for name, fn in explainers.EXPLAINERS.items():
-        eps[f"explainers.{name}"] = (lambda fn, o: lambda x, t, a: fn(model, x, k_targets(t), **o))(fn, options.get(name, {}))
+        eps[f"explainers.{name}"] = (lambda fn, o: lambda x, t, a: fn(model, x, k_targets(t), **o))(
+            fn, options.get(name, {})
+        )
     return eps
 
 
-TAKES_TARGETS = {"pullback", "ascent", "faithfulness_correlation", "infidelity", "random_logit", "model_randomization",
-                 "evaluate", "sweep"}
-TAKES_ATTRIBUTIONS = {"faithfulness_correlation", "infidelity", "random_logit", "model_randomization", "focus",
-                      "max_sensitivity"}
+TAKES_TARGETS = {
+    "pullback",
+    "ascent",
+    "faithfulness_correlation",
+    "infidelity",
+    "random_logit",
+    "model_randomization",
+    "evaluate",
+    "sweep",
+}
+TAKES_ATTRIBUTIONS = {
+    "faithfulness_correlation",
+    "infidelity",
+    "random_logit",
+    "model_randomization",
+    "focus",
+    "max_sensitivity",
+}
 
 
 def test_fuzz_every_entry_point_with_bad_values(model, tmp_path):
@@ -164,8 +195,12 @@ def test_fuzz_every_entry_point_with_bad_values(model, tmp_path):
             nan_a, inf_a = a.copy(), a.copy()
             nan_a[0, 1, 1, 1] = np.nan
             inf_a[1, 2, 2, 0] = -np.inf
-            for what, bad_a, fragment in [("nan", nan_a, "NaN"), ("inf", inf_a, "infinite"),
-                                          ("wrong shape", a[:, :16], "shape"), ("int dtype", a.astype(np.int32), "floating")]:
+            for what, bad_a, fragment in [
+                ("nan", nan_a, "NaN"),
+                ("inf", inf_a, "infinite"),
+                ("wrong shape", a[:, :16], "shape"),
+                ("int dtype", a.astype(np.int32), "floating"),
+            ]:
                 cases.append((f"{name} / attributions {what}", lambda fn=fn, ba=bad_a: fn(x, t, ba), fragment))
     failures = []
     for label, call, fragment in cases:
@@ -203,7 +238,9 @@ def test_out_of_range_class_indices_are_refused_not_clamped(model):
         model.label(True)
     one_line_error(e, "not a bool")
     # in range still works and agrees with the hand-picked class
-    r = metrics.faithfulness_correlation(model, x, jnp.array([9]), np.random.default_rng(0).normal(size=x.shape), grid=2)
+    r = metrics.faithfulness_correlation(
+        model, x, jnp.array([9]), np.random.default_rng(0).normal(size=x.shape), grid=2
+    )
     assert r.shape == (1,) and np.isfinite(np.asarray(r)).all()
 
 
@@ -247,9 +284,11 @@ def test_deep_greyscale_modes_agree_with_their_8_bit_copy(mode, tmp_path):
 
 
 def test_deep_modes_out_of_their_range_are_refused(tmp_path):
-    for img, fragment in [(Image.fromarray(np.full((8, 8), 3.0, np.float32), "F"), "mode F samples must be in [0, 1]"),
-                          (Image.fromarray(np.full((8, 8), -5, np.int32), "I"), "mode I samples must be in [0, 65535]"),
-                          (Image.fromarray(np.full((8, 8), np.nan, np.float32), "F"), "mode F")]:
+    for img, fragment in [
+        (Image.fromarray(np.full((8, 8), 3.0, np.float32), "F"), "mode F samples must be in [0, 1]"),
+        (Image.fromarray(np.full((8, 8), -5, np.int32), "I"), "mode I samples must be in [0, 65535]"),
+        (Image.fromarray(np.full((8, 8), np.nan, np.float32), "F"), "mode F"),
+    ]:
         path = tmp_path / "x.tiff"
         img.save(path)
         with pytest.raises(ValueError) as e:
@@ -263,8 +302,11 @@ def test_decompression_bomb_is_refused_in_one_line_and_large_images_quietly(mode
     with pytest.raises(ValueError) as e:
         images.load_image(tmp_path / "bomb.png")
     one_line_error(e, "bomb.png", "more than 120,000 pixels", "smaller image")
-    cli_error(capsys, ["explain", tmp_path / "bomb.png", "--model", model_file, "-o", tmp_path / "o.png"],
-              "more than 120,000 pixels")
+    cli_error(
+        capsys,
+        ["explain", tmp_path / "bomb.png", "--model", model_file, "-o", tmp_path / "o.png"],
+        "more than 120,000 pixels",
+    )
     assert not (tmp_path / "o.png").exists()
     Image.new("RGB", (300, 250)).save(tmp_path / "large.png")  # 75,000: above the warning limit, below the bomb
     with warnings.catch_warnings():
@@ -376,12 +418,15 @@ MODEL_FILES = {
     "input_std negative": (dict(meta={"input_std": "[0.2, -0.2, 0.2]"}), "must be positive"),
     "input_std NaN": (dict(meta={"input_std": "[NaN, 0.2, 0.2]"}), "not three finite numbers"),
     "input_mean two numbers": (dict(meta={"input_mean": "[0.4, 0.4]"}), "input_mean '[0.4, 0.4]' is not three finite"),
-    "input_std text": (dict(meta={"input_std": "\"abc\""}), "not three finite numbers"),
+    "input_std text": (dict(meta={"input_std": '"abc"'}), "not three finite numbers"),
     "num_classes negative": (dict(meta={"num_classes": "-3"}), "num_classes '-3' is not a whole number >= 1"),
     "num_classes zero": (dict(meta={"num_classes": "0"}), "num_classes '0'"),
     "num_classes fraction": (dict(meta={"num_classes": "2.5"}), "num_classes '2.5'"),
     "num_classes text": (dict(meta={"num_classes": "ten"}), "num_classes 'ten'"),
-    "class_names count": (dict(meta={"class_names": json.dumps(["a", "b"])}), "class_names has 2 names for num_classes 10"),
+    "class_names count": (
+        dict(meta={"class_names": json.dumps(["a", "b"])}),
+        "class_names has 2 names for num_classes 10",
+    ),
     "class_names not strings": (dict(meta={"class_names": json.dumps(list(range(10)))}), "not a list of strings"),
     "class_names not JSON": (dict(meta={"class_names": "[a, b"}), "invalid metadata"),
     "unknown arch": (dict(meta={"arch": "resnet99"}), "unknown architecture 'resnet99'"),
@@ -399,8 +444,11 @@ def test_model_files_that_cannot_give_meaningful_output_are_refused(model_file, 
         one_line_error(e, str(bad.name), fragment)
     # the same message at the CLI (in-process), before any compute
     Image.new("RGB", (40, 40)).save(tmp_path / "ok.png")
-    cli_error(capsys, ["explain", tmp_path / "ok.png", "--model", tmp_path / "NaN_tensor.safetensors", "-o",
-                       tmp_path / "o.png"], "holds NaN or infinite values")
+    cli_error(
+        capsys,
+        ["explain", tmp_path / "ok.png", "--model", tmp_path / "NaN_tensor.safetensors", "-o", tmp_path / "o.png"],
+        "holds NaN or infinite values",
+    )
     assert not (tmp_path / "o.png").exists()
 
 
@@ -419,24 +467,56 @@ def test_directories_where_files_belong(model_file, tmp_path, capsys):
         images.load_image(tmp_path / "d.png")
     one_line_error(e, "is a directory")
     Image.new("RGB", (40, 40)).save(tmp_path / "ok.png")
-    cli_error(capsys, ["explain", tmp_path / "d.png", "--model", model_file, "-o", tmp_path / "o.png"], "is a directory")
-    cli_error(capsys, ["explain", tmp_path / "ok.png", "--model", model_file, "-o", tmp_path / "d.png"],
-              "output", "is a directory")  # -o names a directory: refused before any compute
-    cli_error(capsys, ["explain", tmp_path / "ok.png", "--model", model_file, "-o", tmp_path / "ok.png" / "x.png"],
-              "is a file, not a directory")
-    cli_error(capsys, ["explain", tmp_path / "ok.png", "--model", model_file, "-o", tmp_path / "o.png",
-                       "--save-arrays", tmp_path / "d.png"], ".npz")
+    cli_error(
+        capsys, ["explain", tmp_path / "d.png", "--model", model_file, "-o", tmp_path / "o.png"], "is a directory"
+    )
+    cli_error(
+        capsys,
+        ["explain", tmp_path / "ok.png", "--model", model_file, "-o", tmp_path / "d.png"],
+        "output",
+        "is a directory",
+    )  # -o names a directory: refused before any compute
+    cli_error(
+        capsys,
+        ["explain", tmp_path / "ok.png", "--model", model_file, "-o", tmp_path / "ok.png" / "x.png"],
+        "is a file, not a directory",
+    )
+    cli_error(
+        capsys,
+        [
+            "explain",
+            tmp_path / "ok.png",
+            "--model",
+            model_file,
+            "-o",
+            tmp_path / "o.png",
+            "--save-arrays",
+            tmp_path / "d.png",
+        ],
+        ".npz",
+    )
 
 
 def test_cli_settings_messages_use_the_cli_spelling(model_file, tmp_path, capsys):
     Image.new("RGB", (40, 40)).save(tmp_path / "ok.png")
-    err = cli_error(capsys, ["explain", tmp_path / "ok.png", "--model", model_file, "-o", tmp_path / "o.png",
-                             "--temperature", "0"], "--temperature", "--method vanilla")
+    err = cli_error(
+        capsys,
+        ["explain", tmp_path / "ok.png", "--model", model_file, "-o", tmp_path / "o.png", "--temperature", "0"],
+        "--temperature",
+        "--method vanilla",
+    )
     assert "temperature=None" not in err
-    cli_error(capsys, ["sweep", tmp_path / "ok.png", "--model", model_file, "--out", tmp_path / "s",
-                       "--temperatures", "0.3,abc"], "'abc' is not a number")
-    cli_error(capsys, ["sweep", tmp_path / "ok.png", "--model", model_file, "--out", tmp_path / "s",
-                       "--temperatures", "-1"], "--temperatures", "write none")
+    cli_error(
+        capsys,
+        ["sweep", tmp_path / "ok.png", "--model", model_file, "--out", tmp_path / "s", "--temperatures", "0.3,abc"],
+        "'abc' is not a number",
+    )
+    cli_error(
+        capsys,
+        ["sweep", tmp_path / "ok.png", "--model", model_file, "--out", tmp_path / "s", "--temperatures", "-1"],
+        "--temperatures",
+        "write none",
+    )
     cli_error(capsys, ["demo", "--seed", "-1", "-o", tmp_path / "demo.png"], "--seed must be a non-negative integer")
     cli_error(capsys, ["evaluate", "--images", "samples", "--seed", "-1", "-o", tmp_path / "e.md"], "--seed")
     assert sorted(os.listdir(tmp_path)) == ["ok.png"]
@@ -450,14 +530,20 @@ def test_convert_bad_image_size_and_unwritable_output(tmp_path, capsys, monkeypa
     torch.save(torchvision.models.resnet18(num_classes=10).state_dict(), sd)
     out = tmp_path / "x.safetensors"
     for size in ("0", "-5", "5000"):
-        cli_error(capsys, ["convert", "resnet18", "--state-dict", sd, "-o", out, "--image-size", size],
-                  f"image size {size} is out of range", "[32, 1024]")
+        cli_error(
+            capsys,
+            ["convert", "resnet18", "--state-dict", sd, "-o", out, "--image-size", size],
+            f"image size {size} is out of range",
+            "[32, 1024]",
+        )
     locked = tmp_path / "ro"
     locked.mkdir()
     locked.chmod(0o500)
     access = os.access
     if access(locked, os.W_OK):  # root ignores directory permissions: make os.access say what a user would see
-        monkeypatch.setattr(os, "access", lambda p, mode: access(p, mode) and not (str(p) == str(locked) and mode & os.W_OK))
+        monkeypatch.setattr(
+            os, "access", lambda p, mode: access(p, mode) and not (str(p) == str(locked) and mode & os.W_OK)
+        )
     start = time.perf_counter()
     cli_error(capsys, ["convert", "resnet18", "--state-dict", sd, "-o", locked / "x.safetensors"], "not writable")
     assert time.perf_counter() - start < 1  # before reading the state_dict or any compute
@@ -551,9 +637,16 @@ def test_two_sweep_processes_do_not_both_compute(model, tmp_path):
     out = tmp_path / "s"
     out.mkdir()
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a'); "
-         "fcntl.flock(f, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(60)", str(out / ".lock")],
-        stdout=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-c",
+            "import fcntl, sys, time; f = open(sys.argv[1], 'a'); "
+            "fcntl.flock(f, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(60)",
+            str(out / ".lock"),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "locked"
         with pytest.raises(RuntimeError) as e:

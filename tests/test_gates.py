@@ -124,7 +124,9 @@ def test_hardswish_forward_and_vanilla_derivative_match_torch():
         np.testing.assert_allclose(grad, zt.grad.numpy(), rtol=3e-7, atol=0)
         np.testing.assert_array_equal(grad[:2], [0, 0])  # z = -5, -3
         np.testing.assert_array_equal(grad[-3:], [1, 1, 1])  # z = 3, 3.001, 8
-    np.testing.assert_allclose(gates.hardsigmoid(ZH), torch.nn.functional.hardsigmoid(zt).detach().numpy(), rtol=3e-7, atol=0)
+    np.testing.assert_allclose(
+        gates.hardsigmoid(ZH), torch.nn.functional.hardsigmoid(zt).detach().numpy(), rtol=3e-7, atol=0
+    )
 
 
 @pytest.mark.parametrize("th", [None, 0.7])

@@ -94,7 +94,9 @@ def test_faithfulness_correlation_by_hand():
     # drops: 12 * 0.5 * [1, 2, 0, -1] = [6, 12, 0, -6]; gradient x input has the same patch sums
     r = metrics.faithfulness_correlation(model, x, t, model.w * x, grid=2)
     assert float(r[0]) == pytest.approx(1.0, abs=1e-6)
-    assert float(metrics.faithfulness_correlation(model, x, t, -model.w * x, grid=2)[0]) == pytest.approx(-1.0, abs=1e-6)
+    assert float(metrics.faithfulness_correlation(model, x, t, -model.w * x, grid=2)[0]) == pytest.approx(
+        -1.0, abs=1e-6
+    )
     # attribution with patch sums [12, 0, 0, 0] (all in the top-left patch):
     # pearson([12, 0, 0, 0], [6, 12, 0, -6]) = (9 * 3 - 3 * 9 - 3 * -3 - 3 * -9) / (sqrt(108) * sqrt(180)) = 36 / 139.42
     a = np.zeros((1, 4, 4, 3), np.float32)
@@ -139,7 +141,7 @@ def test_random_logit_is_one_when_the_map_ignores_the_class():
     same = LinearModel(jnp.asarray(np.repeat(w[:1], 5, 0)))
     x = jnp.zeros((2, 8, 8, 3))
     t = jnp.array([0, 3])
-    grad = lambda m: (lambda xx, tt: m.w[tt])  # the gradient of a linear model
+    grad = lambda m: lambda xx, tt: m.w[tt]  # the gradient of a linear model
     assert np.allclose(metrics.random_logit(grad(same), x, t, same.w[t], 5), 1.0, atol=1e-5)
     different = LinearModel(jnp.asarray(w))
     assert (metrics.random_logit(grad(different), x, t, different.w[t], 5) < 0.5).all()

@@ -21,11 +21,33 @@ from jaxpull_convert import torch_reference as R
 from conftest import images, torch_and_jax
 from helpers import assert_logits_close, assert_maps_close
 
+pytestmark = pytest.mark.large_models  # one architecture per test: release it after each
+
 ALL = [
-    "resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
-    "resnext50_32x4d", "resnext101_32x8d", "resnext101_64x4d", "wide_resnet50_2", "wide_resnet101_2",
-    "vgg11", "vgg13", "vgg16", "vgg19", "vgg11_bn", "vgg13_bn", "vgg16_bn", "vgg19_bn",
-    "densenet121", "densenet161", "densenet169", "densenet201", "alexnet", "mobilenet_v2",
+    "resnet18",
+    "resnet34",
+    "resnet50",
+    "resnet101",
+    "resnet152",
+    "resnext50_32x4d",
+    "resnext101_32x8d",
+    "resnext101_64x4d",
+    "wide_resnet50_2",
+    "wide_resnet101_2",
+    "vgg11",
+    "vgg13",
+    "vgg16",
+    "vgg19",
+    "vgg11_bn",
+    "vgg13_bn",
+    "vgg16_bn",
+    "vgg19_bn",
+    "densenet121",
+    "densenet161",
+    "densenet169",
+    "densenet201",
+    "alexnet",
+    "mobilenet_v2",
 ]
 # Representative members, for the more expensive checks.
 CORE = ["resnet18", "resnet50", "vgg11_bn", "densenet121", "alexnet"]
@@ -46,8 +68,13 @@ def test_every_family_is_covered():
 
     here = Path(__file__).parent
     files = sorted(str(p) for p in here.glob("test_parity*.py")) + [str(here / "test_real_model.py")]
-    out = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", *files],
-                         capture_output=True, text=True, cwd=here.parent, timeout=600)
+    out = subprocess.run(
+        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", *files],
+        capture_output=True,
+        text=True,
+        cwd=here.parent,
+        timeout=600,
+    )
     ids = [line.strip() for line in out.stdout.splitlines() if "::" in line]
     assert out.returncode == 0 and ids, out.stdout[-2000:] + out.stderr[-2000:]
     numeric = [i for i in ids if NUMERIC.search(i.split("::")[1])]
@@ -59,8 +86,11 @@ def test_every_family_is_covered():
     families = {}
     for arch, family in jaxpull.core.models.ARCHITECTURES.items():
         families.setdefault(family.torch_layout.__module__.rsplit(".", 1)[1], []).append(arch)
-    unchecked = [f for f, archs in families.items()
-                 if not any(mentions(a, numeric) for a in archs) and not any(f"test_parity_{f}.py" in t for t in numeric)]
+    unchecked = [
+        f
+        for f, archs in families.items()
+        if not any(mentions(a, numeric) for a in archs) and not any(f"test_parity_{f}.py" in t for t in numeric)
+    ]
     assert not unchecked, f"families without a numerical parity test: {unchecked}"
 
 
@@ -92,10 +122,12 @@ def test_follow_up_variant_matches_torch(arch):
     """Normal-CDF gate (t=0.6), separate pool temperature 0.2, detached softmax weights."""
     tm, model = torch_and_jax(arch)
     x = images(2, 64, seed=2)
-    got = jaxpull.pullback(model, x, TARGETS, temperature=0.6, pool_temperature=0.2,
-                           gate="normal_cdf", pool_weights="detached")
-    ref = R.pullback(R.gated(tm, 0.6, 0.2, gate="normal_cdf", detached=True), torch.from_numpy(x),
-                     torch.from_numpy(TARGETS))
+    got = jaxpull.pullback(
+        model, x, TARGETS, temperature=0.6, pool_temperature=0.2, gate="normal_cdf", pool_weights="detached"
+    )
+    ref = R.pullback(
+        R.gated(tm, 0.6, 0.2, gate="normal_cdf", detached=True), torch.from_numpy(x), torch.from_numpy(TARGETS)
+    )
     assert_maps_close(got, ref)
 
 

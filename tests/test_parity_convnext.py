@@ -58,7 +58,11 @@ def test_torch_layout_gives_every_parameter_shape(arch):
 def test_preprocessing_is_torchvisions(arch):
     t = torchvision.models.get_model_weights(arch).DEFAULT.transforms()
     pre = jaxpull.core.models.get(arch).preprocessing
-    assert (pre.crop_size, pre.resize_size, pre.interpolation) == (t.crop_size[0], t.resize_size[0], t.interpolation.value)
+    assert (pre.crop_size, pre.resize_size, pre.interpolation) == (
+        t.crop_size[0],
+        t.resize_size[0],
+        t.interpolation.value,
+    )
 
 
 def _small_convnext() -> ConvNeXt:
@@ -117,8 +121,11 @@ def test_gelu_and_layer_norm_rules_act(small):
         cos, rel = map_errors(a, b)
         print(f"{rule} rule on vs off: cosine {cos:.4f}, max abs diff / max |off| {rel:.3f}")
         assert rel > 0.01, f"the {rule} rule changes the pullback only by {rel:.2e} (cosine {cos:.6f})"
-    ref = R.pullback(R.gated_like(tm, make_gating(rules="semantic", gelu_temperature=None)), torch.from_numpy(x),
-                     torch.from_numpy(TARGETS))
+    ref = R.pullback(
+        R.gated_like(tm, make_gating(rules="semantic", gelu_temperature=None)),
+        torch.from_numpy(x),
+        torch.from_numpy(TARGETS),
+    )
     assert_maps_close(gelu_off, ref)
 
 

@@ -88,10 +88,18 @@ def tiny_v2():
     """V2's code path at small sizes: FusedMBConv without (residual) and with expansion (stride
     2), MBConv with SE (stride 2, then residual), a 96-wide head; BatchNorm eps 1e-3 (as V2)."""
     torch.manual_seed(0)
-    setting = [FusedMBConvConfig(1, 3, 1, 16, 16, 2), FusedMBConvConfig(4, 3, 2, 16, 24, 1),
-               MBConvConfig(4, 3, 2, 24, 32, 2)]
-    tm = EfficientNet(setting, dropout=0.2, num_classes=10, last_channel=96,
-                      norm_layer=functools.partial(torch.nn.BatchNorm2d, eps=1e-3))
+    setting = [
+        FusedMBConvConfig(1, 3, 1, 16, 16, 2),
+        FusedMBConvConfig(4, 3, 2, 16, 24, 1),
+        MBConvConfig(4, 3, 2, 24, 32, 2),
+    ]
+    tm = EfficientNet(
+        setting,
+        dropout=0.2,
+        num_classes=10,
+        last_channel=96,
+        norm_layer=functools.partial(torch.nn.BatchNorm2d, eps=1e-3),
+    )
     return _randomized(tm), jaxpull_convert.from_torch_module("efficientnet_v2_s", tm)
 
 

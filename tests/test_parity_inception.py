@@ -28,6 +28,8 @@ from helpers import assert_logits_close, assert_maps_close
 from jaxpull.core import gates, models
 from jaxpull.core.preprocessing import Preprocessing
 
+pytestmark = pytest.mark.large_models  # one architecture per test: release it after each
+
 TARGETS = np.array([[1, 7], [3, 500]])
 
 
@@ -68,8 +70,9 @@ def test_matches_torch(arch, size):
     got = jaxpull.pullback(model, x, TARGETS, temperature=0.3)
     assert got.shape == (2, 2, size, size, 3)
     assert_maps_close(got, R.pullback(R.gated(tm, 0.3), xt, tt))
-    got = jaxpull.pullback(model, x, TARGETS, temperature=0.6, pool_temperature=0.3, gate="normal_cdf",
-                           pool_weights="detached")
+    got = jaxpull.pullback(
+        model, x, TARGETS, temperature=0.6, pool_temperature=0.3, gate="normal_cdf", pool_weights="detached"
+    )
     assert_maps_close(got, R.pullback(R.gated(tm, 0.6, 0.3, gate="normal_cdf", detached=True), xt, tt))
     assert_maps_close(jaxpull.pullback(model, x, TARGETS, temperature=None), R.pullback(tm, xt, tt))
     got = jaxpull.ascent(model, x[:1], TARGETS[:1])
@@ -99,7 +102,9 @@ def test_googlenet_ceil_mode_adds_windows_at_64():
     for name, (n, extra) in sizes.items():
         pool = getattr(tm, name)
         assert pool.ceil_mode
-        ceil = gates.max_pool(np.zeros((1, n, n, 1), np.float32), pool.kernel_size, pool.stride, 0, gates.VANILLA, ceil_mode=True)
+        ceil = gates.max_pool(
+            np.zeros((1, n, n, 1), np.float32), pool.kernel_size, pool.stride, 0, gates.VANILLA, ceil_mode=True
+        )
         floor = gates.max_pool(np.zeros((1, n, n, 1), np.float32), pool.kernel_size, pool.stride, 0, gates.VANILLA)
         assert ceil.shape[1] == pool(torch.zeros(1, 1, n, n)).shape[-1] == floor.shape[1] + extra, name
 
@@ -128,8 +133,9 @@ def test_conversion_drops_only_the_auxiliary_heads_and_names_mismatches():
     assert "missing inception4a.branch2.1.bn.running_var" in str(e.value)
     assert "unexpected aux3.fc.weight" in str(e.value) and "aux1" not in str(e.value)
     with pytest.raises(jaxpull_convert.ConversionError, match="resnet18 has no transform_input option"):
-        jaxpull_convert.from_state_dict("resnet18", numpy_state_dict(torchvision.models.resnet18()),
-                                        transform_input=True)
+        jaxpull_convert.from_state_dict(
+            "resnet18", numpy_state_dict(torchvision.models.resnet18()), transform_input=True
+        )
 
 
 def test_preprocessing_is_recorded_and_explain_loads_299(tmp_path):
@@ -151,9 +157,27 @@ def test_preprocessing_is_recorded_and_explain_loads_299(tmp_path):
     photo = images.sample_paths(["chelsea"])[0]
     arrays = tmp_path / "raw.npz"
     proc = subprocess.run(
-        [sys.executable, "-m", "jaxpull.shell.cli", "explain", str(photo), "--model", str(out), "--targets", "0",
-         "--method", "pullback", "--steps", "1", "-o", str(tmp_path / "fig.png"), "--save-arrays", str(arrays)],
-        capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "jaxpull.shell.cli",
+            "explain",
+            str(photo),
+            "--model",
+            str(out),
+            "--targets",
+            "0",
+            "--method",
+            "pullback",
+            "--steps",
+            "1",
+            "-o",
+            str(tmp_path / "fig.png"),
+            "--save-arrays",
+            str(arrays),
+        ],
+        capture_output=True,
+        text=True,
     )
     assert proc.returncode == 0, proc.stderr
     data = np.load(arrays)
@@ -168,6 +192,14 @@ def test_torchvision_weights_give_their_preprocessing():
     def sizes(arch, name):
         return sources.weights_preprocessing(sources.torchvision_weights(arch, name))
 
-    assert sizes("inception_v3", "DEFAULT") == Preprocessing(299, 342, "bilinear") == models.get("inception_v3").preprocessing
-    assert sizes("googlenet", "IMAGENET1K_V1") == Preprocessing(224, 256, "bilinear") == models.get("googlenet").preprocessing
+    assert (
+        sizes("inception_v3", "DEFAULT")
+        == Preprocessing(299, 342, "bilinear")
+        == models.get("inception_v3").preprocessing
+    )
+    assert (
+        sizes("googlenet", "IMAGENET1K_V1")
+        == Preprocessing(224, 256, "bilinear")
+        == models.get("googlenet").preprocessing
+    )
     assert sizes("resnet50", "IMAGENET1K_V2") == Preprocessing(224, 232, "bilinear")

@@ -38,8 +38,15 @@ from jaxpull_convert.state_dict import StateDict
 
 # one block of two layers: the first strides (average-pooled projection shortcut), the second
 # keeps the identity shortcut; its 8x8 map gives windows of 2x2 and a grid of stride 4
-SMALL = dict(input_size=(32, 32), stem_channels=8, partition_size=2, block_channels=[16], block_layers=[2],
-             head_dim=4, stochastic_depth_prob=0.0)
+SMALL = dict(
+    input_size=(32, 32),
+    stem_channels=8,
+    partition_size=2,
+    block_channels=[16],
+    block_layers=[2],
+    head_dim=4,
+    stochastic_depth_prob=0.0,
+)
 TARGETS = np.array([[1, 7], [3, 500]])
 
 
@@ -73,8 +80,13 @@ def reference(tm, x, gating=None, **rules):
 def _rules(gating) -> dict:
     """``R.gated`` keywords of the GELU / SiLU / LayerNorm / attention rules of ``gating``."""
     f = lambda v: None if v is None else float(v)
-    return dict(gelu_t=f(gating.gelu_temperature), silu_t=f(gating.silu_temperature), layer_norm=gating.layer_norm,
-                attention=gating.attention, attention_t=f(gating.attention_temperature))
+    return dict(
+        gelu_t=f(gating.gelu_temperature),
+        silu_t=f(gating.silu_temperature),
+        layer_norm=gating.layer_norm,
+        attention=gating.attention,
+        attention_t=f(gating.attention_temperature),
+    )
 
 
 def differs(got, ref):
@@ -89,8 +101,10 @@ def test_full_size_maxvit_t_shapes():
     with torch.device("meta"):
         tm = torchvision.models.maxvit_t()
     index = torchvision.models.maxvit._get_relative_position_index(7, 7).numpy()
-    tensors = {k: index if k.endswith("relative_position_index") else np.broadcast_to(np.float32(0), tuple(v.shape))
-               for k, v in tm.state_dict().items()}
+    tensors = {
+        k: index if k.endswith("relative_position_index") else np.broadcast_to(np.float32(0), tuple(v.shape))
+        for k, v in tm.state_dict().items()
+    }
     sd = StateDict(tensors)
     params = maxvit.torch_layout("maxvit_t", sd)
     assert not sd.missing and not sd.unused()
@@ -99,8 +113,11 @@ def test_full_size_maxvit_t_shapes():
     n_torch = sum(p.numel() for p in tm.parameters())
     # BatchNorm folding: each BatchNorm after a convolution keeps no parameters of its own
     # (its conv gains a bias where it had none); the MBConv pre-norms become Affine (same count)
-    folded = sum(m.num_features * 2 for name, m in tm.named_modules()
-                 if isinstance(m, torch.nn.BatchNorm2d) and "pre_norm" not in name)
+    folded = sum(
+        m.num_features * 2
+        for name, m in tm.named_modules()
+        if isinstance(m, torch.nn.BatchNorm2d) and "pre_norm" not in name
+    )
     conv_bias_gained = sum(m.out_channels for m in tm.modules() if isinstance(m, torch.nn.Conv2d) and m.bias is None)
     assert n_params == n_torch - folded + conv_bias_gained
     assert maxvit.torch_config(tm) == {}
@@ -111,8 +128,9 @@ def test_small_maxvit_parity():
     """Logits, both presets' pullbacks, float64 vanilla gradients and one ascent (check_parity);
     the attention rule at t = 2 and "value_only"; and each rule's effect is visible."""
     tm, model = small_models()
-    assert dict(model.spec.config) == dict(image_size=32, stem_channels=8, partition_size=2, block_channels=(16,),
-                                           block_layers=(2,), head_dim=4)
+    assert dict(model.spec.config) == dict(
+        image_size=32, stem_channels=8, partition_size=2, block_channels=(16,), block_layers=(2,), head_dim=4
+    )
     x = images(2, 32)
     # the reference's attention patch keeps the forward exact
     xt = R.normalize(torch.from_numpy(x))

@@ -27,6 +27,8 @@ from jaxpull.core.layers import IMAGENET_MEAN, IMAGENET_STD
 from jaxpull.core.models import squeezenet
 from jaxpull_convert import sources
 
+pytestmark = pytest.mark.large_models  # one architecture per test: release it after each
+
 TARGETS = np.array([[1, 7], [3, 500]])
 MOBILENET_V3 = ["mobilenet_v3_small", "mobilenet_v3_large"]
 SQUEEZENET = ["squeezenet1_0", "squeezenet1_1"]
@@ -82,8 +84,9 @@ def check_model(arch: str, ascent: Optional[float]):
     assert_maps_close(got, R.pullback(R.gated(tm, 0.3), xt, targets))
 
     # the follow-up: normal-CDF gate t = 0.6, detached pool weights, pool temperature 0.3
-    got = jaxpull.pullback(model, x, TARGETS, temperature=0.6, pool_temperature=0.3, gate="normal_cdf",
-                           pool_weights="detached")
+    got = jaxpull.pullback(
+        model, x, TARGETS, temperature=0.6, pool_temperature=0.3, gate="normal_cdf", pool_weights="detached"
+    )
     assert_maps_close(got, R.pullback(R.gated(tm, 0.6, 0.3, gate="normal_cdf", detached=True), xt, targets))
 
     # vanilla gradient: torch autograd on the unmodified model in float64, for each image's two
@@ -109,7 +112,7 @@ def test_mobilenet_v3_matches_torch(arch):
 
 @pytest.mark.parametrize("arch", SQUEEZENET)
 def test_squeezenet_matches_torch(arch):
-    pools = squeezenet_pool_sizes(arch[len("squeezenet"):], SIZES.get(arch, 64))
+    pools = squeezenet_pool_sizes(arch[len("squeezenet") :], SIZES.get(arch, 64))
     assert any(ceil > floor for _, floor, ceil in pools), pools  # ceil mode's extra windows are exercised
     # SqueezeNet's ascent amplifies float32 rounding about 6x per step (measured on squeezenet1_0:
     # rel err 6e-6, 3e-5, 2e-4 after 1, 2, 3 steps); after 5 steps on squeezenet1_1 jaxpull differs
@@ -135,8 +138,11 @@ def test_converter_lists_every_mismatch_at_once():
     msg = str(e.value)
     assert msg.startswith("state_dict does not match mobilenet_v3_small:")
     # (a convolution's bias is optional in a state_dict: its absence shows as the Flax parameter's)
-    for part in ("missing features_4/se/fc2/bias", "unexpected features.4.block.9.weight",
-                 "features_2/depthwise/kernel has shape (5, 5, 1, 72), expected (3, 3, 1, 72)"):
+    for part in (
+        "missing features_4/se/fc2/bias",
+        "unexpected features.4.block.9.weight",
+        "features_2/depthwise/kernel has shape (5, 5, 1, 72), expected (3, 3, 1, 72)",
+    ):
         assert part in msg, msg
 
 

@@ -35,10 +35,27 @@ from jaxpull_convert import torch_reference as R
 from conftest import images, torch_and_jax
 from helpers import LOGIT_REL, check_layout_shapes, map_errors
 
-REGNET_X = ["regnet_x_400mf", "regnet_x_800mf", "regnet_x_1_6gf", "regnet_x_3_2gf", "regnet_x_8gf",
-            "regnet_x_16gf", "regnet_x_32gf"]
-REGNET_Y = ["regnet_y_400mf", "regnet_y_800mf", "regnet_y_1_6gf", "regnet_y_3_2gf", "regnet_y_8gf",
-            "regnet_y_16gf", "regnet_y_32gf", "regnet_y_128gf"]
+pytestmark = pytest.mark.large_models  # one architecture per test: release it after each
+
+REGNET_X = [
+    "regnet_x_400mf",
+    "regnet_x_800mf",
+    "regnet_x_1_6gf",
+    "regnet_x_3_2gf",
+    "regnet_x_8gf",
+    "regnet_x_16gf",
+    "regnet_x_32gf",
+]
+REGNET_Y = [
+    "regnet_y_400mf",
+    "regnet_y_800mf",
+    "regnet_y_1_6gf",
+    "regnet_y_3_2gf",
+    "regnet_y_8gf",
+    "regnet_y_16gf",
+    "regnet_y_32gf",
+    "regnet_y_128gf",
+]
 MNASNET = ["mnasnet0_5", "mnasnet0_75", "mnasnet1_0", "mnasnet1_3"]
 SHUFFLENET = ["shufflenet_v2_x0_5", "shufflenet_v2_x1_0", "shufflenet_v2_x1_5", "shufflenet_v2_x2_0"]
 ALL = REGNET_X + REGNET_Y + MNASNET + SHUFFLENET
@@ -63,7 +80,9 @@ def _meta_model(arch: str) -> torch.nn.Module:
     if arch.startswith("regnet"):
         params = _torchvision_block_params(arch)
         with torch.device("meta"):
-            return torchvision.models.regnet.RegNet(params, norm_layer=functools.partial(torch.nn.BatchNorm2d, eps=1e-5))
+            return torchvision.models.regnet.RegNet(
+                params, norm_layer=functools.partial(torch.nn.BatchNorm2d, eps=1e-5)
+            )
     with torch.device("meta"):
         return torchvision.models.get_model(arch, weights=None)
 
@@ -94,12 +113,15 @@ def parity_errors(arch: str, ascent: bool) -> dict:
     with torch.no_grad():
         ref = tm(R.normalize(xt)).numpy()
     errors = {"logits": float(np.abs(np.asarray(model(x)) - ref).max() / max(1.0, np.abs(ref).max()))}
-    errors["pullback"] = map_errors(jaxpull.pullback(model, x, TARGETS, temperature=0.3),
-                                    R.pullback(R.gated(tm, 0.3), xt, tt))
+    errors["pullback"] = map_errors(
+        jaxpull.pullback(model, x, TARGETS, temperature=0.3), R.pullback(R.gated(tm, 0.3), xt, tt)
+    )
     errors["follow_up"] = map_errors(
-        jaxpull.pullback(model, x, TARGETS, temperature=0.6, gate="normal_cdf", pool_weights="detached",
-                         pool_temperature=0.3),
-        R.pullback(R.gated(tm, 0.6, 0.3, gate="normal_cdf", detached=True), xt, tt))
+        jaxpull.pullback(
+            model, x, TARGETS, temperature=0.6, gate="normal_cdf", pool_weights="detached", pool_temperature=0.3
+        ),
+        R.pullback(R.gated(tm, 0.6, 0.3, gate="normal_cdf", detached=True), xt, tt),
+    )
     errors["vanilla"] = map_errors(jaxpull.pullback(model, x, TARGETS, temperature=None), R.pullback(tm, xt, tt))
     if ascent:
         got = np.asarray(jaxpull.ascent(model, x, TARGETS)) - x[:, None]

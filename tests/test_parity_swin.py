@@ -109,8 +109,9 @@ def small(request):
 
 def test_small_model_config_is_recorded(small):
     v2, tm, model = small
-    assert dict(model.spec.config) == dict(patch_size=(4, 4), embed_dim=16, depths=(1, 2), num_heads=(1, 2),
-                                           window_size=(4, 4), mlp_ratio=4.0)
+    assert dict(model.spec.config) == dict(
+        patch_size=(4, 4), embed_dim=16, depths=(1, 2), num_heads=(1, 2), window_size=(4, 4), mlp_ratio=4.0
+    )
 
 
 def test_matches_torch(small):
@@ -122,8 +123,17 @@ def test_matches_torch(small):
     if v2:  # see the module docstring: 2 steps of the first preset's ascent
         a = make_ascent()
         got = np.asarray(jaxpull.ascent(model, x, TARGETS[:, :1], steps=2)) - x[:, None]
-        ref = R.ascent(R.gated_like(tm, make_gating()), torch.from_numpy(x), torch.from_numpy(TARGETS[:, :1]),
-                       steps=2, alpha=a.alpha, eps=a.eps) - torch.from_numpy(x)[:, None]
+        ref = (
+            R.ascent(
+                R.gated_like(tm, make_gating()),
+                torch.from_numpy(x),
+                torch.from_numpy(TARGETS[:, :1]),
+                steps=2,
+                alpha=a.alpha,
+                eps=a.eps,
+            )
+            - torch.from_numpy(x)[:, None]
+        )
         assert_maps_close(got, ref)
         print("v2 2-step ascent errors:", map_errors(got, ref))
     vanilla = jaxpull.pullback(model, x, TARGETS, temperature=None)

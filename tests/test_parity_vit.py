@@ -46,7 +46,9 @@ def _shapes(tree) -> dict:
 
 def test_every_model_is_registered():
     assert set(ARCHS) <= set(jaxpull.core.models.ARCHITECTURES)
-    assert jaxpull.core.models.get("vit_h_14").preprocessing == jaxpull.core.preprocessing.Preprocessing(518, 518, "bicubic")
+    assert jaxpull.core.models.get("vit_h_14").preprocessing == jaxpull.core.preprocessing.Preprocessing(
+        518, 518, "bicubic"
+    )
     assert jaxpull.core.models.get("vit_l_16").preprocessing.resize_size == 242
 
 
@@ -102,8 +104,7 @@ def test_small_vit_matches_torch():
     errors = check_parity(tm, model, x, TARGETS, ascent_rel=1e-3)
     xt, tt = torch.from_numpy(x), torch.from_numpy(TARGETS)
     maps = {}
-    for name, options in {"value_only": dict(attention="value_only"),
-                          "t_0.5": dict(attention_temperature=0.5)}.items():
+    for name, options in {"value_only": dict(attention="value_only"), "t_0.5": dict(attention_temperature=0.5)}.items():
         maps[name] = got = jaxpull.pullback(model, x, TARGETS, rules="semantic", **options)
         ref = R.pullback(R.gated_like(tm, make_gating(rules="semantic", **options)), xt, tt)
         assert_maps_close(got, ref)
@@ -128,8 +129,10 @@ def test_representation_size_head():
 def test_legacy_mlp_keys_convert_alike():
     """torchvision < 0.14 checkpoints name the MLP's layers ``mlp.linear_1`` / ``mlp.linear_2``."""
     tm, model = small()
-    tensors = {k.replace("mlp.0.", "mlp.linear_1.").replace("mlp.3.", "mlp.linear_2."): v.numpy()
-               for k, v in tm.state_dict().items()}
+    tensors = {
+        k.replace("mlp.0.", "mlp.linear_1.").replace("mlp.3.", "mlp.linear_2."): v.numpy()
+        for k, v in tm.state_dict().items()
+    }
     assert any("linear_2" in k for k in tensors)
     legacy = jaxpull_convert.from_state_dict("vit_b_16", tensors, config=dict(model.spec.config))
     flat, want = traverse_util.flatten_dict(legacy.params), traverse_util.flatten_dict(model.params)
@@ -144,7 +147,8 @@ def test_wrong_image_size_is_one_clear_error():
         jaxpull.pullback(model, np.zeros((1, 32, 40, 3), np.float32), [1])
     with pytest.raises(ValueError, match="image_size 36 is not a multiple of patch_size 8"):
         ModelSpec("vit_b_16", num_classes=10, config=tuple({**SMALL, "image_size": 36}.items())).module().init(
-            jax.random.key(0), np.zeros((1, 36, 36, 3), np.float32), jaxpull.core.gates.VANILLA)
+            jax.random.key(0), np.zeros((1, 36, 36, 3), np.float32), jaxpull.core.gates.VANILLA
+        )
 
 
 def test_unsupported_torch_models_are_refused():

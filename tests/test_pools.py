@@ -56,7 +56,9 @@ def test_ceil_mode_vanilla_gradient_is_torch_autograd(size, window, stride, padd
     yt = F.max_pool2d(xt, window, stride, padding, ceil_mode=True)
     g = np.random.default_rng(2).normal(size=nhwc(yt).shape).astype(np.float32)
     yt.backward(nchw(g))
-    got = jax.vjp(lambda x: gates.max_pool(x, window, stride, padding, gates.VANILLA, ceil_mode=True), jnp.asarray(x))[1](jnp.asarray(g))[0]
+    got = jax.vjp(lambda x: gates.max_pool(x, window, stride, padding, gates.VANILLA, ceil_mode=True), jnp.asarray(x))[
+        1
+    ](jnp.asarray(g))[0]
     np.testing.assert_array_equal(got, nhwc(xt.grad))
 
 

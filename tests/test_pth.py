@@ -110,7 +110,7 @@ def test_malicious_pickles_are_refused_and_never_run(tmp_path):
 def test_corrupt_files_give_one_line_errors(tmp_path):
     path = offline_path("mobilenet_v2")
     truncated = tmp_path / "truncated.pth"
-    truncated.write_bytes(path.read_bytes()[: 5_000_000])
+    truncated.write_bytes(path.read_bytes()[:5_000_000])
     junk = tmp_path / "junk.pth"
     junk.write_bytes(b"\x00garbage")
     for bad, match in ((truncated, "truncated"), (junk, "not a PyTorch file")):
@@ -246,7 +246,10 @@ def test_without_torch_unknown_checkpoints_are_refused(tmp_path):
     with open(sd, "ab") as f:
         f.write(b"\0")  # same tensors, another file: not known
     out = tmp_path / "x.safetensors"
-    script = BLOCK_TORCH + f"from jaxpull.shell.cli import main; sys.exit(main(['convert', 'mobilenet_v2', '--state-dict', {str(sd)!r}, '-o', {str(out)!r}]))"
+    script = (
+        BLOCK_TORCH
+        + f"from jaxpull.shell.cli import main; sys.exit(main(['convert', 'mobilenet_v2', '--state-dict', {str(sd)!r}, '-o', {str(out)!r}]))"
+    )
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()

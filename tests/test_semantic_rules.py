@@ -37,8 +37,13 @@ def torch_of(a, dtype=torch.float32):
 
 ACTIVATIONS = {  # name: (rule, plain jax forward, torch module, the gate s of z * s(z), Gating keyword)
     "gelu": (gates.gelu, lambda z: jax.nn.gelu(z, approximate=False), torch.nn.GELU(), ndtr, "gelu_temperature"),
-    "gelu_tanh": (lambda z, g: gates.gelu(z, g, approximate=True), lambda z: jax.nn.gelu(z, approximate=True),
-                  torch.nn.GELU(approximate="tanh"), ndtr, "gelu_temperature"),
+    "gelu_tanh": (
+        lambda z, g: gates.gelu(z, g, approximate=True),
+        lambda z: jax.nn.gelu(z, approximate=True),
+        torch.nn.GELU(approximate="tanh"),
+        ndtr,
+        "gelu_temperature",
+    ),
     "silu": (gates.silu, jax.nn.silu, torch.nn.SiLU(), jax.nn.sigmoid, "silu_temperature"),
 }
 
@@ -114,8 +119,9 @@ def test_layer_norm_forward_is_torch_layer_norm():
         tm.bias.copy_(torch_of(BETA))
     expected = tm(torch_of(X)).detach().numpy()
     for rule in gates.LAYER_NORM_RULES:
-        np.testing.assert_allclose(gates.layer_norm(X, GAMMA, BETA, EPS, Gating(layer_norm=rule)), expected,
-                                   rtol=1e-5, atol=2e-6)
+        np.testing.assert_allclose(
+            gates.layer_norm(X, GAMMA, BETA, EPS, Gating(layer_norm=rule)), expected, rtol=1e-5, atol=2e-6
+        )
     # without affine parameters, too
     plain = torch.nn.functional.layer_norm(torch_of(X), (8,), eps=EPS).numpy()
     np.testing.assert_allclose(gates.layer_norm(X, None, None, EPS, gates.VANILLA), plain, rtol=1e-5, atol=2e-6)
@@ -133,8 +139,9 @@ def test_layer_norm_backward_detached_and_plain():
     plain = vjp_of(lambda x: gates.layer_norm(x, GAMMA, BETA, EPS, gates.VANILLA), X, GX)
     np.testing.assert_allclose(plain, exact, rtol=1e-4, atol=1e-5)
     xt = torch_of(X, torch.float64).requires_grad_(True)
-    torch.nn.functional.layer_norm(xt, (8,), torch_of(GAMMA, torch.float64), torch_of(BETA, torch.float64),
-                                   EPS).backward(torch_of(GX, torch.float64))
+    torch.nn.functional.layer_norm(
+        xt, (8,), torch_of(GAMMA, torch.float64), torch_of(BETA, torch.float64), EPS
+    ).backward(torch_of(GX, torch.float64))
     np.testing.assert_allclose(exact, xt.grad.numpy(), rtol=1e-9, atol=1e-12)  # the formula is torch's
     # the reference's detached LayerNorm
     xt = torch_of(X).requires_grad_(True)
@@ -255,23 +262,31 @@ def test_attention_rules_match_the_torch_reference(mha, rule, t, self_attention)
 # --------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("build,fragment", [
-    (lambda: Gating(layer_norm="frozen"), "unknown layer_norm rule 'frozen': use one of plain, detached"),
-    (lambda: Gating(attention="soft"), "unknown attention rule 'soft'"),
-    (lambda: Gating(attention="tempered"), 'attention="tempered" needs attention_temperature'),
-    (lambda: Gating(attention="value_only", attention_temperature=1.0), "only it takes one"),
-    (lambda: Gating(guided=True, layer_norm="detached"), "Guided Backprop takes no temperature or rule"),
-    (lambda: settings.make_gating(layer_norm="frozen"), "unknown layer_norm 'frozen': use one of plain, detached"),
-    (lambda: settings.make_gating(attention="soft"), "unknown attention 'soft': use one of plain, tempered, value_only"),
-    (lambda: settings.make_gating(attention="plain", attention_temperature=0.5),
-     'attention_temperature applies to attention="tempered", not \'plain\''),
-    (lambda: settings.make_gating(attention="tempered", attention_temperature=None), "needs attention_temperature"),
-    (lambda: settings.make_gating(temperature=None, gelu_temperature=1.0), "gelu_temperature needs a temperature"),
-    (lambda: settings.make_gating(temperature=None, attention="value_only"), "attention needs a temperature"),
-    (lambda: settings.make_gating(gelu_temperature=-1.0), "gelu_temperature must be positive"),
-    (lambda: settings.make_gating(silu_temperature=0.0), "silu_temperature must be positive"),
-    (lambda: settings.make_gating(attention_temperature=float("nan")), "attention_temperature must be positive"),
-])
+@pytest.mark.parametrize(
+    "build,fragment",
+    [
+        (lambda: Gating(layer_norm="frozen"), "unknown layer_norm rule 'frozen': use one of plain, detached"),
+        (lambda: Gating(attention="soft"), "unknown attention rule 'soft'"),
+        (lambda: Gating(attention="tempered"), 'attention="tempered" needs attention_temperature'),
+        (lambda: Gating(attention="value_only", attention_temperature=1.0), "only it takes one"),
+        (lambda: Gating(guided=True, layer_norm="detached"), "Guided Backprop takes no temperature or rule"),
+        (lambda: settings.make_gating(layer_norm="frozen"), "unknown layer_norm 'frozen': use one of plain, detached"),
+        (
+            lambda: settings.make_gating(attention="soft"),
+            "unknown attention 'soft': use one of plain, tempered, value_only",
+        ),
+        (
+            lambda: settings.make_gating(attention="plain", attention_temperature=0.5),
+            "attention_temperature applies to attention=\"tempered\", not 'plain'",
+        ),
+        (lambda: settings.make_gating(attention="tempered", attention_temperature=None), "needs attention_temperature"),
+        (lambda: settings.make_gating(temperature=None, gelu_temperature=1.0), "gelu_temperature needs a temperature"),
+        (lambda: settings.make_gating(temperature=None, attention="value_only"), "attention needs a temperature"),
+        (lambda: settings.make_gating(gelu_temperature=-1.0), "gelu_temperature must be positive"),
+        (lambda: settings.make_gating(silu_temperature=0.0), "silu_temperature must be positive"),
+        (lambda: settings.make_gating(attention_temperature=float("nan")), "attention_temperature must be positive"),
+    ],
+)
 def test_bad_settings_are_one_line_errors(build, fragment):
     with pytest.raises(ValueError) as e:
         build()
@@ -287,10 +302,14 @@ def test_presets_carry_the_semantic_rules_and_none_is_vanilla(rules):
     assert vanilla.vanilla and vanilla.gelu_temperature is None and vanilla.silu_temperature is None
     assert vanilla.layer_norm == "plain" and vanilla.attention == "plain" and vanilla.attention_temperature is None
     # every rule of a vanilla Gating is the exact derivative
-    np.testing.assert_allclose(vjp_of(lambda z: gates.gelu(z, vanilla), Z, G), vjp_of(lambda z: jax.nn.gelu(z, approximate=False), Z, G),
-                               rtol=1e-6)
-    explicit = settings.make_gating(rules=rules, gelu_temperature=None, silu_temperature=None, layer_norm="plain",
-                                    attention="value_only")
+    np.testing.assert_allclose(
+        vjp_of(lambda z: gates.gelu(z, vanilla), Z, G),
+        vjp_of(lambda z: jax.nn.gelu(z, approximate=False), Z, G),
+        rtol=1e-6,
+    )
+    explicit = settings.make_gating(
+        rules=rules, gelu_temperature=None, silu_temperature=None, layer_norm="plain", attention="value_only"
+    )
     assert explicit.gelu_temperature is None and explicit.layer_norm == "plain" and explicit.attention == "value_only"
     assert not explicit.vanilla  # a ReLU temperature and the value-only rule remain
 

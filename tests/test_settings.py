@@ -24,7 +24,15 @@ def test_defaults_are_methods_and_presets_print():
     a = settings.Ascent()
     # METHOD.md: steps 5, alpha 20, eps 100, clip to [-1, 1] after every step; target logit
     assert (a.steps, a.alpha, a.eps, a.margin, a.loss, a.relative_alpha, a.project, a.clip) == (
-        5, 20.0, 100.0, 0.0, "logit", False, True, True)
+        5,
+        20.0,
+        100.0,
+        0.0,
+        "logit",
+        False,
+        True,
+        True,
+    )
     assert settings.make_ascent() == a == settings.PRESETS["excitation"].ascent
     semantic = settings.make_ascent(rules="semantic")
     assert semantic.eps is None and not semantic.project and semantic.clip and semantic.steps == 5
@@ -79,11 +87,17 @@ def test_bad_settings_are_one_line_errors_from_the_api(tiny_model, kwargs, messa
         assert message in str(e.value)
 
 
-@pytest.mark.parametrize("kwargs,message", [
-    (dict(steps=-3), "steps must be a whole number"), (dict(alpha=NAN), "alpha must be positive"),
-    (dict(eps=-5), "eps must be positive"), (dict(temperatures=[True]), "temperature must be a number"),
-    (dict(rules="x"), "unknown rules"), (dict(stepz=3), "unknown ascent option(s) stepz"),
-])
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(steps=-3), "steps must be a whole number"),
+        (dict(alpha=NAN), "alpha must be positive"),
+        (dict(eps=-5), "eps must be positive"),
+        (dict(temperatures=[True]), "temperature must be a number"),
+        (dict(rules="x"), "unknown rules"),
+        (dict(stepz=3), "unknown ascent option(s) stepz"),
+    ],
+)
 def test_bad_settings_are_errors_from_the_sweep_before_any_output(tiny_model, tmp_path, kwargs, message):
     with pytest.raises(ValueError) as e:
         S.sweep(tiny_model, X, [1, 2], method="ascent", out=tmp_path / "s", progress=False, **kwargs)
@@ -101,14 +115,22 @@ def _cli(capsys, *args):
 
 
 CLI_CASES = [
-    (["--steps", "-3"], "steps must be a whole number"), (["--steps", "2.5"], "got 2.5"),
-    (["--steps", "True"], "'True' is not a number"), (["--steps", "nan"], "steps must be a whole number"),
-    (["--alpha", "0"], "alpha must be positive"), (["--alpha", "-1"], "alpha must be positive"),
-    (["--alpha", "nan"], "alpha must be positive"), (["--alpha", "inf"], "alpha must be positive"),
-    (["--eps", "-5"], "eps must be positive"), (["--eps", "0"], "eps must be positive"),
-    (["--eps", "nan"], "eps must be positive"), (["--temperature", "True"], "'True' is not a number"),
-    (["--temperature", "0"], "temperature must be positive"), (["--temperature", "-1"], "temperature must be positive"),
-    (["--temperature", "nan"], "temperature must be positive"), (["--temperature", "inf"], "temperature must be positive"),
+    (["--steps", "-3"], "steps must be a whole number"),
+    (["--steps", "2.5"], "got 2.5"),
+    (["--steps", "True"], "'True' is not a number"),
+    (["--steps", "nan"], "steps must be a whole number"),
+    (["--alpha", "0"], "alpha must be positive"),
+    (["--alpha", "-1"], "alpha must be positive"),
+    (["--alpha", "nan"], "alpha must be positive"),
+    (["--alpha", "inf"], "alpha must be positive"),
+    (["--eps", "-5"], "eps must be positive"),
+    (["--eps", "0"], "eps must be positive"),
+    (["--eps", "nan"], "eps must be positive"),
+    (["--temperature", "True"], "'True' is not a number"),
+    (["--temperature", "0"], "temperature must be positive"),
+    (["--temperature", "-1"], "temperature must be positive"),
+    (["--temperature", "nan"], "temperature must be positive"),
+    (["--temperature", "inf"], "temperature must be positive"),
     (["--pool-temperature", "-1"], "pool_temperature must be positive"),
     (["--rules", "paper"], "invalid choice: 'paper'"),
 ]
@@ -119,9 +141,13 @@ def test_bad_settings_in_the_cli_exit_2_with_one_line_and_write_nothing(capsys, 
     for flags, message in CLI_CASES:
         rc, err = _cli(capsys, "explain", "missing.jpg", "-o", out, *flags)
         assert rc == 2 and len(err) == 1 and err[0].startswith("jaxpull: error: ") and message in err[0], (flags, err)
-    for flags, message in [(["--method", "ascent", "--steps=-3"], "steps must be a whole number"),
-                           (["--alpha", "nan"], "alpha must be positive"), (["--eps", "-5"], "eps must be positive"),
-                           (["--temperatures", "0.3,-1"], "must be positive"), (["--rules", "x"], "invalid choice")]:
+    for flags, message in [
+        (["--method", "ascent", "--steps=-3"], "steps must be a whole number"),
+        (["--alpha", "nan"], "alpha must be positive"),
+        (["--eps", "-5"], "eps must be positive"),
+        (["--temperatures", "0.3,-1"], "must be positive"),
+        (["--rules", "x"], "invalid choice"),
+    ]:
         rc, err = _cli(capsys, "sweep", "missing.jpg", "--out", tmp_path / "s", *flags)
         assert rc == 2 and len(err) == 1 and err[0].startswith("jaxpull: error: ") and message in err[0], (flags, err)
     rc, err = _cli(capsys, "evaluate", "--images", "missing.jpg", "-o", tmp_path / "r.md", "--temperature", "-1")
@@ -151,13 +177,17 @@ def test_presets_select_the_gates_and_keywords_beat_them(tiny_model):
     explicit = dict(temperature=0.6, pool_temperature=0.3, gate="normal_cdf", pool_weights="detached")
     semantic = np.asarray(jaxpull.pullback(tiny_model, x, [1, 7], rules="semantic"))
     np.testing.assert_array_equal(semantic, jaxpull.pullback(tiny_model, x, [1, 7], **explicit))
-    np.testing.assert_array_equal(jaxpull.pullback(tiny_model, x, [1, 7], rules="excitation"),
-                                  jaxpull.pullback(tiny_model, x, [1, 7], temperature=0.3, gate="sigmoid"))
+    np.testing.assert_array_equal(
+        jaxpull.pullback(tiny_model, x, [1, 7], rules="excitation"),
+        jaxpull.pullback(tiny_model, x, [1, 7], temperature=0.3, gate="sigmoid"),
+    )
     assert not np.allclose(semantic, jaxpull.pullback(tiny_model, x, [1, 7]))
     # an explicit keyword beats the preset; the rest stays the preset's
     g = settings.make_gating(temperature=0.5, rules="semantic")
     assert (float(g.temperature), float(g.pool_temperature), g.gate) == (0.5, np.float32(0.3), "normal_cdf")
-    assert settings.make_gating(temperature=None, rules="semantic") == Gating(gate="normal_cdf", pool_weights="detached")
+    assert settings.make_gating(temperature=None, rules="semantic") == Gating(
+        gate="normal_cdf", pool_weights="detached"
+    )
     assert settings.make_ascent(eps=7, rules="semantic") == dataclasses.replace(settings.Ascent(), eps=7.0)
     # the ascent: semantic is eps None (no projection), clamped every step
     sem = jaxpull.ascent(tiny_model, x, [1], rules="semantic", steps=2)

@@ -29,15 +29,17 @@ def test_sweep_equals_direct_calls_in_any_chunking(model):
     full = S.sweep(model, X, range(10), ts, chunk_size=4, progress=False)["maps"]
     assert full.shape == (2, 3, 10, 48, 48, 3)
     for k, t in enumerate(ts):
-        np.testing.assert_allclose(full[:, k], jaxpull.pullback(model, X, np.arange(10), temperature=t),
-                                   rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(
+            full[:, k], jaxpull.pullback(model, X, np.arange(10), temperature=t), rtol=1e-5, atol=1e-7
+        )
     norms = S.sweep(model, X, range(10), ts, reduce="norms", chunk_size=3, progress=False)["norms"]
     np.testing.assert_allclose(norms, np.linalg.norm(full.reshape(2, 3, 10, -1), axis=-1), rtol=1e-5)
 
 
 def test_ascent_sweep_and_alignment(model):
-    r = S.sweep(model, X[:1], [1, 4, 7], [0.3], method="ascent", reduce="alignment", chunk_size=2, steps=2,
-                progress=False)
+    r = S.sweep(
+        model, X[:1], [1, 4, 7], [0.3], method="ascent", reduce="alignment", chunk_size=2, steps=2, progress=False
+    )
     diffs = np.asarray(jaxpull.ascent(model, X[:1], [1, 4, 7], steps=2, output="diff"))[0]
     expected = [np.sum(d * X[0]) / np.linalg.norm(d) / np.linalg.norm(X[0]) for d in diffs]
     np.testing.assert_allclose(r["alignment"][0, 0], expected, rtol=1e-4)

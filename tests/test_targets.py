@@ -14,10 +14,14 @@ from conftest import images
 from jaxpull.core import targets
 from jaxpull.shell import tasks
 
-NAMED = types.SimpleNamespace(num_classes=5, class_names=("tench", "goldfish", "shark", "hen", "ostrich"),
-                              label=lambda v: ["tench", "goldfish", "shark", "hen", "ostrich"].index(v)
-                              if isinstance(v, str) and not v.isdigit() else int(v),
-                              class_name=lambda i: ["tench", "goldfish", "shark", "hen", "ostrich"][i])
+NAMED = types.SimpleNamespace(
+    num_classes=5,
+    class_names=("tench", "goldfish", "shark", "hen", "ostrich"),
+    label=lambda v: (
+        ["tench", "goldfish", "shark", "hen", "ostrich"].index(v) if isinstance(v, str) and not v.isdigit() else int(v)
+    ),
+    class_name=lambda i: ["tench", "goldfish", "shark", "hen", "ostrich"][i],
+)
 LOGITS = np.array([[0.0, 3.0, 1.0, 2.0, -1.0], [5.0, 0.0, 1.0, 2.0, 4.0]], np.float32)
 
 
@@ -75,9 +79,17 @@ def _save_tiny(d):
 def test_explain_task_writes_figure_and_arrays_with_every_resolved_setting(files, tmp_path):
     model, path, paths = files
     lines = []
-    results = tasks.explain(str(path), [str(p) for p in paths], tmp_path / "f.png", target_spec="3,top1",
-                            arrays_path=tmp_path / "a.npz", steps=2, rules="semantic", log=lines.append,
-                            progress=False)
+    results = tasks.explain(
+        str(path),
+        [str(p) for p in paths],
+        tmp_path / "f.png",
+        target_spec="3,top1",
+        arrays_path=tmp_path / "a.npz",
+        steps=2,
+        rules="semantic",
+        log=lines.append,
+        progress=False,
+    )
     assert set(results) == {"pullback", "vanilla"} and results["pullback"].shape[:2] == (2, 2)
     saved = np.load(tmp_path / "a.npz")
     assert saved["targets"][:, 0].tolist() == [3, 3] and float(saved["steps"]) == 2

@@ -94,10 +94,16 @@ class Gating:
     attention_temperature: Optional[jax.Array] = None
 
     def __post_init__(self):
-        temperatures = (self.temperature, self.hardswish_temperature, self.gelu_temperature, self.silu_temperature,
-                        self.attention_temperature)
-        if self.guided and (any(t is not None for t in temperatures) or self.layer_norm != "plain"
-                            or self.attention != "plain"):
+        temperatures = (
+            self.temperature,
+            self.hardswish_temperature,
+            self.gelu_temperature,
+            self.silu_temperature,
+            self.attention_temperature,
+        )
+        if self.guided and (
+            any(t is not None for t in temperatures) or self.layer_norm != "plain" or self.attention != "plain"
+        ):
             raise ValueError("Guided Backprop takes no temperature or rule: use Gating(guided=True) alone")
         if self.layer_norm not in LAYER_NORM_RULES:
             raise ValueError(f"unknown layer_norm rule {self.layer_norm!r}: use one of {', '.join(LAYER_NORM_RULES)}")
@@ -109,8 +115,14 @@ class Gating:
     @property
     def vanilla(self) -> bool:
         """True when every gate is the exact derivative."""
-        return (self.temperature is None and not self.guided and self.gelu_temperature is None
-                and self.silu_temperature is None and self.layer_norm == "plain" and self.attention == "plain")
+        return (
+            self.temperature is None
+            and not self.guided
+            and self.gelu_temperature is None
+            and self.silu_temperature is None
+            and self.layer_norm == "plain"
+            and self.attention == "plain"
+        )
 
 
 VANILLA = Gating()
@@ -308,8 +320,10 @@ def _gelu_forward(z: jax.Array, approximate: bool) -> jax.Array:
     return jax.nn.gelu(z, approximate=approximate)
 
 
-_gelu_soft = {approximate: _soft_unit(functools.partial(_gelu_forward, approximate=approximate),
-                                      lambda z, t, s: s(z / t)) for approximate in (False, True)}
+_gelu_soft = {
+    approximate: _soft_unit(functools.partial(_gelu_forward, approximate=approximate), lambda z, t, s: s(z / t))
+    for approximate in (False, True)
+}
 _silu_soft = _soft_unit(jax.nn.silu, lambda z, t, s: s(z / t))
 
 
@@ -373,8 +387,9 @@ def _normalize_bwd(eps, detached, res, g):
 _normalize.defvjp(_normalize_fwd, _normalize_bwd)
 
 
-def layer_norm(x: jax.Array, scale: Optional[jax.Array], bias: Optional[jax.Array], eps: float,
-               gating: Gating) -> jax.Array:
+def layer_norm(
+    x: jax.Array, scale: Optional[jax.Array], bias: Optional[jax.Array], eps: float, gating: Gating
+) -> jax.Array:
     """``torch.nn.LayerNorm`` over the last axis (biased variance); with ``gating.layer_norm ==
     "detached"`` the mean and variance are held constant in the backward pass
     (``g * gamma / sqrt(var + eps)``), else its exact derivative.
@@ -414,8 +429,13 @@ def straight_through_scale(x: jax.Array, t: jax.Array) -> jax.Array:
     return x + lax.stop_gradient(x / _safe_temperature(t, x.dtype) - x)
 
 
-def tempered_attention(attend: Callable[[jax.Array, jax.Array, jax.Array], jax.Array], query: jax.Array,
-                       key: jax.Array, value: jax.Array, gating: Gating) -> jax.Array:
+def tempered_attention(
+    attend: Callable[[jax.Array, jax.Array, jax.Array], jax.Array],
+    query: jax.Array,
+    key: jax.Array,
+    value: jax.Array,
+    gating: Gating,
+) -> jax.Array:
     """The attention rule around a whole attention layer ``attend(query, key, value)``.
 
     ``query``, ``key`` and ``value`` are the layer's inputs *before* its in-projection (for
@@ -578,6 +598,4 @@ def max_pool(
     if gating.temperature is None:  # vanilla and Guided Backprop
         return hard_max_pool(x, window, stride, padding, ceil_mode)
     tp = gating.pool_temperature if gating.pool_temperature is not None else gating.temperature
-    return _surrogate_max_pool(
-        x, jnp.asarray(tp, jnp.float32), window, stride, padding, gating.pool_weights, ceil_mode
-    )
+    return _surrogate_max_pool(x, jnp.asarray(tp, jnp.float32), window, stride, padding, gating.pool_weights, ceil_mode)

@@ -72,7 +72,9 @@ def depthwise_conv(x: jax.Array, kernel: jax.Array, stride: int, pad) -> jax.Arr
     for i in range(k):
         for j in range(k):
             view = lax.slice(
-                xp, (0, i, j, 0), (xp.shape[0], i + (ho - 1) * stride + 1, j + (wo - 1) * stride + 1, xp.shape[3]),
+                xp,
+                (0, i, j, 0),
+                (xp.shape[0], i + (ho - 1) * stride + 1, j + (wo - 1) * stride + 1, xp.shape[3]),
                 (1, stride, stride, 1),
             )
             out = out + view.astype(jnp.float32) * kernel[i, j, 0].astype(jnp.float32)

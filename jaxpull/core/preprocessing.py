@@ -29,16 +29,21 @@ class Preprocessing(NamedTuple):
             if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
                 raise ValueError(f"{name} must be a positive whole number of pixels, got {value!r}")
         if self.resize_size < self.crop_size:
-            raise ValueError(f"resize_size {self.resize_size} is smaller than crop_size {self.crop_size}: "
-                             "the centre crop must fit in the resized image")
+            raise ValueError(
+                f"resize_size {self.resize_size} is smaller than crop_size {self.crop_size}: "
+                "the centre crop must fit in the resized image"
+            )
         if self.interpolation not in INTERPOLATIONS:
             raise ValueError(f"unknown interpolation {self.interpolation!r}: use one of {', '.join(INTERPOLATIONS)}")
         return self
 
     def to_metadata(self) -> Dict[str, str]:
         """The file metadata entries (strings)."""
-        return {"crop_size": str(self.crop_size), "resize_size": str(self.resize_size),
-                "interpolation": self.interpolation}
+        return {
+            "crop_size": str(self.crop_size),
+            "resize_size": str(self.resize_size),
+            "interpolation": self.interpolation,
+        }
 
     @classmethod
     def from_metadata(cls, meta: Mapping[str, str]) -> "Preprocessing":
@@ -48,8 +53,10 @@ class Preprocessing(NamedTuple):
             crop = int(meta.get("crop_size", default.crop_size))
             resize = int(meta.get("resize_size", default.resize_size))
         except ValueError:
-            raise ValueError(f"crop_size / resize_size must be whole numbers, got "
-                             f"{meta.get('crop_size')!r} / {meta.get('resize_size')!r}") from None
+            raise ValueError(
+                f"crop_size / resize_size must be whole numbers, got "
+                f"{meta.get('crop_size')!r} / {meta.get('resize_size')!r}"
+            ) from None
         return cls(crop, resize, meta.get("interpolation", default.interpolation)).check()
 
     @property

@@ -80,9 +80,18 @@ def pullback(
     """
     x = checks.images(x)
     t = checks.targets(targets, x.shape[0], model.num_classes)
-    gating = make_gating(temperature, pool_temperature, gate, pool_weights, rules=rules,
-                         gelu_temperature=gelu_temperature, silu_temperature=silu_temperature,
-                         layer_norm=layer_norm, attention=attention, attention_temperature=attention_temperature)
+    gating = make_gating(
+        temperature,
+        pool_temperature,
+        gate,
+        pool_weights,
+        rules=rules,
+        gelu_temperature=gelu_temperature,
+        silu_temperature=silu_temperature,
+        layer_norm=layer_norm,
+        attention=attention,
+        attention_temperature=attention_temperature,
+    )
     return pullback_core(model, x, t, gating)
 
 
@@ -222,11 +231,28 @@ def ascent(
     """
     x = checks.images(x)
     t = checks.targets(targets, x.shape[0], model.num_classes)
-    gating = make_gating(temperature, pool_temperature, gate, pool_weights, rules=rules,
-                         gelu_temperature=gelu_temperature, silu_temperature=silu_temperature,
-                         layer_norm=layer_norm, attention=attention, attention_temperature=attention_temperature)
-    settings = make_ascent(steps=steps, alpha=alpha, eps=eps, margin=margin, loss=loss, relative_alpha=relative_alpha,
-                           clip=clip, rules=rules)
+    gating = make_gating(
+        temperature,
+        pool_temperature,
+        gate,
+        pool_weights,
+        rules=rules,
+        gelu_temperature=gelu_temperature,
+        silu_temperature=silu_temperature,
+        layer_norm=layer_norm,
+        attention=attention,
+        attention_temperature=attention_temperature,
+    )
+    settings = make_ascent(
+        steps=steps,
+        alpha=alpha,
+        eps=eps,
+        margin=margin,
+        loss=loss,
+        relative_alpha=relative_alpha,
+        clip=clip,
+        rules=rules,
+    )
     checks.choice(output, OUTPUTS, "output")
     result = ascent_core(model, x, t, gating, settings)
     return result - x[:, None] if output == "diff" else result

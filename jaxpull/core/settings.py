@@ -94,12 +94,21 @@ class Rules:
 
 PRESETS: Dict[str, Rules] = {
     "excitation": Rules(
-        "excitation", "the paper's first version (arXiv 2507.22832 v1)",
-        temperature=0.3, pool_temperature=None, gate="sigmoid", pool_weights="soft", ascent=Ascent(),
+        "excitation",
+        "the paper's first version (arXiv 2507.22832 v1)",
+        temperature=0.3,
+        pool_temperature=None,
+        gate="sigmoid",
+        pool_weights="soft",
+        ascent=Ascent(),
     ),
     "semantic": Rules(
-        "semantic", "the paper's current version (v5/v6, 'Pulling Back the Curtain on Deep Networks')",
-        temperature=0.6, pool_temperature=0.3, gate="normal_cdf", pool_weights="detached",
+        "semantic",
+        "the paper's current version (v5/v6, 'Pulling Back the Curtain on Deep Networks')",
+        temperature=0.6,
+        pool_temperature=0.3,
+        gate="normal_cdf",
+        pool_weights="detached",
         ascent=Ascent(eps=None, project=False),
     ),
 }
@@ -140,13 +149,20 @@ def make_gating(
     gate = checks.choice(given(gate, p.gate), GATES, "gate")
     pool_weights = checks.choice(given(pool_weights, p.pool_weights), POOL_WEIGHTS, "pool_weights")
     t = checks.temperature(given(temperature, p.temperature))
-    others = dict(pool_temperature=pool_temperature, gelu_temperature=gelu_temperature,
-                  silu_temperature=silu_temperature, layer_norm=layer_norm, attention=attention,
-                  attention_temperature=attention_temperature)
+    others = dict(
+        pool_temperature=pool_temperature,
+        gelu_temperature=gelu_temperature,
+        silu_temperature=silu_temperature,
+        layer_norm=layer_norm,
+        attention=attention,
+        attention_temperature=attention_temperature,
+    )
     if t is None:
         named = [k for k, v in others.items() if v is not FROM_RULES and v is not None and v != "plain"]
         if named:
-            raise ValueError(f"{', '.join(named)} needs a temperature: set temperature too, or none of them for vanilla")
+            raise ValueError(
+                f"{', '.join(named)} needs a temperature: set temperature too, or none of them for vanilla"
+            )
         return Gating(gate=gate, pool_weights=pool_weights)
     tp = checks.temperature(given(pool_temperature, p.pool_temperature), "pool_temperature")
     attention = checks.choice(given(attention, p.attention), ATTENTION_RULES, "attention")
@@ -156,7 +172,10 @@ def make_gating(
     if attention == "tempered" and ta is None:
         raise ValueError('attention="tempered" needs attention_temperature: give a positive number')
     return Gating(
-        t, t if tp is None else tp, gate, pool_weights,
+        t,
+        t if tp is None else tp,
+        gate,
+        pool_weights,
         gelu_temperature=checks.temperature(given(gelu_temperature, p.gelu_temperature), "gelu_temperature"),
         silu_temperature=checks.temperature(given(silu_temperature, p.silu_temperature), "silu_temperature"),
         layer_norm=checks.choice(given(layer_norm, p.layer_norm), LAYER_NORM_RULES, "layer_norm"),
@@ -166,8 +185,17 @@ def make_gating(
 
 
 # the gate settings make_gating takes, by keyword (the first four also by position)
-GATE_SETTINGS = ("temperature", "pool_temperature", "gate", "pool_weights", "gelu_temperature", "silu_temperature",
-                 "layer_norm", "attention", "attention_temperature")
+GATE_SETTINGS = (
+    "temperature",
+    "pool_temperature",
+    "gate",
+    "pool_weights",
+    "gelu_temperature",
+    "silu_temperature",
+    "layer_norm",
+    "attention",
+    "attention_temperature",
+)
 
 
 # the settings make_ascent takes (``project`` follows from ``eps``)
@@ -209,5 +237,8 @@ def resolved(rules: str = DEFAULT_RULES, **given) -> Dict[str, Any]:
     what a saved result records."""
     gating = make_gating(**{k: v for k, v in given.items() if k in GATE_SETTINGS}, rules=rules)
     ascent = make_ascent(**{k: v for k, v in given.items() if k not in GATE_SETTINGS}, rules=rules)
-    return dict(rules=rules, **{n: getattr(gating, n) for n in GATE_SETTINGS},
-                **{n: getattr(ascent, n) for n in ("steps", "alpha", "eps", "margin")})
+    return dict(
+        rules=rules,
+        **{n: getattr(gating, n) for n in GATE_SETTINGS},
+        **{n: getattr(ascent, n) for n in ("steps", "alpha", "eps", "margin")},
+    )

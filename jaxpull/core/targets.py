@@ -72,5 +72,7 @@ def top5_lines(model: Model, names: List[str], logits: np.ndarray) -> List[str]:
     """``"name: tabby (281) 38.2%; ..."`` per image: its five most probable labels."""
     probs = np.exp(logits - logits.max(1, keepdims=True))
     probs /= probs.sum(1, keepdims=True)
-    return [f"{name}: " + "; ".join(f"{model.class_name(i)} ({i}) {p[i]:.1%}" for i in np.argsort(-p)[:5])
-            for name, p in zip(names, probs)]
+    return [
+        f"{name}: " + "; ".join(f"{model.class_name(i)} ({i}) {p[i]:.1%}" for i in np.argsort(-p)[:5])
+        for name, p in zip(names, probs)
+    ]

@@ -127,7 +127,14 @@ def smoothgrad(model: Model, x, targets, *, samples: int = 50, sigma: float = 0.
 
 
 def smoothgrad_pullback(
-    model: Model, x, targets, *, samples: int = 50, sigma: float = 0.15, seed: int = 0, **gates,
+    model: Model,
+    x,
+    targets,
+    *,
+    samples: int = 50,
+    sigma: float = 0.15,
+    seed: int = 0,
+    **gates,
 ) -> jax.Array:
     """SmoothGrad of excitation pullbacks (``gates``: rules, temperature, ...): ``(N, K, H, W, 3)``."""
     gating = settings.make_gating(**gates)
@@ -185,7 +192,14 @@ def pullback_ascent_clip_last(model: Model, x, targets, *, rules: str = CURRENT_
 
 
 def smooth_pullback(
-    model: Model, x, targets, *, samples: int = 50, sigma: float = 0.15, seed: int = 0, rules: str = CURRENT_RULES,
+    model: Model,
+    x,
+    targets,
+    *,
+    samples: int = 50,
+    sigma: float = 0.15,
+    seed: int = 0,
+    rules: str = CURRENT_RULES,
     **gates,
 ) -> jax.Array:
     """SmoothPullback: mean pullback over ``samples`` noisy copies (sigma in [-1, 1] units): ``(N, K, H, W, 3)``."""

@@ -185,7 +185,7 @@ def patch_masks(height: int, width: int, grid: int) -> np.ndarray:
     masks = np.zeros((grid * grid, height, width), np.float32)
     for i in range(grid):
         for j in range(grid):
-            masks[i * grid + j, i * ph:(i + 1) * ph, j * pw:(j + 1) * pw] = 1
+            masks[i * grid + j, i * ph : (i + 1) * ph, j * pw : (j + 1) * pw] = 1
     return masks
 
 
@@ -240,8 +240,13 @@ def faithfulness_correlation_core(
 
 
 def infidelity(
-    model: Model, x: jax.Array, targets: jax.Array, attributions: jax.Array, key: jax.Array,
-    sigma: float = 0.1, samples: int = 32,
+    model: Model,
+    x: jax.Array,
+    targets: jax.Array,
+    attributions: jax.Array,
+    key: jax.Array,
+    sigma: float = 0.1,
+    samples: int = 32,
 ) -> jax.Array:
     """Infidelity of ``attributions`` (inputs checked; see :func:`infidelity_core`)."""
     x, targets, attributions = _checked(model, x, targets, attributions)
@@ -251,8 +256,13 @@ def infidelity(
 
 @functools.partial(jax.jit, static_argnames=("samples",))
 def infidelity_core(
-    model: Model, x: jax.Array, targets: jax.Array, attributions: jax.Array, key: jax.Array,
-    sigma: float = 0.1, samples: int = 32,
+    model: Model,
+    x: jax.Array,
+    targets: jax.Array,
+    attributions: jax.Array,
+    key: jax.Array,
+    sigma: float = 0.1,
+    samples: int = 32,
 ) -> jax.Array:
     """Infidelity with optimal scaling: ``min_beta E_I[(beta * I.a - (f(x) - f(x - I)))^2]``.
 
@@ -286,8 +296,13 @@ def _relative_change(a: jax.Array, b: jax.Array) -> jax.Array:
 
 
 def max_sensitivity(
-    explain: MapFunction, x: jax.Array, targets: jax.Array, attributions: jax.Array, key: jax.Array,
-    radius: float = 0.05, samples: int = 10,
+    explain: MapFunction,
+    x: jax.Array,
+    targets: jax.Array,
+    attributions: jax.Array,
+    key: jax.Array,
+    radius: float = 0.05,
+    samples: int = 10,
 ) -> jax.Array:
     """Max-sensitivity: ``max_s ||a(x + d_s) - a(x)|| / ||a(x)||`` with d_s ~ U[-radius, radius]^D.
 
@@ -299,7 +314,9 @@ def max_sensitivity(
     checks.positive(radius, "radius")
     samples = checks.count(samples, "samples")
     if tuple(np.shape(targets)) != (x.shape[0],):
-        raise ValueError(f"targets must have shape ({x.shape[0]},), one class index per image, got {tuple(np.shape(targets))}")
+        raise ValueError(
+            f"targets must have shape ({x.shape[0]},), one class index per image, got {tuple(np.shape(targets))}"
+        )
     worst = jnp.zeros(x.shape[0])
     for k in jax.random.split(key, samples):
         d = jax.random.uniform(k, x.shape, x.dtype, -radius, radius)
@@ -328,7 +345,9 @@ def random_logit(
     """Random-logit similarity: SSIM between the saliency (``|a|`` summed over channels, max-scaled)
     of the target's map and of a random other class's map. ``(N, ...)`` -> ``(N,)``."""
     if isinstance(num_classes, bool) or int(num_classes) != num_classes or num_classes < 2:
-        raise ValueError(f"num_classes must be a whole number >= 2 (a random other class is drawn), got {num_classes!r}")
+        raise ValueError(
+            f"num_classes must be a whole number >= 2 (a random other class is drawn), got {num_classes!r}"
+        )
     x = checks.images(x)
     targets = checks.per_image_labels(targets, x.shape[0], int(num_classes))
     attributions = checks.attributions(attributions, x.shape)
@@ -378,7 +397,9 @@ def randomize_layers(model: Model, paths: Sequence[Tuple[str, ...]], key: jax.Ar
                     out[name] = value
                 else:
                     std = jnp.std(value) if value.size > 1 else jnp.abs(value).max()
-                    out[name] = jnp.mean(value) + std * jax.random.normal(jax.random.fold_in(k, i), value.shape, value.dtype)
+                    out[name] = jnp.mean(value) + std * jax.random.normal(
+                        jax.random.fold_in(k, i), value.shape, value.dtype
+                    )
             return out
         out = dict(node)
         out[path[0]] = redraw(node[path[0]], path[1:], k)
@@ -391,8 +412,13 @@ def randomize_layers(model: Model, paths: Sequence[Tuple[str, ...]], key: jax.Ar
 
 
 def model_randomization(
-    explain: Callable[[Model, jax.Array, jax.Array], jax.Array], model: Model, x: jax.Array, targets: jax.Array,
-    attributions: jax.Array, key: jax.Array, stages: int = 6,
+    explain: Callable[[Model, jax.Array, jax.Array], jax.Array],
+    model: Model,
+    x: jax.Array,
+    targets: jax.Array,
+    attributions: jax.Array,
+    key: jax.Array,
+    stages: int = 6,
 ) -> Tuple[List[str], jax.Array]:
     """Cascading model randomisation (Adebayo et al. 2018), top-down in ``stages`` cumulative steps.
 
@@ -410,7 +436,7 @@ def model_randomization(
     base = _saliency(attributions).reshape(x.shape[0], -1)
     names, rhos = [], []
     for s in range(1, stages + 1):
-        top = layers[len(layers) - int(np.ceil(s * len(layers) / stages)):]
+        top = layers[len(layers) - int(np.ceil(s * len(layers) / stages)) :]
         randomized = randomize_layers(model, top, key)
         maps = _saliency(explain(randomized, x, targets)).reshape(x.shape[0], -1)
         names.append("/".join(top[0]))

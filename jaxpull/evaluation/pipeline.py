@@ -23,6 +23,7 @@ from jaxpull.core import checks
 from jaxpull.evaluation import explainers, metrics
 from jaxpull.core.model import Model
 
+
 class Scoring(NamedTuple):
     """What a metric scores: one explainer's maps on the evaluation images, and the run's settings."""
 
@@ -46,8 +47,13 @@ def _batched(s: Scoring, score: Callable[[slice], jax.Array], n: Optional[int] =
 
 def _focus(s: Scoring) -> np.ndarray:
     m = s.mosaics
-    return _batched(s, lambda i: metrics.focus(s.explain(s.model, m.images[i], m.targets[i]), jnp.asarray(m.images[i]),
-                                               jnp.asarray(m.quadrants[i])), len(m.images))
+    return _batched(
+        s,
+        lambda i: metrics.focus(
+            s.explain(s.model, m.images[i], m.targets[i]), jnp.asarray(m.images[i]), jnp.asarray(m.quadrants[i])
+        ),
+        len(m.images),
+    )
 
 
 def _faithfulness(s: Scoring) -> np.ndarray:
@@ -59,19 +65,32 @@ def _infidelity(s: Scoring) -> np.ndarray:
 
 
 def _max_sensitivity(s: Scoring) -> np.ndarray:
-    return _batched(s, lambda i: metrics.max_sensitivity(
-        lambda xx, tt: s.explain(s.model, xx, tt), s.x[i], jnp.asarray(s.labels[i]), s.maps[i],
-        jax.random.fold_in(s.key, i.start), samples=s.sensitivity_samples))
+    return _batched(
+        s,
+        lambda i: metrics.max_sensitivity(
+            lambda xx, tt: s.explain(s.model, xx, tt),
+            s.x[i],
+            jnp.asarray(s.labels[i]),
+            s.maps[i],
+            jax.random.fold_in(s.key, i.start),
+            samples=s.sensitivity_samples,
+        ),
+    )
 
 
 def _random_logit(s: Scoring) -> np.ndarray:
-    return np.asarray(metrics.random_logit(lambda xx, tt: s.explain(s.model, xx, tt), s.x, jnp.asarray(s.labels),
-                                           s.maps, s.model.num_classes, s.seed))
+    return np.asarray(
+        metrics.random_logit(
+            lambda xx, tt: s.explain(s.model, xx, tt), s.x, jnp.asarray(s.labels), s.maps, s.model.num_classes, s.seed
+        )
+    )
 
 
 def _randomization(s: Scoring) -> Tuple[List[str], np.ndarray]:
-    parts = [metrics.model_randomization(s.explain, s.model, s.x[i], s.labels[i], s.maps[i], s.key, s.stages)
-             for i in _chunks(len(s.x), s.batch)]
+    parts = [
+        metrics.model_randomization(s.explain, s.model, s.x[i], s.labels[i], s.maps[i], s.key, s.stages)
+        for i in _chunks(len(s.x), s.batch)
+    ]
     return parts[0][0], np.concatenate([np.asarray(p[1]) for p in parts], axis=1)
 
 
@@ -86,18 +105,34 @@ class Metric(NamedTuple):
 
 
 METRICS: Dict[str, Metric] = {
-    "focus": Metric(_focus, True, "Focus on 2x2 mosaics: share of positive relevance (x * attribution) in the target's "
-                    "two quadrants; chance 0.5"),
-    "faithfulness": Metric(_faithfulness, True, "faithfulness correlation: Pearson r over a 4x4 grid of patches (set to "
-                           "0) of attribution sum vs target-logit drop"),
-    "infidelity": Metric(_infidelity, False, "infidelity with optimal scaling, Gaussian perturbations sigma 0.1 (32 per "
-                         "image)"),
-    "max_sensitivity": Metric(_max_sensitivity, False, "max-sensitivity: largest relative change of the map under "
-                              "uniform noise of radius 0.05 ({draws} draws)"),
-    "random_logit": Metric(_random_logit, False, "random-logit: SSIM of the saliency for the target and for a random "
-                           "other class"),
-    "randomization": Metric(_randomization, False, "cascading model randomisation: Spearman r of saliency with the "
-                            "original after randomising all layers top-down", curve=True),
+    "focus": Metric(
+        _focus,
+        True,
+        "Focus on 2x2 mosaics: share of positive relevance (x * attribution) in the target's two quadrants; chance 0.5",
+    ),
+    "faithfulness": Metric(
+        _faithfulness,
+        True,
+        "faithfulness correlation: Pearson r over a 4x4 grid of patches (set to "
+        "0) of attribution sum vs target-logit drop",
+    ),
+    "infidelity": Metric(
+        _infidelity, False, "infidelity with optimal scaling, Gaussian perturbations sigma 0.1 (32 per image)"
+    ),
+    "max_sensitivity": Metric(
+        _max_sensitivity,
+        False,
+        "max-sensitivity: largest relative change of the map under uniform noise of radius 0.05 ({draws} draws)",
+    ),
+    "random_logit": Metric(
+        _random_logit, False, "random-logit: SSIM of the saliency for the target and for a random other class"
+    ),
+    "randomization": Metric(
+        _randomization,
+        False,
+        "cascading model randomisation: Spearman r of saliency with the original after randomising all layers top-down",
+        curve=True,
+    ),
 }
 BASELINE = "gradient"
 DEFAULT_EXPLAINERS = ("pullback", "pullback_ascent", "gradient", "gradient_ascent")
@@ -134,7 +169,9 @@ def bootstrap_ci(values: np.ndarray, resamples: int, rng: np.random.Generator) -
     return float(v.mean()), float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
 
 
-def paired_difference(a: np.ndarray, b: np.ndarray, resamples: int, rng: np.random.Generator) -> Tuple[float, float, float, int]:
+def paired_difference(
+    a: np.ndarray, b: np.ndarray, resamples: int, rng: np.random.Generator
+) -> Tuple[float, float, float, int]:
     """Mean of ``a - b`` over items where both are finite, its paired-bootstrap 95% interval, and the count."""
     keep = np.isfinite(a) & np.isfinite(b)
     mean, lo, hi = bootstrap_ci(a[keep] - b[keep], resamples, rng)
@@ -221,7 +258,11 @@ def evaluate(
         raise ValueError(f"options given for explainers not chosen: {', '.join(sorted(unknown))}")
     if labels is not None and np.shape(labels) != (len(x),):
         raise ValueError(f"need one label per image: {len(x)} images, labels of shape {np.shape(labels)}")
-    labels = top1(model, x) if labels is None else np.asarray(checks.per_image_labels(labels, len(x), model.num_classes, "labels"))
+    labels = (
+        top1(model, x)
+        if labels is None
+        else np.asarray(checks.per_image_labels(labels, len(x), model.num_classes, "labels"))
+    )
     classes = labels if classes is None else np.asarray(classes)
     mosaic_set = metrics.make_mosaics(x, classes, mosaics, seed) if "focus" in metric_names else None
     key = jax.random.key(seed)
@@ -247,10 +288,15 @@ def evaluate(
             bar.update(1)
     bar.close()
     settings = dict(
-        seed=seed, images=len(x), mosaics=mosaics if mosaic_set is not None else 0, stages=stages,
+        seed=seed,
+        images=len(x),
+        mosaics=mosaics if mosaic_set is not None else 0,
+        stages=stages,
         sensitivity_samples=sensitivity_samples,
-        explainers=list(explainer_names), metrics=list(metric_names),
-        options={k: dict(v) for k, v in options.items()}, arch=model.arch,
+        explainers=list(explainer_names),
+        metrics=list(metric_names),
+        options={k: dict(v) for k, v in options.items()},
+        arch=model.arch,
     )
     return Report(scores, curves, stage_names, settings)
 
@@ -263,8 +309,17 @@ def summary_rows(report: Report, resamples: int = 2000) -> List[Dict[str, object
         base = per.get(BASELINE)
         for name, values in per.items():
             mean, lo, hi = bootstrap_ci(values, resamples, rng)
-            row = dict(metric=metric, explainer=name, n=int(np.isfinite(values).sum()), mean=mean, ci_low=lo, ci_high=hi,
-                       diff=float("nan"), diff_low=float("nan"), diff_high=float("nan"))
+            row = dict(
+                metric=metric,
+                explainer=name,
+                n=int(np.isfinite(values).sum()),
+                mean=mean,
+                ci_low=lo,
+                ci_high=hi,
+                diff=float("nan"),
+                diff_low=float("nan"),
+                diff_high=float("nan"),
+            )
             if base is not None and name != BASELINE:
                 row["diff"], row["diff_low"], row["diff_high"], _ = paired_difference(values, base, resamples, rng)
             rows.append(row)
@@ -299,29 +354,47 @@ def to_markdown(report: Report, rows: Sequence[Mapping[str, object]], command: s
     lines += [
         f"{s['images']} images, seed {s['seed']}, {s['mosaics']} Focus mosaics, {s['stages']} randomisation steps; "
         f"95% intervals are percentile bootstraps over items; differences to `{BASELINE}` are paired "
-        "(the same items resampled for both).", "",
+        "(the same items resampled for both).",
+        "",
     ]
     if s["options"]:
         lines += ["Explainer options: " + "; ".join(f"`{k}`: {v}" for k, v in s["options"].items()), ""]
     for metric in report.scores:
         higher = METRICS[metric].higher_is_better
-        lines += [f"## {metric} ({'higher' if higher else 'lower'} is better)", "", METRICS[metric].description.format(draws=s["sensitivity_samples"]), "",
-                  f"| explainer | n | mean [95% CI] | minus {BASELINE} [95% CI] | vs {BASELINE} |", "|---|---|---|---|---|"]
+        lines += [
+            f"## {metric} ({'higher' if higher else 'lower'} is better)",
+            "",
+            METRICS[metric].description.format(draws=s["sensitivity_samples"]),
+            "",
+            f"| explainer | n | mean [95% CI] | minus {BASELINE} [95% CI] | vs {BASELINE} |",
+            "|---|---|---|---|---|",
+        ]
         for r in rows:
             if r["metric"] != metric:
                 continue
-            diff = "" if not np.isfinite(r["diff"]) else f"{r['diff']:+.4g} [{r['diff_low']:+.4g}, {r['diff_high']:+.4g}]"
+            diff = (
+                "" if not np.isfinite(r["diff"]) else f"{r['diff']:+.4g} [{r['diff_low']:+.4g}, {r['diff_high']:+.4g}]"
+            )
             verdict = _verdict(r["diff"], r["diff_low"], r["diff_high"], higher)
-            lines.append(f"| {r['explainer']} | {r['n']} | {r['mean']:.4g} [{r['ci_low']:.4g}, {r['ci_high']:.4g}] | {diff} | {verdict} |")
+            lines.append(
+                f"| {r['explainer']} | {r['n']} | {r['mean']:.4g} [{r['ci_low']:.4g}, {r['ci_high']:.4g}] | {diff} | {verdict} |"
+            )
         lines.append("")
     if report.curves:
-        lines += ["## Cascading randomisation, mean Spearman r per step (top-down)", "",
-                  "| explainer | " + " | ".join(f"to {n}" for n in report.stage_names) + " |",
-                  "|---|" + "---|" * len(report.stage_names)]
+        lines += [
+            "## Cascading randomisation, mean Spearman r per step (top-down)",
+            "",
+            "| explainer | " + " | ".join(f"to {n}" for n in report.stage_names) + " |",
+            "|---|" + "---|" * len(report.stage_names),
+        ]
         for name, curve in report.curves.items():
             lines.append(f"| {name} | " + " | ".join(f"{v:.3f}" for v in np.nanmean(curve, axis=1)) + " |")
-        lines += ["", "Sanity verdict: an explainer passes when its mean correlation after randomising every "
-                  "layer is below 0.5 (the map depends on what the model learned).", ""]
+        lines += [
+            "",
+            "Sanity verdict: an explainer passes when its mean correlation after randomising every "
+            "layer is below 0.5 (the map depends on what the model learned).",
+            "",
+        ]
         for name, curve in report.curves.items():
             final = float(np.nanmean(curve[-1]))
             lines.append(f"- {name}: {final:.3f} -> {'passes' if final < 0.5 else 'FAILS'}")
@@ -336,7 +409,9 @@ def to_markdown(report: Report, rows: Sequence[Mapping[str, object]], command: s
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".JPEG")
 
 
-def find_images(sources: Sequence[Union[str, os.PathLike]], limit: Optional[int] = None) -> Tuple[List[Path], Optional[List[int]]]:
+def find_images(
+    sources: Sequence[Union[str, os.PathLike]], limit: Optional[int] = None
+) -> Tuple[List[Path], Optional[List[int]]]:
     """Image files from files and folders; an ImageNet-style folder (class subfolders) also gives classes.
 
     A single folder whose subfolders hold images is read as ``ImageFolder`` does: the class index

@@ -44,12 +44,16 @@ def _convert_offline(name: str, cached: Path, log: Callable[[str], None]) -> Mod
 
     src = next(s for s in offline.OFFLINE if s.arch == name and "DEFAULT" in s.names)
     if offline.locate(src) is None:
-        raise ValueError(f"{name} converts on first use from the package {src.package}, which is not installed: {src.install}")
+        raise ValueError(
+            f"{name} converts on first use from the package {src.package}, which is not installed: {src.install}"
+        )
     log(f"converting {name} from the installed package {src.package} to {cached} (first use only)")
     try:
         cached.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise OSError(f"cannot create the model cache {str(cached.parent)!r} ({e.strerror}): set JAXPULL_CACHE to a writable folder") from None
+        raise OSError(
+            f"cannot create the model cache {str(cached.parent)!r} ({e.strerror}): set JAXPULL_CACHE to a writable folder"
+        ) from None
     convert(name, cached, weights="DEFAULT")
     return _load_cached(cached)
 

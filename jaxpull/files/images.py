@@ -39,7 +39,10 @@ from jaxpull.core.preprocessing import Preprocessing
 
 SIZE = 224
 RESIZE = 256
-RESAMPLING = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}  # names of jaxpull.core.preprocessing.INTERPOLATIONS
+RESAMPLING = {
+    "bilinear": Image.BILINEAR,
+    "bicubic": Image.BICUBIC,
+}  # names of jaxpull.core.preprocessing.INTERPOLATIONS
 # JPEGs larger than this on a side are decoded at a reduced scale (see the module docstring).
 LARGE_SIDE = 4096
 # Above this many pixels, the short-side-256 image is never built: the crop's box is resampled.
@@ -60,7 +63,9 @@ def to_pixels(x) -> np.ndarray:
     return np.clip(np.round((np.asarray(x, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 
-def preprocess(image: Image.Image, size: int = SIZE, resize: int = RESIZE, interpolation: str = "bilinear") -> np.ndarray:
+def preprocess(
+    image: Image.Image, size: int = SIZE, resize: int = RESIZE, interpolation: str = "bilinear"
+) -> np.ndarray:
     """A PIL image -> ``(size, size, 3)`` float32 in [-1, 1] (resize/crop as the paper; a model's
     own sizes are ``model.preprocessing.image_options``: Inception-v3's 342 / 299)."""
     Preprocessing(size, resize, interpolation).check()
@@ -125,8 +130,9 @@ def open_image(path: Union[str, os.PathLike]) -> Image.Image:
     return image
 
 
-def load_image(path: Union[str, os.PathLike], size: int = SIZE, resize: int = RESIZE,
-               interpolation: str = "bilinear") -> np.ndarray:
+def load_image(
+    path: Union[str, os.PathLike], size: int = SIZE, resize: int = RESIZE, interpolation: str = "bilinear"
+) -> np.ndarray:
     """Read one image file -> ``(size, size, 3)`` in [-1, 1] (see ``preprocess``); ValueError
     naming the file if unreadable."""
     Preprocessing(size, resize, interpolation).check()
@@ -144,8 +150,9 @@ def load_image(path: Union[str, os.PathLike], size: int = SIZE, resize: int = RE
         raise ValueError(f"cannot read image {str(path)!r}: {e}") from None
 
 
-def load_images(paths: Sequence[Union[str, os.PathLike]], size: int = SIZE, resize: int = RESIZE,
-                interpolation: str = "bilinear") -> np.ndarray:
+def load_images(
+    paths: Sequence[Union[str, os.PathLike]], size: int = SIZE, resize: int = RESIZE, interpolation: str = "bilinear"
+) -> np.ndarray:
     """Several image files -> ``(N, size, size, 3)`` in [-1, 1] (defaults: the paper's 224 / 256)."""
     if not paths:
         raise ValueError("no images given")
@@ -159,8 +166,16 @@ def sample_images() -> Dict[str, Path]:
     where those packages are installed.
     """
     found = _matplotlib_photos((("grace_hopper", "grace_hopper.jpg"),))
-    found.update(_skimage_photos((("chelsea", "chelsea.png"), ("coffee", "coffee.png"), ("rocket", "rocket.jpg"),
-                                  ("astronaut", "astronaut.png"))))
+    found.update(
+        _skimage_photos(
+            (
+                ("chelsea", "chelsea.png"),
+                ("coffee", "coffee.png"),
+                ("rocket", "rocket.jpg"),
+                ("astronaut", "astronaut.png"),
+            )
+        )
+    )
     return found
 
 
@@ -189,8 +204,13 @@ def _skimage_photos(files: Sequence[Tuple[str, str]]) -> Dict[str, Path]:
 # motorcycle_right (the other half of motorcycle_left's stereo pair: not an independent photo)
 # and the grayscale texture crops (brick, grass, gravel).
 _MORE_PHOTOS = (
-    ("camera", "camera.png"), ("motorcycle", "motorcycle_left.png"), ("clock", "clock_motion.png"),
-    ("coins", "coins.png"), ("moon", "moon.png"), ("hubble", "hubble_deep_field.jpg"), ("ihc", "ihc.png"),
+    ("camera", "camera.png"),
+    ("motorcycle", "motorcycle_left.png"),
+    ("clock", "clock_motion.png"),
+    ("coins", "coins.png"),
+    ("moon", "moon.png"),
+    ("hubble", "hubble_deep_field.jpg"),
+    ("ihc", "ihc.png"),
     ("retina", "retina.jpg"),
 )
 

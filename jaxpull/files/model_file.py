@@ -109,8 +109,11 @@ def _spec_from_metadata(meta: Mapping[str, str]) -> ModelSpec:
     stats = {}
     for name in ("input_mean", "input_std"):
         value = json.loads(meta[name])
-        if (not isinstance(value, list) or len(value) != 3
-                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v) for v in value)):
+        if (
+            not isinstance(value, list)
+            or len(value) != 3
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v) for v in value)
+        ):
             raise ValueError(f"{name} {meta[name]!r} is not three finite numbers")
         stats[name] = tuple(float(v) for v in value)
     if min(stats["input_std"]) <= 0:
@@ -128,18 +131,31 @@ def _spec_from_metadata(meta: Mapping[str, str]) -> ModelSpec:
         raise ValueError(f"config {meta['config']!r} is not a mapping of builder options to numbers or strings")
     freeze = lambda v: tuple(freeze(u) for u in v) if isinstance(v, list) else v
     config = tuple(sorted((k, freeze(v)) for k, v in config.items()))
-    return ModelSpec(arch=meta["arch"], num_classes=num_classes, input_mean=stats["input_mean"],
-                     input_std=stats["input_std"], class_names=tuple(names), metadata=meta,
-                     transform_input=transform == "true", preprocessing=Preprocessing.from_metadata(meta),
-                     config=config)
+    return ModelSpec(
+        arch=meta["arch"],
+        num_classes=num_classes,
+        input_mean=stats["input_mean"],
+        input_std=stats["input_std"],
+        class_names=tuple(names),
+        metadata=meta,
+        transform_input=transform == "true",
+        preprocessing=Preprocessing.from_metadata(meta),
+        config=config,
+    )
 
 
 def check_tensors(flat: Mapping[str, np.ndarray], where: str) -> None:
     """Raise one ModelFileError if a tensor is not floating point or holds NaN / infinity."""
-    problems = [f"{k} has dtype {v.dtype} (weights must be floating point)" for k, v in flat.items()
-                if not np.issubdtype(v.dtype, np.floating)]
-    problems += [f"{k} holds NaN or infinite values" for k, v in flat.items()
-                 if np.issubdtype(v.dtype, np.floating) and not np.isfinite(v).all()]
+    problems = [
+        f"{k} has dtype {v.dtype} (weights must be floating point)"
+        for k, v in flat.items()
+        if not np.issubdtype(v.dtype, np.floating)
+    ]
+    problems += [
+        f"{k} holds NaN or infinite values"
+        for k, v in flat.items()
+        if np.issubdtype(v.dtype, np.floating) and not np.isfinite(v).all()
+    ]
     if problems:
         raise ModelFileError(f"{where} cannot give meaningful output: {summarize(problems)}; convert it again")
 

@@ -30,11 +30,15 @@ def check_output(path: PathLike, suffix: Optional[str] = None, what: str = "outp
     if suffix is not None and out.suffix.lower() != suffix:
         raise ValueError(f"{what} {str(path)!r} must end in {suffix}")
     if out.is_dir():
-        raise IsADirectoryError(f"{what} {str(path)!r} is a directory: give a file name such as {str(out / ('out' + (suffix or '')))!r}")
+        raise IsADirectoryError(
+            f"{what} {str(path)!r} is a directory: give a file name such as {str(out / ('out' + (suffix or '')))!r}"
+        )
     parent = out.parent if str(out.parent) else Path(".")
     if not parent.is_dir():
         if parent.exists():
-            raise NotADirectoryError(f"{what} directory {str(parent)!r} is a file, not a directory: choose another path")
+            raise NotADirectoryError(
+                f"{what} directory {str(parent)!r} is a file, not a directory: choose another path"
+            )
         raise FileNotFoundError(f"{what} directory {str(parent)!r} does not exist: create it first")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise PermissionError(f"{what} directory {str(parent)!r} is not writable: choose another path")

@@ -42,8 +42,7 @@ def build(explorer: Explorer):
 
     def on_model(name):
         choices = explorer.class_choices(name)
-        return (gr.update(choices=choices, value=TOP1),
-                gr.update(visible=explorer.has_max_pools(name)))
+        return (gr.update(choices=choices, value=TOP1), gr.update(visible=explorer.has_max_pools(name)))
 
     def preset_values(rules):
         """The form's numbers of a preset: steps, alpha, eps, t, tp (empty eps: no projection; empty tp: t)."""
@@ -60,41 +59,62 @@ def build(explorer: Explorer):
                 # a plain file input: jaxpull opens the upload itself (jaxpull.shell.explorer.read_upload), so a
                 # file that is no image gets the app's one-line message, not Gradio's preprocessing error
                 upload = gr.File(label="Upload an image (JPEG, PNG, ...)", type="filepath", elem_id="upload")
-                sample = gr.Dropdown(samples, value=samples[0] if samples else None, label="...or a sample photo",
-                                     elem_id="sample")
+                sample = gr.Dropdown(
+                    samples, value=samples[0] if samples else None, label="...or a sample photo", elem_id="sample"
+                )
                 model = gr.Dropdown(list(explorer.models), value=DEFAULT_LABEL, label="Model", elem_id="model")
-                target = gr.Dropdown(explorer.class_choices(DEFAULT_LABEL), value=TOP1, filterable=True,
-                                     label="Target class (type to search)", elem_id="target")
+                target = gr.Dropdown(
+                    explorer.class_choices(DEFAULT_LABEL),
+                    value=TOP1,
+                    filterable=True,
+                    label="Target class (type to search)",
+                    elem_id="target",
+                )
                 method = gr.Radio(list(METHODS), value="both", label="Method", elem_id="method")
-                rules = gr.Radio(list(PRESETS), value=DEFAULT_RULES, label="Rules (sets every number below)",
-                                 elem_id="rules")
+                rules = gr.Radio(
+                    list(PRESETS), value=DEFAULT_RULES, label="Rules (sets every number below)", elem_id="rules"
+                )
                 with gr.Row():  # steps: no rounding in the page (2.5 gets a message, not 2 steps)
                     steps = gr.Number(defaults[0], label="steps", elem_id="steps")
                     alpha = gr.Number(defaults[1], label="alpha", elem_id="alpha")
                     eps = gr.Number(defaults[2], label="eps (empty: no projection)", elem_id="eps")
                 with gr.Row():
                     temperature = gr.Number(defaults[3], label="temperature t", elem_id="temperature")
-                    pool_temperature = gr.Number(defaults[4], label="pool temperature (empty: t)",
-                                                 elem_id="pool-temperature", visible=explorer.has_max_pools(DEFAULT_LABEL))
+                    pool_temperature = gr.Number(
+                        defaults[4],
+                        label="pool temperature (empty: t)",
+                        elem_id="pool-temperature",
+                        visible=explorer.has_max_pools(DEFAULT_LABEL),
+                    )
                 run = gr.Button("Explain", variant="primary", elem_id="run")
-                strip = gr.Button(f"Temperature strip (t = {', '.join(f'{t:g}' for t in STRIP_TEMPERATURES)})",
-                                  elem_id="strip")
+                strip = gr.Button(
+                    f"Temperature strip (t = {', '.join(f'{t:g}' for t in STRIP_TEMPERATURES)})", elem_id="strip"
+                )
             with gr.Column(scale=2):
                 top5 = gr.Label(num_top_classes=5, label="Top-5 predictions", elem_id="top5")
                 note = gr.Markdown(elem_id="note")
-                picture = gr.Image(label="clean | perturbed x_K | x_K - x0", type="numpy", interactive=False,
-                                   elem_id="result")
+                picture = gr.Image(
+                    label="clean | perturbed x_K | x_K - x0", type="numpy", interactive=False, elem_id="result"
+                )
                 arrays = gr.File(label="Raw arrays (.npz: x0, x_K, x_K - x0, target)", elem_id="arrays")
-                strip_picture = gr.Image(label="Temperature strip: x_K - x0 per t", type="numpy", interactive=False,
-                                         elem_id="strip-result")
+                strip_picture = gr.Image(
+                    label="Temperature strip: x_K - x0 per t", type="numpy", interactive=False, elem_id="strip-result"
+                )
         model.change(guarded(on_model, 2), model, [target, pool_temperature])
         rules.change(preset_values, rules, [steps, alpha, eps, temperature, pool_temperature])
         inputs = [upload, sample, model, target]
-        run.click(guarded(explorer.explain, 4),
-                  inputs + [method, steps, alpha, eps, temperature, pool_temperature, rules],
-                  [top5, picture, arrays, note], concurrency_id="compute")
-        strip.click(guarded(explorer.strip, 2), inputs + [steps, alpha, eps, pool_temperature, rules],
-                    [strip_picture, note], concurrency_id="compute")
+        run.click(
+            guarded(explorer.explain, 4),
+            inputs + [method, steps, alpha, eps, temperature, pool_temperature, rules],
+            [top5, picture, arrays, note],
+            concurrency_id="compute",
+        )
+        strip.click(
+            guarded(explorer.strip, 2),
+            inputs + [steps, alpha, eps, pool_temperature, rules],
+            [strip_picture, note],
+            concurrency_id="compute",
+        )
     page.queue(default_concurrency_limit=1, max_size=64)
     return page
 

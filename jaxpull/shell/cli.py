@@ -21,12 +21,14 @@ def _convert(args: argparse.Namespace) -> int:
     try:
         import jaxpull_convert
     except ImportError as e:
-        raise RuntimeError(
-            f"conversion needs torch and torchvision ({e}): pip install 'jaxpull[convert]'"
-        ) from None
+        raise RuntimeError(f"conversion needs torch and torchvision ({e}): pip install 'jaxpull[convert]'") from None
     transform_input = None if args.transform_input is None else args.transform_input == "true"
     meta = jaxpull_convert.convert(
-        args.arch, args.output, weights=args.weights, state_dict=args.state_dict, image_size=args.image_size,
+        args.arch,
+        args.output,
+        weights=args.weights,
+        state_dict=args.state_dict,
+        image_size=args.image_size,
         transform_input=transform_input,
     )
     print(
@@ -40,8 +42,11 @@ def _given(args: argparse.Namespace) -> dict:
     """The gate and ascent setting flags the user gave (the others come from ``--rules``)."""
     from jaxpull.core import settings
 
-    return {n: getattr(args, n) for n in settings.ASCENT_SETTINGS + settings.GATE_SETTINGS
-            if getattr(args, n, FROM_RULES) is not FROM_RULES}
+    return {
+        n: getattr(args, n)
+        for n in settings.ASCENT_SETTINGS + settings.GATE_SETTINGS
+        if getattr(args, n, FROM_RULES) is not FROM_RULES
+    }
 
 
 def _explain(args: argparse.Namespace) -> int:
@@ -50,8 +55,16 @@ def _explain(args: argparse.Namespace) -> int:
 
     if args.method != "vanilla" and args.temperature is not FROM_RULES:  # the CLI's vanilla is --method vanilla
         checks.positive(args.temperature, "--temperature", " (for the vanilla gradient use --method vanilla)")
-    tasks.explain(args.model, args.images, args.output, target_spec=args.targets, method=args.method,
-                  arrays_path=args.save_arrays, rules=args.rules, **_given(args))
+    tasks.explain(
+        args.model,
+        args.images,
+        args.output,
+        target_spec=args.targets,
+        method=args.method,
+        arrays_path=args.save_arrays,
+        rules=args.rules,
+        **_given(args),
+    )
     return 0
 
 
@@ -101,9 +114,19 @@ def _sweep(args: argparse.Namespace) -> int:
 
     given = _given(args)
     temperatures = FROM_RULES if args.temperatures is FROM_RULES else parse_temperatures(args.temperatures)
-    tasks.sweep(args.model, args.images, args.out, labels=args.labels, temperatures=temperatures, method=args.method,
-                reduce=args.reduce, memory_budget=parse_bytes(args.memory_budget), chunk_size=args.chunk_size,
-                rules=args.rules, **given)
+    tasks.sweep(
+        args.model,
+        args.images,
+        args.out,
+        labels=args.labels,
+        temperatures=temperatures,
+        method=args.method,
+        reduce=args.reduce,
+        memory_budget=parse_bytes(args.memory_budget),
+        chunk_size=args.chunk_size,
+        rules=args.rules,
+        **given,
+    )
     return 0
 
 
@@ -114,11 +137,24 @@ def _split(text: str) -> List[str]:
 def _evaluate(args: argparse.Namespace) -> int:
     from jaxpull.shell import tasks
 
-    tasks.evaluate(args.images, args.model, args.output, explainer_names=_split(args.explainers),
-                   metric_names=_split(args.metrics), labels=args.labels, limit=args.limit, mosaics=args.mosaics,
-                   stages=args.stages, sensitivity_samples=args.sensitivity_samples, rules=args.rules,
-                   temperature=args.temperature, samples=args.samples, resamples=args.resamples, seed=args.seed,
-                   command="jaxpull " + " ".join(shlex.quote(a) for a in args.argv))
+    tasks.evaluate(
+        args.images,
+        args.model,
+        args.output,
+        explainer_names=_split(args.explainers),
+        metric_names=_split(args.metrics),
+        labels=args.labels,
+        limit=args.limit,
+        mosaics=args.mosaics,
+        stages=args.stages,
+        sensitivity_samples=args.sensitivity_samples,
+        rules=args.rules,
+        temperature=args.temperature,
+        samples=args.samples,
+        resamples=args.resamples,
+        seed=args.seed,
+        command="jaxpull " + " ".join(shlex.quote(a) for a in args.argv),
+    )
     return 0
 
 
@@ -164,36 +200,80 @@ def _add_settings(p: argparse.ArgumentParser, temperature: bool = True) -> None:
     """The rules preset and the gate / ascent flags, each defaulting to the preset's value."""
     from jaxpull.core.gates import ATTENTION_RULES, GATES, LAYER_NORM_RULES, POOL_WEIGHTS
 
-    p.add_argument("--rules", choices=list(PRESETS), default=DEFAULT_RULES,
-                   help=f"rule set (default {DEFAULT_RULES}): " + "; ".join(f"{n}: {r.description}" for n, r in PRESETS.items()))
-    p.add_argument("--steps", type=_number, default=FROM_RULES, help="ascent steps " + _from_rules(lambda r: r.ascent.steps))
-    p.add_argument("--alpha", type=_number, default=FROM_RULES, help="ascent step size " + _from_rules(lambda r: r.ascent.alpha))
-    p.add_argument("--eps", type=_number_or_none, default=FROM_RULES,
-                   help="L2 ball radius around the image, or none for no projection " + _from_rules(lambda r: r.ascent.eps))
+    p.add_argument(
+        "--rules",
+        choices=list(PRESETS),
+        default=DEFAULT_RULES,
+        help=f"rule set (default {DEFAULT_RULES}): " + "; ".join(f"{n}: {r.description}" for n, r in PRESETS.items()),
+    )
+    p.add_argument(
+        "--steps", type=_number, default=FROM_RULES, help="ascent steps " + _from_rules(lambda r: r.ascent.steps)
+    )
+    p.add_argument(
+        "--alpha", type=_number, default=FROM_RULES, help="ascent step size " + _from_rules(lambda r: r.ascent.alpha)
+    )
+    p.add_argument(
+        "--eps",
+        type=_number_or_none,
+        default=FROM_RULES,
+        help="L2 ball radius around the image, or none for no projection " + _from_rules(lambda r: r.ascent.eps),
+    )
     if temperature:
-        p.add_argument("--temperature", type=_number, default=FROM_RULES,
-                       help="ReLU gate temperature " + _from_rules(lambda r: r.temperature))
-    p.add_argument("--pool-temperature", type=_number_or_none, default=FROM_RULES,
-                   help="max-pool temperature, none: the ReLU temperature; no effect on models without max-pools "
-                   + _from_rules(lambda r: r.pool_temperature))
+        p.add_argument(
+            "--temperature",
+            type=_number,
+            default=FROM_RULES,
+            help="ReLU gate temperature " + _from_rules(lambda r: r.temperature),
+        )
+    p.add_argument(
+        "--pool-temperature",
+        type=_number_or_none,
+        default=FROM_RULES,
+        help="max-pool temperature, none: the ReLU temperature; no effect on models without max-pools "
+        + _from_rules(lambda r: r.pool_temperature),
+    )
     p.add_argument("--gate", choices=GATES, default=FROM_RULES, help="ReLU gate " + _from_rules(lambda r: r.gate))
-    p.add_argument("--pool-weights", choices=POOL_WEIGHTS, default=FROM_RULES,
-                   help="max-pool softmax weights " + _from_rules(lambda r: r.pool_weights))
+    p.add_argument(
+        "--pool-weights",
+        choices=POOL_WEIGHTS,
+        default=FROM_RULES,
+        help="max-pool softmax weights " + _from_rules(lambda r: r.pool_weights),
+    )
     # the semantic version's rules (transformer-era layers; no effect on models without them)
-    p.add_argument("--gelu-temperature", type=_number_or_none, default=FROM_RULES,
-                   help="GELU gate temperature, backward g * Phi(z / t); none: the plain derivative "
-                   + _from_rules(lambda r: r.gelu_temperature))
-    p.add_argument("--silu-temperature", type=_number_or_none, default=FROM_RULES,
-                   help="SiLU gate temperature, backward g * sigmoid(z / t); none: the plain derivative "
-                   + _from_rules(lambda r: r.silu_temperature))
-    p.add_argument("--layer-norm", choices=LAYER_NORM_RULES, default=FROM_RULES,
-                   help="LayerNorm backward: detached (mean and variance held constant) or plain "
-                   + _from_rules(lambda r: r.layer_norm))
-    p.add_argument("--attention", choices=ATTENTION_RULES, default=FROM_RULES,
-                   help="attention backward: tempered (query and key scaled by 1/t, straight through), value_only "
-                   "(attention weights held constant) or plain " + _from_rules(lambda r: r.attention))
-    p.add_argument("--attention-temperature", type=_number, default=FROM_RULES,
-                   help="t of --attention tempered; 1 is the plain gradient " + _from_rules(lambda r: r.attention_temperature))
+    p.add_argument(
+        "--gelu-temperature",
+        type=_number_or_none,
+        default=FROM_RULES,
+        help="GELU gate temperature, backward g * Phi(z / t); none: the plain derivative "
+        + _from_rules(lambda r: r.gelu_temperature),
+    )
+    p.add_argument(
+        "--silu-temperature",
+        type=_number_or_none,
+        default=FROM_RULES,
+        help="SiLU gate temperature, backward g * sigmoid(z / t); none: the plain derivative "
+        + _from_rules(lambda r: r.silu_temperature),
+    )
+    p.add_argument(
+        "--layer-norm",
+        choices=LAYER_NORM_RULES,
+        default=FROM_RULES,
+        help="LayerNorm backward: detached (mean and variance held constant) or plain "
+        + _from_rules(lambda r: r.layer_norm),
+    )
+    p.add_argument(
+        "--attention",
+        choices=ATTENTION_RULES,
+        default=FROM_RULES,
+        help="attention backward: tempered (query and key scaled by 1/t, straight through), value_only "
+        "(attention weights held constant) or plain " + _from_rules(lambda r: r.attention),
+    )
+    p.add_argument(
+        "--attention-temperature",
+        type=_number,
+        default=FROM_RULES,
+        help="t of --attention tempered; 1 is the plain gradient " + _from_rules(lambda r: r.attention_temperature),
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -208,13 +288,19 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--state-dict", help="a local state_dict file (.pth), loaded with weights_only=True")
     p.add_argument("-o", "--output", required=True, help="output .safetensors path")
     p.add_argument("--image-size", type=int, default=224, help="input size of the parity check (default 224)")
-    p.add_argument("--transform-input", choices=["true", "false"], default=None,
-                   help="googlenet / inception_v3 only: torchvision's transform_input (default true, as its pretrained weights)")
+    p.add_argument(
+        "--transform-input",
+        choices=["true", "false"],
+        default=None,
+        help="googlenet / inception_v3 only: torchvision's transform_input (default true, as its pretrained weights)",
+    )
     p.set_defaults(run=_convert)
 
     p = sub.add_parser("explain", help="explain images: the paper's figure of ascent differences")
     p.add_argument("images", nargs="+", help="image files (any format PIL reads)")
-    p.add_argument("--model", default=DEFAULT_MODEL, help=f"a .safetensors file or a cached model name (default {DEFAULT_MODEL})")
+    p.add_argument(
+        "--model", default=DEFAULT_MODEL, help=f"a .safetensors file or a cached model name (default {DEFAULT_MODEL})"
+    )
     p.add_argument("--targets", default="top3", help="comma-separated indices, class names or topN (default top3)")
     p.add_argument("--method", choices=["pullback", "vanilla", "both"], default="both")
     _add_settings(p)
@@ -230,10 +316,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sweep", help="images x labels x temperatures, chunked in a memory budget, to .npy files")
     p.add_argument("images", nargs="+")
-    p.add_argument("--model", default=DEFAULT_MODEL, help=f"a .safetensors file or a cached model name (default {DEFAULT_MODEL})")
+    p.add_argument(
+        "--model", default=DEFAULT_MODEL, help=f"a .safetensors file or a cached model name (default {DEFAULT_MODEL})"
+    )
     p.add_argument("--labels", default="all", help="all, a range 0-99, or a comma list (default all)")
-    p.add_argument("--temperatures", default=FROM_RULES,
-                   help="comma list; 'none' for vanilla " + _from_rules(lambda r: r.temperature))
+    p.add_argument(
+        "--temperatures",
+        default=FROM_RULES,
+        help="comma list; 'none' for vanilla " + _from_rules(lambda r: r.temperature),
+    )
     p.add_argument("--method", choices=["pullback", "ascent"], default="pullback")
     p.add_argument("--reduce", choices=["maps", "norms", "alignment"], default="alignment")
     _add_settings(p, temperature=False)
@@ -243,22 +334,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_sweep)
 
     p = sub.add_parser("evaluate", help="score explainers with faithfulness metrics; markdown + CSV report")
-    p.add_argument("--images", nargs="+", required=True,
-                   help="image files, a folder, an ImageNet-style folder of class subfolders, or 'samples' (offline photos)")
-    p.add_argument("--model", default=DEFAULT_MODEL, help=f"a .safetensors file or a cached model name (default {DEFAULT_MODEL})")
-    p.add_argument("--explainers", default=",".join(("pullback", "pullback_ascent", "gradient", "gradient_ascent")),
-                   help="comma list (default pullback,pullback_ascent,gradient,gradient_ascent)")
-    p.add_argument("--metrics", default="focus,faithfulness,infidelity", help="comma list (default focus,faithfulness,infidelity)")
-    p.add_argument("--labels", default="top1", help="top1 (default), folders (ImageNet-style folder), or one label per image")
+    p.add_argument(
+        "--images",
+        nargs="+",
+        required=True,
+        help="image files, a folder, an ImageNet-style folder of class subfolders, or 'samples' (offline photos)",
+    )
+    p.add_argument(
+        "--model", default=DEFAULT_MODEL, help=f"a .safetensors file or a cached model name (default {DEFAULT_MODEL})"
+    )
+    p.add_argument(
+        "--explainers",
+        default=",".join(("pullback", "pullback_ascent", "gradient", "gradient_ascent")),
+        help="comma list (default pullback,pullback_ascent,gradient,gradient_ascent)",
+    )
+    p.add_argument(
+        "--metrics", default="focus,faithfulness,infidelity", help="comma list (default focus,faithfulness,infidelity)"
+    )
+    p.add_argument(
+        "--labels", default="top1", help="top1 (default), folders (ImageNet-style folder), or one label per image"
+    )
     p.add_argument("--limit", type=int, default=None, help="use at most this many images (classes in turn)")
     p.add_argument("--mosaics", type=int, default=50, help="number of Focus mosaics (default 50)")
     p.add_argument("--stages", type=int, default=6, help="cascading randomisation steps (default 6)")
-    p.add_argument("--sensitivity-samples", type=int, default=10, help="max-sensitivity perturbations per image (default 10)")
-    p.add_argument("--rules", choices=list(PRESETS), default=DEFAULT_RULES,
-                   help=f"rule set of the pullback and ascent explainers (default {DEFAULT_RULES}); the paper's current "
-                   "explainers (SoftPullback, PullbackAscent, PullbackAscentClipLast, SmoothPullback) keep semantic")
-    p.add_argument("--temperature", type=_number, default=FROM_RULES,
-                   help="temperature of the pullback explainers " + _from_rules(lambda r: r.temperature))
+    p.add_argument(
+        "--sensitivity-samples", type=int, default=10, help="max-sensitivity perturbations per image (default 10)"
+    )
+    p.add_argument(
+        "--rules",
+        choices=list(PRESETS),
+        default=DEFAULT_RULES,
+        help=f"rule set of the pullback and ascent explainers (default {DEFAULT_RULES}); the paper's current "
+        "explainers (SoftPullback, PullbackAscent, PullbackAscentClipLast, SmoothPullback) keep semantic",
+    )
+    p.add_argument(
+        "--temperature",
+        type=_number,
+        default=FROM_RULES,
+        help="temperature of the pullback explainers " + _from_rules(lambda r: r.temperature),
+    )
     p.add_argument("--samples", type=int, default=None, help="SmoothGrad / SmoothPullback samples (default 50)")
     p.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples (default 2000)")
     p.add_argument("--seed", type=int, default=0)
@@ -286,8 +400,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"jaxpull: error: {e}", file=sys.stderr)
         return 2
     except MemoryError:
-        print("jaxpull: error: out of memory: use smaller or fewer images, or a smaller --chunk-size / --memory-budget",
-              file=sys.stderr)
+        print(
+            "jaxpull: error: out of memory: use smaller or fewer images, or a smaller --chunk-size / --memory-budget",
+            file=sys.stderr,
+        )
         return 2
 
 

@@ -75,7 +75,9 @@ def read_upload(path: str, preprocessing: Preprocessing = Preprocessing()) -> Tu
             f"the upload is too large to decode safely (over {2 * Image.MAX_IMAGE_PIXELS:,} pixels): use a smaller image"
         ) from None
     except (OSError, SyntaxError, ValueError) as e:
-        raise ValueError(f"the upload is not an image this app can read ({type(e).__name__}): upload a JPEG or PNG") from None
+        raise ValueError(
+            f"the upload is not an image this app can read ({type(e).__name__}): upload a JPEG or PNG"
+        ) from None
     try:
         with images.open_image(path) as im:
             note = ""
@@ -87,7 +89,9 @@ def read_upload(path: str, preprocessing: Preprocessing = Preprocessing()) -> Tu
     except images.ImageError as e:
         raise ValueError(f"the upload cannot be used: {e}") from None
     except (OSError, SyntaxError, ValueError) as e:
-        raise ValueError(f"the upload is not an image this app can read ({type(e).__name__}): upload a JPEG or PNG") from None
+        raise ValueError(
+            f"the upload is not an image this app can read ({type(e).__name__}): upload a JPEG or PNG"
+        ) from None
 
 
 @jax.jit
@@ -97,6 +101,7 @@ def strip_core(model: Model, x: jax.Array, targets: jax.Array, gating: Gating, a
     ``x`` ``(1, H, W, 3)``, ``targets`` ``(1, 1)``, ``gating.temperature`` and
     ``gating.pool_temperature`` ``(T,)`` -> ``(T, H, W, 3)``.
     """
+
     def one(t, tp):
         g = dataclasses.replace(gating, temperature=t, pool_temperature=tp)
         return pullback.ascent_core(model, x, targets, g, ascent)[0, 0] - x[0]
@@ -198,8 +203,9 @@ class Explorer:
         """Whether the model has max-pools (the pool temperature applies)."""
         return models.get(self.model(name).arch).max_pools
 
-    def image(self, upload: Optional[str], sample: Optional[str],
-              preprocessing: Preprocessing = Preprocessing()) -> Tuple[np.ndarray, str]:
+    def image(
+        self, upload: Optional[str], sample: Optional[str], preprocessing: Preprocessing = Preprocessing()
+    ) -> Tuple[np.ndarray, str]:
         """The input ``(1, S, S, 3)`` (S: ``preprocessing.crop_size``, the model's) and a note: the
         upload if there is one, else the sample photo."""
         if upload:
@@ -222,12 +228,20 @@ class Explorer:
 
         An empty eps means no projection, an empty pool temperature "same as t".
         """
-        ascent = settings.make_ascent(steps=_number(steps, "steps"), alpha=_number(alpha, "alpha"),
-                                      eps=_number(eps, "eps", optional=True), rules=rules)
+        ascent = settings.make_ascent(
+            steps=_number(steps, "steps"),
+            alpha=_number(alpha, "alpha"),
+            eps=_number(eps, "eps", optional=True),
+            rules=rules,
+        )
         if ascent.steps > MAX_STEPS:
             raise ValueError(f"steps = {ascent.steps} is more than this app runs: use at most {MAX_STEPS}")
-        s = Settings(rules, ascent, _number(temperature, "temperature"),
-                     _number(pool_temperature, "pool temperature", optional=True))
+        s = Settings(
+            rules,
+            ascent,
+            _number(temperature, "temperature"),
+            _number(pool_temperature, "pool temperature", optional=True),
+        )
         s.gating(s.temperature)  # checks the temperatures
         return s
 
@@ -239,8 +253,20 @@ class Explorer:
         p /= p.sum()
         return {f"{model.class_name(i)} ({i})": float(p[i]) for i in np.argsort(-p)[:5]}
 
-    def explain(self, upload, sample, model_name, target, method, steps, alpha, eps, temperature, pool_temperature,
-                rules: str = DEFAULT_RULES):
+    def explain(
+        self,
+        upload,
+        sample,
+        model_name,
+        target,
+        method,
+        steps,
+        alpha,
+        eps,
+        temperature,
+        pool_temperature,
+        rules: str = DEFAULT_RULES,
+    ):
         """One explanation request.
 
         Returns ``(top5, picture, arrays_path, note)``: ``picture`` uint8 ``(rows * 242, 3 * 224, 3)``,
@@ -257,8 +283,9 @@ class Explorer:
         rows, arrays = [], {"x0": x[0], "target": np.int32(label)}
         for m in chosen:
             t = s.temperature if m == "excitation pullback" else None
-            xk = np.asarray(pullback.ascent_core(model, jnp.asarray(x), jnp.array([[label]], jnp.int32), s.gating(t),
-                                                s.ascent))[0, 0]
+            xk = np.asarray(
+                pullback.ascent_core(model, jnp.asarray(x), jnp.array([[label]], jnp.int32), s.gating(t), s.ascent)
+            )[0, 0]
             key = "pullback" if t is not None else "vanilla"
             arrays[f"{key}_xk"], arrays[f"{key}_diff"] = xk, xk - x[0]
             tiles = [images.to_pixels(x[0]), images.to_pixels(xk), (normalize_cell(xk - x[0]) * 255).astype(np.uint8)]
@@ -268,10 +295,26 @@ class Explorer:
         path = self.output_dir / f"jaxpull_{label}_{int(time.time() * 1000)}.npz"
         self._save_arrays(path, arrays)
         summary = f"target {model.class_name(label)} ({label}); {s.ascent.steps} steps, alpha {s.ascent.alpha:g}, eps {s.ascent.eps}, t {s.temperature:g}; {seconds:.2f} s"
-        return self.top5(model, logits), np.concatenate(rows, axis=0), str(path), "; ".join(filter(None, [note, summary]))
+        return (
+            self.top5(model, logits),
+            np.concatenate(rows, axis=0),
+            str(path),
+            "; ".join(filter(None, [note, summary])),
+        )
 
-    def strip(self, upload, sample, model_name, target, steps, alpha, eps, pool_temperature=None,
-              rules: str = DEFAULT_RULES, temperatures: Sequence[float] = STRIP_TEMPERATURES):
+    def strip(
+        self,
+        upload,
+        sample,
+        model_name,
+        target,
+        steps,
+        alpha,
+        eps,
+        pool_temperature=None,
+        rules: str = DEFAULT_RULES,
+        temperatures: Sequence[float] = STRIP_TEMPERATURES,
+    ):
         """The temperature strip: x_K - x0 for each temperature t, from one vmapped call.
 
         The pool temperature is the request's (empty: each column's t). Returns ``(picture, note)``,
@@ -285,6 +328,8 @@ class Explorer:
         gating = s.gating(np.asarray(temperatures, np.float32))
         diffs = np.asarray(strip_core(model, jnp.asarray(x), jnp.array([[label]], jnp.int32), gating, s.ascent))
         seconds = time.perf_counter() - start
-        tiles = [_caption((normalize_cell(d) * 255).astype(np.uint8), f"t = {t:g}") for d, t in zip(diffs, temperatures)]
+        tiles = [
+            _caption((normalize_cell(d) * 255).astype(np.uint8), f"t = {t:g}") for d, t in zip(diffs, temperatures)
+        ]
         summary = f"{len(temperatures)} temperatures in one vmapped call: {seconds:.2f} s"
         return np.concatenate(tiles, axis=1), "; ".join(filter(None, [note, summary]))

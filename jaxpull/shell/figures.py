@@ -117,8 +117,15 @@ def comparison_figure(
     if title:
         fig.text(0.5, 1 - 14 / height, title, ha="center", va="top", fontsize=17, weight="bold")
     for j, name in enumerate(["image"] + list(column_titles)):
-        fig.text((left + j * (w + gap) + w / 2) / width, 1 - (top - 8) / height, name, ha="center", va="bottom",
-                 fontsize=13, style="italic" if j == 0 else "normal")
+        fig.text(
+            (left + j * (w + gap) + w / 2) / width,
+            1 - (top - 8) / height,
+            name,
+            ha="center",
+            va="bottom",
+            fontsize=13,
+            style="italic" if j == 0 else "normal",
+        )
     y = top
     for i in range(n):
         for r, label in enumerate(labels):
@@ -127,9 +134,17 @@ def comparison_figure(
             ax.set_axis_off()
             x_text, y_mid = (left - 10) / width, 1 - (y + h / 2) / height
             if r == 0:
-                fig.text(x_text, y_mid + 3 / height, image_names[i], ha="right", va="bottom", fontsize=13, weight="bold")
-            fig.text(x_text, y_mid - (3 / height if r == 0 else 0), label, ha="right", va="top" if r == 0 else "center",
-                     fontsize=12)
+                fig.text(
+                    x_text, y_mid + 3 / height, image_names[i], ha="right", va="bottom", fontsize=13, weight="bold"
+                )
+            fig.text(
+                x_text,
+                y_mid - (3 / height if r == 0 else 0),
+                label,
+                ha="right",
+                va="top" if r == 0 else "center",
+                fontsize=12,
+            )
             for j in range(k):
                 ax = fig.add_axes(box(left + (j + 1) * (w + gap), y, w, h))
                 ax.imshow(normalize_cell(methods[label][i, j]), interpolation="nearest")

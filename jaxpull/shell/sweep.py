@@ -63,8 +63,9 @@ class Plan:
 
 
 @functools.partial(jax.jit, static_argnames=("method", "reduce"))
-def unit(model: Model, x: jax.Array, labels: jax.Array, gating, ascent: settings.Ascent, *,
-         method: str, reduce: str) -> jax.Array:
+def unit(
+    model: Model, x: jax.Array, labels: jax.Array, gating, ascent: settings.Ascent, *, method: str, reduce: str
+) -> jax.Array:
     """One unit: ``x`` ``(1, H, W, 3)``, ``labels`` ``(1, C)`` -> maps ``(C, H, W, 3)`` or ``(C,)``.
 
     Pullbacks, or ascent differences x_K - x_0; reduced to L2 norms, or to the alignment
@@ -94,10 +95,19 @@ def _unit_args(model, x1, labels, gating, ascent, mesh):
     return jax.device_put((model, jnp.asarray(x1), gating, ascent), rep), labels
 
 
-def plan(model: Model, image_shape, method: str = "pullback", reduce: str = "maps", *,
-         memory_budget: float = 2 * 2**30, chunk_size: Optional[int] = None, num_labels: int = 1000,
-         devices: Optional[Sequence[jax.Device]] = None, ascent: Optional[settings.Ascent] = None,
-         rules: str = settings.DEFAULT_RULES) -> Plan:
+def plan(
+    model: Model,
+    image_shape,
+    method: str = "pullback",
+    reduce: str = "maps",
+    *,
+    memory_budget: float = 2 * 2**30,
+    chunk_size: Optional[int] = None,
+    num_labels: int = 1000,
+    devices: Optional[Sequence[jax.Device]] = None,
+    ascent: Optional[settings.Ascent] = None,
+    rules: str = settings.DEFAULT_RULES,
+) -> Plan:
     """Choose the labels per unit from a bound on the memory one label needs.
 
     The bound comes from the forward pass's jaxpr (no compile; about a second): a backward pass
@@ -132,7 +142,9 @@ def plan(model: Model, image_shape, method: str = "pullback", reduce: str = "map
 
     def temp_bytes(c: int) -> int:
         x1 = jax.ShapeDtypeStruct((1,) + tuple(image_shape), jnp.float32)
-        args, labels = _unit_args(model, jnp.zeros(x1.shape, x1.dtype), np.zeros((1, c), np.int32), gating, ascent, mesh)
+        args, labels = _unit_args(
+            model, jnp.zeros(x1.shape, x1.dtype), np.zeros((1, c), np.int32), gating, ascent, mesh
+        )
         compiled = unit.lower(args[0], args[1], labels, *args[2:], method=method, reduce=reduce).compile()
         stats = compiled.memory_analysis()
         return int(stats.temp_size_in_bytes + stats.output_size_in_bytes) if stats is not None else 0
@@ -155,8 +167,15 @@ def plan(model: Model, image_shape, method: str = "pullback", reduce: str = "map
 
 
 # Primitives whose outputs a backward pass keeps (the rest is elementwise work XLA fuses).
-_RESIDUAL_PRIMITIVES = ("conv_general_dilated", "dot_general", "custom_vjp_call", "custom_vjp_call_jaxpr",
-                        "reduce_window_max", "reduce_window_sum", "reduce_window")
+_RESIDUAL_PRIMITIVES = (
+    "conv_general_dilated",
+    "dot_general",
+    "custom_vjp_call",
+    "custom_vjp_call_jaxpr",
+    "reduce_window_max",
+    "reduce_window_sum",
+    "reduce_window",
+)
 
 
 def forward_bytes(model: Model, image_shape) -> tuple:
@@ -174,8 +193,11 @@ def forward_bytes(model: Model, image_shape) -> tuple:
     def walk(j):
         nonlocal residuals, largest
         for eqn in j.eqns:
-            sizes = [int(np.prod(v.aval.shape, dtype=np.int64)) * v.aval.dtype.itemsize
-                     for v in eqn.outvars if hasattr(v.aval, "shape")]
+            sizes = [
+                int(np.prod(v.aval.shape, dtype=np.int64)) * v.aval.dtype.itemsize
+                for v in eqn.outvars
+                if hasattr(v.aval, "shape")
+            ]
             largest = max([largest] + sizes)
             if eqn.primitive.name in _RESIDUAL_PRIMITIVES:
                 residuals += sum(sizes)
@@ -215,7 +237,9 @@ def output_lock(out: Path):
         out.mkdir(parents=True, exist_ok=True)
         handle = open(out / LOCK, "a")
     except OSError as e:
-        raise PermissionError(f"cannot create the sweep directory {str(out)!r} ({e.strerror}): choose another --out") from None
+        raise PermissionError(
+            f"cannot create the sweep directory {str(out)!r} ({e.strerror}): choose another --out"
+        ) from None
     try:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -306,21 +330,40 @@ def sweep(
     temperatures = [settings.preset(rules).temperature] if temperatures is settings.FROM_RULES else list(temperatures)
     if not temperatures:
         raise ValueError("temperatures is empty: give at least one (None for vanilla)")
-    rule_options = dict(pool_temperature=pool_temperature, gelu_temperature=gelu_temperature,
-                        silu_temperature=silu_temperature, layer_norm=layer_norm, attention=attention,
-                        attention_temperature=attention_temperature)
+    rule_options = dict(
+        pool_temperature=pool_temperature,
+        gelu_temperature=gelu_temperature,
+        silu_temperature=silu_temperature,
+        layer_norm=layer_norm,
+        attention=attention,
+        attention_temperature=attention_temperature,
+    )
     # a None temperature is the exact gradient: the other rules do not apply to it (as the CLI's --method vanilla)
-    gatings = [settings.make_gating(t, gate=gate, pool_weights=pool_weights, rules=rules,
-                                    **(rule_options if t is not None else {})) for t in temperatures]
+    gatings = [
+        settings.make_gating(
+            t, gate=gate, pool_weights=pool_weights, rules=rules, **(rule_options if t is not None else {})
+        )
+        for t in temperatures
+    ]
     n, L, T = len(x), len(labels), len(temperatures)
     shapes = {"maps": (n, T, L) + x.shape[1:]} if reduce == "maps" else {reduce: (n, T, L)}
 
-    config = dict(arch=model.arch, source=model.metadata.get("source", ""), images=list(x.shape),
-                  labels=labels.tolist(), temperatures=temperatures, method=method, reduce=reduce,
-                  rules=rules, gate=gatings[0].gate, pool_weights=gatings[0].pool_weights,
-                  pool_temperatures=[None if g.pool_temperature is None else float(g.pool_temperature) for g in gatings],
-                  semantic_rules=[_semantic_rules(g) for g in gatings],
-                  options=dataclasses.asdict(ascent), format=2)
+    config = dict(
+        arch=model.arch,
+        source=model.metadata.get("source", ""),
+        images=list(x.shape),
+        labels=labels.tolist(),
+        temperatures=temperatures,
+        method=method,
+        reduce=reduce,
+        rules=rules,
+        gate=gatings[0].gate,
+        pool_weights=gatings[0].pool_weights,
+        pool_temperatures=[None if g.pool_temperature is None else float(g.pool_temperature) for g in gatings],
+        semantic_rules=[_semantic_rules(g) for g in gatings],
+        options=dataclasses.asdict(ascent),
+        format=2,
+    )
     fingerprint = _fingerprint(model, x, config)
     done, manifest_path, recorded_chunk = set(), None, None
     if out is not None:
@@ -334,9 +377,18 @@ def sweep(
         elif out.exists() and any(f.name != LOCK for f in out.iterdir()):
             raise ValueError(f"{str(out)!r} is not empty and holds no sweep: choose an empty or new directory")
 
-    p = plan(model, x.shape[1:], method, reduce, memory_budget=memory_budget,
-             chunk_size=recorded_chunk or chunk_size, num_labels=L, devices=devices, ascent=ascent,
-             rules=rules)
+    p = plan(
+        model,
+        x.shape[1:],
+        method,
+        reduce,
+        memory_budget=memory_budget,
+        chunk_size=recorded_chunk or chunk_size,
+        num_labels=L,
+        devices=devices,
+        ascent=ascent,
+        rules=rules,
+    )
     chunk = p.chunk
     n_chunks = -(-L // chunk)
     padded = np.concatenate([labels, np.full(n_chunks * chunk - L, labels[0], labels.dtype)])
@@ -384,8 +436,13 @@ def sweep(
 def _semantic_rules(g) -> list:
     """The GELU, SiLU, LayerNorm and attention rules of a Gating, JSON-able (for the manifest)."""
     number = lambda t: None if t is None else float(t)
-    return [number(g.gelu_temperature), number(g.silu_temperature), g.layer_norm, g.attention,
-            number(g.attention_temperature)]
+    return [
+        number(g.gelu_temperature),
+        number(g.silu_temperature),
+        g.layer_norm,
+        g.attention,
+        number(g.attention_temperature),
+    ]
 
 
 def _save_npy(path: str, array: np.ndarray) -> None:
@@ -415,7 +472,9 @@ def _check_results(out: Path, shapes: Dict[str, tuple]) -> None:
         except (OSError, ValueError):
             found = None
         if found != tuple(shape):
-            raise ValueError(f"{str(out / (k + '.npy'))!r} is missing or damaged: delete {str(out)!r} to run the sweep again")
+            raise ValueError(
+                f"{str(out / (k + '.npy'))!r} is missing or damaged: delete {str(out)!r} to run the sweep again"
+            )
 
 
 def _unit_id(u, T: int, n_chunks: int) -> int:

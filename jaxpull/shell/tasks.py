@@ -28,8 +28,14 @@ DEMO_METHODS = {
 # ``explain``'s methods: figure headings.
 HEADINGS = {"pullback": "excitation pullback (PGA, x_K - x_0)", "vanilla": "vanilla gradient (PGA, x_K - x_0)"}
 # the gate settings that have no meaning for the vanilla gradient (``make_gating`` refuses them with temperature None)
-VANILLA_DROPS = ("pool_temperature", "gelu_temperature", "silu_temperature", "layer_norm", "attention",
-                 "attention_temperature")
+VANILLA_DROPS = (
+    "pool_temperature",
+    "gelu_temperature",
+    "silu_temperature",
+    "layer_norm",
+    "attention",
+    "attention_temperature",
+)
 
 
 def warn(message: str) -> None:
@@ -44,8 +50,14 @@ def note_unused_pool_settings(given: Mapping[str, Any], model: Model, log: Log =
         log(f"{' and '.join(flags)} has no effect: {model.arch} has no max-pools")
 
 
-def explain_images(model: Model, x: np.ndarray, target_ids: np.ndarray, methods: Sequence[str],
-                   options: Mapping[str, Any], progress: bool = True) -> Dict[str, np.ndarray]:
+def explain_images(
+    model: Model,
+    x: np.ndarray,
+    target_ids: np.ndarray,
+    methods: Sequence[str],
+    options: Mapping[str, Any],
+    progress: bool = True,
+) -> Dict[str, np.ndarray]:
     """Ascent differences x_K - x_0 per method (``"pullback"``, ``"vanilla"``), one image at a time
     (bounded memory): ``x`` ``(N, H, W, 3)``, ``target_ids`` ``(N, K)`` -> ``{method: (N, K, H, W, 3)}``.
 
@@ -61,14 +73,27 @@ def explain_images(model: Model, x: np.ndarray, target_ids: np.ndarray, methods:
     jobs = [(m, i) for m in methods for i in range(len(x))]
     for m, i in tqdm(jobs, desc="explaining", unit="image", disable=not progress or len(jobs) < 2):
         opts = {k: v for k, v in options.items() if m != "vanilla" or k not in VANILLA_DROPS}
-        results[m][i] = np.asarray(jaxpull.ascent(model, x[i : i + 1], target_ids[i : i + 1],
-                                                  temperature=temperatures[m], output="diff", **opts))[0]
+        results[m][i] = np.asarray(
+            jaxpull.ascent(
+                model, x[i : i + 1], target_ids[i : i + 1], temperature=temperatures[m], output="diff", **opts
+            )
+        )[0]
     return results
 
 
-def explain(model_name: str, image_paths: Sequence[str], out: str, *, target_spec: str = "top3",
-            method: str = "both", arrays_path: Optional[str] = None, rules: str = settings.DEFAULT_RULES,
-            log: Log = print, progress: bool = True, **given) -> Dict[str, np.ndarray]:
+def explain(
+    model_name: str,
+    image_paths: Sequence[str],
+    out: str,
+    *,
+    target_spec: str = "top3",
+    method: str = "both",
+    arrays_path: Optional[str] = None,
+    rules: str = settings.DEFAULT_RULES,
+    log: Log = print,
+    progress: bool = True,
+    **given,
+) -> Dict[str, np.ndarray]:
     """``jaxpull explain``: the paper's figure of ascent differences for ``image_paths``.
 
     ``target_spec``: see :func:`jaxpull.core.targets.resolve_targets`; ``method``: pullback,
@@ -98,8 +123,16 @@ def explain(model_name: str, image_paths: Sequence[str], out: str, *, target_spe
     log(f"wrote {out}")
     if arrays_path:
         meta = {k: np.asarray(np.nan if v is None else v) for k, v in record.items() if not isinstance(v, str)}
-        outputs.save_arrays(arrays_path, dict(images=x, targets=target_ids, image_names=np.array(names),
-                                              **{f"{m}_diff": d for m, d in results.items()}, **meta))
+        outputs.save_arrays(
+            arrays_path,
+            dict(
+                images=x,
+                targets=target_ids,
+                image_names=np.array(names),
+                **{f"{m}_diff": d for m, d in results.items()},
+                **meta,
+            ),
+        )
         log(f"wrote {arrays_path}")
     return results
 
@@ -112,7 +145,8 @@ def _rules_text(name: str) -> str:
     gate = {"sigmoid": "sigmoid", "normal_cdf": "normal-CDF"}.get(r.gate, r.gate)
     ball = f"L2 ball eps {a.eps:g}" if a.project else "no L2 ball"
     return f"{gate} gate t {r.temperature:g}, {r.pool_weights} max-pool weights tp {tp:g}, {ball}, " + (
-        "clamp to [-1, 1] after every step" if a.clip else "no clamping")
+        "clamp to [-1, 1] after every step" if a.clip else "no clamping"
+    )
 
 
 def demo_caption(model_name: str, max_pools: bool = True) -> str:
@@ -130,8 +164,16 @@ def demo_caption(model_name: str, max_pools: bool = True) -> str:
     )
 
 
-def paper_figure(model: Model, x: np.ndarray, names: List[str], out, *, seed: int = 0,
-                 methods: Mapping[str, Mapping[str, Any]] = DEMO_METHODS, progress: bool = True) -> Dict[str, np.ndarray]:
+def paper_figure(
+    model: Model,
+    x: np.ndarray,
+    names: List[str],
+    out,
+    *,
+    seed: int = 0,
+    methods: Mapping[str, Mapping[str, Any]] = DEMO_METHODS,
+    progress: bool = True,
+) -> Dict[str, np.ndarray]:
     """The paper's figure: per method a block of rows (one per image) over the columns of
     :func:`jaxpull.core.targets.paper_layout`, written to ``out`` (.png).
 
@@ -152,7 +194,12 @@ def paper_figure(model: Model, x: np.ndarray, names: List[str], out, *, seed: in
         results[m][i] = np.asarray(diff)[0]
     source = model.metadata.get("source", "unknown").split(" | ")[0]
     figures.comparison_figure(
-        x, results, [figures.short_name(model.class_name(int(t))) for t in columns], names, out, own_columns=own,
+        x,
+        results,
+        [figures.short_name(model.class_name(int(t))) for t in columns],
+        names,
+        out,
+        own_columns=own,
         title=f"Excitation pullbacks vs the vanilla gradient on {model.arch}",
         caption=demo_caption(f"{model.arch}, weights {source}", models.get(model.arch).max_pools),
     )
@@ -178,10 +225,21 @@ def demo(model_name: str, out: str, seed: int = 0, log: Log = print) -> Dict[str
     return results
 
 
-def sweep(model_name: str, image_paths: Sequence[str], out: str, *, labels: str = "all",
-          temperatures=FROM_RULES, method: str = "pullback", reduce: str = "alignment",
-          memory_budget: float = 2 * 2**30, chunk_size: Optional[int] = None, rules: str = settings.DEFAULT_RULES,
-          log: Log = print, **given) -> Dict[str, np.ndarray]:
+def sweep(
+    model_name: str,
+    image_paths: Sequence[str],
+    out: str,
+    *,
+    labels: str = "all",
+    temperatures=FROM_RULES,
+    method: str = "pullback",
+    reduce: str = "alignment",
+    memory_budget: float = 2 * 2**30,
+    chunk_size: Optional[int] = None,
+    rules: str = settings.DEFAULT_RULES,
+    log: Log = print,
+    **given,
+) -> Dict[str, np.ndarray]:
     """``jaxpull sweep``: :func:`jaxpull.shell.sweep.sweep` over image files and a label spec
     (:func:`jaxpull.core.targets.parse_labels`), logging each image's most aligned labels."""
     from jaxpull.files import cache, images
@@ -191,23 +249,51 @@ def sweep(model_name: str, image_paths: Sequence[str], out: str, *, labels: str 
     model = cache.resolve(model_name, log=log)
     x = images.load_images(image_paths, **model.preprocessing.image_options)
     note_unused_pool_settings(given, model)
-    result = sweeps.sweep(model, x, targets.parse_labels(labels, model), temperatures, method=method, reduce=reduce,
-                          out=out, memory_budget=memory_budget, chunk_size=chunk_size, rules=rules, **given)
+    result = sweeps.sweep(
+        model,
+        x,
+        targets.parse_labels(labels, model),
+        temperatures,
+        method=method,
+        reduce=reduce,
+        out=out,
+        memory_budget=memory_budget,
+        chunk_size=chunk_size,
+        rules=rules,
+        **given,
+    )
     log(f"wrote {', '.join(f'{k}.npy {tuple(v.shape)}' for k, v in result.items())} to {out}")
     if "top_labels" in result:
         shown = [PRESETS[rules].temperature] if temperatures is FROM_RULES else temperatures
         for name, row in zip(image_paths, result["top_labels"]):
             for t, top in zip(shown, row):
-                log(f"{Path(name).stem} t={t}: most aligned labels " + ", ".join(model.class_name(int(i)) for i in top[:5]))
+                log(
+                    f"{Path(name).stem} t={t}: most aligned labels "
+                    + ", ".join(model.class_name(int(i)) for i in top[:5])
+                )
     return result
 
 
-def evaluate(image_sources: Sequence[str], model_name: str, out: str, *,
-             explainer_names: Sequence[str] = ("pullback", "pullback_ascent", "gradient", "gradient_ascent"),
-             metric_names: Sequence[str] = ("focus", "faithfulness", "infidelity"), labels: str = "top1",
-             limit: Optional[int] = None, mosaics: int = 50, stages: int = 6, sensitivity_samples: int = 10,
-             rules: str = settings.DEFAULT_RULES, temperature=FROM_RULES, samples: Optional[int] = None,
-             resamples: int = 2000, seed: int = 0, command: str = "", log: Log = print) -> str:
+def evaluate(
+    image_sources: Sequence[str],
+    model_name: str,
+    out: str,
+    *,
+    explainer_names: Sequence[str] = ("pullback", "pullback_ascent", "gradient", "gradient_ascent"),
+    metric_names: Sequence[str] = ("focus", "faithfulness", "infidelity"),
+    labels: str = "top1",
+    limit: Optional[int] = None,
+    mosaics: int = 50,
+    stages: int = 6,
+    sensitivity_samples: int = 10,
+    rules: str = settings.DEFAULT_RULES,
+    temperature=FROM_RULES,
+    samples: Optional[int] = None,
+    resamples: int = 2000,
+    seed: int = 0,
+    command: str = "",
+    log: Log = print,
+) -> str:
     """``jaxpull evaluate``: :func:`jaxpull.evaluation.pipeline.evaluate` on image files, folders or
     ``["samples"]`` (the offline photos), written as ``out`` (.md) and a .csv beside it.
 
@@ -221,8 +307,14 @@ def evaluate(image_sources: Sequence[str], model_name: str, out: str, *,
 
     out = outputs.check_output(out, ".md")
     csv_path = outputs.check_output(str(out.with_suffix(".csv")), ".csv")
-    pipeline.check_counts(limit=limit, mosaics=mosaics, stages=stages, samples=samples, resamples=resamples,
-                          sensitivity_samples=sensitivity_samples)
+    pipeline.check_counts(
+        limit=limit,
+        mosaics=mosaics,
+        stages=stages,
+        samples=samples,
+        resamples=resamples,
+        sensitivity_samples=sensitivity_samples,
+    )
     if seed < 0:
         raise ValueError(f"--seed must be a non-negative integer, got {seed}")
     if temperature is not FROM_RULES:
@@ -241,21 +333,42 @@ def evaluate(image_sources: Sequence[str], model_name: str, out: str, *,
     pipeline.check_request(model, explainer_names, metric_names, len(paths))
     options = {n: {"rules": rules} for n in explainer_names if n in explainers.TAKE_RULES}
     if temperature is not FROM_RULES:
-        options.update({n: {**options.get(n, {}), "temperature": temperature} for n in explainer_names
-                        if "pullback" in n.lower()})
+        options.update(
+            {n: {**options.get(n, {}), "temperature": temperature} for n in explainer_names if "pullback" in n.lower()}
+        )
     if samples is not None:
-        options.update({n: {**options.get(n, {}), "samples": samples} for n in explainer_names
-                        if n.startswith("smoothgrad") or n == "SmoothPullback"})
-    chosen = classes if labels == "folders" else None if labels == "top1" else [
-        model.label(name.strip()) for name in labels.split(",") if name.strip()]
+        options.update(
+            {
+                n: {**options.get(n, {}), "samples": samples}
+                for n in explainer_names
+                if n.startswith("smoothgrad") or n == "SmoothPullback"
+            }
+        )
+    chosen = (
+        classes
+        if labels == "folders"
+        else None
+        if labels == "top1"
+        else [model.label(name.strip()) for name in labels.split(",") if name.strip()]
+    )
     x = images.load_images(paths, **model.preprocessing.image_options)
     if chosen is None:
         chosen = pipeline.top1(model, x)  # once, here: evaluate() uses these, and mosaics default to them
     if "focus" in metric_names:
         pipeline.check_focus_classes(classes if classes is not None else chosen)
-    report = pipeline.evaluate(model, x, chosen, classes, explainer_names=explainer_names, metric_names=metric_names,
-                               options=options, mosaics=mosaics, stages=stages,
-                               sensitivity_samples=sensitivity_samples, seed=seed)
+    report = pipeline.evaluate(
+        model,
+        x,
+        chosen,
+        classes,
+        explainer_names=explainer_names,
+        metric_names=metric_names,
+        options=options,
+        mosaics=mosaics,
+        stages=stages,
+        sensitivity_samples=sensitivity_samples,
+        seed=seed,
+    )
     report.settings["images_used"] = [Path(p).name for p in paths]
     rows = pipeline.summary_rows(report, resamples)
     text = pipeline.to_markdown(report, rows, command)

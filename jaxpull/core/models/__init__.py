@@ -11,7 +11,16 @@ from typing import Callable, Dict, NamedTuple, Optional, Tuple
 import flax.linen as nn
 
 from jaxpull.core.layers import IMAGENET_MEAN, IMAGENET_STD
-from jaxpull.core.models import alexnet, convnext, densenet, efficientnet, efficientnet_lite, googlenet, inception, maxvit
+from jaxpull.core.models import (
+    alexnet,
+    convnext,
+    densenet,
+    efficientnet,
+    efficientnet_lite,
+    googlenet,
+    inception,
+    maxvit,
+)
 from jaxpull.core.models import mnasnet, mobilenet, mobilenet_v3, regnet, resnet, shufflenet, squeezenet, swin, vgg, vit
 from jaxpull.core.preprocessing import Preprocessing
 
@@ -51,10 +60,18 @@ def _family(module) -> Dict[str, Family]:
     for name, build in module.ARCHITECTURES.items():
         mean, std = _by_arch(fact("INPUT_NORMALIZATION", {}), name, (IMAGENET_MEAN, IMAGENET_STD))
         entries[name] = Family(
-            build, module.torch_layout, module.MAX_POOLS, _by_arch(fact("PREPROCESSING", Preprocessing()), name,
-                                                                   Preprocessing()),
-            fact("TRANSFORM_INPUT"), fact("AUXILIARY_KEYS"), fact("torch_config"), fact("state_dict_config"),
-            tuple(mean), tuple(std), fact("LEGACY_KEYS"))
+            build,
+            module.torch_layout,
+            module.MAX_POOLS,
+            _by_arch(fact("PREPROCESSING", Preprocessing()), name, Preprocessing()),
+            fact("TRANSFORM_INPUT"),
+            fact("AUXILIARY_KEYS"),
+            fact("torch_config"),
+            fact("state_dict_config"),
+            tuple(mean),
+            tuple(std),
+            fact("LEGACY_KEYS"),
+        )
     return entries
 
 
@@ -85,6 +102,4 @@ def get(arch: str) -> Family:
     try:
         return ARCHITECTURES[arch]
     except KeyError:
-        raise ValueError(
-            f"unknown architecture {arch!r}: choose one of {', '.join(sorted(ARCHITECTURES))}"
-        ) from None
+        raise ValueError(f"unknown architecture {arch!r}: choose one of {', '.join(sorted(ARCHITECTURES))}") from None

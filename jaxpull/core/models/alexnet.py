@@ -9,8 +9,13 @@ from jaxpull.core.gates import Gating
 from jaxpull.core.layers import Conv, Dense, adaptive_avg_pool, flatten_chw, max_pool, relu
 
 # (torchvision index, features, kernel, stride, padding, followed by a max-pool)
-FEATURES = ((0, 64, 11, 4, 2, True), (3, 192, 5, 1, 2, True), (6, 384, 3, 1, 1, False),
-            (8, 256, 3, 1, 1, False), (10, 256, 3, 1, 1, True))
+FEATURES = (
+    (0, 64, 11, 4, 2, True),
+    (3, 192, 5, 1, 2, True),
+    (6, 384, 3, 1, 1, False),
+    (8, 256, 3, 1, 1, False),
+    (10, 256, 3, 1, 1, True),
+)
 
 
 class AlexNet(nn.Module):

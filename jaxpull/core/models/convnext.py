@@ -124,8 +124,10 @@ class ConvNeXt(nn.Module):
     def __call__(self, x: jax.Array, gating: Gating) -> jax.Array:
         smallest = min_image_size(self.block_setting)
         if min(x.shape[1:3]) < smallest:
-            raise ValueError(f"ConvNeXt needs images of at least {smallest}x{smallest} pixels, got "
-                             f"{x.shape[1]}x{x.shape[2]}: use a larger image")
+            raise ValueError(
+                f"ConvNeXt needs images of at least {smallest}x{smallest} pixels, got "
+                f"{x.shape[1]}x{x.shape[2]}: use a larger image"
+            )
         x = Stem(self.block_setting[0][0], name="features_0")(x, gating)
         i = 1
         for _, out, depth in self.block_setting:
@@ -163,8 +165,12 @@ def _layer_norm(sd, prefix: str) -> dict:
 
 def _block(sd, prefix: str) -> dict:
     """A ``CNBlock``: ``block.0`` (depthwise conv), ``.2`` (LayerNorm), ``.3`` / ``.5`` (Linear), layer scale."""
-    p = {"dwconv": sd.conv_bn(f"{prefix}.block.0", None), "norm": _layer_norm(sd, f"{prefix}.block.2"),
-         "pwconv1": sd.dense(f"{prefix}.block.3"), "pwconv2": sd.dense(f"{prefix}.block.5")}
+    p = {
+        "dwconv": sd.conv_bn(f"{prefix}.block.0", None),
+        "norm": _layer_norm(sd, f"{prefix}.block.2"),
+        "pwconv1": sd.dense(f"{prefix}.block.3"),
+        "pwconv2": sd.dense(f"{prefix}.block.5"),
+    }
     scale = sd.get(f"{prefix}.layer_scale")  # (C, 1, 1)
     if scale is not None:
         p["layer_scale"] = scale.reshape(-1).astype(np.float32)
@@ -174,14 +180,20 @@ def _block(sd, prefix: str) -> dict:
 def torch_layout(arch: str, sd, block_setting: Optional[Tuple[StageSetting, ...]] = None) -> dict:
     """Map a torchvision ConvNeXt state_dict onto this module's parameter tree."""
     block_setting = SETTINGS[arch] if block_setting is None else block_setting
-    p = {"features_0": {"conv": sd.conv_bn("features.0.0", None), "norm": _layer_norm(sd, "features.0.1")},
-         "classifier_0": _layer_norm(sd, "classifier.0"), "classifier_2": sd.dense("classifier.2")}
+    p = {
+        "features_0": {"conv": sd.conv_bn("features.0.0", None), "norm": _layer_norm(sd, "features.0.1")},
+        "classifier_0": _layer_norm(sd, "classifier.0"),
+        "classifier_2": sd.dense("classifier.2"),
+    }
     i = 1
     for _, out, depth in block_setting:
         p[f"features_{i}"] = {f"block_{j}": _block(sd, f"features.{i}.{j}") for j in range(depth)}
         i += 1
         if out is not None:
-            p[f"features_{i}"] = {"norm": _layer_norm(sd, f"features.{i}.0"), "conv": sd.conv_bn(f"features.{i}.1", None)}
+            p[f"features_{i}"] = {
+                "norm": _layer_norm(sd, f"features.{i}.0"),
+                "conv": sd.conv_bn(f"features.{i}.1", None),
+            }
             i += 1
     return p
 

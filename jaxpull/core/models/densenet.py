@@ -96,29 +96,38 @@ ARCHITECTURES = {
 }
 
 # torchvision's published DenseNet checkpoints spell ``denselayerN.norm1`` as ``norm.1``.
-LEGACY_KEY = r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var|num_batches_tracked))$"
+LEGACY_KEY = (
+    r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var|num_batches_tracked))$"
+)
 
 
 def torch_layout(arch: str, sd) -> dict:
     """Map a torchvision DenseNet state_dict (either key spelling) onto the parameter tree."""
     sd.rename(*LEGACY_KEYS)
     f = "features"
-    p = {"conv0": sd.conv_bn(f"{f}.conv0", f"{f}.norm0"), "norm5": sd.affine(f"{f}.norm5"),
-         "classifier": sd.dense("classifier")}
+    p = {
+        "conv0": sd.conv_bn(f"{f}.conv0", f"{f}.norm0"),
+        "norm5": sd.affine(f"{f}.norm5"),
+        "classifier": sd.dense("classifier"),
+    }
     b = 1
     while sd.has(f"{f}.denseblock{b}.denselayer1.conv1.weight"):
         block, i = {}, 1
         while sd.has(f"{f}.denseblock{b}.denselayer{i}.conv1.weight"):
             pre = f"{f}.denseblock{b}.denselayer{i}"
             block[f"denselayer{i}"] = {
-                "norm1": sd.affine(f"{pre}.norm1"), "conv1": sd.conv_bn(f"{pre}.conv1", None),
-                "norm2": sd.affine(f"{pre}.norm2"), "conv2": sd.conv_bn(f"{pre}.conv2", None),
+                "norm1": sd.affine(f"{pre}.norm1"),
+                "conv1": sd.conv_bn(f"{pre}.conv1", None),
+                "norm2": sd.affine(f"{pre}.norm2"),
+                "conv2": sd.conv_bn(f"{pre}.conv2", None),
             }
             i += 1
         p[f"denseblock{b}"] = block
         if sd.has(f"{f}.transition{b}.conv.weight"):
-            p[f"transition{b}"] = {"norm": sd.affine(f"{f}.transition{b}.norm"),
-                                   "conv": sd.conv_bn(f"{f}.transition{b}.conv", None)}
+            p[f"transition{b}"] = {
+                "norm": sd.affine(f"{f}.transition{b}.norm"),
+                "conv": sd.conv_bn(f"{f}.transition{b}.conv", None),
+            }
         b += 1
     return p
 

@@ -51,15 +51,31 @@ def make_divisible(v: float, divisor: int = 8) -> int:
     return new_v + divisor if new_v < 0.9 * v else new_v
 
 
-def mbconv(expand_ratio: float, kernel: int, stride: int, input_channels: int, out_channels: int, num_layers: int,
-           width_mult: float = 1.0, depth_mult: float = 1.0) -> Stage:
+def mbconv(
+    expand_ratio: float,
+    kernel: int,
+    stride: int,
+    input_channels: int,
+    out_channels: int,
+    num_layers: int,
+    width_mult: float = 1.0,
+    depth_mult: float = 1.0,
+) -> Stage:
     """torchvision's ``MBConvConfig``: channels scaled and made divisible by 8, depth rounded up."""
-    return Stage("MBConv", expand_ratio, kernel, stride, make_divisible(input_channels * width_mult),
-                 make_divisible(out_channels * width_mult), int(math.ceil(num_layers * depth_mult)))
+    return Stage(
+        "MBConv",
+        expand_ratio,
+        kernel,
+        stride,
+        make_divisible(input_channels * width_mult),
+        make_divisible(out_channels * width_mult),
+        int(math.ceil(num_layers * depth_mult)),
+    )
 
 
-def fused(expand_ratio: float, kernel: int, stride: int, input_channels: int, out_channels: int,
-          num_layers: int) -> Stage:
+def fused(
+    expand_ratio: float, kernel: int, stride: int, input_channels: int, out_channels: int, num_layers: int
+) -> Stage:
     """torchvision's ``FusedMBConvConfig`` (no multipliers)."""
     return Stage("FusedMBConv", expand_ratio, kernel, stride, input_channels, out_channels, num_layers)
 
@@ -67,8 +83,15 @@ def fused(expand_ratio: float, kernel: int, stride: int, input_channels: int, ou
 def _b(width_mult: float, depth_mult: float) -> Tuple[Stage, ...]:
     """The stages of efficientnet_b*: torchvision's ``_efficientnet_conf`` table."""
     conf = functools.partial(mbconv, width_mult=width_mult, depth_mult=depth_mult)
-    return (conf(1, 3, 1, 32, 16, 1), conf(6, 3, 2, 16, 24, 2), conf(6, 5, 2, 24, 40, 2), conf(6, 3, 2, 40, 80, 3),
-            conf(6, 5, 1, 80, 112, 3), conf(6, 5, 2, 112, 192, 4), conf(6, 3, 1, 192, 320, 1))
+    return (
+        conf(1, 3, 1, 32, 16, 1),
+        conf(6, 3, 2, 16, 24, 2),
+        conf(6, 5, 2, 24, 40, 2),
+        conf(6, 3, 2, 40, 80, 3),
+        conf(6, 5, 1, 80, 112, 3),
+        conf(6, 5, 2, 112, 192, 4),
+        conf(6, 3, 1, 192, 320, 1),
+    )
 
 
 # (stages, last_channel (None: 4x the last stage's width), BatchNorm epsilon) of each model
@@ -81,15 +104,44 @@ CONFIGS = {
     "efficientnet_b5": (_b(1.6, 2.2), None, 1e-3),
     "efficientnet_b6": (_b(1.8, 2.6), None, 1e-3),
     "efficientnet_b7": (_b(2.0, 3.1), None, 1e-3),
-    "efficientnet_v2_s": ((fused(1, 3, 1, 24, 24, 2), fused(4, 3, 2, 24, 48, 4), fused(4, 3, 2, 48, 64, 4),
-                           mbconv(4, 3, 2, 64, 128, 6), mbconv(6, 3, 1, 128, 160, 9),
-                           mbconv(6, 3, 2, 160, 256, 15)), 1280, 1e-3),
-    "efficientnet_v2_m": ((fused(1, 3, 1, 24, 24, 3), fused(4, 3, 2, 24, 48, 5), fused(4, 3, 2, 48, 80, 5),
-                           mbconv(4, 3, 2, 80, 160, 7), mbconv(6, 3, 1, 160, 176, 14),
-                           mbconv(6, 3, 2, 176, 304, 18), mbconv(6, 3, 1, 304, 512, 5)), 1280, 1e-3),
-    "efficientnet_v2_l": ((fused(1, 3, 1, 32, 32, 4), fused(4, 3, 2, 32, 64, 7), fused(4, 3, 2, 64, 96, 7),
-                           mbconv(4, 3, 2, 96, 192, 10), mbconv(6, 3, 1, 192, 224, 19),
-                           mbconv(6, 3, 2, 224, 384, 25), mbconv(6, 3, 1, 384, 640, 7)), 1280, 1e-3),
+    "efficientnet_v2_s": (
+        (
+            fused(1, 3, 1, 24, 24, 2),
+            fused(4, 3, 2, 24, 48, 4),
+            fused(4, 3, 2, 48, 64, 4),
+            mbconv(4, 3, 2, 64, 128, 6),
+            mbconv(6, 3, 1, 128, 160, 9),
+            mbconv(6, 3, 2, 160, 256, 15),
+        ),
+        1280,
+        1e-3,
+    ),
+    "efficientnet_v2_m": (
+        (
+            fused(1, 3, 1, 24, 24, 3),
+            fused(4, 3, 2, 24, 48, 5),
+            fused(4, 3, 2, 48, 80, 5),
+            mbconv(4, 3, 2, 80, 160, 7),
+            mbconv(6, 3, 1, 160, 176, 14),
+            mbconv(6, 3, 2, 176, 304, 18),
+            mbconv(6, 3, 1, 304, 512, 5),
+        ),
+        1280,
+        1e-3,
+    ),
+    "efficientnet_v2_l": (
+        (
+            fused(1, 3, 1, 32, 32, 4),
+            fused(4, 3, 2, 32, 64, 7),
+            fused(4, 3, 2, 64, 96, 7),
+            mbconv(4, 3, 2, 96, 192, 10),
+            mbconv(6, 3, 1, 192, 224, 19),
+            mbconv(6, 3, 2, 224, 384, 25),
+            mbconv(6, 3, 1, 384, 640, 7),
+        ),
+        1280,
+        1e-3,
+    ),
 }
 
 # torchvision's get_model_weights(arch).DEFAULT.transforms(), read once (torchvision 0.29):
@@ -127,8 +179,9 @@ class MBConv(nn.Module):
         y = x
         if expanded != self.input_channels:
             y = silu(Conv(expanded, 1, use_bias=True, name="expand")(y), gating)
-        y = Conv(expanded, self.kernel, self.stride, (self.kernel - 1) // 2, groups=expanded, use_bias=True,
-                 name="depthwise")(y)
+        y = Conv(
+            expanded, self.kernel, self.stride, (self.kernel - 1) // 2, groups=expanded, use_bias=True, name="depthwise"
+        )(y)
         y = silu(y, gating)
         y = SqueezeExcitation(max(1, self.input_channels // 4), silu, name="se")(y, gating)
         y = Conv(self.out_channels, 1, use_bias=True, name="project")(y)
@@ -175,16 +228,25 @@ class EfficientNet(nn.Module):
             block = {"MBConv": MBConv, "FusedMBConv": FusedMBConv}[s.block]
             for j in range(s.num_layers):
                 first = j == 0
-                x = block(s.expand_ratio, s.kernel, s.stride if first else 1,
-                          s.input_channels if first else s.out_channels, s.out_channels,
-                          name=f"features_{i}_{j}")(x, gating)
+                x = block(
+                    s.expand_ratio,
+                    s.kernel,
+                    s.stride if first else 1,
+                    s.input_channels if first else s.out_channels,
+                    s.out_channels,
+                    name=f"features_{i}_{j}",
+                )(x, gating)
         last = self.last_channel or 4 * stages[-1].out_channels
         x = silu(Conv(last, 1, use_bias=True, name=f"features_{len(stages) + 1}")(x), gating)
         return Dense(self.num_classes, name="classifier_1")(global_avg_pool(x))
 
 
-def efficientnet(stages: Sequence[Sequence], last_channel: Optional[int] = None, bn_eps: Optional[float] = None,
-                 num_classes: int = 1000) -> EfficientNet:
+def efficientnet(
+    stages: Sequence[Sequence],
+    last_channel: Optional[int] = None,
+    bn_eps: Optional[float] = None,
+    num_classes: int = 1000,
+) -> EfficientNet:
     """The module of ``stages`` (rows of ``Stage`` fields). ``bn_eps`` is the converter's (folded
     into the weights by ``torch_layout``), not the module's: accepted and ignored here."""
     del bn_eps
@@ -197,13 +259,17 @@ def efficientnet(stages: Sequence[Sequence], last_channel: Optional[int] = None,
 def _stage(row: Sequence) -> Stage:
     s = Stage(*row)
     if s.block not in BLOCKS or s.stride not in (1, 2) or min(s.kernel, s.input_channels, s.out_channels) < 1:
-        raise ValueError(f"invalid EfficientNet stage {tuple(row)}: need block in {BLOCKS}, stride 1 or 2 and "
-                         "positive kernel and channels")
+        raise ValueError(
+            f"invalid EfficientNet stage {tuple(row)}: need block in {BLOCKS}, stride 1 or 2 and "
+            "positive kernel and channels"
+        )
     return s
 
 
-ARCHITECTURES = {arch: functools.partial(efficientnet, stages=stages, last_channel=last_channel)
-                 for arch, (stages, last_channel, _) in CONFIGS.items()}
+ARCHITECTURES = {
+    arch: functools.partial(efficientnet, stages=stages, last_channel=last_channel)
+    for arch, (stages, last_channel, _) in CONFIGS.items()
+}
 
 
 def torch_config(module) -> dict:
@@ -213,8 +279,10 @@ def torch_config(module) -> dict:
     import torch
 
     if type(module).__name__ != "EfficientNet":
-        raise ValueError(f"expected a torchvision EfficientNet, got {type(module).__name__}: "
-                         "build it with torchvision.models.efficientnet")
+        raise ValueError(
+            f"expected a torchvision EfficientNet, got {type(module).__name__}: "
+            "build it with torchvision.models.efficientnet"
+        )
     stages = []
     for stage in list(module.features)[1:-1]:
         b = stage[0]
@@ -226,8 +294,9 @@ def torch_config(module) -> dict:
         spatial = next(c for c in convs if c.groups > 1) if kind == "MBConv" else convs[0]
         inp = convs[0].in_channels
         expanded = spatial.out_channels if kind == "MBConv" else (convs[0].out_channels if len(b.block) == 2 else inp)
-        stages.append((kind, expanded / inp, spatial.kernel_size[0], spatial.stride[0], inp, b.out_channels,
-                       len(stage)))
+        stages.append(
+            (kind, expanded / inp, spatial.kernel_size[0], spatial.stride[0], inp, b.out_channels, len(stage))
+        )
     head = module.features[-1][0].out_channels
     last_channel = None if head == 4 * stages[-1][5] else head
     eps = {m.eps for m in module.modules() if isinstance(m, torch.nn.BatchNorm2d)}
@@ -235,14 +304,22 @@ def torch_config(module) -> dict:
         raise ValueError(f"the EfficientNet's BatchNorms use several epsilons {sorted(eps)}: one is supported")
     bn_eps = eps.pop()
     for named_stages, named_last, named_eps in CONFIGS.values():
-        if (tuple(map(tuple, stages)) == tuple(map(tuple, named_stages)) and last_channel == named_last
-                and bn_eps == named_eps):
+        if (
+            tuple(map(tuple, stages)) == tuple(map(tuple, named_stages))
+            and last_channel == named_last
+            and bn_eps == named_eps
+        ):
             return {}
     return {"stages": tuple(tuple(s) for s in stages), "last_channel": last_channel, "bn_eps": bn_eps}
 
 
-def torch_layout(arch: str, sd, stages: Optional[Sequence[Sequence]] = None, last_channel: Optional[int] = None,
-                 bn_eps: Optional[float] = None) -> dict:
+def torch_layout(
+    arch: str,
+    sd,
+    stages: Optional[Sequence[Sequence]] = None,
+    last_channel: Optional[int] = None,
+    bn_eps: Optional[float] = None,
+) -> dict:
     """Map a torchvision EfficientNet state_dict onto this module's parameter tree (``stages`` and
     ``bn_eps``: a model of other sizes than ``arch``'s, see ``torch_config``)."""
     named_stages, _, named_eps = CONFIGS[arch]
@@ -250,8 +327,11 @@ def torch_layout(arch: str, sd, stages: Optional[Sequence[Sequence]] = None, las
     eps = named_eps if bn_eps is None else bn_eps
     conv = lambda pre: sd.conv_bn(f"{pre}.0", f"{pre}.1", eps)  # Conv2dNormActivation
     last = len(stages) + 1
-    p = {"features_0": conv("features.0"), f"features_{last}": conv(f"features.{last}"),
-         "classifier_1": sd.dense("classifier.1")}
+    p = {
+        "features_0": conv("features.0"),
+        f"features_{last}": conv(f"features.{last}"),
+        "classifier_1": sd.dense("classifier.1"),
+    }
     for i, s in enumerate(stages, 1):
         for j in range(s.num_layers):
             inp = s.input_channels if j == 0 else s.out_channels

@@ -15,8 +15,15 @@ from jaxpull.core.gates import Gating
 from jaxpull.core.layers import Conv, Dense, global_avg_pool, relu6
 
 # (repeats, kernel, first stride, expansion, input channels, output channels): lite0's blocks_args
-STAGES = ((1, 3, 1, 1, 32, 16), (2, 3, 2, 6, 16, 24), (2, 5, 2, 6, 24, 40), (3, 3, 2, 6, 40, 80),
-          (3, 5, 1, 6, 80, 112), (4, 5, 2, 6, 112, 192), (1, 3, 1, 6, 192, 320))
+STAGES = (
+    (1, 3, 1, 1, 32, 16),
+    (2, 3, 2, 6, 16, 24),
+    (2, 5, 2, 6, 24, 40),
+    (3, 3, 2, 6, 40, 80),
+    (3, 5, 1, 6, 80, 112),
+    (4, 5, 2, 6, 112, 192),
+    (1, 3, 1, 6, 192, 320),
+)
 BN_EPS = 1e-3
 INPUT_MEAN = (127.0 / 255,) * 3  # (p/255 - 127/255) / (128/255) == (p - 127) / 128
 INPUT_STD = (128.0 / 255,) * 3
@@ -72,13 +79,17 @@ ARCHITECTURES = {"efficientnet_lite0": EfficientNetLite}
 
 def torch_layout(arch: str, sd) -> dict:
     """Map the ``efficientnet-lite-pytorch`` state_dict onto this module's parameter tree."""
-    p = {"conv_stem": sd.conv_bn("_conv_stem", "_bn0", BN_EPS),
-         "conv_head": sd.conv_bn("_conv_head", "_bn1", BN_EPS),
-         "fc": sd.dense("_fc")}
+    p = {
+        "conv_stem": sd.conv_bn("_conv_stem", "_bn0", BN_EPS),
+        "conv_head": sd.conv_bn("_conv_head", "_bn1", BN_EPS),
+        "fc": sd.dense("_fc"),
+    }
     for index, _, _, expand, _, _ in blocks():
         b = f"_blocks.{index}"
-        block = {"depthwise_conv": sd.conv_bn(f"{b}._depthwise_conv", f"{b}._bn1", BN_EPS),
-                 "project_conv": sd.conv_bn(f"{b}._project_conv", f"{b}._bn2", BN_EPS)}
+        block = {
+            "depthwise_conv": sd.conv_bn(f"{b}._depthwise_conv", f"{b}._bn1", BN_EPS),
+            "project_conv": sd.conv_bn(f"{b}._project_conv", f"{b}._bn2", BN_EPS),
+        }
         if expand != 1:
             block["expand_conv"] = sd.conv_bn(f"{b}._expand_conv", f"{b}._bn0", BN_EPS)
         p[f"blocks_{index}"] = block

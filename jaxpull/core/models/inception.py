@@ -114,16 +114,22 @@ class InceptionE(nn.Module):
     def __call__(self, x: jax.Array, gating: Gating) -> jax.Array:
         branch1x1 = BasicConv2d(320, 1, name="branch1x1")(x, gating)
         branch3x3 = BasicConv2d(384, 1, name="branch3x3_1")(x, gating)
-        branch3x3 = jnp.concatenate([
-            BasicConv2d(384, (1, 3), padding=ROW3, name="branch3x3_2a")(branch3x3, gating),
-            BasicConv2d(384, (3, 1), padding=COLUMN3, name="branch3x3_2b")(branch3x3, gating),
-        ], axis=-1)
+        branch3x3 = jnp.concatenate(
+            [
+                BasicConv2d(384, (1, 3), padding=ROW3, name="branch3x3_2a")(branch3x3, gating),
+                BasicConv2d(384, (3, 1), padding=COLUMN3, name="branch3x3_2b")(branch3x3, gating),
+            ],
+            axis=-1,
+        )
         branch3x3dbl = BasicConv2d(448, 1, name="branch3x3dbl_1")(x, gating)
         branch3x3dbl = BasicConv2d(384, 3, padding=1, name="branch3x3dbl_2")(branch3x3dbl, gating)
-        branch3x3dbl = jnp.concatenate([
-            BasicConv2d(384, (1, 3), padding=ROW3, name="branch3x3dbl_3a")(branch3x3dbl, gating),
-            BasicConv2d(384, (3, 1), padding=COLUMN3, name="branch3x3dbl_3b")(branch3x3dbl, gating),
-        ], axis=-1)
+        branch3x3dbl = jnp.concatenate(
+            [
+                BasicConv2d(384, (1, 3), padding=ROW3, name="branch3x3dbl_3a")(branch3x3dbl, gating),
+                BasicConv2d(384, (3, 1), padding=COLUMN3, name="branch3x3dbl_3b")(branch3x3dbl, gating),
+            ],
+            axis=-1,
+        )
         branch_pool = BasicConv2d(192, 1, name="branch_pool")(avg_pool_3x3(x), gating)
         return jnp.concatenate([branch1x1, branch3x3, branch3x3dbl, branch_pool], axis=-1)
 

@@ -47,8 +47,14 @@ PREPROCESSING = Preprocessing(crop_size=224, resize_size=224, interpolation="bic
 
 # torchvision's maxvit_t: the builder's size options
 DEFAULTS = {
-    "maxvit_t": dict(image_size=224, stem_channels=64, partition_size=7, block_channels=(64, 128, 256, 512),
-                     block_layers=(2, 2, 5, 2), head_dim=32),
+    "maxvit_t": dict(
+        image_size=224,
+        stem_channels=64,
+        partition_size=7,
+        block_channels=(64, 128, 256, 512),
+        block_layers=(2, 2, 5, 2),
+        head_dim=32,
+    ),
 }
 
 
@@ -98,8 +104,9 @@ class QKVProjection(nn.Module):
         kernel = self.param("kernel", nn.initializers.lecun_normal(), (query.shape[-1], self.features))
         bias = self.param("bias", nn.initializers.zeros, (self.features,))
         project = lambda a, w, b: matmul(a, w) + b
-        return tuple(project(a, w, b) for a, w, b in zip((query, key, value), jnp.split(kernel, 3, axis=1),
-                                                         jnp.split(bias, 3)))
+        return tuple(
+            project(a, w, b) for a, w, b in zip((query, key, value), jnp.split(kernel, 3, axis=1), jnp.split(bias, 3))
+        )
 
 
 class RelativePositionalMultiHeadAttention(nn.Module):
@@ -115,8 +122,9 @@ class RelativePositionalMultiHeadAttention(nn.Module):
         """``(N, G, L, C)`` tokens (``L = partition_size**2``) -> ``(N, G, L, C)``."""
         n, g, length, c = x.shape
         heads, s = c // self.head_dim, self.partition_size
-        table = self.param("relative_position_bias_table", nn.initializers.truncated_normal(0.02),
-                           ((2 * s - 1) ** 2, heads))
+        table = self.param(
+            "relative_position_bias_table", nn.initializers.truncated_normal(0.02), ((2 * s - 1) ** 2, heads)
+        )
         bias = table[relative_position_index(s).reshape(-1)].reshape(length, length, heads).transpose(2, 0, 1)
         to_qkv, merge = QKVProjection(3 * c, name="to_qkv"), Dense(c, name="merge")
         heads_first = lambda a: a.reshape(n, g, length, heads, self.head_dim).transpose(0, 1, 3, 2, 4)
@@ -202,8 +210,9 @@ class MaxVitBlock(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, gating: Gating) -> jax.Array:
         for i in range(self.n_layers):
-            x = MaxVitLayer(self.out_channels, 2 if i == 0 else 1, self.head_dim, self.partition_size,
-                            name=f"layers_{i}")(x, gating)
+            x = MaxVitLayer(
+                self.out_channels, 2 if i == 0 else 1, self.head_dim, self.partition_size, name=f"layers_{i}"
+            )(x, gating)
         return x
 
 
@@ -224,12 +233,16 @@ class MaxVit(nn.Module):
         s = self.image_size
         name = self.arch or f"this MaxViT (image_size {s})"
         if tuple(x.shape[1:3]) != (s, s):
-            raise ValueError(f"{name} needs {s}x{s} images (its attention partitions and relative position "
-                             f"tables are built for that size), got {x.shape[1]}x{x.shape[2]}: resize them to {s}x{s}")
+            raise ValueError(
+                f"{name} needs {s}x{s} images (its attention partitions and relative position "
+                f"tables are built for that size), got {x.shape[1]}x{x.shape[2]}: resize them to {s}x{s}"
+            )
         for i, g in enumerate(grid_sizes(s, len(self.block_channels))):
             if g % self.partition_size:
-                raise ValueError(f"{name}: block {i}'s {g}x{g} feature map does not split into partitions of "
-                                 f"{self.partition_size}: choose another image_size or partition_size")
+                raise ValueError(
+                    f"{name}: block {i}'s {g}x{g} feature map does not split into partitions of "
+                    f"{self.partition_size}: choose another image_size or partition_size"
+                )
 
     @nn.compact
     def __call__(self, x: jax.Array, gating: Gating) -> jax.Array:
@@ -318,13 +331,18 @@ def _attention_layer(sd, prefix: str, partition_size: int) -> dict:
     attn = f"{prefix}.attn_layer.1"
     index = sd.get(f"{attn}.relative_position_index")
     if index is not None and not np.array_equal(index, relative_position_index(partition_size)):
-        raise ValueError(f"{attn}.relative_position_index is not torchvision's for partition size {partition_size}: "
-                         "is the state_dict a torchvision MaxVit of these sizes?")
+        raise ValueError(
+            f"{attn}.relative_position_index is not torchvision's for partition size {partition_size}: "
+            "is the state_dict a torchvision MaxVit of these sizes?"
+        )
     table = sd.get(f"{attn}.relative_position_bias_table")
     return {
         "attn_layer_0": _layer_norm(sd, f"{prefix}.attn_layer.0"),
-        "attn_layer_1": {"to_qkv": sd.dense(f"{attn}.to_qkv"), "merge": sd.dense(f"{attn}.merge"),
-                         **({} if table is None else {"relative_position_bias_table": table.astype(np.float32)})},
+        "attn_layer_1": {
+            "to_qkv": sd.dense(f"{attn}.to_qkv"),
+            "merge": sd.dense(f"{attn}.merge"),
+            **({} if table is None else {"relative_position_bias_table": table.astype(np.float32)}),
+        },
         "mlp_layer_0": _layer_norm(sd, f"{prefix}.mlp_layer.0"),
         "mlp_layer_1": sd.dense(f"{prefix}.mlp_layer.1"),
         "mlp_layer_3": sd.dense(f"{prefix}.mlp_layer.3"),
@@ -349,17 +367,24 @@ def _mbconv(sd, prefix: str) -> dict:
 def torch_layout(arch: str, sd, **config) -> dict:
     """Map a torchvision MaxVit state_dict onto this module's parameter tree."""
     o = _options(arch, config)
-    p = {"stem_0": sd.conv_bn("stem.0.0", "stem.0.1", BN_EPS), "stem_1": sd.conv_bn("stem.1.0", None),
-         "classifier_2": _layer_norm(sd, "classifier.2"), "classifier_3": sd.dense("classifier.3"),
-         "classifier_5": _linear_no_bias(sd, "classifier.5")}
+    p = {
+        "stem_0": sd.conv_bn("stem.0.0", "stem.0.1", BN_EPS),
+        "stem_1": sd.conv_bn("stem.1.0", None),
+        "classifier_2": _layer_norm(sd, "classifier.2"),
+        "classifier_3": sd.dense("classifier.3"),
+        "classifier_5": _linear_no_bias(sd, "classifier.5"),
+    }
     for i, n_layers in enumerate(o["block_layers"]):
         block = {}
         for j in range(n_layers):
             pre = f"blocks.{i}.layers.{j}.layers"
-            block[f"layers_{j}"] = {"MBconv": _mbconv(sd, f"{pre}.MBconv"),
-                                    **{f"{kind}_attention": _attention_layer(sd, f"{pre}.{kind}_attention",
-                                                                             o["partition_size"])
-                                       for kind in ("window", "grid")}}
+            block[f"layers_{j}"] = {
+                "MBconv": _mbconv(sd, f"{pre}.MBconv"),
+                **{
+                    f"{kind}_attention": _attention_layer(sd, f"{pre}.{kind}_attention", o["partition_size"])
+                    for kind in ("window", "grid")
+                },
+            }
         p[f"blocks_{i}"] = block
     return p
 

@@ -50,8 +50,9 @@ class InvertedResidual(nn.Module):
     def __call__(self, x: jax.Array, gating: Gating) -> jax.Array:
         mid = x.shape[-1] * self.expansion_factor
         y = relu(Conv(mid, 1, use_bias=True, name="pointwise")(x), gating)
-        y = Conv(mid, self.kernel_size, self.stride, self.kernel_size // 2, groups=mid, use_bias=True,
-                 name="depthwise")(y)
+        y = Conv(
+            mid, self.kernel_size, self.stride, self.kernel_size // 2, groups=mid, use_bias=True, name="depthwise"
+        )(y)
         y = Conv(self.out_ch, 1, use_bias=True, name="linear")(relu(y, gating))
         return y + x if x.shape[-1] == self.out_ch and self.stride == 1 else y
 
@@ -68,8 +69,9 @@ class Stack(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, gating: Gating) -> jax.Array:
         for i in range(self.repeats):
-            x = InvertedResidual(self.out_ch, self.kernel_size, self.stride if i == 0 else 1,
-                                 self.expansion_factor, name=str(i))(x, gating)
+            x = InvertedResidual(
+                self.out_ch, self.kernel_size, self.stride if i == 0 else 1, self.expansion_factor, name=str(i)
+            )(x, gating)
         return x
 
 
@@ -101,16 +103,22 @@ ARCHITECTURES = {
 
 def torch_layout(arch: str, sd) -> dict:
     """Map a torchvision MNASNet state_dict onto this module's parameter tree."""
-    p = {"layers_0": sd.conv_bn("layers.0", "layers.1"), "layers_3": sd.conv_bn("layers.3", "layers.4"),
-         "layers_6": sd.conv_bn("layers.6", "layers.7"), "layers_14": sd.conv_bn("layers.14", "layers.15"),
-         "classifier_1": sd.dense("classifier.1")}
+    p = {
+        "layers_0": sd.conv_bn("layers.0", "layers.1"),
+        "layers_3": sd.conv_bn("layers.3", "layers.4"),
+        "layers_6": sd.conv_bn("layers.6", "layers.7"),
+        "layers_14": sd.conv_bn("layers.14", "layers.15"),
+        "classifier_1": sd.dense("classifier.1"),
+    }
     for index in range(8, 8 + len(STACKS)):
         stack, i = {}, 0
         while sd.has(f"layers.{index}.{i}.layers.0.weight"):
             pre = f"layers.{index}.{i}.layers"
-            stack[str(i)] = {"pointwise": sd.conv_bn(f"{pre}.0", f"{pre}.1"),
-                             "depthwise": sd.conv_bn(f"{pre}.3", f"{pre}.4"),
-                             "linear": sd.conv_bn(f"{pre}.6", f"{pre}.7")}
+            stack[str(i)] = {
+                "pointwise": sd.conv_bn(f"{pre}.0", f"{pre}.1"),
+                "depthwise": sd.conv_bn(f"{pre}.3", f"{pre}.4"),
+                "linear": sd.conv_bn(f"{pre}.6", f"{pre}.7"),
+            }
             i += 1
         p[f"layers_{index}"] = stack
     return p

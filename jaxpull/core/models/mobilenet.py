@@ -59,18 +59,24 @@ ARCHITECTURES = {"mobilenet_v2": MobileNetV2}
 
 def torch_layout(arch: str, sd) -> dict:
     """Map a torchvision MobileNetV2 state_dict onto this module's parameter tree."""
-    p = {"features_0": sd.conv_bn("features.0.0", "features.0.1"),
-         "features_18": sd.conv_bn("features.18.0", "features.18.1"),
-         "classifier_1": sd.dense("classifier.1")}
+    p = {
+        "features_0": sd.conv_bn("features.0.0", "features.0.1"),
+        "features_18": sd.conv_bn("features.18.0", "features.18.1"),
+        "classifier_1": sd.dense("classifier.1"),
+    }
     for index, _, _, _, expand in blocks():
         c = f"features.{index}.conv"
         if expand == 1:
-            p[f"features_{index}"] = {"depthwise": sd.conv_bn(f"{c}.0.0", f"{c}.0.1"),
-                                      "project": sd.conv_bn(f"{c}.1", f"{c}.2")}
+            p[f"features_{index}"] = {
+                "depthwise": sd.conv_bn(f"{c}.0.0", f"{c}.0.1"),
+                "project": sd.conv_bn(f"{c}.1", f"{c}.2"),
+            }
         else:
-            p[f"features_{index}"] = {"expand": sd.conv_bn(f"{c}.0.0", f"{c}.0.1"),
-                                      "depthwise": sd.conv_bn(f"{c}.1.0", f"{c}.1.1"),
-                                      "project": sd.conv_bn(f"{c}.2", f"{c}.3")}
+            p[f"features_{index}"] = {
+                "expand": sd.conv_bn(f"{c}.0.0", f"{c}.0.1"),
+                "depthwise": sd.conv_bn(f"{c}.1.0", f"{c}.1.1"),
+                "project": sd.conv_bn(f"{c}.2", f"{c}.3"),
+            }
     return p
 
 

@@ -86,8 +86,15 @@ class InvertedResidual(nn.Module):
         y = x
         if self.expanded != self.inp:
             y = act(Conv(self.expanded, 1, use_bias=True, name="expand")(y), gating)
-        y = Conv(self.expanded, self.kernel, self.stride, (self.kernel - 1) // 2, groups=self.expanded,
-                 use_bias=True, name="depthwise")(y)
+        y = Conv(
+            self.expanded,
+            self.kernel,
+            self.stride,
+            (self.kernel - 1) // 2,
+            groups=self.expanded,
+            use_bias=True,
+            name="depthwise",
+        )(y)
         y = act(y, gating)
         if self.use_se:
             y = SqueezeExcitation(make_divisible(self.expanded // 4), relu, hardsigmoid, name="se")(y, gating)
@@ -119,10 +126,12 @@ def torch_layout(arch: str, sd) -> dict:
     """Map a torchvision MobileNetV3 state_dict onto this module's parameter tree."""
     settings = SETTINGS[arch]
     last = len(settings) + 1
-    p = {"features_0": sd.conv_bn("features.0.0", "features.0.1", BN_EPS),
-         f"features_{last}": sd.conv_bn(f"features.{last}.0", f"features.{last}.1", BN_EPS),
-         "classifier_0": sd.dense("classifier.0"),
-         "classifier_3": sd.dense("classifier.3")}
+    p = {
+        "features_0": sd.conv_bn("features.0.0", "features.0.1", BN_EPS),
+        f"features_{last}": sd.conv_bn(f"features.{last}.0", f"features.{last}.1", BN_EPS),
+        "classifier_0": sd.dense("classifier.0"),
+        "classifier_3": sd.dense("classifier.3"),
+    }
     for i, (inp, _, expanded, _, use_se, _, _) in enumerate(settings):
         b = f"features.{i + 1}.block"
         names = (["expand"] if expanded != inp else []) + ["depthwise"] + (["se"] if use_se else []) + ["project"]

@@ -40,8 +40,9 @@ def _make_divisible(v: float, divisor: int) -> int:
     return new_v + divisor if new_v < 0.9 * v else new_v
 
 
-def block_params(depth: int, w_0: int, w_a: float, w_m: float, group_width: int,
-                 bottleneck_multiplier: float = 1.0) -> Tuple[Stage, ...]:
+def block_params(
+    depth: int, w_0: int, w_a: float, w_m: float, group_width: int, bottleneck_multiplier: float = 1.0
+) -> Tuple[Stage, ...]:
     """The stages of a RegNet, as torchvision's ``BlockParams.from_init_params`` computes them.
 
     Block widths ``w_0 + w_a * i`` are quantised in log space (base ``w_m``) and to multiples
@@ -49,8 +50,10 @@ def block_params(depth: int, w_0: int, w_a: float, w_m: float, group_width: int,
     group widths are made compatible (``_adjust_widths_groups_compatibilty``).
     """
     if w_a < 0 or w_0 <= 0 or w_m <= 1 or w_0 % 8 != 0:
-        raise ValueError(f"invalid RegNet settings w_0={w_0}, w_a={w_a}, w_m={w_m}: need w_a >= 0, "
-                         "w_m > 1 and w_0 a positive multiple of 8")
+        raise ValueError(
+            f"invalid RegNet settings w_0={w_0}, w_a={w_a}, w_m={w_m}: need w_a >= 0, "
+            "w_m > 1 and w_0 a positive multiple of 8"
+        )
     f32 = np.float32
     widths_cont = np.arange(depth, dtype=f32) * f32(w_a) + f32(w_0)
     block_capacity = np.round(np.log(widths_cont / f32(w_0)) / f32(math.log(w_m)))
@@ -99,8 +102,9 @@ class ResBottleneckBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, gating: Gating) -> jax.Array:
-        f = BottleneckTransform(self.width_out, self.stride, self.group_width, self.bottleneck_multiplier,
-                                self.se_ratio, name="f")(x, gating)
+        f = BottleneckTransform(
+            self.width_out, self.stride, self.group_width, self.bottleneck_multiplier, self.se_ratio, name="f"
+        )(x, gating)
         if x.shape[-1] != self.width_out or self.stride != 1:
             x = Conv(self.width_out, 1, self.stride, use_bias=True, name="proj")(x)
         return relu(x + f, gating)
@@ -117,8 +121,14 @@ class AnyStage(nn.Module):
     def __call__(self, x: jax.Array, gating: Gating) -> jax.Array:
         s = self.stage
         for i in range(s.depth):
-            x = ResBottleneckBlock(s.width, 2 if i == 0 else 1, s.group_width, s.bottleneck_multiplier,
-                                   self.se_ratio, name=f"block{self.stage_index}-{i}")(x, gating)
+            x = ResBottleneckBlock(
+                s.width,
+                2 if i == 0 else 1,
+                s.group_width,
+                s.bottleneck_multiplier,
+                self.se_ratio,
+                name=f"block{self.stage_index}-{i}",
+            )(x, gating)
         return x
 
 

@@ -103,8 +103,9 @@ class ResNet(nn.Module):
             planes = 64 * 2**i
             stride = 1 if i == 0 else 2
             downsample = stride != 1 or inplanes != planes * self.block.expansion
-            x = Stage(self.block, planes, n, stride, downsample, self.groups, self.width_per_group,
-                      name=f"layer{i + 1}")(x, gating)
+            x = Stage(
+                self.block, planes, n, stride, downsample, self.groups, self.width_per_group, name=f"layer{i + 1}"
+            )(x, gating)
             inplanes = planes * self.block.expansion
         return Dense(self.num_classes, name="fc")(global_avg_pool(x))
 

@@ -21,10 +21,30 @@ from jaxpull.core.layers import Conv, global_avg_pool, max_pool, relu
 # torchvision's ``features`` after the stem convolution, ReLU and first max-pool (indices 0-2):
 # "M" a 3x3/2 ceil-mode max-pool, (squeeze, expand1x1, expand3x3) a Fire module.
 FEATURES = {
-    "1_0": ((16, 64, 64), (16, 64, 64), (32, 128, 128), "M",
-            (32, 128, 128), (48, 192, 192), (48, 192, 192), (64, 256, 256), "M", (64, 256, 256)),
-    "1_1": ((16, 64, 64), (16, 64, 64), "M", (32, 128, 128), (32, 128, 128), "M",
-            (48, 192, 192), (48, 192, 192), (64, 256, 256), (64, 256, 256)),
+    "1_0": (
+        (16, 64, 64),
+        (16, 64, 64),
+        (32, 128, 128),
+        "M",
+        (32, 128, 128),
+        (48, 192, 192),
+        (48, 192, 192),
+        (64, 256, 256),
+        "M",
+        (64, 256, 256),
+    ),
+    "1_1": (
+        (16, 64, 64),
+        (16, 64, 64),
+        "M",
+        (32, 128, 128),
+        (32, 128, 128),
+        "M",
+        (48, 192, 192),
+        (48, 192, 192),
+        (64, 256, 256),
+        (64, 256, 256),
+    ),
 }
 # The stem convolution: (output channels, kernel), stride 2, no padding.
 STEM = {"1_0": (96, 7), "1_1": (64, 3)}
@@ -41,8 +61,10 @@ class Fire(nn.Module):
     def __call__(self, x: jax.Array, gating: Gating) -> jax.Array:
         x = relu(Conv(self.squeeze, 1, use_bias=True, name="squeeze")(x), gating)
         return jnp.concatenate(
-            [relu(Conv(self.expand1x1, 1, use_bias=True, name="expand1x1")(x), gating),
-             relu(Conv(self.expand3x3, 3, 1, 1, use_bias=True, name="expand3x3")(x), gating)],
+            [
+                relu(Conv(self.expand1x1, 1, use_bias=True, name="expand1x1")(x), gating),
+                relu(Conv(self.expand3x3, 3, 1, 1, use_bias=True, name="expand3x3")(x), gating),
+            ],
             axis=-1,
         )
 
@@ -78,12 +100,13 @@ ARCHITECTURES = {f"squeezenet{v}": functools.partial(SqueezeNet, v) for v in FEA
 
 def torch_layout(arch: str, sd) -> dict:
     """Map a torchvision SqueezeNet state_dict onto this module's parameter tree."""
-    version = arch[len("squeezenet"):]
+    version = arch[len("squeezenet") :]
     p = {"features_0": sd.conv_bn("features.0", None), "classifier_1": sd.conv_bn("classifier.1", None)}
     for index, v in feature_indices(FEATURES[version]):
         if v != "M":
-            p[f"features_{index}"] = {name: sd.conv_bn(f"features.{index}.{name}", None)
-                                      for name in ("squeeze", "expand1x1", "expand3x3")}
+            p[f"features_{index}"] = {
+                name: sd.conv_bn(f"features.{index}.{name}", None) for name in ("squeeze", "expand1x1", "expand3x3")
+            }
     return p
 
 

@@ -136,8 +136,9 @@ def window_partition(x: jax.Array, window: Tuple[int, int], shift: Tuple[int, in
     return x.reshape(-1, wh * ww, c)
 
 
-def window_reverse(x: jax.Array, shape: Tuple[int, int, int], window: Tuple[int, int],
-                   shift: Tuple[int, int]) -> jax.Array:
+def window_reverse(
+    x: jax.Array, shape: Tuple[int, int, int], window: Tuple[int, int], shift: Tuple[int, int]
+) -> jax.Array:
     """Inverse of :func:`window_partition`: ``(B * nW, Wh*Ww, C)`` -> ``(B, H, W, C)``."""
     b, h, w = shape
     wh, ww = window
@@ -177,8 +178,11 @@ class ShiftedWindowAttention(nn.Module):
             hidden = jax.nn.relu(Dense(CPB_HIDDEN, name="cpb_mlp_0")(coords))
             table = Dense(heads, use_bias=False, name="cpb_mlp_2")(hidden).reshape(-1, heads)
         else:
-            table = self.param("relative_position_bias_table", nn.initializers.truncated_normal(0.02),
-                               ((2 * wh - 1) * (2 * ww - 1), heads))
+            table = self.param(
+                "relative_position_bias_table",
+                nn.initializers.truncated_normal(0.02),
+                ((2 * wh - 1) * (2 * ww - 1), heads),
+            )
         bias = relative_position_bias(table, self.window_size, self.v2)
         if self.v2:
             logit_scale = self.param("logit_scale", nn.initializers.constant(math.log(10.0)), (heads, 1, 1))
@@ -272,15 +276,18 @@ class SwinTransformer(nn.Module):
         if ph != pw:
             raise ValueError(f"patch_size {tuple(self.patch_size)} is not square: jaxpull's Swin needs square patches")
         if x.shape[1] < ph or x.shape[2] < pw:
-            raise ValueError(f"a {x.shape[1]}x{x.shape[2]} image is smaller than one {ph}x{pw} patch: "
-                             f"use images of at least {ph}x{pw} pixels (the ImageNet weights expect 224x224, V2's 256x256)")
+            raise ValueError(
+                f"a {x.shape[1]}x{x.shape[2]} image is smaller than one {ph}x{pw} patch: "
+                f"use images of at least {ph}x{pw} pixels (the ImageNet weights expect 224x224, V2's 256x256)"
+            )
         x = Conv(self.embed_dim, (ph, pw), ph, use_bias=True, name="features_0_0")(x)
         x = LayerNorm(LN_EPS, name="features_0_2")(x, gating)
         for i, (depth, heads) in enumerate(zip(self.depths, self.num_heads)):
             for j in range(depth):
                 shift = (0, 0) if j % 2 == 0 else tuple(w // 2 for w in self.window_size)
-                x = SwinTransformerBlock(heads, tuple(self.window_size), shift, self.mlp_ratio, self.v2,
-                                         name=f"features_{2 * i + 1}_{j}")(x, gating)
+                x = SwinTransformerBlock(
+                    heads, tuple(self.window_size), shift, self.mlp_ratio, self.v2, name=f"features_{2 * i + 1}_{j}"
+                )(x, gating)
             if i < len(self.depths) - 1:
                 x = PatchMerging(self.v2, name=f"features_{2 * i + 2}")(x, gating)
         x = LayerNorm(LN_EPS, name="norm")(x, gating)
@@ -303,10 +310,14 @@ def torch_config(module) -> dict:
     stages = [m for m in module.features if type(m).__name__ == "Sequential" and type(m[0]).__name__.startswith("Swin")]
     conv, attn = module.features[0][0], stages[0][0].attn
     mlp = stages[0][0].mlp
-    config = dict(patch_size=tuple(int(k) for k in conv.kernel_size), embed_dim=int(conv.out_channels),
-                  depths=tuple(len(s) for s in stages), num_heads=tuple(int(s[0].attn.num_heads) for s in stages),
-                  window_size=tuple(int(w) for w in attn.window_size),
-                  mlp_ratio=float(mlp[0].out_features / mlp[0].in_features))
+    config = dict(
+        patch_size=tuple(int(k) for k in conv.kernel_size),
+        embed_dim=int(conv.out_channels),
+        depths=tuple(len(s) for s in stages),
+        num_heads=tuple(int(s[0].attn.num_heads) for s in stages),
+        window_size=tuple(int(w) for w in attn.window_size),
+        mlp_ratio=float(mlp[0].out_features / mlp[0].in_features),
+    )
     v2 = hasattr(attn, "logit_scale")
     named = [{k: s.get(k, 4.0) for k in _OPTIONS} for s in SETTINGS.values() if s.get("v2", False) == v2]
     return {} if config in named else config
@@ -348,20 +359,28 @@ def torch_layout(arch: str, sd, **config) -> dict:
     """Map a torchvision SwinTransformer state_dict onto this module's parameter tree."""
     settings = {**SETTINGS[arch], **config}
     v2 = settings.get("v2", False)
-    p = {"features_0_0": sd.conv_bn("features.0.0", None), "features_0_2": _layer_norm(sd, "features.0.2"),
-         "norm": _layer_norm(sd, "norm"), "head": sd.dense("head")}
+    p = {
+        "features_0_0": sd.conv_bn("features.0.0", None),
+        "features_0_2": _layer_norm(sd, "features.0.2"),
+        "norm": _layer_norm(sd, "norm"),
+        "head": sd.dense("head"),
+    }
     for i, depth in enumerate(settings["depths"]):
         for j in range(depth):
             pre = f"features.{2 * i + 1}.{j}"
             p[f"features_{2 * i + 1}_{j}"] = {
-                "norm1": _layer_norm(sd, f"{pre}.norm1"), "norm2": _layer_norm(sd, f"{pre}.norm2"),
+                "norm1": _layer_norm(sd, f"{pre}.norm1"),
+                "norm2": _layer_norm(sd, f"{pre}.norm2"),
                 "attn": _attention(sd, f"{pre}.attn", v2),
-                "mlp_0": sd.dense(f"{pre}.mlp.0"), "mlp_3": sd.dense(f"{pre}.mlp.3"),
+                "mlp_0": sd.dense(f"{pre}.mlp.0"),
+                "mlp_3": sd.dense(f"{pre}.mlp.3"),
             }
         if i < len(settings["depths"]) - 1:
             w = sd.get(f"features.{2 * i + 2}.reduction.weight")
-            p[f"features_{2 * i + 2}"] = {"reduction": {} if w is None else {"kernel": w.T.astype(np.float32)},
-                                          "norm": _layer_norm(sd, f"features.{2 * i + 2}.norm")}
+            p[f"features_{2 * i + 2}"] = {
+                "reduction": {} if w is None else {"kernel": w.T.astype(np.float32)},
+                "norm": _layer_norm(sd, f"features.{2 * i + 2}.norm"),
+            }
     return p
 
 

@@ -151,8 +151,10 @@ class VisionTransformer(nn.Module):
         if s % p:
             raise ValueError(f"image_size {s} is not a multiple of patch_size {p}: use a multiple of {p}")
         if x.shape[1:3] != (s, s):
-            raise ValueError(f"this ViT takes {s}x{s} images (its position embeddings fix the input size), "
-                             f"got {x.shape[1]}x{x.shape[2]}: resize the images to {s}x{s}")
+            raise ValueError(
+                f"this ViT takes {s}x{s} images (its position embeddings fix the input size), "
+                f"got {x.shape[1]}x{x.shape[2]}: resize the images to {s}x{s}"
+            )
         n = x.shape[0]
         x = Conv(self.hidden_dim, p, p, use_bias=True, name="conv_proj")(x)
         x = x.reshape(n, -1, self.hidden_dim)  # (N, (S / p)^2, E), patches in row-major order as torch's
@@ -183,13 +185,22 @@ def torch_config(module) -> dict:
         1e-6, which this port does not have.
     """
     if not hasattr(module.conv_proj, "weight"):
-        raise ValueError("ViTs with a convolutional stem (conv_stem_configs) are not supported: "
-                         "use torchvision's patch embedding (conv_stem_configs=None)")
+        raise ValueError(
+            "ViTs with a convolutional stem (conv_stem_configs) are not supported: "
+            "use torchvision's patch embedding (conv_stem_configs=None)"
+        )
     if module.encoder.ln.eps != LN_EPS:
-        raise ValueError(f"this ViT's LayerNorm eps is {module.encoder.ln.eps}, jaxpull's ViT has {LN_EPS}: "
-                         "build it with torchvision's default norm_layer")
-    sizes = dict(patch_size=module.patch_size, num_layers=len(module.encoder.layers),
-                 num_heads=module.encoder.layers[0].num_heads, hidden_dim=module.hidden_dim, mlp_dim=module.mlp_dim)
+        raise ValueError(
+            f"this ViT's LayerNorm eps is {module.encoder.ln.eps}, jaxpull's ViT has {LN_EPS}: "
+            "build it with torchvision's default norm_layer"
+        )
+    sizes = dict(
+        patch_size=module.patch_size,
+        num_layers=len(module.encoder.layers),
+        num_heads=module.encoder.layers[0].num_heads,
+        hidden_dim=module.hidden_dim,
+        mlp_dim=module.mlp_dim,
+    )
     config = {} if sizes in SETTINGS.values() else sizes
     if module.image_size != DEFAULT_IMAGE_SIZE:
         config["image_size"] = module.image_size
@@ -208,13 +219,19 @@ def state_dict_config(arch: str, tensors: Mapping[str, np.ndarray]) -> dict:
         class token.
     """
     config = {}
-    p = int(np.shape(tensors["conv_proj.weight"])[-1]) if "conv_proj.weight" in tensors else SETTINGS[arch]["patch_size"]
+    p = (
+        int(np.shape(tensors["conv_proj.weight"])[-1])
+        if "conv_proj.weight" in tensors
+        else SETTINGS[arch]["patch_size"]
+    )
     if "encoder.pos_embedding" in tensors:
         patches = int(np.shape(tensors["encoder.pos_embedding"])[1]) - 1
-        side = int(round(patches ** 0.5))
+        side = int(round(patches**0.5))
         if side * side != patches:
-            raise ValueError(f"encoder.pos_embedding has {patches + 1} positions, not a square grid of patches "
-                             "plus the class token: is this a torchvision ViT state_dict?")
+            raise ValueError(
+                f"encoder.pos_embedding has {patches + 1} positions, not a square grid of patches "
+                "plus the class token: is this a torchvision ViT state_dict?"
+            )
         if side * p != DEFAULT_IMAGE_SIZE:
             config["image_size"] = side * p
     if "heads.pre_logits.weight" in tensors:
@@ -259,8 +276,12 @@ def torch_layout(arch: str, sd, **config) -> dict:
             "ln_2": _layer_norm(sd, f"{pre}.ln_2"),
             "mlp": {"linear_1": sd.dense(f"{pre}.mlp.0"), "linear_2": sd.dense(f"{pre}.mlp.3")},
         }
-    p = {"conv_proj": sd.conv_bn("conv_proj", None), "class_token": get32("class_token"),
-         "encoder": encoder, "head": sd.dense("heads.head")}
+    p = {
+        "conv_proj": sd.conv_bn("conv_proj", None),
+        "class_token": get32("class_token"),
+        "encoder": encoder,
+        "head": sd.dense("heads.head"),
+    }
     if config.get("representation_size") is not None:
         p["pre_logits"] = sd.dense("heads.pre_logits")
     return {k: v for k, v in p.items() if v is not None}
