@@ -10,7 +10,7 @@ where there is one (``Conv`` with ``use_bias=True``), and stores the rest as ``A
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence, Tuple, Union
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import flax.linen as nn
 import jax
@@ -56,6 +56,17 @@ def same_padding(size: int, kernel: int, stride: int) -> Tuple[int, int]:
     return total // 2, total - total // 2
 
 
+def shifted_views(x: jax.Array, kernel_hw: Tuple[int, int], stride: int, pad) -> List[jax.Array]:
+    """The kh*kw strided views of padded ``x`` that a convolution's taps read, in (i, j) order:
+    ``x`` ``(N, H, W, C)`` -> kh*kw arrays ``(N, Ho, Wo, C)``; view (i, j) meets ``kernel[i, j]``."""
+    kh, kw = kernel_hw
+    xp = jnp.pad(x, ((0, 0), tuple(pad[0]), tuple(pad[1]), (0, 0)))
+    ho = (xp.shape[1] - kh) // stride + 1
+    wo = (xp.shape[2] - kw) // stride + 1
+    end = lambda i, j: (xp.shape[0], i + (ho - 1) * stride + 1, j + (wo - 1) * stride + 1, xp.shape[3])
+    return [lax.slice(xp, (0, i, j, 0), end(i, j), (1, stride, stride, 1)) for i in range(kh) for j in range(kw)]
+
+
 def depthwise_conv(x: jax.Array, kernel: jax.Array, stride: int, pad) -> jax.Array:
     """Depthwise convolution as a sum of k*k shifted, per-channel-scaled views of ``x``.
 
@@ -64,21 +75,32 @@ def depthwise_conv(x: jax.Array, kernel: jax.Array, stride: int, pad) -> jax.Arr
     fused elementwise ops, forward and backward (measured on 2 cores at EfficientNet-Lite0's
     shapes); the sum runs in float32 however ``x`` is stored.
     """
-    k = kernel.shape[0]
-    xp = jnp.pad(x, ((0, 0), tuple(pad[0]), tuple(pad[1]), (0, 0)))
-    ho = (xp.shape[1] - k) // stride + 1
-    wo = (xp.shape[2] - k) // stride + 1
-    out = jnp.zeros((x.shape[0], ho, wo, x.shape[3]), jnp.float32)
-    for i in range(k):
-        for j in range(k):
-            view = lax.slice(
-                xp,
-                (0, i, j, 0),
-                (xp.shape[0], i + (ho - 1) * stride + 1, j + (wo - 1) * stride + 1, xp.shape[3]),
-                (1, stride, stride, 1),
-            )
-            out = out + view.astype(jnp.float32) * kernel[i, j, 0].astype(jnp.float32)
+    views = shifted_views(x, kernel.shape[:2], stride, pad)
+    out = jnp.zeros(views[0].shape, jnp.float32)
+    for view, w in zip(views, kernel.reshape(len(views), -1)):
+        out = out + view.astype(jnp.float32) * w.astype(jnp.float32)
     return out
+
+
+def conv_im2col(x: jax.Array, kernel: jax.Array, stride: int, pad) -> jax.Array:
+    """Convolution as one matmul: the shifted views side by side on channels (im2col) times the
+    kernel as ``(kh*kw*Cin, Cout)``; ``x`` ``(N, H, W, Cin)`` -> ``(N, Ho, Wo, Cout)`` in float32.
+    Its transpose, the input gradient, is one matmul ``dy @ kernel^T`` and kh*kw shifted adds."""
+    views = shifted_views(x, kernel.shape[:2], stride, pad)
+    cols = views[0] if len(views) == 1 else jnp.concatenate(views, axis=-1)
+    n, ho, wo, _ = cols.shape
+    y = jnp.dot(cols.reshape(n * ho * wo, -1), kernel.reshape(-1, kernel.shape[-1]), preferred_element_type=jnp.float32)
+    return y.reshape(n, ho, wo, -1)
+
+
+def im2col_on_cpu(kernel_shape: Tuple[int, ...], stride: int) -> bool:
+    """Whether XLA:CPU runs a dense convolution faster as :func:`conv_im2col`: every 1x1 one (its
+    input gradient at ResNet-50's shapes, batch 100: 1.1-4.3x faster than ``lax.conv``) and the
+    strided kxk ones past the stem (1.1-1.4x). Stride-1 kxk ones and the 3-channel stem keep
+    ``lax.conv``: writing out the side-by-side views costs more than XLA's kernels save (1.2-3x);
+    ``benchmarks/profile_cpu.py`` measures each shape."""
+    kh, kw, cin, _ = kernel_shape
+    return kh * kw == 1 or (stride > 1 and cin >= 16)
 
 
 class Conv(nn.Module):
@@ -108,6 +130,8 @@ class Conv(nn.Module):
         dtype = kernel.dtype if self.dtype is None else jnp.dtype(self.dtype)
         if self.groups > 1 and self.groups == x.shape[-1] == self.features:
             y = depthwise_conv(x.astype(dtype), kernel.astype(dtype), self.stride, pad)
+        elif self.groups == 1 and jax.default_backend() == "cpu" and im2col_on_cpu(kernel.shape, self.stride):
+            y = conv_im2col(x.astype(dtype), kernel.astype(dtype), self.stride, pad)  # GPU / TPU: lax.conv
         else:
             y = lax.conv_general_dilated(
                 x.astype(dtype),
