@@ -13,7 +13,8 @@ torch/JAX time ratio (> 1: jaxpull is faster), the peak RSS increase during the 
 achieved GFLOP/s (XLA's cost analysis of the computation) next to this machine's measured float32
 matmul peak. Not a test: figures vary with the machine and its load.
 
-Cases (resnet50, 224x224, random weights, float32):
+Cases (resnet50 by default, any torchvision name or efficientnet_lite0 with --arch; 224x224, random weights
+(efficientnet_lite0: its real ones), float32):
   a) single-step pullbacks of 1 image for K labels: jaxpull.pullback (shared forward; K = 1000
      through jaxpull.shell.sweep in memory-bounded chunks) vs torch with module-swapped gates, the image
      repeated K times in batches of --torch-batch and one backward per batch;
@@ -180,7 +181,13 @@ def main() -> None:
     from jaxpull.shell import sweep as S
 
     torch.manual_seed(0)
-    tm = torchvision.models.get_model(args.arch).eval()
+    if args.arch == "efficientnet_lite0":  # not torchvision's: the package's real weights
+        from jaxpull_convert import sources
+
+        tm = sources.efficientnet_lite0_torch().eval()
+        tm.load_state_dict(torch.load(sources.efficientnet_lite0_file(), weights_only=True))
+    else:
+        tm = torchvision.models.get_model(args.arch).eval()
     model32 = jaxpull_convert.from_torch_module(args.arch, tm)
     model = model32.astype(args.dtype)
     gating = jaxpull.make_gating(rules=args.rules)

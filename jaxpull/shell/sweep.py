@@ -181,18 +181,27 @@ _RESIDUAL_PRIMITIVES = (
 def forward_bytes(model: Model, image_shape) -> tuple:
     """``(residual bytes, largest value bytes)`` of one image's forward pass, from its jaxpr.
 
-    Residuals: the outputs of convolutions, dense layers, gates (custom VJPs) and pools, which
-    a backward pass keeps; the largest value bounds one label's cotangent.
+    Only values that depend on the image count (a kernel reshaped for a matmul is the same for
+    every label). Residuals: the outputs of convolutions, dense layers, gates (custom VJPs) and
+    pools, which a backward pass keeps; the largest value bounds one label's cotangent.
     """
+    from jax.extend import core as jax_core
+
     from jaxpull.core.gates import VANILLA
 
     x = jax.ShapeDtypeStruct((1,) + tuple(image_shape), jnp.float32)
     jaxpr = jax.make_jaxpr(lambda p, x: Model(p, model.spec).apply(x, VANILLA))(model.params, x)
     residuals, largest = 0, 0
 
-    def walk(j):
+    def walk(j, depends):
+        """Walk ``j`` whose input variables ``depends`` (a list of bools) depend on the image."""
         nonlocal residuals, largest
+        live = {v for v, d in zip(j.invars, depends) if d}
         for eqn in j.eqns:
+            ins = [not isinstance(v, jax_core.Literal) and v in live for v in eqn.invars]
+            if not any(ins):
+                continue
+            live.update(eqn.outvars)
             sizes = [
                 int(np.prod(v.aval.shape, dtype=np.int64)) * v.aval.dtype.itemsize
                 for v in eqn.outvars
@@ -204,9 +213,10 @@ def forward_bytes(model: Model, image_shape) -> tuple:
             elif eqn.primitive.name in ("pjit", "jit", "closed_call", "remat"):
                 inner = eqn.params.get("jaxpr") or eqn.params.get("call_jaxpr")
                 if inner is not None:
-                    walk(getattr(inner, "jaxpr", inner))
+                    walk(getattr(inner, "jaxpr", inner), ins)
 
-    walk(jaxpr.jaxpr)
+    params = len(jax.tree_util.tree_leaves(model.params))
+    walk(jaxpr.jaxpr, [False] * params + [True])
     return residuals, largest
 
 
