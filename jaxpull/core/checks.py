@@ -185,6 +185,13 @@ def whole(value, name: str, minimum: int = 0):
     return int(v)
 
 
+def seed(value: int) -> int:
+    """A random seed: a non-negative integer (the CLI's ``--seed``), else ValueError."""
+    if value < 0:
+        raise ValueError(f"--seed must be a non-negative integer, got {value}")
+    return value
+
+
 def flag(value, name: str) -> bool:
     """``value`` if it is a bool, else ValueError."""
     if not isinstance(value, (bool, np.bool_)):

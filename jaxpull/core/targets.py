@@ -10,6 +10,7 @@ from typing import List, Tuple
 
 import numpy as np
 
+from jaxpull.core import checks
 from jaxpull.core.model import Model
 
 
@@ -59,8 +60,7 @@ def paper_layout(logits: np.ndarray, seed: int = 0) -> Tuple[np.ndarray, List[in
     So every cell of a column but its own image's is a counterfactual. ``logits`` ``(N, C)`` ->
     ``(targets (K,) int32, own_columns)``: ``own_columns[i]`` is image i's own column (framed).
     """
-    if seed < 0:
-        raise ValueError(f"--seed must be a non-negative integer, got {seed}")
+    checks.seed(seed)
     top1 = [int(i) for i in np.argmax(logits, axis=1)]
     own = list(dict.fromkeys(top1))
     others = [c for c in range(logits.shape[1]) if c not in own]

@@ -13,7 +13,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 
-from jaxpull.core import models, settings, targets
+from jaxpull.core import checks, models, settings, targets
 from jaxpull.core.model import Model
 from jaxpull.core.settings import FROM_RULES, PRESETS
 
@@ -100,7 +100,6 @@ def explain(
     vanilla or both; ``given``: gate and ascent settings overriding the preset ``rules``. Writes
     the figure ``out`` (.png) and, with ``arrays_path``, the raw arrays (.npz). Returns the results.
     """
-    from jaxpull.core import checks
     from jaxpull.files import cache, images, outputs
     from jaxpull.shell import figures
 
@@ -211,8 +210,7 @@ def demo(model_name: str, out: str, seed: int = 0, log: Log = print) -> Dict[str
     from jaxpull.files import cache, images, outputs
 
     out = outputs.check_output(out, ".png")
-    if seed < 0:
-        raise ValueError(f"--seed must be a non-negative integer, got {seed}")
+    checks.seed(seed)
     paths = images.sample_paths()
     x = images.load_images(paths)
     model = cache.resolve(model_name, log=log)
@@ -301,7 +299,6 @@ def evaluate(
     per image. ``rules`` and ``temperature`` apply to the pullback explainers that take them, ``samples``
     to the SmoothGrad ones. Every check runs before the model is loaded. Returns the markdown.
     """
-    from jaxpull.core import checks
     from jaxpull.evaluation import explainers, pipeline
     from jaxpull.files import cache, images, outputs
 
@@ -315,8 +312,7 @@ def evaluate(
         resamples=resamples,
         sensitivity_samples=sensitivity_samples,
     )
-    if seed < 0:
-        raise ValueError(f"--seed must be a non-negative integer, got {seed}")
+    checks.seed(seed)
     if temperature is not FROM_RULES:
         checks.positive(temperature, "--temperature")
     settings.make_gating(temperature, rules=rules)
