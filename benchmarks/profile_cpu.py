@@ -10,7 +10,7 @@ this times both, interleaved in one process (best of ``--repeats``), for each fo
   lax:    ``lax.conv_general_dilated`` (NHWC / HWIO), what ``jaxpull.core.layers.Conv`` runs off CPU;
   im2col: one matmul on the concatenated shifted strided slices (1x1: a strided slice and a dot);
   taps:   the sum of kh*kw shifted-slice matmuls (kxk only);
-  auto:   the formulation ``Conv`` picks on CPU (``layers.im2col_on_cpu``).
+  auto:   the formulation ``Conv`` picks on CPU (``lowering.im2col_on_cpu``).
 
 Prints a markdown table (ms per call, GFLOP/s from the nominal 2*M*kh*kw*Cin*Cout, % of the float32
 matmul peak measured with a 2048^2 ``jnp.dot``) and the per-variant totals weighted by how often
@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxpull.core import layers
+from jaxpull.core import layers, lowering
 
 Pad = Tuple[Tuple[int, int], Tuple[int, int]]
 ConvFn = Callable[[jax.Array, jax.Array, int, Pad], jax.Array]
@@ -70,8 +70,8 @@ def conv_lax(x: jax.Array, kernel: jax.Array, stride: int, pad: Pad) -> jax.Arra
 
 
 def conv_taps(x: jax.Array, kernel: jax.Array, stride: int, pad: Pad) -> jax.Array:
-    """The sum over the kh*kw taps of ``view_ij @ kernel[i, j]`` (``layers.shifted_views``)."""
-    views = layers.shifted_views(x, kernel.shape[:2], stride, pad)
+    """The sum over the kh*kw taps of ``view_ij @ kernel[i, j]`` (``lowering.shifted_views``)."""
+    views = lowering.shifted_views(x, kernel.shape[:2], stride, pad)
     out = 0.0
     for v, w in zip(views, kernel.reshape(-1, *kernel.shape[2:])):
         out = out + jnp.einsum("nhwc,cd->nhwd", v, w, preferred_element_type=jnp.float32)
@@ -80,11 +80,11 @@ def conv_taps(x: jax.Array, kernel: jax.Array, stride: int, pad: Pad) -> jax.Arr
 
 def conv_auto(x: jax.Array, kernel: jax.Array, stride: int, pad: Pad) -> jax.Array:
     """What ``layers.Conv`` runs on CPU for a dense convolution."""
-    fn = layers.conv_im2col if layers.im2col_on_cpu(kernel.shape, stride) else conv_lax
+    fn = lowering.conv_im2col if lowering.im2col_on_cpu(kernel.shape, stride) else conv_lax
     return fn(x, kernel, stride, pad)
 
 
-VARIANTS: Dict[str, ConvFn] = {"lax": conv_lax, "im2col": layers.conv_im2col, "taps": conv_taps, "auto": conv_auto}
+VARIANTS: Dict[str, ConvFn] = {"lax": conv_lax, "im2col": lowering.conv_im2col, "taps": conv_taps, "auto": conv_auto}
 
 
 def conv_shapes(arch: str, size: int) -> "collections.Counter[Shape]":
@@ -202,7 +202,7 @@ def traced_with(fn: Callable, im2col: bool) -> Callable:
     jitted = jax.jit(fn)
 
     def run(*args):
-        choice = layers.im2col_on_cpu if im2col else (lambda kernel_shape, stride: False)
+        choice = lowering.im2col_on_cpu if im2col else (lambda kernel_shape, stride: False)
         with mock.patch.object(layers, "im2col_on_cpu", choice):
             return jitted(*args)
 

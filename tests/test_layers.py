@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from jax import lax
 
-from jaxpull.core import layers
+from jaxpull.core import lowering
 
 RNG = np.random.default_rng(0)
 
@@ -47,7 +47,7 @@ def value_and_vjp(fn, x, kernel):
 def test_depthwise_views_equal_grouped_lax_conv(k, stride, pad):
     x = jnp.asarray(RNG.standard_normal((2, 9, 9, 6)), jnp.float32)
     kernel = jnp.asarray(RNG.standard_normal((k, k, 1, 6)), jnp.float32)
-    ours = value_and_vjp(lambda x, w: layers.depthwise_conv(x, w, stride, pad), x, kernel)
+    ours = value_and_vjp(lambda x, w: lowering.depthwise_conv(x, w, stride, pad), x, kernel)
     g = ours[2]
     y, vjp = jax.vjp(lambda x, w: lax_conv(x, w, stride, pad, groups=6), x, kernel)
     close(ours[0], y)
@@ -61,7 +61,7 @@ def test_depthwise_views_equal_grouped_lax_conv(k, stride, pad):
 def test_im2col_equals_lax_conv(k, stride, pad):
     x = jnp.asarray(RNG.standard_normal((2, 9, 9, 16)), jnp.float32)
     kernel = jnp.asarray(RNG.standard_normal((k, k, 16, 8)), jnp.float32)
-    ours = value_and_vjp(lambda x, w: layers.conv_im2col(x, w, stride, pad), x, kernel)
+    ours = value_and_vjp(lambda x, w: lowering.conv_im2col(x, w, stride, pad), x, kernel)
     y, vjp = jax.vjp(lambda x, w: lax_conv(x, w, stride, pad), x, kernel)
     close(ours[0], y)
     for a, b in zip(ours[1], vjp(ours[2])):
@@ -72,7 +72,7 @@ def test_im2col_equals_lax_conv(k, stride, pad):
 def test_materialised_cotangent_is_the_identity_both_ways(witness):
     y = jnp.asarray(RNG.standard_normal((3, 4)), jnp.float32)
     w = jnp.float32(witness)
-    out, vjp = jax.vjp(lambda y: layers.materialised_cotangent(y, w), y)
+    out, vjp = jax.vjp(lambda y: lowering.materialised_cotangent(y, w), y)
     g = jnp.asarray(RNG.standard_normal((3, 4)), jnp.float32)
     np.testing.assert_array_equal(out, y)
     np.testing.assert_array_equal(vjp(g)[0], g)
@@ -90,7 +90,7 @@ def test_depthwise_fence_survives_a_vmapped_vjp():
     pad = ((1, 1), (1, 1))
 
     def pullbacks(x, kernel, gs):
-        _, vjp = jax.vjp(lambda x: jax.nn.sigmoid(layers.depthwise_conv(x, kernel, 1, pad)), x)
+        _, vjp = jax.vjp(lambda x: jax.nn.sigmoid(lowering.depthwise_conv(x, kernel, 1, pad)), x)
         return jax.vmap(lambda g: vjp(g)[0])(gs)
 
     gs = jnp.asarray(RNG.standard_normal((5, 1, 8, 8, 4)), jnp.float32)
