@@ -83,7 +83,11 @@ def test_max_pool_forward_is_hard_and_backward_is_torch_softmax_pooling(window, 
     g = np.random.default_rng(1).normal(size=y.shape).astype(np.float32)
     yt.backward(torch.tensor(g).permute(0, 3, 1, 2))
     got = jax.vjp(lambda x: gates.max_pool(x, window, stride, padding, soft), jnp.asarray(x))[1](jnp.asarray(g))[0]
-    np.testing.assert_allclose(got, xt.grad.permute(0, 2, 3, 1).numpy(), rtol=1e-5, atol=1e-6)
+    want = xt.grad.permute(0, 2, 3, 1).numpy()
+    # Off CPU the softmax's exponentials differ from torch's CPU ones in the last bits (H100: one
+    # element of 432 off by 4.7e-6 of the largest value): there the tolerance is relative to it.
+    atol = 1e-6 if jax.default_backend() == "cpu" else 1e-5 * float(np.abs(want).max())
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=atol)
 
 
 def test_max_pool_small_temperature_approaches_the_hard_max_gradient():

@@ -59,7 +59,10 @@ def test_ceil_mode_vanilla_gradient_is_torch_autograd(size, window, stride, padd
     got = jax.vjp(lambda x: gates.max_pool(x, window, stride, padding, gates.VANILLA, ceil_mode=True), jnp.asarray(x))[
         1
     ](jnp.asarray(g))[0]
-    np.testing.assert_array_equal(got, nhwc(xt.grad))
+    if jax.default_backend() == "cpu":
+        np.testing.assert_array_equal(got, nhwc(xt.grad))
+    else:  # a GPU sums overlapping windows' gradients in another order: 1 ulp apart (H100: 1.0e-6)
+        np.testing.assert_allclose(got, nhwc(xt.grad), rtol=4e-6, atol=0)
 
 
 @pytest.mark.parametrize("size,window,stride,padding", CEIL_CASES)
