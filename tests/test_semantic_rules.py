@@ -55,7 +55,10 @@ def test_activation_forward_is_exact_and_backward_is_the_tempered_gate(name, t):
     gating = Gating(**{keyword: jnp.float32(t)})
     y = rule(Z, gating)
     np.testing.assert_array_equal(y, plain(Z))  # the rule never changes the forward pass
-    np.testing.assert_allclose(y, torch_module(torch_of(Z)).numpy(), rtol=2e-7, atol=2e-7)  # torch's, to ~1 ulp
+    # torch's forward to float rounding: jax's GELU is 0.5 z erfc(-z / sqrt 2), torch's 0.5 z (1 + erf(z / sqrt 2));
+    # they differ by up to 2.2e-7 on Z (at z = -2.65, value -0.0144), and over z in [-8, 8] by up to 1.2e-6
+    # (at |z| near 8), where jax's is within 3.8e-7 of the float64 value and torch's within 1.1e-6.
+    np.testing.assert_allclose(y, torch_module(torch_of(Z)).numpy(), rtol=2e-7, atol=5e-7)
     np.testing.assert_allclose(vjp_of(lambda z: rule(z, gating), Z, G), G * s(Z / t), rtol=1e-6, atol=1e-7)
     # the vanilla rule is the exact derivative, as torch autograd computes it
     zt = torch_of(Z).requires_grad_(True)
