@@ -57,9 +57,10 @@ materialised_cotangent.defvjp(_materialised_fwd, _materialised_bwd)
 
 def fence_cotangent_on_cpu(y: jax.Array, source: jax.Array) -> jax.Array:
     """:func:`materialised_cotangent` of ``y`` on CPU (witness: ``source``'s first element, held
-    constant), ``y`` itself elsewhere: GPU and TPU fusion does not duplicate the gate, and a
-    conditional there would cost a device-to-host sync. ``source`` should be a forward-pass
-    value that a vmapped pullback does not batch (the input of the stencil, or its kernel)."""
+    constant), ``y`` itself elsewhere: the duplication was measured on XLA:CPU only, and off CPU a
+    conditional can cost a device-to-host sync. ``source`` should be a forward-pass value that a
+    vmapped pullback does not batch (the input of the stencil, or its kernel); where it is batched
+    (a vmap over images) the conditional becomes a select and the fence is gone, values unchanged."""
     if jax.default_backend() != "cpu":
         return y
     return materialised_cotangent(y, lax.stop_gradient(source.reshape(-1)[0]).astype(jnp.float32))
