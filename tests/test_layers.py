@@ -35,10 +35,14 @@ def close(a, b, tol=1e-5):
     np.testing.assert_allclose(a, b, rtol=0, atol=tol * float(np.abs(b).max()))
 
 
-def value_and_vjp(fn, x, kernel):
-    y, vjp = jax.vjp(fn, x, kernel)
+def assert_same_as_lax(ours, groups, x, kernel, stride, pad):
+    """``ours(x, kernel, stride, pad)`` equals ``lax.conv`` in value and in both VJPs."""
+    y, vjp = jax.vjp(lambda x, w: lax_conv(x, w, stride, pad, groups), x, kernel)
+    got, our_vjp = jax.vjp(lambda x, w: ours(x, w, stride, pad), x, kernel)
     g = jnp.asarray(RNG.standard_normal(y.shape), jnp.float32)
-    return y, vjp(g), g
+    close(got, y)
+    for a, b in zip(our_vjp(g), vjp(g)):
+        close(a, b)
 
 
 @pytest.mark.parametrize(
@@ -47,12 +51,7 @@ def value_and_vjp(fn, x, kernel):
 def test_depthwise_views_equal_grouped_lax_conv(k, stride, pad):
     x = jnp.asarray(RNG.standard_normal((2, 9, 9, 6)), jnp.float32)
     kernel = jnp.asarray(RNG.standard_normal((k, k, 1, 6)), jnp.float32)
-    ours = value_and_vjp(lambda x, w: lowering.depthwise_conv(x, w, stride, pad), x, kernel)
-    g = ours[2]
-    y, vjp = jax.vjp(lambda x, w: lax_conv(x, w, stride, pad, groups=6), x, kernel)
-    close(ours[0], y)
-    for a, b in zip(ours[1], vjp(g)):
-        close(a, b)
+    assert_same_as_lax(lowering.depthwise_conv, 6, x, kernel, stride, pad)
 
 
 @pytest.mark.parametrize(
@@ -61,11 +60,7 @@ def test_depthwise_views_equal_grouped_lax_conv(k, stride, pad):
 def test_im2col_equals_lax_conv(k, stride, pad):
     x = jnp.asarray(RNG.standard_normal((2, 9, 9, 16)), jnp.float32)
     kernel = jnp.asarray(RNG.standard_normal((k, k, 16, 8)), jnp.float32)
-    ours = value_and_vjp(lambda x, w: lowering.conv_im2col(x, w, stride, pad), x, kernel)
-    y, vjp = jax.vjp(lambda x, w: lax_conv(x, w, stride, pad), x, kernel)
-    close(ours[0], y)
-    for a, b in zip(ours[1], vjp(ours[2])):
-        close(a, b)
+    assert_same_as_lax(lowering.conv_im2col, 1, x, kernel, stride, pad)
 
 
 @pytest.mark.parametrize("witness", [1.0, float("nan")])
