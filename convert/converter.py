@@ -9,7 +9,6 @@ from typing import TYPE_CHECKING, Any, Mapping, Optional, Tuple
 if TYPE_CHECKING:  # torch is imported where a function needs it: converting known weights does not
     import torch
 
-import jax
 import numpy as np
 
 import jaxpull
@@ -95,7 +94,7 @@ def from_state_dict(
     problems += [f"{p} (Flax parameter)" for p in model_file.param_problems(params, spec)]
     if problems:
         raise ConversionError(f"state_dict does not match {arch}: {model_file.summarize(problems)}")
-    return Model(jax.tree_util.tree_map(jax.numpy.asarray, params), spec)
+    return Model.from_numpy(params, spec)
 
 
 def from_torch_module(arch: str, module: torch.nn.Module, class_names: Tuple[str, ...] = ()) -> Model:

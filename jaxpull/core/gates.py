@@ -516,20 +516,8 @@ def window_values(x: jax.Array, window: int, stride: int, padding: int, ceil_mod
     Returns:
       ``(N, Ho, Wo, C, window * window)``, the window's values in row-major order.
     """
-    ho = pool_output_size(x.shape[1], window, stride, padding, ceil_mode)
-    wo = pool_output_size(x.shape[2], window, stride, padding, ceil_mode)
-    xp = jnp.pad(x, ((0, 0),) + _pool_pads(x.shape, window, stride, padding, ceil_mode) + ((0, 0),))
-    views = []
-    for i in range(window):
-        for j in range(window):
-            views.append(
-                lax.slice(
-                    xp,
-                    (0, i, j, 0),
-                    (xp.shape[0], i + (ho - 1) * stride + 1, j + (wo - 1) * stride + 1, xp.shape[3]),
-                    (1, stride, stride, 1),
-                )
-            )
+    pads = _pool_pads(x.shape, window, stride, padding, ceil_mode)  # ceil mode's extra rows included
+    views = lowering.shifted_views(x, (window, window), stride, pads)
     # On CPU the windows' cotangent is written out before it is scattered back to the k*k taps:
     # else XLA recomputes the softmax weights' backward once per tap (ResNet-50's gated gradient
     # 10% slower).

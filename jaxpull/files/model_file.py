@@ -92,7 +92,7 @@ def load(path: PathLike) -> Model:
     check_tensors(flat, str(path))
     params = traverse_util.unflatten_dict(flat, sep="/")
     check_params(params, spec, str(path))
-    return Model(jax.tree_util.tree_map(jax.numpy.asarray, params), spec)
+    return Model.from_numpy(params, spec)
 
 
 def _spec_from_metadata(meta: Mapping[str, str]) -> ModelSpec:
