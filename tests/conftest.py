@@ -101,3 +101,18 @@ def offline_cache(tmp_path_factory):
         else:
             os.environ["JAXPULL_CACHE"] = old
     return root
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory):
+    """A converted random resnet18 file with ImageNet's 1000 class names (the CLI tests' model)."""
+    import torch
+    import torchvision
+
+    import jaxpull
+    import jaxpull_convert
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("m") / "resnet18.safetensors"
+    jaxpull.save(jaxpull_convert.from_torch_module("resnet18", torchvision.models.resnet18().eval()), path)
+    return path

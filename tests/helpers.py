@@ -1,6 +1,9 @@
-"""Comparison helpers with the tolerances the tests state."""
+"""Comparison helpers with the tolerances the tests state, and the runners of the command line."""
 
 from __future__ import annotations
+
+import subprocess
+import sys
 
 import numpy as np
 
@@ -130,3 +133,54 @@ def check_layout_shapes(arch: str, tm, **config) -> None:
     spec = ModelSpec(arch, config=tuple(sorted(config.items())))
     want = {k: v.shape for k, v in traverse_util.flatten_dict(param_shapes(spec), sep="/").items()}
     assert got == want
+
+
+# --------------------------------------------------------------------------------------
+# The command line: as a real subprocess, or in this process
+# --------------------------------------------------------------------------------------
+
+JAXPULL = [sys.executable, "-m", "jaxpull.shell.cli"]
+
+
+def run(*args, **kw) -> subprocess.CompletedProcess:
+    """``jaxpull ARGS`` as a new process (the real command, interpreter start and imports included)."""
+    return subprocess.run(JAXPULL + [str(a) for a in args], capture_output=True, text=True, **kw)
+
+
+def run_in_process(*args) -> subprocess.CompletedProcess:
+    """``jaxpull ARGS`` through ``cli.main`` in this process, returned as :func:`run` returns it:
+    the exit status (argparse's usage errors included), stdout, and stderr with any warning the
+    command raised, filtered as a fresh interpreter's default filters would show it. For the
+    tables of bad inputs: the same code path without starting Python, importing jax and, for
+    ``convert``, torch again (2-4 s a call)."""
+    import contextlib
+    import io
+    import warnings
+
+    from jaxpull.shell import cli
+
+    out, err = io.StringIO(), io.StringIO()
+    with (
+        warnings.catch_warnings(record=True) as caught,
+        contextlib.redirect_stdout(out),
+        contextlib.redirect_stderr(err),
+    ):
+        warnings.resetwarnings()  # Python's defaults (no -W): shown once per place, deprecations hidden
+        warnings.simplefilter("default")
+        for category in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
+            warnings.filterwarnings("ignore", category=category)
+        try:
+            code = cli.main([str(a) for a in args])
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+    shown = "".join(warnings.formatwarning(w.message, w.category, w.filename, w.lineno) for w in caught)
+    return subprocess.CompletedProcess(["jaxpull", *map(str, args)], code, out.getvalue(), err.getvalue() + shown)
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, *fragments: str) -> None:
+    """Exit status 2 and exactly one stderr line, ``jaxpull: error: ...``, containing ``fragments``."""
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("jaxpull: error: "), proc.stderr
+    for f in fragments:
+        assert f in lines[0], lines[0]

@@ -245,7 +245,7 @@ def test_app_in_a_real_browser(cache, tmp_path):
 
 
 def test_app_command_bad_input(tmp_path):
-    from test_cli import assert_one_line_error, run
+    from helpers import assert_one_line_error, run, run_in_process
 
     assert_one_line_error(run("app", "--port", "70000"), "--port 70000 is not a TCP port")
-    assert_one_line_error(run("app", "--models", tmp_path / "none"), "models folder", "does not exist")
+    assert_one_line_error(run_in_process("app", "--models", tmp_path / "none"), "models folder", "does not exist")

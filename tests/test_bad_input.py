@@ -23,10 +23,11 @@ import pytest
 from PIL import Image
 
 import jaxpull
-from jaxpull.shell import cli, sweep
+from jaxpull.shell import sweep
 from jaxpull.evaluation import pipeline, explainers, metrics
 from jaxpull.files import images, outputs
 from conftest import torch_and_jax
+from helpers import assert_one_line_error, run_in_process
 
 SIZE = 32  # small images keep every case fast
 
@@ -55,15 +56,11 @@ def one_line_error(excinfo_or_text, *fragments):
     return text
 
 
-def cli_error(capsys, argv, *fragments):
+def cli_error(argv, *fragments):
     """Run ``jaxpull ARGV`` in-process; assert exit status 2 and one ``jaxpull: error:`` line."""
-    rc = cli.main([str(a) for a in argv])
-    err = capsys.readouterr().err.strip()
-    assert rc == 2, err
-    assert len(err.splitlines()) == 1 and err.startswith("jaxpull: error: "), err
-    for f in fragments:
-        assert f in err, err
-    return err
+    proc = run_in_process(*argv)
+    assert_one_line_error(proc, *fragments)
+    return proc.stderr.strip()
 
 
 # --------------------------------------------------------------------------------------
@@ -296,14 +293,13 @@ def test_deep_modes_out_of_their_range_are_refused(tmp_path):
         one_line_error(e, "cannot read image", fragment, "8-bit")
 
 
-def test_decompression_bomb_is_refused_in_one_line_and_large_images_quietly(model_file, tmp_path, monkeypatch, capsys):
+def test_decompression_bomb_is_refused_in_one_line_and_large_images_quietly(model_file, tmp_path, monkeypatch):
     Image.new("1", (400, 400)).save(tmp_path / "bomb.png")  # 160,000 pixels
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 60_000)  # PIL warns above this, refuses above 2 x 60,000
     with pytest.raises(ValueError) as e:
         images.load_image(tmp_path / "bomb.png")
     one_line_error(e, "bomb.png", "more than 120,000 pixels", "smaller image")
     cli_error(
-        capsys,
         ["explain", tmp_path / "bomb.png", "--model", model_file, "-o", tmp_path / "o.png"],
         "more than 120,000 pixels",
     )
@@ -362,12 +358,12 @@ def test_crop_first_resize_matches_resize_then_crop():
     assert np.abs(got.astype(int) - expected).max() <= 1
 
 
-def test_memory_error_is_one_line_at_the_cli_edge(model_file, tmp_path, monkeypatch, capsys):
+def test_memory_error_is_one_line_at_the_cli_edge(model_file, tmp_path, monkeypatch):
     def exhausted(*a, **k):
         raise MemoryError()
 
     monkeypatch.setattr(images, "load_images", exhausted)
-    cli_error(capsys, ["explain", "a.png", "--model", model_file, "-o", tmp_path / "o.png"], "out of memory")
+    cli_error(["explain", "a.png", "--model", model_file, "-o", tmp_path / "o.png"], "out of memory")
     assert not (tmp_path / "o.png").exists()
 
 
@@ -434,7 +430,7 @@ MODEL_FILES = {
 }
 
 
-def test_model_files_that_cannot_give_meaningful_output_are_refused(model_file, tmp_path, capsys):
+def test_model_files_that_cannot_give_meaningful_output_are_refused(model_file, tmp_path):
     jaxpull.load(model_file)  # the good file loads
     for name, (change, fragment) in MODEL_FILES.items():
         bad = tmp_path / f"{name.replace(' ', '_')}.safetensors"
@@ -445,7 +441,6 @@ def test_model_files_that_cannot_give_meaningful_output_are_refused(model_file, 
     # the same message at the CLI (in-process), before any compute
     Image.new("RGB", (40, 40)).save(tmp_path / "ok.png")
     cli_error(
-        capsys,
         ["explain", tmp_path / "ok.png", "--model", tmp_path / "NaN_tensor.safetensors", "-o", tmp_path / "o.png"],
         "holds NaN or infinite values",
     )
@@ -457,7 +452,7 @@ def test_model_files_that_cannot_give_meaningful_output_are_refused(model_file, 
 # --------------------------------------------------------------------------------------
 
 
-def test_directories_where_files_belong(model_file, tmp_path, capsys):
+def test_directories_where_files_belong(model_file, tmp_path):
     (tmp_path / "d.png").mkdir()
     (tmp_path / "m.safetensors").mkdir()
     with pytest.raises(ValueError) as e:
@@ -467,22 +462,17 @@ def test_directories_where_files_belong(model_file, tmp_path, capsys):
         images.load_image(tmp_path / "d.png")
     one_line_error(e, "is a directory")
     Image.new("RGB", (40, 40)).save(tmp_path / "ok.png")
+    cli_error(["explain", tmp_path / "d.png", "--model", model_file, "-o", tmp_path / "o.png"], "is a directory")
     cli_error(
-        capsys, ["explain", tmp_path / "d.png", "--model", model_file, "-o", tmp_path / "o.png"], "is a directory"
-    )
-    cli_error(
-        capsys,
         ["explain", tmp_path / "ok.png", "--model", model_file, "-o", tmp_path / "d.png"],
         "output",
         "is a directory",
     )  # -o names a directory: refused before any compute
     cli_error(
-        capsys,
         ["explain", tmp_path / "ok.png", "--model", model_file, "-o", tmp_path / "ok.png" / "x.png"],
         "is a file, not a directory",
     )
     cli_error(
-        capsys,
         [
             "explain",
             tmp_path / "ok.png",
@@ -497,32 +487,29 @@ def test_directories_where_files_belong(model_file, tmp_path, capsys):
     )
 
 
-def test_cli_settings_messages_use_the_cli_spelling(model_file, tmp_path, capsys):
+def test_cli_settings_messages_use_the_cli_spelling(model_file, tmp_path):
     Image.new("RGB", (40, 40)).save(tmp_path / "ok.png")
     err = cli_error(
-        capsys,
         ["explain", tmp_path / "ok.png", "--model", model_file, "-o", tmp_path / "o.png", "--temperature", "0"],
         "--temperature",
         "--method vanilla",
     )
     assert "temperature=None" not in err
     cli_error(
-        capsys,
         ["sweep", tmp_path / "ok.png", "--model", model_file, "--out", tmp_path / "s", "--temperatures", "0.3,abc"],
         "'abc' is not a number",
     )
     cli_error(
-        capsys,
         ["sweep", tmp_path / "ok.png", "--model", model_file, "--out", tmp_path / "s", "--temperatures", "-1"],
         "--temperatures",
         "write none",
     )
-    cli_error(capsys, ["demo", "--seed", "-1", "-o", tmp_path / "demo.png"], "--seed must be a non-negative integer")
-    cli_error(capsys, ["evaluate", "--images", "samples", "--seed", "-1", "-o", tmp_path / "e.md"], "--seed")
+    cli_error(["demo", "--seed", "-1", "-o", tmp_path / "demo.png"], "--seed must be a non-negative integer")
+    cli_error(["evaluate", "--images", "samples", "--seed", "-1", "-o", tmp_path / "e.md"], "--seed")
     assert sorted(os.listdir(tmp_path)) == ["ok.png"]
 
 
-def test_convert_bad_image_size_and_unwritable_output(tmp_path, capsys, monkeypatch):
+def test_convert_bad_image_size_and_unwritable_output(tmp_path, monkeypatch):
     torch = pytest.importorskip("torch")
     import torchvision
 
@@ -531,7 +518,6 @@ def test_convert_bad_image_size_and_unwritable_output(tmp_path, capsys, monkeypa
     out = tmp_path / "x.safetensors"
     for size in ("0", "-5", "5000"):
         cli_error(
-            capsys,
             ["convert", "resnet18", "--state-dict", sd, "-o", out, "--image-size", size],
             f"image size {size} is out of range",
             "[32, 1024]",
@@ -545,12 +531,12 @@ def test_convert_bad_image_size_and_unwritable_output(tmp_path, capsys, monkeypa
             os, "access", lambda p, mode: access(p, mode) and not (str(p) == str(locked) and mode & os.W_OK)
         )
     start = time.perf_counter()
-    cli_error(capsys, ["convert", "resnet18", "--state-dict", sd, "-o", locked / "x.safetensors"], "not writable")
+    cli_error(["convert", "resnet18", "--state-dict", sd, "-o", locked / "x.safetensors"], "not writable")
     assert time.perf_counter() - start < 1  # before reading the state_dict or any compute
     monkeypatch.undo()
     locked.chmod(0o700)
     (tmp_path / "d.safetensors").mkdir()
-    cli_error(capsys, ["convert", "resnet18", "--state-dict", sd, "-o", tmp_path / "d.safetensors"], "is a directory")
+    cli_error(["convert", "resnet18", "--state-dict", sd, "-o", tmp_path / "d.safetensors"], "is a directory")
     assert not out.exists()
 
 
@@ -600,7 +586,7 @@ def test_kill_9_during_a_write_leaves_a_temp_that_the_next_write_removes(tmp_pat
 # --------------------------------------------------------------------------------------
 
 
-def test_sweep_output_lock_parents_manifest_and_top_labels(model, tmp_path, capsys):
+def test_sweep_output_lock_parents_manifest_and_top_labels(model, tmp_path):
     x = good_images(1)
     out = tmp_path / "runs" / "all_labels"  # 'runs' does not exist: created (the README's example)
     r = sweep.sweep(model, x, [1, 4, 7], reduce="alignment", out=out, chunk_size=2, progress=False)

@@ -1,4 +1,5 @@
-"""The real ``jaxpull`` command, run as a subprocess."""
+"""The real ``jaxpull`` command, run as a subprocess; the tables of bad inputs run the first case
+as a subprocess and the others through ``cli.main`` in this process (helpers.run_in_process)."""
 
 from __future__ import annotations
 
@@ -12,12 +13,7 @@ import torch
 import torchvision
 
 import jaxpull
-
-JAXPULL = [sys.executable, "-m", "jaxpull.shell.cli"]
-
-
-def run(*args, **kw):
-    return subprocess.run(JAXPULL + [str(a) for a in args], capture_output=True, text=True, **kw)
+from helpers import assert_one_line_error, run, run_in_process
 
 
 @pytest.fixture(scope="module")
@@ -26,14 +22,6 @@ def state_dict(tmp_path_factory):
     path = tmp_path_factory.mktemp("sd") / "resnet18.pth"
     torch.save(torchvision.models.resnet18(num_classes=10).state_dict(), path)
     return path
-
-
-def assert_one_line_error(proc, *fragments):
-    assert proc.returncode == 2, proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("jaxpull: error: "), proc.stderr
-    for f in fragments:
-        assert f in lines[0], lines[0]
 
 
 def test_convert_writes_a_checked_file(state_dict, tmp_path):
@@ -71,22 +59,28 @@ def test_mismatched_state_dict_names_the_keys_and_writes_nothing(state_dict, tmp
 def test_bad_inputs_of_convert(state_dict, tmp_path):
     out = tmp_path / "x.safetensors"
     assert_one_line_error(run("convert", "resnet99", "--state-dict", state_dict, "-o", out), "unknown architecture")
-    assert_one_line_error(run("convert", "resnet18", "--state-dict", tmp_path / "no.pth", "-o", out), "not found")
+    assert_one_line_error(
+        run_in_process("convert", "resnet18", "--state-dict", tmp_path / "no.pth", "-o", out), "not found"
+    )
     (tmp_path / "corrupt.pth").write_bytes(b"\x00garbage")
     assert_one_line_error(
-        run("convert", "resnet18", "--state-dict", tmp_path / "corrupt.pth", "-o", out), "cannot read"
+        run_in_process("convert", "resnet18", "--state-dict", tmp_path / "corrupt.pth", "-o", out), "cannot read"
     )
     torch.save({"model": object.__new__(torch.nn.Identity)}, tmp_path / "pickle.pth")
-    assert_one_line_error(run("convert", "resnet18", "--state-dict", tmp_path / "pickle.pth", "-o", out), "cannot read")
     assert_one_line_error(
-        run("convert", "resnet18", "--state-dict", state_dict, "-o", tmp_path / "no" / "x.safetensors"),
+        run_in_process("convert", "resnet18", "--state-dict", tmp_path / "pickle.pth", "-o", out), "cannot read"
+    )
+    assert_one_line_error(
+        run_in_process("convert", "resnet18", "--state-dict", state_dict, "-o", tmp_path / "no" / "x.safetensors"),
         "does not exist",
     )
     assert_one_line_error(
-        run("convert", "resnet18", "--state-dict", state_dict, "-o", tmp_path / "x.npz"), ".safetensors"
+        run_in_process("convert", "resnet18", "--state-dict", state_dict, "-o", tmp_path / "x.npz"), ".safetensors"
     )
-    assert_one_line_error(run("convert", "resnet18", "--weights", "NOPE", "-o", out), "unknown weights 'NOPE'")
-    assert run("convert", "resnet18", "-o", out).returncode == 2  # neither source: usage error
+    assert_one_line_error(
+        run_in_process("convert", "resnet18", "--weights", "NOPE", "-o", out), "unknown weights 'NOPE'"
+    )
+    assert run_in_process("convert", "resnet18", "-o", out).returncode == 2  # neither source: usage error
     assert not out.exists()
 
 
@@ -113,17 +107,6 @@ def test_densenet_legacy_keys_are_accepted(tmp_path):
         64,
     )
     assert proc.returncode == 0, proc.stderr
-
-
-@pytest.fixture(scope="module")
-def model_file(tmp_path_factory):
-    """A converted random resnet18 with ImageNet's 1000 class names."""
-    import jaxpull_convert
-
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("m") / "resnet18.safetensors"
-    jaxpull.save(jaxpull_convert.from_torch_module("resnet18", torchvision.models.resnet18().eval()), path)
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -170,16 +153,19 @@ def test_explain_bad_input(model_file, photo_files, tmp_path):
     base = ["--model", model_file, "-o", out]
     assert_one_line_error(run("explain", tmp_path / "none.jpg", *base), "none.jpg", "not found")
     (tmp_path / "bad.jpg").write_text("text")
-    assert_one_line_error(run("explain", tmp_path / "bad.jpg", *base), "cannot read image", "bad.jpg")
+    assert_one_line_error(run_in_process("explain", tmp_path / "bad.jpg", *base), "cannot read image", "bad.jpg")
     assert_one_line_error(
-        run("explain", photo_files[0], "--model", tmp_path / "no.safetensors", "-o", out), "not found"
+        run_in_process("explain", photo_files[0], "--model", tmp_path / "no.safetensors", "-o", out), "not found"
     )
-    assert_one_line_error(run("explain", photo_files[0], "--model", "resnet77", "-o", out), "resnet77")
-    assert_one_line_error(run("explain", photo_files[0], *base, "--targets", "not a class"), "not a class")
-    assert_one_line_error(run("explain", photo_files[0], *base, "--targets", "1000"), "out of range")
-    assert_one_line_error(run("explain", photo_files[0], *base, "--temperature", "-1"), "temperature must be positive")
+    assert_one_line_error(run_in_process("explain", photo_files[0], "--model", "resnet77", "-o", out), "resnet77")
+    assert_one_line_error(run_in_process("explain", photo_files[0], *base, "--targets", "not a class"), "not a class")
+    assert_one_line_error(run_in_process("explain", photo_files[0], *base, "--targets", "1000"), "out of range")
     assert_one_line_error(
-        run("explain", photo_files[0], "--model", model_file, "-o", tmp_path / "no" / "f.png"), "does not exist"
+        run_in_process("explain", photo_files[0], *base, "--temperature", "-1"), "temperature must be positive"
+    )
+    assert_one_line_error(
+        run_in_process("explain", photo_files[0], "--model", model_file, "-o", tmp_path / "no" / "f.png"),
+        "does not exist",
     )
     assert list(tmp_path.glob("*.png")) == []
 
@@ -304,3 +290,26 @@ def test_semantic_rule_flags(model_file, photo_files, tmp_path):
         "gelu_temperature must be positive",
     )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fig.png", "raw.npz"]
+
+
+def test_in_process_runner_reports_what_a_process_would(monkeypatch):
+    """run_in_process (the bad-input tables' runner) shows a warning on stderr as a new
+    interpreter would, so a stray warning still breaks the one-line-error check; and it returns
+    argparse's exit status."""
+    import warnings
+
+    from jaxpull.shell import cli
+
+    def warns_then_fails(argv):
+        warnings.warn("stray", FutureWarning)
+        warnings.warn("hidden by default", DeprecationWarning)
+        print("jaxpull: error: boom", file=sys.stderr)
+        return 2
+
+    monkeypatch.setattr(cli, "main", warns_then_fails)
+    proc = run_in_process("explain")
+    assert proc.returncode == 2 and "FutureWarning: stray" in proc.stderr and "hidden" not in proc.stderr
+    with pytest.raises(AssertionError):
+        assert_one_line_error(proc, "boom")
+    monkeypatch.undo()
+    assert run_in_process("explain", "--no-such-flag").returncode == 2

@@ -7,7 +7,7 @@ import shutil
 import numpy as np
 import pytest
 from conftest import images
-from test_cli import assert_one_line_error, model_file, run  # noqa: F401  (fixture)
+from helpers import assert_one_line_error, run, run_in_process
 
 from jaxpull.evaluation import pipeline
 
@@ -96,7 +96,7 @@ def class_folder(tmp_path_factory):
     return root
 
 
-def test_evaluate_command(model_file, class_folder, tmp_path):  # noqa: F811
+def test_evaluate_command(model_file, class_folder, tmp_path):
     out = tmp_path / "report.md"
     proc = run(
         "evaluate",
@@ -122,7 +122,7 @@ def test_evaluate_command(model_file, class_folder, tmp_path):  # noqa: F811
     assert sorted(p.name for p in tmp_path.iterdir()) == ["report.csv", "report.md"]
 
 
-def test_evaluate_command_bad_input(model_file, class_folder, tmp_path):  # noqa: F811
+def test_evaluate_command_bad_input(model_file, class_folder, tmp_path):
     out = tmp_path / "r.md"
     base = ["--model", model_file, "-o", out]
     cases = [
@@ -138,9 +138,9 @@ def test_evaluate_command_bad_input(model_file, class_folder, tmp_path):  # noqa
         ),
         (["--images", class_folder, "--temperature", "-1"], "--temperature must be positive"),
     ]
-    for args, fragment in cases:
-        proc = run("evaluate", *args, *base)
+    for i, (args, fragment) in enumerate(cases):  # the first as a real process, the others in this one
+        proc = (run if i == 0 else run_in_process)("evaluate", *args, *base)
         assert_one_line_error(proc, fragment)
     assert list(tmp_path.iterdir()) == []
-    proc = run("evaluate", "--images", class_folder, "--model", model_file, "-o", tmp_path / "r.txt")
+    proc = run_in_process("evaluate", "--images", class_folder, "--model", model_file, "-o", tmp_path / "r.txt")
     assert_one_line_error(proc, "must end in .md")
