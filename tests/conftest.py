@@ -37,15 +37,6 @@ def pytest_configure(config):
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
-def pytest_collection_modifyitems(config, items):
-    """With pytest-xdist's two workers (``-n 2 --dist loadgroup``, pyproject.toml), every test
-    marked ``large_models`` runs on one worker, one after another: two full-width models are
-    never in memory at once, and the other worker takes the rest."""
-    for item in items:
-        if item.get_closest_marker("large_models"):
-            item.add_marker(pytest.mark.xdist_group("large_models"))
-
-
 def pytest_unconfigure(config):
     shutil.rmtree(getattr(config, "_jaxpull_xla_cache", ""), ignore_errors=True)
 

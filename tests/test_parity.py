@@ -69,7 +69,7 @@ def test_every_family_is_covered():
     here = Path(__file__).parent
     files = sorted(str(p) for p in here.glob("test_parity*.py")) + [str(here / "test_real_model.py")]
     out = subprocess.run(
-        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-n", "0", "-p", "no:cacheprovider", *files],
+        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", *files],
         capture_output=True,
         text=True,
         cwd=here.parent,
