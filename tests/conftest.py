@@ -19,20 +19,15 @@ from jaxpull_convert.testing import random_images as images, random_torchvision_
 
 def pytest_configure(config):
     """One persistent XLA compilation cache per test session, in a fresh folder: a computation
-    compiled again (by a later module once the caches are released, by another pytest-xdist
-    worker, by a CLI subprocess, by the notebook's kernel) is loaded instead of recompiled. The
-    executables are the same ones, keyed by the computation, its compile options and the jax
-    version, so no check changes. The folder is made by the main process (workers inherit it
-    through the environment) and removed by it at the end."""
+    compiled again (by a later module once the caches are released, by a CLI subprocess, by the
+    notebook's kernel) is loaded instead of recompiled. The executables are the same ones, keyed
+    by the computation, its compile options and the jax version, so no check changes."""
     import jax
 
-    if hasattr(config, "workerinput"):  # a pytest-xdist worker: the controller made the folder
-        path = os.environ["JAX_COMPILATION_CACHE_DIR"]
-    else:
-        path = tempfile.mkdtemp(prefix="jaxpull-tests-xla-cache-")
-        config._jaxpull_xla_cache = path
-        os.environ["JAX_COMPILATION_CACHE_DIR"] = path  # subprocesses and workers inherit it
-        os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
+    path = tempfile.mkdtemp(prefix="jaxpull-tests-xla-cache-")
+    config._jaxpull_xla_cache = path
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = path  # subprocesses inherit it
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
     jax.config.update("jax_compilation_cache_dir", path)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 

@@ -19,9 +19,9 @@ import torch
 
 import jaxpull
 from jaxpull_convert import fingerprint, offline, pth, sources
+from helpers import run
 
 OFFLINE = {src.arch: src for src in offline.OFFLINE}
-JAXPULL = [sys.executable, "-m", "jaxpull.shell.cli"]
 
 
 def offline_path(arch: str) -> Path:
@@ -142,10 +142,6 @@ def fake_package(root: Path, src, content: bytes) -> None:
     target.parent.mkdir(parents=True)
     (root / src.module / "__init__.py").write_text("raise SystemExit('the package code must not run')\n")
     target.write_bytes(content)
-
-
-def run(*args, **kw):
-    return subprocess.run(JAXPULL + [str(a) for a in args], capture_output=True, text=True, **kw)
 
 
 def test_wrong_hash_is_refused_and_nothing_written(tmp_path):
