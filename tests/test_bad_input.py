@@ -29,6 +29,10 @@ from jaxpull.files import images, outputs
 from conftest import torch_and_jax
 from helpers import assert_one_line_error, run_in_process
 
+pytestmark = (
+    pytest.mark.quick_compile
+)  # less codegen effort: each function runs once or twice, on small inputs (conftest.py)
+
 SIZE = 32  # small images keep every case fast
 
 

@@ -12,6 +12,10 @@ from jaxpull_convert import torch_reference as R
 from jaxpull.core import gates
 from jaxpull.core.gates import VANILLA, Gating
 
+pytestmark = (
+    pytest.mark.quick_compile
+)  # less codegen effort: each function runs once or twice, on small inputs (conftest.py)
+
 
 def grad_of(fn, z, g=None):
     g = jnp.ones_like(fn(z)) if g is None else g

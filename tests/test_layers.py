@@ -14,6 +14,10 @@ from jax import lax
 
 from jaxpull.core import lowering
 
+pytestmark = (
+    pytest.mark.quick_compile
+)  # less codegen effort: each function runs once or twice, on small inputs (conftest.py)
+
 RNG = np.random.default_rng(0)
 
 
@@ -93,3 +97,10 @@ def test_depthwise_fence_survives_a_vmapped_vjp():
     assert "conditional(" in compiled
     expected = jax.vmap(lambda g: jax.vjp(lambda x: jax.nn.sigmoid(lax_conv(x, kernel, 1, pad, 4)), x)[1](g)[0])(gs)
     close(jax.jit(pullbacks)(x, kernel, gs), expected)
+
+
+def test_the_suite_compiles_with_less_codegen_effort():
+    """This module is marked ``quick_compile``: conftest.py lowers XLA's codegen effort for it."""
+    import jax
+
+    assert jax.config.read("jax_disable_most_optimizations") is True

@@ -51,6 +51,14 @@ ALL = [
 ]
 # Representative members, for the more expensive checks.
 CORE = ["resnet18", "resnet50", "vgg11_bn", "densenet121", "alexnet"]
+
+
+def quick(*archs: str) -> list:
+    """Pullback checks: compiled with less codegen effort (conftest.py), except VGG, whose
+    wide convolutions make execution, not compilation, most of a test."""
+    return [a if a.startswith("vgg") else pytest.param(a, marks=pytest.mark.quick_compile) for a in archs]
+
+
 TARGETS = np.array([[1, 7], [3, 500]])
 
 
@@ -94,7 +102,7 @@ def test_every_family_is_covered():
     assert not unchecked, f"families without a numerical parity test: {unchecked}"
 
 
-@pytest.mark.parametrize("arch", ALL)
+@pytest.mark.parametrize("arch", quick(*ALL))
 def test_logits_and_pullback_match_torch(arch):
     """Logits equal torchvision's; sigmoid-gated pullbacks (t=0.3) equal the torch rule's."""
     tm, model = torch_and_jax(arch)
@@ -108,7 +116,7 @@ def test_logits_and_pullback_match_torch(arch):
     assert_maps_close(got, ref)
 
 
-@pytest.mark.parametrize("arch", CORE)
+@pytest.mark.parametrize("arch", quick(*CORE))
 def test_vanilla_gradient_matches_torch_autograd(arch):
     tm, model = torch_and_jax(arch)
     x = images(2, 64, seed=1)
@@ -117,7 +125,7 @@ def test_vanilla_gradient_matches_torch_autograd(arch):
     assert_maps_close(got, ref)
 
 
-@pytest.mark.parametrize("arch", ["resnet18", "vgg11_bn", "densenet121"])
+@pytest.mark.parametrize("arch", quick("resnet18", "vgg11_bn", "densenet121"))
 def test_follow_up_variant_matches_torch(arch):
     """Normal-CDF gate (t=0.6), separate pool temperature 0.2, detached softmax weights."""
     tm, model = torch_and_jax(arch)
@@ -131,7 +139,14 @@ def test_follow_up_variant_matches_torch(arch):
     assert_maps_close(got, ref)
 
 
-@pytest.mark.parametrize("arch,size", [("vgg11", 160), ("densenet121", 128), ("alexnet", 100), ("resnet18", 97)])
+@pytest.mark.parametrize(
+    "arch,size",
+    [("vgg11", 160)]
+    + [
+        pytest.param(*p, marks=pytest.mark.quick_compile)
+        for p in [("densenet121", 128), ("alexnet", 100), ("resnet18", 97)]
+    ],
+)
 def test_other_input_sizes(arch, size):
     """Any size torchvision accepts: adaptive pooling (VGG 160 -> 5x5 -> 7x7) and odd sizes."""
     tm, model = torch_and_jax(arch)

@@ -32,6 +32,10 @@ from helpers import REL_ERR_MAX, assert_logits_close, check_parity, check_layout
 from jaxpull.files import model_file
 from jaxpull.core.models import efficientnet
 
+pytestmark = (
+    pytest.mark.quick_compile
+)  # less codegen effort: each function runs once or twice, on small inputs (conftest.py)
+
 V1 = [f"efficientnet_b{i}" for i in range(8)]
 V2 = ["efficientnet_v2_s", "efficientnet_v2_m", "efficientnet_v2_l"]
 TARGETS = np.array([[1, 7], [3, 5]])

@@ -28,7 +28,8 @@ from helpers import assert_logits_close, assert_maps_close
 from jaxpull.core import gates, models
 from jaxpull.core.preprocessing import Preprocessing
 
-pytestmark = pytest.mark.large_models  # one architecture per test: release it after each
+# one architecture per test: release it after each; compiled with less codegen effort (conftest.py)
+pytestmark = [pytest.mark.large_models, pytest.mark.quick_compile]
 
 TARGETS = np.array([[1, 7], [3, 500]])
 

@@ -27,7 +27,8 @@ from jaxpull.core.layers import IMAGENET_MEAN, IMAGENET_STD
 from jaxpull.core.models import squeezenet
 from jaxpull_convert import sources
 
-pytestmark = pytest.mark.large_models  # one architecture per test: release it after each
+# one architecture per test: release it after each; compiled with less codegen effort (conftest.py)
+pytestmark = [pytest.mark.large_models, pytest.mark.quick_compile]
 
 TARGETS = np.array([[1, 7], [3, 500]])
 MOBILENET_V3 = ["mobilenet_v3_small", "mobilenet_v3_large"]

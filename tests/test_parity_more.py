@@ -35,7 +35,8 @@ from jaxpull_convert import torch_reference as R
 from conftest import images, torch_and_jax
 from helpers import LOGIT_REL, check_layout_shapes, map_errors
 
-pytestmark = pytest.mark.large_models  # one architecture per test: release it after each
+# one architecture per test: release it after each; compiled with less codegen effort (conftest.py)
+pytestmark = [pytest.mark.large_models, pytest.mark.quick_compile]
 
 REGNET_X = [
     "regnet_x_400mf",

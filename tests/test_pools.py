@@ -14,6 +14,10 @@ from jaxpull_convert import torch_reference as R
 from jaxpull.core import gates
 from jaxpull.core.gates import Gating
 
+pytestmark = (
+    pytest.mark.quick_compile
+)  # less codegen effort: each function runs once or twice, on small inputs (conftest.py)
+
 # (size, window, stride, padding): ceil mode adds a last window in each of these, except the
 # last, where torch's rule (a window must start inside the input or left padding) removes it.
 CEIL_CASES = [(7, 2, 2, 0), (8, 3, 2, 0), (8, 3, 2, 1), (13, 2, 2, 0), (6, 3, 2, 1), (5, 2, 2, 1)]

@@ -113,3 +113,10 @@ def test_mobilenet_v2_matches_torchvision():
     for kw, ref_model in [(dict(temperature=0.3), R.gated(tm, 0.3)), (dict(temperature=None), tm)]:
         got = jaxpull.pullback(model, x, t, **kw)
         assert_maps_close(got, R.pullback(ref_model, torch.from_numpy(x), torch.from_numpy(t)))
+
+
+def test_this_module_compiles_at_the_default_optimisation_level():
+    """Real weights against PyTorch, with the code XLA:CPU emits by default (conftest.py)."""
+    import jax
+
+    assert jax.config.read("jax_disable_most_optimizations") is False
