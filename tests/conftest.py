@@ -55,6 +55,13 @@ def _codegen_effort(request):
         jax.config.update("jax_disable_most_optimizations", False)
 
 
+DESELECTED: list = []  # tests deselected in this session (-k, -m, --lf): a partial collection
+
+
+def pytest_deselected(items):
+    DESELECTED.extend(item.nodeid for item in items)
+
+
 def pytest_unconfigure(config):
     shutil.rmtree(getattr(config, "_jaxpull_xla_cache", ""), ignore_errors=True)
 

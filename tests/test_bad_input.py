@@ -29,9 +29,8 @@ from jaxpull.files import images, outputs
 from conftest import torch_and_jax
 from helpers import assert_one_line_error, run_in_process
 
-pytestmark = (
-    pytest.mark.quick_compile
-)  # less codegen effort: each function runs once or twice, on small inputs (conftest.py)
+# less codegen effort: each function runs once or twice, on small inputs (conftest.py)
+pytestmark = pytest.mark.quick_compile
 
 SIZE = 32  # small images keep every case fast
 

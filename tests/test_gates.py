@@ -12,9 +12,8 @@ from jaxpull_convert import torch_reference as R
 from jaxpull.core import gates
 from jaxpull.core.gates import VANILLA, Gating
 
-pytestmark = (
-    pytest.mark.quick_compile
-)  # less codegen effort: each function runs once or twice, on small inputs (conftest.py)
+# less codegen effort: each function runs once or twice, on small inputs (conftest.py)
+pytestmark = pytest.mark.quick_compile
 
 
 def grad_of(fn, z, g=None):

@@ -1,10 +1,13 @@
 """The CPU lowerings of ``jaxpull.core.layers`` against ``lax.conv``: same values, same VJPs.
 
-On CPU, ``Conv`` runs depthwise convolutions as shifted views and 1x1 / strided kxk ones as one
-matmul (im2col); off CPU it runs ``lax.conv_general_dilated``. These tests pin the rewrites to the
+On CPU, ``Conv`` runs depthwise convolutions as shifted views, 1x1 / strided kxk ones as one
+matmul (im2col), and the other dense ones with an explicit input gradient (``dense_conv``); off
+CPU it runs ``lax.conv_general_dilated``. These tests pin the rewrites to the
 ``lax`` form (float32, tolerance 1e-5 relative to the largest value), and check that the cotangent
 fence of the depthwise convolution is the identity and survives ``vmap``.
 """
+
+import re
 
 import jax
 import jax.numpy as jnp
@@ -14,9 +17,8 @@ from jax import lax
 
 from jaxpull.core import lowering
 
-pytestmark = (
-    pytest.mark.quick_compile
-)  # less codegen effort: each function runs once or twice, on small inputs (conftest.py)
+# less codegen effort: each function runs once or twice, on small inputs (conftest.py)
+pytestmark = pytest.mark.quick_compile
 
 RNG = np.random.default_rng(0)
 
@@ -65,6 +67,43 @@ def test_im2col_equals_lax_conv(k, stride, pad):
     x = jnp.asarray(RNG.standard_normal((2, 9, 9, 16)), jnp.float32)
     kernel = jnp.asarray(RNG.standard_normal((k, k, 16, 8)), jnp.float32)
     assert_same_as_lax(lowering.conv_im2col, 1, x, kernel, stride, pad)
+
+
+@pytest.mark.parametrize(
+    "shape, stride, pad",
+    [
+        ((3, 3), 1, ((1, 1), (1, 1))),
+        ((3, 3), 1, ((0, 0), (0, 0))),
+        ((3, 3), 2, ((1, 1), (1, 1))),
+        ((3, 3), 2, ((0, 1), (0, 1))),  # TensorFlow's "same" at an even size
+        ((7, 7), 2, ((3, 3), (3, 3))),  # the stem
+        ((1, 7), 1, ((0, 0), (3, 3))),  # Inception-v3's factorised kernels
+        ((5, 5), 3, ((2, 1), (0, 4))),
+    ],
+)
+@pytest.mark.parametrize("size", [9, 10])
+def test_dense_conv_equals_lax_conv(shape, stride, pad, size):
+    """Value, input gradient (the explicit flipped-kernel convolution) and kernel gradient."""
+    x = jnp.asarray(RNG.standard_normal((2, size, size, 5)), jnp.float32)
+    kernel = jnp.asarray(RNG.standard_normal(shape + (5, 4)), jnp.float32)
+    assert_same_as_lax(lowering.dense_conv, 1, x, kernel, stride, pad)
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="a CPU lowering")
+def test_dense_conv_gradient_in_a_loop_is_an_eigen_convolution():
+    """Inside ``fori_loop`` (the ascent) autodiff's input gradient is a ``01oi`` convolution that
+    XLA:CPU runs as its naive loop; ``dense_conv``'s is ``01io`` everywhere."""
+    x = jnp.asarray(RNG.standard_normal((2, 8, 8, 16)), jnp.float32)
+    kernel = jnp.asarray(RNG.standard_normal((3, 3, 16, 16)), jnp.float32)
+    pad = ((1, 1), (1, 1))
+
+    def labels(conv):
+        step = jax.grad(lambda x: jnp.sum(jnp.tanh(conv(x, kernel, 1, pad))))
+        loop = jax.jit(lambda x: lax.fori_loop(0, 2, lambda i, x: x + step(x), x))
+        return set(re.findall(r"dim_labels=([^,]+)", loop.lower(x).compile().as_text()))
+
+    assert "b01f_01oi->b01f" in labels(lambda *a: lax_conv(*a))  # what this works around
+    assert labels(lowering.dense_conv) == {"b01f_01io->b01f"}
 
 
 @pytest.mark.parametrize("witness", [1.0, float("nan")])

@@ -11,6 +11,9 @@ import pytest
 
 from jaxpull.evaluation import metrics
 
+# less codegen effort: each function runs once or twice, on small inputs (conftest.py)
+pytestmark = pytest.mark.quick_compile
+
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass

@@ -18,6 +18,7 @@ import torch
 
 import jaxpull
 from jaxpull_convert import torch_reference as R
+import conftest
 from conftest import images, torch_and_jax
 from helpers import assert_logits_close, assert_maps_close
 
@@ -66,7 +67,37 @@ NUMERIC = re.compile(r"match(es)?_(py)?torch|parity")  # test names of numerical
 SHAPES = re.compile(r"parameter_shape|shapes")  # of shape-level conversion checks (full-size builders)
 
 
-def test_every_family_is_covered():
+def parity_test_ids(session) -> list:
+    """Node ids of every test in tests/test_parity*.py and test_real_model.py: this session's own
+    collection when it holds those files whole (nothing deselected, no test named on the command
+    line), else a ``pytest --collect-only`` of them (10 s)."""
+    here = Path(__file__).parent
+    files = sorted(p.name for p in here.glob("test_parity*.py")) + ["test_real_model.py"]
+    ids = [item.nodeid for item in session.items if item.path.name in files]
+    whole = not conftest.DESELECTED and not any("::" in a for a in session.config.args)
+    if whole and {i.split("::")[0].rsplit("/", 1)[-1] for i in ids} == set(files):
+        return ids
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "--collect-only",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            *[str(here / f) for f in files],
+        ],
+        capture_output=True,
+        text=True,
+        cwd=here.parent,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    return [line.strip() for line in out.stdout.splitlines() if "::" in line]
+
+
+def test_every_family_is_covered(request):
     """Every registered architecture is converted by a parity test (numerically, or by shapes for
     the full-size builders whose family is checked numerically at reduced sizes), and every family
     file has at least one numerical parity test; read from pytest's own collection of the
@@ -74,17 +105,8 @@ def test_every_family_is_covered():
     model added without a test fails here."""
     import jaxpull.core.models
 
-    here = Path(__file__).parent
-    files = sorted(str(p) for p in here.glob("test_parity*.py")) + [str(here / "test_real_model.py")]
-    out = subprocess.run(
-        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", *files],
-        capture_output=True,
-        text=True,
-        cwd=here.parent,
-        timeout=600,
-    )
-    ids = [line.strip() for line in out.stdout.splitlines() if "::" in line]
-    assert out.returncode == 0 and ids, out.stdout[-2000:] + out.stderr[-2000:]
+    ids = parity_test_ids(request.session)
+    assert ids
     numeric = [i for i in ids if NUMERIC.search(i.split("::")[1])]
     shapes = [i for i in ids if SHAPES.search(i.split("::")[1])]
     # the name in a parametrize id, or in the test's name between underscores

@@ -40,9 +40,8 @@ from jaxpull.core.models import convnext
 from jaxpull.core.settings import make_gating
 from jaxpull_convert import torch_reference as R
 
-pytestmark = (
-    pytest.mark.quick_compile
-)  # less codegen effort: each function runs once or twice, on small inputs (conftest.py)
+# less codegen effort: each function runs once or twice, on small inputs (conftest.py)
+pytestmark = pytest.mark.quick_compile
 
 ARCHS = ["convnext_tiny", "convnext_small", "convnext_base", "convnext_large"]
 SMALL_SETTING = ((8, 16, 1), (16, 24, 1), (24, None, 1))  # every code path; few blocks compile fast

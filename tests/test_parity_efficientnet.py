@@ -32,9 +32,8 @@ from helpers import REL_ERR_MAX, assert_logits_close, check_parity, check_layout
 from jaxpull.files import model_file
 from jaxpull.core.models import efficientnet
 
-pytestmark = (
-    pytest.mark.quick_compile
-)  # less codegen effort: each function runs once or twice, on small inputs (conftest.py)
+# less codegen effort: each function runs once or twice, on small inputs (conftest.py)
+pytestmark = pytest.mark.quick_compile
 
 V1 = [f"efficientnet_b{i}" for i in range(8)]
 V2 = ["efficientnet_v2_s", "efficientnet_v2_m", "efficientnet_v2_l"]

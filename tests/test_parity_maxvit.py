@@ -36,9 +36,8 @@ from jaxpull.core.settings import make_gating
 from jaxpull_convert import torch_reference as R
 from jaxpull_convert.state_dict import StateDict
 
-pytestmark = (
-    pytest.mark.quick_compile
-)  # less codegen effort: each function runs once or twice, on small inputs (conftest.py)
+# less codegen effort: each function runs once or twice, on small inputs (conftest.py)
+pytestmark = pytest.mark.quick_compile
 
 # one block of two layers: the first strides (average-pooled projection shortcut), the second
 # keeps the identity shortcut; its 8x8 map gives windows of 2x2 and a grid of stride 4

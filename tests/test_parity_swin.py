@@ -37,9 +37,8 @@ from jaxpull.core.models import swin
 from jaxpull.core.settings import make_ascent, make_gating
 from jaxpull_convert import torch_reference as R
 
-pytestmark = (
-    pytest.mark.quick_compile
-)  # less codegen effort: each function runs once or twice, on small inputs (conftest.py)
+# less codegen effort: each function runs once or twice, on small inputs (conftest.py)
+pytestmark = pytest.mark.quick_compile
 
 ALL = ["swin_t", "swin_s", "swin_b", "swin_v2_t", "swin_v2_s", "swin_v2_b"]
 SMALL = dict(patch_size=[4, 4], embed_dim=16, depths=[1, 2], num_heads=[1, 2], window_size=[4, 4])

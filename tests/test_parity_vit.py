@@ -35,9 +35,8 @@ from jaxpull.core.models import vit
 from jaxpull.core.settings import make_gating
 from jaxpull_convert import torch_reference as R
 
-pytestmark = (
-    pytest.mark.quick_compile
-)  # less codegen effort: each function runs once or twice, on small inputs (conftest.py)
+# less codegen effort: each function runs once or twice, on small inputs (conftest.py)
+pytestmark = pytest.mark.quick_compile
 
 ARCHS = ["vit_b_16", "vit_b_32", "vit_l_16", "vit_l_32", "vit_h_14"]
 SMALL = dict(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64)

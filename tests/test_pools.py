@@ -14,9 +14,8 @@ from jaxpull_convert import torch_reference as R
 from jaxpull.core import gates
 from jaxpull.core.gates import Gating
 
-pytestmark = (
-    pytest.mark.quick_compile
-)  # less codegen effort: each function runs once or twice, on small inputs (conftest.py)
+# less codegen effort: each function runs once or twice, on small inputs (conftest.py)
+pytestmark = pytest.mark.quick_compile
 
 # (size, window, stride, padding): ceil mode adds a last window in each of these, except the
 # last, where torch's rule (a window must start inside the input or left padding) removes it.

@@ -21,6 +21,9 @@ import jaxpull
 from jaxpull_convert import fingerprint, offline, pth, sources
 from helpers import run
 
+# less codegen effort: each function runs once or twice, on small inputs (conftest.py)
+pytestmark = pytest.mark.quick_compile
+
 OFFLINE = {src.arch: src for src in offline.OFFLINE}
 
 

@@ -18,9 +18,8 @@ from jaxpull.core import gates, settings
 from jaxpull.core.gates import Gating
 from jaxpull_convert import torch_reference as R
 
-pytestmark = (
-    pytest.mark.quick_compile
-)  # less codegen effort: each function runs once or twice, on small inputs (conftest.py)
+# less codegen effort: each function runs once or twice, on small inputs (conftest.py)
+pytestmark = pytest.mark.quick_compile
 
 RNG = np.random.default_rng(0)
 Z = jnp.asarray(np.concatenate([[-6.0, -1.0, -1e-3, 0.0, 1e-3, 1.0, 6.0], RNG.normal(0, 2, 25)]), jnp.float32)

@@ -19,7 +19,7 @@ import numpy as np
 from jax import lax
 
 from jaxpull.core import gates
-from jaxpull.core.lowering import conv_im2col, depthwise_conv, im2col_on_cpu
+from jaxpull.core.lowering import conv_im2col, dense_conv, dense_conv_on_cpu, depthwise_conv, im2col_on_cpu
 
 Padding = Union[int, Tuple[Tuple[int, int], Tuple[int, int]], str]
 
@@ -86,6 +86,8 @@ class Conv(nn.Module):
             y = depthwise_conv(x.astype(dtype), kernel.astype(dtype), self.stride, pad)
         elif self.groups == 1 and jax.default_backend() == "cpu" and im2col_on_cpu(kernel.shape, self.stride):
             y = conv_im2col(x.astype(dtype), kernel.astype(dtype), self.stride, pad)  # GPU / TPU: lax.conv
+        elif self.groups == 1 and dense_conv_on_cpu(kernel.shape, pad):
+            y = dense_conv(x.astype(dtype), kernel.astype(dtype), self.stride, tuple(map(tuple, pad)))
         else:
             y = lax.conv_general_dilated(
                 x.astype(dtype),
