@@ -140,6 +140,4 @@ def test_depthwise_fence_survives_a_vmapped_vjp():
 
 def test_the_suite_compiles_with_less_codegen_effort():
     """This module is marked ``quick_compile``: conftest.py lowers XLA's codegen effort for it."""
-    import jax
-
     assert jax.config.read("jax_disable_most_optimizations") is True

@@ -54,10 +54,11 @@ ALL = [
 CORE = ["resnet18", "resnet50", "vgg11_bn", "densenet121", "alexnet"]
 
 
-def quick(*archs: str) -> list:
-    """Pullback checks: compiled with less codegen effort (conftest.py), except VGG, whose
-    wide convolutions make execution, not compilation, most of a test."""
-    return [a if a.startswith("vgg") else pytest.param(a, marks=pytest.mark.quick_compile) for a in archs]
+def quick(*cases) -> list:
+    """Pullback checks (an arch, or an (arch, ...) tuple each): compiled with less codegen effort
+    (conftest.py), except VGG, whose wide convolutions make execution, not compilation, most of a test."""
+    cases = [c if isinstance(c, tuple) else (c,) for c in cases]
+    return [pytest.param(*c, marks=() if c[0].startswith("vgg") else pytest.mark.quick_compile) for c in cases]
 
 
 TARGETS = np.array([[1, 7], [3, 500]])
@@ -161,14 +162,7 @@ def test_follow_up_variant_matches_torch(arch):
     assert_maps_close(got, ref)
 
 
-@pytest.mark.parametrize(
-    "arch,size",
-    [("vgg11", 160)]
-    + [
-        pytest.param(*p, marks=pytest.mark.quick_compile)
-        for p in [("densenet121", 128), ("alexnet", 100), ("resnet18", 97)]
-    ],
-)
+@pytest.mark.parametrize("arch,size", quick(("vgg11", 160), ("densenet121", 128), ("alexnet", 100), ("resnet18", 97)))
 def test_other_input_sizes(arch, size):
     """Any size torchvision accepts: adaptive pooling (VGG 160 -> 5x5 -> 7x7) and odd sizes."""
     tm, model = torch_and_jax(arch)

@@ -82,11 +82,12 @@ class Conv(nn.Module):
         else:
             pad = self.padding
         dtype = kernel.dtype if self.dtype is None else jnp.dtype(self.dtype)
+        on_cpu = jax.default_backend() == "cpu"
         if self.groups > 1 and self.groups == x.shape[-1] == self.features:
             y = depthwise_conv(x.astype(dtype), kernel.astype(dtype), self.stride, pad)
-        elif self.groups == 1 and jax.default_backend() == "cpu" and im2col_on_cpu(kernel.shape, self.stride):
+        elif self.groups == 1 and on_cpu and im2col_on_cpu(kernel.shape, self.stride):
             y = conv_im2col(x.astype(dtype), kernel.astype(dtype), self.stride, pad)  # GPU / TPU: lax.conv
-        elif self.groups == 1 and dense_conv_on_cpu(kernel.shape, pad):
+        elif self.groups == 1 and on_cpu and dense_conv_on_cpu(kernel.shape, pad):
             y = dense_conv(x.astype(dtype), kernel.astype(dtype), self.stride, tuple(map(tuple, pad)))
         else:
             y = lax.conv_general_dilated(

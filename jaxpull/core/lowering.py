@@ -149,10 +149,8 @@ dense_conv.defvjp(_dense_conv_fwd, _dense_conv_bwd)
 
 
 def dense_conv_on_cpu(kernel_shape: Tuple[int, ...], pad) -> bool:
-    """Whether :func:`dense_conv` applies: on CPU (GPU / TPU keep autodiff's convolution, fast
-    there), with padding of at most ``k - 1`` per side (the gradient's padding stays >= 0)."""
-    if jax.default_backend() != "cpu":
-        return False
+    """Whether XLA:CPU runs a dense convolution as :func:`dense_conv` (GPU / TPU keep autodiff's
+    convolution, fast there): padding of at most ``k - 1`` per side, so the gradient's is >= 0."""
     return all(0 <= lo <= k - 1 and 0 <= hi <= k - 1 for k, (lo, hi) in zip(kernel_shape[:2], pad))
 
 
