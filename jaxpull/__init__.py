@@ -6,9 +6,10 @@ Convert a torchvision model once (``jaxpull convert``), then::
     logits = model(x)                                   # x: (N, H, W, 3) in [-1, 1]
     maps = jaxpull.pullback(model, x, targets=[207, 1])  # (N, K, H, W, 3)
     xs = jaxpull.ascent(model, x, targets=[207, 1])      # (N, K, H, W, 3)
+    logits, maps = jaxpull.compare(model, x, [207, 1])   # {"excitation": ..., "semantic": ..., "vanilla gradient": ...}
 """
 
-from jaxpull.core.pullback import ascent, pullback
+from jaxpull.core.pullback import Comparison, ascent, compare, pullback
 from jaxpull.core.gates import Gating
 from jaxpull.files.model_file import ModelFileError, load, save
 from jaxpull.core.model import Model, ModelSpec
@@ -17,6 +18,8 @@ from jaxpull.core.settings import PRESETS, Ascent, make_ascent, make_gating
 __all__ = [
     "ascent",
     "pullback",
+    "compare",
+    "Comparison",
     "make_gating",
     "make_ascent",
     "Ascent",

@@ -60,6 +60,48 @@ def test_new_temperature_or_label_does_not_recompile(model):
     assert pullback.ascent_core._cache_size() == before
 
 
+@pytest.mark.quick_compile  # three functions compiled, each run once or twice (conftest.py)
+def test_compare_equals_one_pullback_per_method_and_compiles_once(model):
+    """``jaxpull.compare``: the logits and each method's maps equal ``model(x)`` and one
+    ``jaxpull.pullback`` per method (the shared forward pass changes nothing but rounding), and
+    a new temperature or label does not recompile."""
+    got = jaxpull.compare(model, X, T)
+    assert list(got.maps) == list(jaxpull.core.settings.COMPARISON) == ["excitation", "semantic", "vanilla gradient"]
+    np.testing.assert_allclose(got.logits, model(X), rtol=1e-6, atol=1e-6)
+    for name, kw in jaxpull.core.settings.COMPARISON.items():
+        alone = np.asarray(jaxpull.pullback(model, X, T, **kw))
+        np.testing.assert_allclose(got.maps[name], alone, rtol=1e-5, atol=1e-6 * np.abs(alone).max())
+    assert not np.allclose(got.maps["excitation"], got.maps["vanilla gradient"], rtol=1e-2)  # the rows differ
+    # other names and temperatures, the same rules: the same compiled function
+    before = pullback.compare_core._cache_size()
+    methods = {
+        "cold": dict(temperature=0.1),
+        "warm": dict(rules="semantic", temperature=2.0),
+        "plain": dict(temperature=None),
+    }
+    again = jaxpull.compare(model, X, T[:, ::-1], methods)
+    assert pullback.compare_core._cache_size() == before and list(again.maps) == ["cold", "warm", "plain"]
+    alone = jaxpull.pullback(model, X, T[:, ::-1], rules="semantic", temperature=2.0)
+    np.testing.assert_allclose(again.maps["warm"], alone, rtol=1e-5, atol=1e-6 * np.abs(alone).max())
+
+
+@pytest.mark.parametrize(
+    "methods,message",
+    [
+        ({}, r"methods must be a non-empty dict"),
+        ([("a", {})], r"methods must be a non-empty dict"),
+        ({"a": 0.3}, r"method 'a': give a dict of rules and gate settings"),
+        ({"a": dict(steps=3)}, r"method 'a': unknown setting\(s\) steps: use rules, temperature"),
+        ({"a": dict(rules="excitatio")}, r"method 'a': unknown rules 'excitatio': use one of excitation, semantic"),
+        ({"a": dict(temperature=-1.0)}, r"method 'a': temperature"),
+    ],
+)
+def test_compare_bad_methods_name_the_method_and_the_fix(model, methods, message):
+    with pytest.raises(ValueError, match=message) as e:
+        jaxpull.compare(model, X, T, methods)
+    assert "\n" not in str(e.value)
+
+
 def test_vmap_over_temperatures_through_the_public_api(model):
     ts = jnp.array([0.1, 0.3, 2.0])
     swept = jax.vmap(lambda t: jaxpull.pullback(model, X[:1], [3], temperature=t))(ts)

@@ -13,7 +13,7 @@ and the app) builds its settings with these two functions; their defaults are th
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Mapping, Optional
 
 import jax
 
@@ -196,6 +196,35 @@ GATE_SETTINGS = (
     "attention",
     "attention_temperature",
 )
+
+
+# The paper's comparison (its figure's rows): method name -> the rules and gate settings of each.
+COMPARISON: Dict[str, Dict[str, Any]] = {
+    "excitation": dict(rules="excitation"),
+    "semantic": dict(rules="semantic"),
+    "vanilla gradient": dict(rules="excitation", temperature=None),
+}
+
+
+def make_gatings(methods: Mapping[str, Mapping[str, Any]]) -> Dict[str, Gating]:
+    """One :func:`make_gating` per method: ``methods`` maps a name to ``rules`` and gate settings
+    (``GATE_SETTINGS``). Checks that there is at least one method and no other keyword."""
+    if not isinstance(methods, Mapping) or not methods:
+        raise ValueError(f"methods must be a non-empty dict of name -> rules and gate settings, got {methods!r}")
+    gatings = {}
+    for name, given in methods.items():
+        if not isinstance(given, Mapping):
+            raise ValueError(f"method {name!r}: give a dict of rules and gate settings, got {given!r}")
+        unknown = sorted(set(given) - {"rules", *GATE_SETTINGS})
+        if unknown:
+            raise ValueError(
+                f"method {name!r}: unknown setting(s) {', '.join(unknown)}: use rules, {', '.join(GATE_SETTINGS)}"
+            )
+        try:
+            gatings[name] = make_gating(**given)
+        except ValueError as e:
+            raise ValueError(f"method {name!r}: {e}") from None
+    return gatings
 
 
 # the settings make_ascent takes (``project`` follows from ``eps``)

@@ -19,12 +19,6 @@ from jaxpull.core.settings import FROM_RULES, PRESETS
 
 Log = Callable[[str], None]
 
-# The demo's rows: ``jaxpull.ascent`` keywords of each method.
-DEMO_METHODS = {
-    "excitation": dict(rules="excitation"),
-    "semantic": dict(rules="semantic"),
-    "vanilla gradient": dict(rules="excitation", temperature=None),
-}
 # ``explain``'s methods: figure headings.
 HEADINGS = {"pullback": "excitation pullback (PGA, x_K - x_0)", "vanilla": "vanilla gradient (PGA, x_K - x_0)"}
 # the gate settings that have no meaning for the vanilla gradient (``make_gating`` refuses them with temperature None)
@@ -170,7 +164,7 @@ def paper_figure(
     out,
     *,
     seed: int = 0,
-    methods: Mapping[str, Mapping[str, Any]] = DEMO_METHODS,
+    methods: Mapping[str, Mapping[str, Any]] = settings.COMPARISON,
     progress: bool = True,
 ) -> Dict[str, np.ndarray]:
     """The paper's figure: per method a block of rows (one per image) over the columns of
