@@ -51,10 +51,17 @@ def as_numpy(a) -> np.ndarray:
 
 
 def map_errors(got, ref) -> Tuple[float, float]:
-    """(min cosine over maps, max abs error / max |ref|) for ``(N, K, ...)`` stacks of maps."""
+    """(min cosine over maps, max abs error / max |ref|) for ``(N, K, ...)`` stacks of maps.
+
+    Two maps that are both exactly zero agree (cosine 1: a ReLU before the logit can zero a
+    whole vanilla map); one zero map against a nonzero one has no cosine (NaN, which fails
+    every ``cos > ...`` check)."""
     got, ref = as_numpy(got), as_numpy(ref)
     assert got.shape == ref.shape, (got.shape, ref.shape)
     g = got.reshape(got.shape[0] * got.shape[1], -1).astype(np.float64)
     r = ref.reshape(g.shape).astype(np.float64)
-    cos = np.sum(g * r, 1) / (np.linalg.norm(g, axis=1) * np.linalg.norm(r, axis=1))
+    norms = np.linalg.norm(g, axis=1) * np.linalg.norm(r, axis=1)
+    both_zero = ~g.any(axis=1) & ~r.any(axis=1)
+    with np.errstate(invalid="ignore"):
+        cos = np.where(both_zero, 1.0, np.sum(g * r, 1) / norms)
     return float(cos.min()), float(np.abs(g - r).max() / np.abs(r).max())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from typing import NamedTuple
 
 import numpy as np
 
@@ -28,29 +29,43 @@ def assert_logits_close(got, ref, rel=LOGIT_REL):
     assert err <= rel * max(1.0, np.abs(ref).max()), f"max |logit error| {err:.3g}"
 
 
-def check_parity(
-    tm,
-    model,
-    x: np.ndarray,
-    targets: np.ndarray,
-    *,
-    presets=("excitation", "semantic"),
-    vanilla: bool = True,
-    ascent_rel=None,
-    norm=None,
-) -> dict:
-    """Every parity check of one converted model against its torch model ``tm`` (eval mode).
+class Parity(NamedTuple):
+    """What :func:`measure_parity` measured: ``labels`` ``(N, K + 2)`` (the targets, then each
+    image's two largest logits); ``maps``: method -> jaxpull's ``(N, K + 2, H, W, 3)``; ``errors``:
+    ``"logits"`` -> max |error| / max(1, max |logit|), method (and ``"ascent"``) -> (cosine, rel err)."""
 
-    * logits (LOGIT_REL);
-    * the pullbacks of each rules preset (every rule of the preset, gated the same way in the
-      torch reference: ``torch_reference.gated_like``), maps within COSINE_MIN / REL_ERR_MAX;
-    * ``vanilla``: plain gradients of each image's two largest logits, against torch autograd in
-      float64 (hard gates are discontinuous in the weights: float32 rounding can flip one);
-    * ``ascent_rel``: also the first preset's ascent (its settings, one pair per image), x_K - x0
-      within this relative tolerance.
+    labels: np.ndarray
+    maps: dict
+    errors: dict
 
-    ``x``: ``(N, H, W, 3)`` float32 in [-1, 1]; ``targets``: ``(N, K)``; ``norm``: the torch
-    side's input normalisation (default: ImageNet's). Returns the measured errors by check.
+
+# check_parity's methods: both presets and the vanilla gradient
+PARITY_METHODS = {
+    "excitation": dict(rules="excitation"),
+    "semantic": dict(rules="semantic"),
+    "vanilla": dict(temperature=None),
+}
+
+
+def measure_parity(
+    tm, model, x: np.ndarray, targets: np.ndarray, methods=None, *, ascent_labels=0, vanilla_float64=True, norm=None
+) -> Parity:
+    """Compare one converted model with its torch model ``tm`` (eval mode); asserts nothing but
+    that the logits are large enough to mean something (:func:`assert_parity` checks the rest).
+
+    * the logits and every method's pullbacks come from one ``jaxpull.compare`` call (one
+      compiled function), for ``targets`` followed by each image's two largest logits;
+    * ``methods`` (default ``PARITY_METHODS``): name -> ``jaxpull.pullback`` keywords. The
+      reference of a gated method is the torch model gated the same way
+      (``torch_reference.gated_like``); of the vanilla gradient (``temperature=None``), torch
+      autograd in float64, or with ``vanilla_float64=False`` in float32: hard gates are
+      discontinuous, and float32 rounding can flip one, in torch's float32 model alone
+      (test_parity_mobile.py) or in it and jaxpull alike (test_parity_more.py);
+    * ``ascent_labels`` > 0: also the first method's ascent (its rules and their ascent
+      settings) for each image's first ``ascent_labels`` targets.
+
+    ``x``: ``(N, H, W, 3)`` float32 in [-1, 1]; ``targets``: ``(N, K)``; ``norm``: the torch side's
+    input normalisation (default: ImageNet's).
     """
     import copy
 
@@ -60,36 +75,35 @@ def check_parity(
     from jaxpull.core.settings import make_ascent, make_gating
     from jaxpull_convert import torch_reference as R
 
+    methods = dict(PARITY_METHODS if methods is None else methods)
     norm = norm or R.normalize
-    xt, tt = torch.from_numpy(x), torch.from_numpy(targets)
-    errors = {}
+    xt = torch.from_numpy(x)
     with torch.no_grad():
-        ref_logits = tm(norm(xt))
-    assert ref_logits.abs().max() > 0.1, "the logits are near zero: randomise the model more"
-    assert_logits_close(model(x), ref_logits)
-    errors["logits"] = float(np.abs(as_np(model(x)) - ref_logits.numpy()).max())
-    for rules in presets:
-        got = jaxpull.pullback(model, x, targets, rules=rules)
-        assert got.shape == targets.shape + x.shape[1:]
-        ref = R.pullback(R.gated_like(tm, make_gating(rules=rules)), xt, tt, norm=norm)
-        assert_maps_close(got, ref)
-        errors[rules] = map_errors(got, ref)
-    if vanilla:
-        top = np.argsort(-ref_logits.numpy(), axis=1)[:, :2]
-        got = jaxpull.pullback(model, x, top, temperature=None)
-        ref = R.pullback(
-            copy.deepcopy(tm).double(), xt.double(), torch.from_numpy(top), norm=lambda a: norm(a).double()
-        )
-        assert_maps_close(got, ref)
-        errors["vanilla"] = map_errors(got, ref)
-    if ascent_rel is not None:
-        rules = presets[0]
+        ref_logits = tm(norm(xt)).numpy()
+    assert np.abs(ref_logits).max() > 0.1, "the logits are near zero: randomise the model more"
+    labels = np.concatenate([targets, np.argsort(-ref_logits, axis=1)[:, :2]], axis=1)
+    tt = torch.from_numpy(labels)
+    got = jaxpull.compare(model, x, labels, methods)
+    maps = {k: as_np(v) for k, v in got.maps.items()}
+    errors = {"logits": float(np.abs(as_np(got.logits) - ref_logits).max() / max(1.0, np.abs(ref_logits).max()))}
+    for name, kw in methods.items():
+        if kw.get("temperature", 0) is None and vanilla_float64:
+            ref = R.pullback(copy.deepcopy(tm).double(), xt.double(), tt, norm=lambda a: norm(a).double())
+        elif kw.get("temperature", 0) is None:
+            ref = R.pullback(tm, xt, tt, norm=norm)
+        else:
+            ref = R.pullback(R.gated_like(tm, make_gating(**kw)), xt, tt, norm=norm)
+        assert maps[name].shape == labels.shape + x.shape[1:]
+        errors[name] = map_errors(maps[name], ref)
+    if ascent_labels:
+        kw = next(iter(methods.values()))
+        rules = kw.get("rules", "excitation")
         a = make_ascent(rules=rules)
-        got = jaxpull.ascent(model, x, targets[:, :1], rules=rules)
+        got = as_np(jaxpull.ascent(model, x, targets[:, :ascent_labels], output="diff", **kw))
         ref = R.ascent(
-            R.gated_like(tm, make_gating(rules=rules)),
+            R.gated_like(tm, make_gating(**kw)),
             xt,
-            tt[:, :1],
+            torch.from_numpy(targets[:, :ascent_labels]),
             steps=a.steps,
             alpha=a.alpha,
             eps=a.eps,
@@ -97,9 +111,34 @@ def check_parity(
             margin=a.margin,
             norm=norm,
         )
-        assert_maps_close(np.asarray(got) - x[:, None], ref - xt[:, None], rel_max=ascent_rel)
-        errors["ascent"] = map_errors(np.asarray(got) - x[:, None], ref - xt[:, None])
-    return errors
+        errors["ascent"] = map_errors(got, ref - xt[:, None])
+    return Parity(labels, maps, errors)
+
+
+def assert_parity(parity: Parity, names=None, ascent_rel=REL_ERR_MAX) -> None:
+    """The logits within LOGIT_REL, the maps of ``names`` (default: all measured) within
+    COSINE_MIN / REL_ERR_MAX, and the ascent (if measured) within ``ascent_rel``."""
+    e = parity.errors
+    assert e["logits"] <= LOGIT_REL, f"max |logit error| {e['logits']:.3g} of max(1, max |logit|)"
+    for name in parity.maps if names is None else names:
+        cos, rel = e[name]
+        assert cos > COSINE_MIN and rel < REL_ERR_MAX, f"{name}: cosine {cos:.7f} (min {COSINE_MIN}), rel err {rel:.2e}"
+    if "ascent" in e:
+        cos, rel = e["ascent"]
+        assert cos > COSINE_MIN and rel < ascent_rel, f"ascent: cosine {cos:.7f}, rel err {rel:.2e} (max {ascent_rel})"
+
+
+def check_parity(
+    tm, model, x, targets, methods=None, *, ascent_rel=None, ascent_labels=1, vanilla_float64=True, norm=None
+) -> Parity:
+    """:func:`measure_parity` then :func:`assert_parity`: every method's maps, the logits, and
+    with ``ascent_rel`` the first method's ascent for ``ascent_labels`` targets per image."""
+    labels = ascent_labels if ascent_rel is not None else 0
+    parity = measure_parity(
+        tm, model, x, targets, methods, ascent_labels=labels, vanilla_float64=vanilla_float64, norm=norm
+    )
+    assert_parity(parity, ascent_rel=ascent_rel)
+    return parity
 
 
 class _ShapeOnly(np.ndarray):

@@ -7,6 +7,7 @@ and max |error| / max |reference| < 1e-3 (see helpers.py).
 
 from __future__ import annotations
 
+import functools
 import re
 import subprocess
 import sys
@@ -125,6 +126,25 @@ def test_every_family_is_covered(request):
     assert not unchecked, f"families without a numerical parity test: {unchecked}"
 
 
+# The gate settings of each check, by name; every arch gets "paper", CORE "vanilla", FOLLOW_UP "follow-up".
+PAPER = dict(temperature=0.3)  # sigmoid gate, soft pool weights (tp = t)
+FOLLOW_UP = ["resnet18", "vgg11_bn", "densenet121"]
+FOLLOW_UP_GATES = dict(temperature=0.6, pool_temperature=0.2, gate="normal_cdf", pool_weights="detached")
+
+
+@functools.lru_cache(maxsize=None)  # a few hundred kB per arch
+def compared(arch: str) -> dict:
+    """The logits and every check's maps of ``arch`` on ``images(2, 64)`` for TARGETS, from one
+    ``jaxpull.compare`` call (one compiled function, computed by whichever test asks first)."""
+    methods = {"paper": PAPER}
+    if arch in CORE:
+        methods["vanilla"] = dict(temperature=None)
+    if arch in FOLLOW_UP:
+        methods["follow-up"] = FOLLOW_UP_GATES
+    got = jaxpull.compare(torch_and_jax(arch)[1], images(2, 64), TARGETS, methods)
+    return dict(logits=np.asarray(got.logits), **{k: np.asarray(v) for k, v in got.maps.items()})
+
+
 @pytest.mark.parametrize("arch", quick(*ALL))
 def test_logits_and_pullback_match_torch(arch):
     """Logits equal torchvision's; sigmoid-gated pullbacks (t=0.3) equal the torch rule's."""
@@ -132,34 +152,29 @@ def test_logits_and_pullback_match_torch(arch):
     x = images(2, 64)
     xt = torch.from_numpy(x)
     with torch.no_grad():
-        assert_logits_close(model(x), tm(R.normalize(xt)))
-    got = jaxpull.pullback(model, x, TARGETS, temperature=0.3)
+        assert_logits_close(compared(arch)["logits"], tm(R.normalize(xt)))
     ref = R.pullback(R.gated(tm, 0.3), xt, torch.from_numpy(TARGETS))
-    assert got.shape == (2, 2, 64, 64, 3)
-    assert_maps_close(got, ref)
+    assert compared(arch)["paper"].shape == (2, 2, 64, 64, 3)
+    assert_maps_close(compared(arch)["paper"], ref)
 
 
 @pytest.mark.parametrize("arch", quick(*CORE))
 def test_vanilla_gradient_matches_torch_autograd(arch):
-    tm, model = torch_and_jax(arch)
-    x = images(2, 64, seed=1)
-    got = jaxpull.pullback(model, x, TARGETS, temperature=None)
-    ref = R.pullback(tm, torch.from_numpy(x), torch.from_numpy(TARGETS))
-    assert_maps_close(got, ref)
+    tm = torch_and_jax(arch)[0]
+    ref = R.pullback(tm, torch.from_numpy(images(2, 64)), torch.from_numpy(TARGETS))
+    assert_maps_close(compared(arch)["vanilla"], ref)
 
 
-@pytest.mark.parametrize("arch", quick("resnet18", "vgg11_bn", "densenet121"))
+@pytest.mark.parametrize("arch", quick(*FOLLOW_UP))
 def test_follow_up_variant_matches_torch(arch):
     """Normal-CDF gate (t=0.6), separate pool temperature 0.2, detached softmax weights."""
-    tm, model = torch_and_jax(arch)
-    x = images(2, 64, seed=2)
-    got = jaxpull.pullback(
-        model, x, TARGETS, temperature=0.6, pool_temperature=0.2, gate="normal_cdf", pool_weights="detached"
-    )
+    tm = torch_and_jax(arch)[0]
     ref = R.pullback(
-        R.gated(tm, 0.6, 0.2, gate="normal_cdf", detached=True), torch.from_numpy(x), torch.from_numpy(TARGETS)
+        R.gated(tm, 0.6, 0.2, gate="normal_cdf", detached=True),
+        torch.from_numpy(images(2, 64)),
+        torch.from_numpy(TARGETS),
     )
-    assert_maps_close(got, ref)
+    assert_maps_close(compared(arch)["follow-up"], ref)
 
 
 @pytest.mark.parametrize("arch,size", quick(("vgg11", 160), ("densenet121", 128), ("alexnet", 100), ("resnet18", 97)))

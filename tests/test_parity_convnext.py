@@ -9,7 +9,7 @@
   converted with ``from_torch_module`` (its ``block_setting`` recorded in ``ModelSpec.config``),
   on 72x72 images (72 -> 18 -> 9 -> 4: odd sizes floored as torch does). torchvision's init
   would make the test trivial (LayerNorm 1/0, zero biases, layer scales 1e-6 so that every
-  residual branch vanishes, weights of std 0.02): all of them are randomised. ``check_parity``:
+  residual branch vanishes, weights of std 0.02): all of them are randomised. ``measure_parity``:
   logits, both presets' pullbacks (the same rules here: ConvNeXt has no ReLU or max-pool, and
   both presets gate GELU at t = 1 and detach LayerNorm statistics), float64 vanilla gradients,
   one ascent. Each compiled function costs 5-15 s of CPU (the depthwise 7x7 convolutions are
@@ -20,6 +20,7 @@
 
 from __future__ import annotations
 
+import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -32,12 +33,19 @@ import jaxpull
 import jaxpull.core.models
 import jaxpull_convert
 from conftest import images
-from helpers import assert_logits_close, assert_maps_close, check_parity, check_layout_shapes, map_errors
+from helpers import (
+    PARITY_METHODS,
+    Parity,
+    assert_logits_close,
+    assert_parity,
+    check_layout_shapes,
+    map_errors,
+    measure_parity,
+)
 from jaxpull.files import model_file
 from jaxpull.core.gates import VANILLA
 from jaxpull.core.model import ModelSpec
 from jaxpull.core.models import convnext
-from jaxpull.core.settings import make_gating
 from jaxpull_convert import torch_reference as R
 
 # less codegen effort: each function runs once or twice, on small inputs (conftest.py)
@@ -85,10 +93,27 @@ def _small_convnext() -> ConvNeXt:
     return tm
 
 
-@pytest.fixture(scope="module")
-def small():
+@functools.lru_cache(maxsize=1)
+def _small():
     tm = _small_convnext()
     return tm, jaxpull_convert.from_torch_module("convnext_tiny", tm)
+
+
+@pytest.fixture
+def small():
+    return _small()
+
+
+GELU_OFF = "semantic without the GELU rule"
+
+
+@functools.lru_cache(maxsize=1)
+def parity() -> Parity:
+    """Both presets, the vanilla gradient and the semantic preset without its GELU rule, one
+    compiled function (and the excitation ascent), measured once for the tests below (called
+    inside them: compiled at their codegen effort)."""
+    methods = {**PARITY_METHODS, GELU_OFF: dict(rules="semantic", gelu_temperature=None)}
+    return measure_parity(*_small(), images(2, 72), TARGETS, methods, ascent_labels=1)
 
 
 def test_small_model_records_its_block_setting(small, tmp_path):
@@ -103,33 +128,24 @@ def test_small_model_records_its_block_setting(small, tmp_path):
     assert_logits_close(loaded(x), ref)
 
 
-def test_matches_torch(small):
+def test_matches_torch():
     """Logits, both presets' pullbacks, float64 vanilla gradients, the excitation ascent."""
-    tm, model = small
-    errors = check_parity(tm, model, images(2, 72), TARGETS, ascent_rel=1e-3)
-    print("convnext (small config) parity:", errors)
+    assert_parity(parity(), PARITY_METHODS, ascent_rel=1e-3)
+    print("convnext (small config) parity:", parity().errors)
 
 
-def test_gelu_and_layer_norm_rules_act(small):
+def test_gelu_and_layer_norm_rules_act():
     """Each rule changes the pullback: the semantic preset with the GELU rule off differs from
     the full preset (the GELU rule acts) and from the vanilla gradient, whose only other
     difference is the plain LayerNorm (the LayerNorm rule acts); the torch reference agrees
-    with that variant too. (One more compiled function: the vanilla one is check_parity's.)"""
-    tm, model = small
-    x = images(2, 72)
-    full = jaxpull.pullback(model, x, TARGETS, rules="semantic")
-    gelu_off = jaxpull.pullback(model, x, TARGETS, rules="semantic", gelu_temperature=None)
-    vanilla = jaxpull.pullback(model, x, TARGETS, temperature=None)
+    with that variant too. (Measured with the other methods: no compiled function of its own.)"""
+    p = parity()
+    assert_parity(p, [GELU_OFF])
+    full, gelu_off, vanilla = p.maps["semantic"], p.maps[GELU_OFF], p.maps["vanilla"]
     for rule, (a, b) in {"GELU": (full, gelu_off), "LayerNorm": (gelu_off, vanilla)}.items():
         cos, rel = map_errors(a, b)
         print(f"{rule} rule on vs off: cosine {cos:.4f}, max abs diff / max |off| {rel:.3f}")
         assert rel > 0.01, f"the {rule} rule changes the pullback only by {rel:.2e} (cosine {cos:.6f})"
-    ref = R.pullback(
-        R.gated_like(tm, make_gating(rules="semantic", gelu_temperature=None)),
-        torch.from_numpy(x),
-        torch.from_numpy(TARGETS),
-    )
-    assert_maps_close(gelu_off, ref)
 
 
 def test_too_small_image_is_refused(small):

@@ -24,7 +24,7 @@ import jaxpull
 import jaxpull_convert
 from jaxpull_convert import torch_reference as R
 from conftest import images, randomize_batchnorm
-from helpers import assert_logits_close, assert_maps_close
+from helpers import assert_logits_close, assert_maps_close, check_parity
 from jaxpull.core import gates, models
 from jaxpull.core.preprocessing import Preprocessing
 
@@ -66,16 +66,9 @@ def test_matches_torch(arch, size):
     xt, tt = torch.from_numpy(x), torch.from_numpy(TARGETS)
     with torch.no_grad():
         logits = tm(R.normalize(xt))
-    assert_logits_close(model(x), logits)
-
-    got = jaxpull.pullback(model, x, TARGETS, temperature=0.3)
-    assert got.shape == (2, 2, size, size, 3)
-    assert_maps_close(got, R.pullback(R.gated(tm, 0.3), xt, tt))
-    got = jaxpull.pullback(
-        model, x, TARGETS, temperature=0.6, pool_temperature=0.3, gate="normal_cdf", pool_weights="detached"
-    )
-    assert_maps_close(got, R.pullback(R.gated(tm, 0.6, 0.3, gate="normal_cdf", detached=True), xt, tt))
-    assert_maps_close(jaxpull.pullback(model, x, TARGETS, temperature=None), R.pullback(tm, xt, tt))
+    # logits, both presets' pullbacks (sigmoid t 0.3, soft pool weights; normal-CDF t 0.6,
+    # detached pool weights tp 0.3), float64 vanilla gradients: one compiled function
+    check_parity(tm, model, x, TARGETS)
     got = jaxpull.ascent(model, x[:1], TARGETS[:1])
     ref = R.ascent(R.gated(tm, 0.3), xt[:1], tt[:1])
     # Five steps amplify float32 rounding: at these He-initialised activations (several units) the

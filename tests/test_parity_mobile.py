@@ -21,7 +21,7 @@ import jaxpull
 import jaxpull_convert
 from jaxpull_convert import torch_reference as R
 from conftest import images, torch_and_jax
-from helpers import REL_ERR_MAX, assert_logits_close, assert_maps_close
+from helpers import REL_ERR_MAX, check_parity
 from jaxpull.core import gates
 from jaxpull.core.layers import IMAGENET_MEAN, IMAGENET_STD
 from jaxpull.core.models import squeezenet
@@ -73,36 +73,18 @@ def check_model(arch: str, ascent: Optional[float]):
     tm, model = randomized(arch)
     size = SIZES.get(arch, 64)
     x = images(2, size)
-    xt, targets = torch.from_numpy(x), torch.from_numpy(TARGETS)
     with torch.no_grad():
-        ref_logits = tm(R.normalize(xt))
-    assert ref_logits.abs().max() > 0.5  # the randomisation gives logits worth comparing
-    assert_logits_close(model(x), ref_logits)
-
-    # the paper's rule: sigmoid gate t = 0.3, soft pool weights (pool temperature = t)
-    got = jaxpull.pullback(model, x, TARGETS, temperature=0.3)
-    assert got.shape == (2, 2, size, size, 3)
-    assert_maps_close(got, R.pullback(R.gated(tm, 0.3), xt, targets))
-
-    # the follow-up: normal-CDF gate t = 0.6, detached pool weights, pool temperature 0.3
-    got = jaxpull.pullback(
-        model, x, TARGETS, temperature=0.6, pool_temperature=0.3, gate="normal_cdf", pool_weights="detached"
-    )
-    assert_maps_close(got, R.pullback(R.gated(tm, 0.6, 0.3, gate="normal_cdf", detached=True), xt, targets))
-
-    # vanilla gradient: torch autograd on the unmodified model in float64, for each image's two
-    # largest logits (SqueezeNet's final ReLU can zero a logit, and with it the whole vanilla map).
-    # Hard gates make it discontinuous in the weights: on squeezenet1_0 torch's own float32 map
-    # differs from its float64 map by 8.7e-3 relative (a gate flipped by rounding), jaxpull's
-    # float32 map by 8e-7, so float64 is the reference.
-    top = np.argsort(-ref_logits.numpy(), axis=1)[:, :2]
-    got = jaxpull.pullback(model, x, top, temperature=None)
-    assert_maps_close(got, R.pullback(copy.deepcopy(tm).double(), xt.double(), torch.from_numpy(top)))
-
-    if ascent is not None:  # the paper's PGA (5 steps, alpha 20, eps 100, clip), one pair per image
-        got = jaxpull.ascent(model, x, TARGETS[:, :1])
-        ref = R.ascent(R.gated(tm, 0.3), xt, targets[:, :1])
-        assert_maps_close(np.asarray(got) - x[:, None], ref - xt[:, None], rel_max=ascent)
+        assert tm(R.normalize(torch.from_numpy(x))).abs().max() > 0.5  # the randomisation gives logits worth comparing
+    # One compiled function for the logits and three maps (helpers.check_parity): the paper's
+    # rule (sigmoid gate t = 0.3, soft pool weights, pool temperature = t), the follow-up's
+    # (normal-CDF gate t = 0.6, detached pool weights, pool temperature 0.3), and the vanilla
+    # gradient: torch autograd on the unmodified model in float64, for TARGETS and each image's
+    # two largest logits (SqueezeNet's final ReLU can zero a logit, and with it the whole vanilla
+    # map). Hard gates make it discontinuous in the weights: on squeezenet1_0 torch's own float32
+    # map differs from its float64 map by 8.7e-3 relative (a gate flipped by rounding), jaxpull's
+    # float32 map by 8e-7, so float64 is the reference. ``ascent``: the paper's PGA (5 steps,
+    # alpha 20, eps 100, clip), one pair per image.
+    check_parity(tm, model, x, TARGETS, ascent_rel=ascent)
 
 
 @pytest.mark.parametrize("arch", MOBILENET_V3)

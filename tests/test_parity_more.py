@@ -31,9 +31,8 @@ import torchvision
 
 import jaxpull
 import jaxpull.core.models
-from jaxpull_convert import torch_reference as R
 from conftest import images, torch_and_jax
-from helpers import LOGIT_REL, check_layout_shapes, map_errors
+from helpers import REL_ERR_MAX, check_layout_shapes, check_parity
 
 # one architecture per test: release it after each; compiled with less codegen effort (conftest.py)
 pytestmark = [pytest.mark.large_models, pytest.mark.quick_compile]
@@ -105,38 +104,17 @@ def test_torch_layout_gives_every_parameter_shape(arch):
     check_layout_shapes(arch, tm)
 
 
-def parity_errors(arch: str, ascent: bool) -> dict:
-    """Every comparison of one model with torch: ``{check: (min cosine, max rel err)}``,
-    ``"logits"``: max |error| / max(1, max |logit|)."""
-    tm, model = torch_and_jax(arch)
-    x = images(2, 64)
-    xt, tt = torch.from_numpy(x), torch.from_numpy(TARGETS)
-    with torch.no_grad():
-        ref = tm(R.normalize(xt)).numpy()
-    errors = {"logits": float(np.abs(np.asarray(model(x)) - ref).max() / max(1.0, np.abs(ref).max()))}
-    errors["pullback"] = map_errors(
-        jaxpull.pullback(model, x, TARGETS, temperature=0.3), R.pullback(R.gated(tm, 0.3), xt, tt)
-    )
-    errors["follow_up"] = map_errors(
-        jaxpull.pullback(
-            model, x, TARGETS, temperature=0.6, gate="normal_cdf", pool_weights="detached", pool_temperature=0.3
-        ),
-        R.pullback(R.gated(tm, 0.6, 0.3, gate="normal_cdf", detached=True), xt, tt),
-    )
-    errors["vanilla"] = map_errors(jaxpull.pullback(model, x, TARGETS, temperature=None), R.pullback(tm, xt, tt))
-    if ascent:
-        got = np.asarray(jaxpull.ascent(model, x, TARGETS)) - x[:, None]
-        errors["ascent"] = map_errors(got, R.ascent(R.gated(tm, 0.3), xt, tt) - xt[:, None])
-    return errors
-
-
 @pytest.mark.parametrize("arch", NUMERIC)
 def test_matches_torch(arch):
-    """Logits, pullbacks (paper and follow-up rules), vanilla gradient, and ascent where listed."""
-    errors = parity_errors(arch, ascent=arch in WITH_ASCENT)
-    assert errors.pop("logits") <= LOGIT_REL
-    for check, (cos, rel) in errors.items():
-        assert cos > 0.9999 and rel < 1e-3, f"{check}: cosine {cos:.7f}, rel err {rel:.2e}"
+    """Logits, pullbacks (paper and follow-up rules), vanilla gradients (one compiled function:
+    helpers.check_parity), and the ascent of every (image, target) pair where listed.
+
+    The vanilla reference is torch in float32: on regnet_y_400mf a gate sits so close to zero
+    that float32 rounding flips it in torch and jaxpull alike (the two agree to 6e-7 on every
+    map), and both differ from torch's float64 maps by up to 3.7e-3 of the largest value."""
+    tm, model = torch_and_jax(arch)
+    ascent = REL_ERR_MAX if arch in WITH_ASCENT else None
+    check_parity(tm, model, images(2, 64), TARGETS, ascent_rel=ascent, ascent_labels=2, vanilla_float64=False)
 
 
 def test_missing_and_unexpected_keys_are_named_in_one_error():

@@ -10,9 +10,10 @@ patch merging), converted through ``torch_config``, on images whose sides are no
 window (stage 2 is padded and its second block shifted). What torchvision's init leaves trivial
 is randomised: LayerNorm affines, every bias (V2's key bias too, which both sides must ignore),
 linear weights (unit gain, O(1) logits), V1's relative position bias tables, V2's ``cpb_mlp`` and
-logit scales (one above log 100, so the clamp acts). The checks: ``check_parity`` (logits, both
-presets against ``torch_reference.gated_like``, float64 vanilla gradients, V1's 5-step ascent),
-and the "value_only" and tempered (t = 0.5) attention rules against the reference's Swin patch.
+logit scales (one above log 100, so the clamp acts). The checks (``measure_parity``, one compiled
+function per model): logits, both presets against ``torch_reference.gated_like``, float64 vanilla
+gradients, V1's 5-step ascent, and the "value_only" and tempered (t = 0.5) attention rules against
+the reference's Swin patch.
 
 V2's 5-step ascent is not compared: on this random model it is chaotic in torch itself (an input
 perturbation of 1e-6 changes x_K - x0 by 1e-2 of its largest value; float32 vs float64 torch by
@@ -21,6 +22,7 @@ up to 3e-2), so it is checked over 2 steps, where rounding has not yet been ampl
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -32,7 +34,15 @@ from torchvision.models.swin_transformer import PatchMergingV2, SwinTransformer,
 import jaxpull
 import jaxpull.core.models
 import jaxpull_convert
-from helpers import assert_maps_close, check_parity, check_layout_shapes, map_errors
+from helpers import (
+    PARITY_METHODS,
+    Parity,
+    assert_maps_close,
+    assert_parity,
+    check_layout_shapes,
+    map_errors,
+    measure_parity,
+)
 from jaxpull.core.models import swin
 from jaxpull.core.settings import make_ascent, make_gating
 from jaxpull_convert import torch_reference as R
@@ -68,6 +78,7 @@ def _randomize(tm: torch.nn.Module, seed: int = 0) -> None:
             attn.logit_scale.view(-1)[0] = 5.0  # exp(min(5, log 100)) = 100
 
 
+@functools.lru_cache(maxsize=2)
 def _small(v2: bool):
     """(small random torch Swin in eval mode, its conversion), V1 or V2."""
     torch.manual_seed(0)
@@ -110,6 +121,18 @@ def small(request):
     return request.param, *_small(request.param)
 
 
+ATTENTION = {"value_only": dict(attention="value_only"), "tempered": dict(attention_temperature=0.5)}
+
+
+@functools.lru_cache(maxsize=2)
+def parity(v2: bool) -> Parity:
+    """Both presets, the vanilla gradient and the two attention variants of the semantic preset
+    in one compiled function (V1: and the excitation ascent), measured once for the tests below
+    (called inside them: compiled at their codegen effort)."""
+    methods = {**PARITY_METHODS, **{k: dict(rules="semantic", **kw) for k, kw in ATTENTION.items()}}
+    return measure_parity(*_small(v2), _images(v2), TARGETS, methods, ascent_labels=0 if v2 else 1)
+
+
 def test_small_model_config_is_recorded(small):
     v2, tm, model = small
     assert dict(model.spec.config) == dict(
@@ -121,8 +144,9 @@ def test_matches_torch(small):
     """Logits, both presets' pullbacks, vanilla gradients, an ascent; the rules act."""
     v2, tm, model = small
     x = _images(v2)
-    errors = check_parity(tm, model, x, TARGETS, ascent_rel=None if v2 else 1e-3)
-    print(f"{'v2' if v2 else 'v1'} parity errors: {errors}")
+    p = parity(v2)
+    assert_parity(p, PARITY_METHODS, ascent_rel=1e-3)
+    print(f"{'v2' if v2 else 'v1'} parity errors: {p.errors}")
     if v2:  # see the module docstring: 2 steps of the first preset's ascent
         a = make_ascent()
         got = np.asarray(jaxpull.ascent(model, x, TARGETS[:, :1], steps=2)) - x[:, None]
@@ -139,26 +163,20 @@ def test_matches_torch(small):
         )
         assert_maps_close(got, ref)
         print("v2 2-step ascent errors:", map_errors(got, ref))
-    vanilla = jaxpull.pullback(model, x, TARGETS, temperature=None)
     for rules in ("excitation", "semantic"):
-        cos, _ = map_errors(jaxpull.pullback(model, x, TARGETS, rules=rules), vanilla)
+        cos, _ = map_errors(p.maps[rules], p.maps["vanilla"])
         assert cos < 0.99, f"{rules}: the rules barely change the gradient (cosine {cos:.4f})"
 
 
-@pytest.mark.parametrize("attention, t", [("value_only", None), ("tempered", 0.5)])
-def test_attention_rules_match_the_reference(small, attention, t):
+@pytest.mark.parametrize("attention", ATTENTION)
+def test_attention_rules_match_the_reference(small, attention):
     """The attention rules inside torchvision's functional window attention, against the
     reference's Swin patch (the semantic preset's other rules alike); each changes the map."""
-    v2, tm, model = small
-    x = _images(v2)
-    kw = dict(attention=attention) if t is None else dict(attention_temperature=t)
-    got = jaxpull.pullback(model, x, TARGETS, rules="semantic", **kw)
-    gating = make_gating(rules="semantic", **kw)
-    ref = R.pullback(R.gated_like(tm, gating), torch.from_numpy(x), torch.from_numpy(TARGETS))
-    assert_maps_close(got, ref)
-    print(f"{'v2' if v2 else 'v1'} {attention} t={t}: {map_errors(got, ref)}")
-    plain = jaxpull.pullback(model, x, TARGETS, rules="semantic")  # tempered at t = 1: the plain attention
-    cos, _ = map_errors(got, plain)
+    v2 = small[0]
+    p = parity(v2)
+    assert_parity(p, [attention])
+    print(f"{'v2' if v2 else 'v1'} {attention} {ATTENTION[attention]}: {p.errors[attention]}")
+    cos, _ = map_errors(p.maps[attention], p.maps["semantic"])  # the preset: tempered at t = 1, the plain attention
     assert cos < 0.99, f"the {attention} rule barely changes the map (cosine {cos:.4f})"
 
 

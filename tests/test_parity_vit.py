@@ -29,10 +29,9 @@ from torchvision.models.vision_transformer import VisionTransformer
 import jaxpull
 import jaxpull_convert
 from conftest import images
-from helpers import assert_maps_close, check_layout_shapes, check_parity, map_errors, stand_in
+from helpers import PARITY_METHODS, check_layout_shapes, check_parity, map_errors, stand_in
 from jaxpull.core.model import ModelSpec, param_shapes
 from jaxpull.core.models import vit
-from jaxpull.core.settings import make_gating
 from jaxpull_convert import torch_reference as R
 
 # less codegen effort: each function runs once or twice, on small inputs (conftest.py)
@@ -104,29 +103,22 @@ def test_small_vit_matches_torch():
     tm, model = small()
     assert dict(model.spec.config) == SMALL
     x = images(2, 32)
-    errors = check_parity(tm, model, x, TARGETS, ascent_rel=1e-3)
-    xt, tt = torch.from_numpy(x), torch.from_numpy(TARGETS)
-    maps = {}
-    for name, options in {"value_only": dict(attention="value_only"), "t_0.5": dict(attention_temperature=0.5)}.items():
-        maps[name] = got = jaxpull.pullback(model, x, TARGETS, rules="semantic", **options)
-        ref = R.pullback(R.gated_like(tm, make_gating(rules="semantic", **options)), xt, tt)
-        assert_maps_close(got, ref)
-        errors[name] = map_errors(got, ref)
-    print({k: v if isinstance(v, float) else tuple(f"{e:.2e}" for e in v) for k, v in errors.items()})
+    variants = {"value_only": dict(attention="value_only"), "t_0.5": dict(attention_temperature=0.5)}
+    methods = {**PARITY_METHODS, **{k: dict(rules="semantic", **kw) for k, kw in variants.items()}}
+    p = check_parity(tm, model, x, TARGETS, methods, ascent_rel=1e-3)  # one compiled function for all five
+    print({k: v if isinstance(v, float) else tuple(f"{e:.2e}" for e in v) for k, v in p.errors.items()})
 
     # The rules act: each changes the map (at t = 1 the tempered attention is the plain gradient,
     # so the preset differs from the vanilla gradient by the GELU and LayerNorm rules).
-    semantic = jaxpull.pullback(model, x, TARGETS, rules="semantic")
-    vanilla = jaxpull.pullback(model, x, TARGETS, temperature=None)
-    for other in (vanilla, maps["value_only"], maps["t_0.5"]):
-        assert map_errors(other, semantic)[1] > 0.05
+    for other in ("vanilla", "value_only", "t_0.5"):
+        assert map_errors(p.maps[other], p.maps["semantic"])[1] > 0.05, other
 
 
 def test_representation_size_head():
     """``heads.pre_logits`` -> tanh -> ``heads.head`` (torchvision's ``representation_size``)."""
     tm, model = small(representation_size=16)
     assert dict(model.spec.config)["representation_size"] == 16
-    check_parity(tm, model, images(2, 32, seed=1), TARGETS, presets=("semantic",), vanilla=False)
+    check_parity(tm, model, images(2, 32, seed=1), TARGETS, {"semantic": dict(rules="semantic")})
 
 
 def test_legacy_mlp_keys_convert_alike():
