@@ -10,12 +10,15 @@ this times both, interleaved in one process (best of ``--repeats``), for each fo
   lax:    ``lax.conv_general_dilated`` (NHWC / HWIO), what ``jaxpull.core.layers.Conv`` runs off CPU;
   im2col: one matmul on the concatenated shifted strided slices (1x1: a strided slice and a dot);
   taps:   the sum of kh*kw shifted-slice matmuls (kxk only);
-  auto:   the formulation ``Conv`` picks on CPU (``lowering.im2col_on_cpu``).
+  dense:  ``lowering.dense_conv`` (``lax.conv`` forward; input gradient as an HWIO convolution,
+          strided ones by the phase decomposition);
+  auto:   the formulation ``Conv`` picks on CPU (``lowering.im2col_on_cpu``, then
+          ``lowering.dense_conv_on_cpu``).
 
 Prints a markdown table (ms per call, GFLOP/s from the nominal 2*M*kh*kw*Cin*Cout, % of the float32
 matmul peak measured with a 2048^2 ``jnp.dot``) and the per-variant totals weighted by how often
-each shape occurs; then the whole pullback and ascent step with ``lax.conv`` everywhere against
-``Conv``'s CPU choice. Not a test: figures vary with the machine and its load.
+each shape occurs; then the whole pullback and ascent step with ``lax.conv`` (autodiff's
+transpose) everywhere against ``Conv``'s CPU choice. Not a test: figures vary with the machine and its load.
 """
 
 from __future__ import annotations
@@ -80,11 +83,20 @@ def conv_taps(x: jax.Array, kernel: jax.Array, stride: int, pad: Pad) -> jax.Arr
 
 def conv_auto(x: jax.Array, kernel: jax.Array, stride: int, pad: Pad) -> jax.Array:
     """What ``layers.Conv`` runs on CPU for a dense convolution."""
-    fn = lowering.conv_im2col if lowering.im2col_on_cpu(kernel.shape, stride) else conv_lax
-    return fn(x, kernel, stride, pad)
+    if lowering.im2col_on_cpu(kernel.shape, stride):
+        return lowering.conv_im2col(x, kernel, stride, pad)
+    if lowering.dense_conv_on_cpu(kernel.shape, pad):
+        return lowering.dense_conv(x, kernel, stride, pad)
+    return conv_lax(x, kernel, stride, pad)
 
 
-VARIANTS: Dict[str, ConvFn] = {"lax": conv_lax, "im2col": lowering.conv_im2col, "taps": conv_taps, "auto": conv_auto}
+VARIANTS: Dict[str, ConvFn] = {
+    "lax": conv_lax,
+    "im2col": lowering.conv_im2col,
+    "taps": conv_taps,
+    "dense": lowering.dense_conv,
+    "auto": conv_auto,
+}
 
 
 def conv_shapes(arch: str, size: int) -> "collections.Counter[Shape]":
@@ -196,14 +208,19 @@ def profile(shapes: "collections.Counter[Shape]", mode: str, k: int, batch: int,
     )
 
 
-def traced_with(fn: Callable, im2col: bool) -> Callable:
-    """``jax.jit(fn)`` traced with ``layers.Conv``'s CPU choice (``im2col=True``) or with
-    ``lax.conv`` for every dense convolution (``False``, the formulation before the choice)."""
-    jitted = jax.jit(fn)
+def traced_with(fn: Callable, choice: bool) -> Callable:
+    """``jax.jit(fn)`` traced with ``layers.Conv``'s CPU choice (``choice=True``) or with
+    ``lax.conv`` and autodiff's transpose for every dense convolution (``False``, the formulation
+    before the CPU lowerings). A fresh wrapper per variant: jit objects of the same function share
+    their trace, and the second would silently reuse the first's formulation."""
+    jitted = jax.jit(lambda *args: fn(*args))
+    never = lambda *_: False
 
     def run(*args):
-        choice = lowering.im2col_on_cpu if im2col else (lambda kernel_shape, stride: False)
-        with mock.patch.object(layers, "im2col_on_cpu", choice):
+        with (
+            mock.patch.object(layers, "im2col_on_cpu", lowering.im2col_on_cpu if choice else never),
+            mock.patch.object(layers, "dense_conv_on_cpu", lowering.dense_conv_on_cpu if choice else never),
+        ):
             return jitted(*args)
 
     return run

@@ -90,20 +90,25 @@ def test_dense_conv_equals_lax_conv(shape, stride, pad, size):
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="a CPU lowering")
-def test_dense_conv_gradient_in_a_loop_is_an_eigen_convolution():
+@pytest.mark.parametrize("stride", [1, 2])
+def test_dense_conv_gradient_in_a_loop_is_an_eigen_convolution(stride):
     """Inside ``fori_loop`` (the ascent) autodiff's input gradient is a ``01oi`` convolution that
-    XLA:CPU runs as its naive loop; ``dense_conv``'s is ``01io`` everywhere."""
+    XLA:CPU runs as its naive loop; ``dense_conv``'s is ``01io`` everywhere, and a strided one's
+    has no dilated cotangent (``lhs_dilate``: the zeros the phase decomposition skips)."""
     x = jnp.asarray(RNG.standard_normal((2, 8, 8, 16)), jnp.float32)
     kernel = jnp.asarray(RNG.standard_normal((3, 3, 16, 16)), jnp.float32)
     pad = ((1, 1), (1, 1))
 
-    def labels(conv):
-        step = jax.grad(lambda x: jnp.sum(jnp.tanh(conv(x, kernel, 1, pad))))
+    def compiled(conv):
+        step = jax.grad(lambda x: jnp.sum(jnp.tanh(conv(x, kernel, stride, pad))))
         loop = jax.jit(lambda x: lax.fori_loop(0, 2, lambda i, x: x + step(x), x))
-        return set(re.findall(r"dim_labels=([^,]+)", loop.lower(x).compile().as_text()))
+        return loop.lower(x).compile().as_text()
 
-    assert "b01f_01oi->b01f" in labels(lambda *a: lax_conv(*a))  # what this works around
-    assert labels(lowering.dense_conv) == {"b01f_01io->b01f"}
+    labels = lambda text: set(re.findall(r"dim_labels=([^,]+)", text))
+    autodiff, dense = compiled(lambda *a: lax_conv(*a)), compiled(lowering.dense_conv)
+    assert "b01f_01oi->b01f" in labels(autodiff)  # what this works around
+    assert labels(dense) == {"b01f_01io->b01f"}
+    assert ("lhs_dilate=2x2" in autodiff) == (stride == 2) and "lhs_dilate" not in dense
 
 
 @pytest.mark.parametrize("witness", [1.0, float("nan")])

@@ -94,26 +94,15 @@ def conv_im2col(x: jax.Array, kernel: jax.Array, stride: int, pad) -> jax.Array:
     return y.reshape(n, ho, wo, -1)
 
 
-def _dense_conv(x: jax.Array, kernel: jax.Array, stride: int, pad, lhs_dilation: int = 1) -> jax.Array:
+def _dense_conv(x: jax.Array, kernel: jax.Array, stride: int, pad) -> jax.Array:
     return lax.conv_general_dilated(
         x,
         kernel,
         window_strides=(stride, stride),
         padding=pad,
-        lhs_dilation=(lhs_dilation, lhs_dilation),
         dimension_numbers=("NHWC", "HWIO", "NHWC"),
         preferred_element_type=jnp.float32,
     )
-
-
-def _input_gradient_pads(in_hw, kernel_hw, stride: int, pad):
-    """Padding of the convolution that is the input gradient (cotangent dilated by ``stride``, kernel
-    flipped): ``k - 1 - lo`` before, ``H - 1 - (Ho - 1) * s + lo`` after, per spatial axis."""
-    out = []
-    for h, k, (lo, hi) in zip(in_hw, kernel_hw, pad):
-        ho = (h + lo + hi - k) // stride + 1
-        out.append((k - 1 - lo, h - 1 - (ho - 1) * stride + lo))
-    return tuple(out)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
@@ -126,8 +115,9 @@ def dense_conv(x: jax.Array, kernel: jax.Array, stride: int, pad) -> jax.Array:
     Eigen convolution; inside a ``fori_loop`` (the ascent) it does not, and falls back to its
     naive convolution loop: measured 3x slower for four 3x3 convolutions at 256 channels, and 35x
     slower for a VGG ascent at XLA's -O0. This VJP is the same computation, laid out for the fast
-    kernel in both places (``tests/test_layers.py`` pins it to autodiff's). The kernel's own
-    gradient is autodiff's.
+    kernel in both places (``tests/test_layers.py`` pins it to autodiff's). A strided
+    convolution's input gradient is :func:`_strided_input_gradient`, which skips the zeros that
+    dilating the cotangent would multiply. The kernel's own gradient is autodiff's.
     """
     return _dense_conv(x, kernel, stride, pad)
 
@@ -136,13 +126,41 @@ def _dense_conv_fwd(x, kernel, stride, pad):
     return _dense_conv(x, kernel, stride, pad), (x, kernel)
 
 
+def _strided_input_gradient(g: jax.Array, kernel: jax.Array, stride: int, pad, in_hw) -> jax.Array:
+    """Input gradient of a stride-``s`` convolution as one stride-1 convolution with ``s*s`` times
+    the output channels, then depth-to-space (the sub-pixel, or phase, decomposition).
+
+    Padded input row ``s*q + r`` receives ``g[q - a] * kernel[s*a + r]`` summed over ``a``: with the
+    kernel zero-padded to ``A*s`` taps (``A = ceil(k / s)``) and phase ``r`` moved to channels, that
+    is a stride-1 ``A x B`` convolution of ``g``. The usual form dilates ``g`` by ``s`` and so
+    multiplies by ``s*s - 1`` zeros out of ``s*s``; this one does no zero work beyond the padded
+    taps (ResNet-50's 7x7/2 stem, batch 100: 465 ms against 1216 ms). ``g`` ``(N, P, Q, Cout)``,
+    ``kernel`` ``(kh, kw, Cin, Cout)`` -> ``(N, H, W, Cin)``.
+    """
+    s = stride
+    kh, kw, cin, cout = kernel.shape
+    a, b = -(-kh // s), -(-kw // s)
+    kp = jnp.pad(kernel, ((0, a * s - kh), (0, b * s - kw), (0, 0), (0, 0))).reshape(a, s, b, s, cin, cout)
+    w = jnp.flip(kp.transpose(0, 2, 5, 1, 3, 4).reshape(a, b, cout, s * s * cin), (0, 1))
+    phases = _dense_conv(g, w, 1, ((a - 1, a - 1), (b - 1, b - 1)))  # (N, P + a - 1, Q + b - 1, s*s*Cin)
+    n, rows, cols, _ = phases.shape
+    full = phases.reshape(n, rows, cols, s, s, cin).transpose(0, 1, 3, 2, 4, 5).reshape(n, rows * s, cols * s, cin)
+    (top, _), (left, _) = pad
+    (h, wd) = in_hw
+    full = jnp.pad(full, ((0, 0), (0, max(0, top + h - rows * s)), (0, max(0, left + wd - cols * s)), (0, 0)))
+    return full[:, top : top + h, left : left + wd, :]
+
+
 def _dense_conv_bwd(stride, pad, residuals, g):
     x, kernel = residuals
-    flipped = jnp.flip(kernel, (0, 1)).swapaxes(2, 3)  # (kh, kw, Cout, Cin)
-    pads = _input_gradient_pads(x.shape[1:3], kernel.shape[:2], stride, pad)
-    dx = _dense_conv(g.astype(kernel.dtype), flipped, 1, pads, lhs_dilation=stride).astype(x.dtype)
+    if stride > 1:
+        dx = _strided_input_gradient(g.astype(kernel.dtype), kernel, stride, pad, x.shape[1:3])
+    else:
+        flipped = jnp.flip(kernel, (0, 1)).swapaxes(2, 3)  # (kh, kw, Cout, Cin)
+        pads = tuple((k - 1 - lo, k - 1 - hi) for k, (lo, hi) in zip(kernel.shape[:2], pad))
+        dx = _dense_conv(g.astype(kernel.dtype), flipped, 1, pads)
     dk = jax.vjp(lambda k: _dense_conv(x, k, stride, pad), kernel)[1](g)[0]
-    return dx, dk
+    return dx.astype(x.dtype), dk
 
 
 dense_conv.defvjp(_dense_conv_fwd, _dense_conv_bwd)
