@@ -12,8 +12,7 @@ this times both, interleaved in one process (best of ``--repeats``), for each fo
   taps:   the sum of kh*kw shifted-slice matmuls (kxk only);
   dense:  ``lowering.dense_conv`` (``lax.conv`` forward; input gradient as an HWIO convolution,
           strided ones by the phase decomposition);
-  auto:   the formulation ``Conv`` picks on CPU (``lowering.im2col_on_cpu``, then
-          ``lowering.dense_conv_on_cpu``).
+  auto:   the formulation ``Conv`` picks on CPU (``lowering.cpu_conv``).
 
 Prints a markdown table (ms per call, GFLOP/s from the nominal 2*M*kh*kw*Cin*Cout, % of the float32
 matmul peak measured with a 2048^2 ``jnp.dot``) and the per-variant totals weighted by how often
@@ -82,12 +81,9 @@ def conv_taps(x: jax.Array, kernel: jax.Array, stride: int, pad: Pad) -> jax.Arr
 
 
 def conv_auto(x: jax.Array, kernel: jax.Array, stride: int, pad: Pad) -> jax.Array:
-    """What ``layers.Conv`` runs on CPU for a dense convolution."""
-    if lowering.im2col_on_cpu(kernel.shape, stride):
-        return lowering.conv_im2col(x, kernel, stride, pad)
-    if lowering.dense_conv_on_cpu(kernel.shape, pad):
-        return lowering.dense_conv(x, kernel, stride, pad)
-    return conv_lax(x, kernel, stride, pad)
+    """What ``layers.Conv`` runs on CPU for a dense convolution (``lowering.cpu_conv``)."""
+    pad = tuple(map(tuple, pad))
+    return (lowering.cpu_conv(kernel.shape, stride, pad) or conv_lax)(x, kernel, stride, pad)
 
 
 VARIANTS: Dict[str, ConvFn] = {
@@ -214,13 +210,9 @@ def traced_with(fn: Callable, choice: bool) -> Callable:
     before the CPU lowerings). A fresh wrapper per variant: jit objects of the same function share
     their trace, and the second would silently reuse the first's formulation."""
     jitted = jax.jit(lambda *args: fn(*args))
-    never = lambda *_: False
 
     def run(*args):
-        with (
-            mock.patch.object(layers, "im2col_on_cpu", lowering.im2col_on_cpu if choice else never),
-            mock.patch.object(layers, "dense_conv_on_cpu", lowering.dense_conv_on_cpu if choice else never),
-        ):
+        with mock.patch.object(layers, "cpu_conv", lowering.cpu_conv if choice else (lambda *_: None)):
             return jitted(*args)
 
     return run

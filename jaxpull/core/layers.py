@@ -19,7 +19,7 @@ import numpy as np
 from jax import lax
 
 from jaxpull.core import gates
-from jaxpull.core.lowering import conv_im2col, dense_conv, dense_conv_on_cpu, depthwise_conv, im2col_on_cpu
+from jaxpull.core.lowering import cpu_conv, depthwise_conv
 
 Padding = Union[int, Tuple[Tuple[int, int], Tuple[int, int]], str]
 
@@ -80,15 +80,14 @@ class Conv(nn.Module):
         elif isinstance(self.padding, int):
             pad = ((self.padding, self.padding), (self.padding, self.padding))
         else:
-            pad = self.padding
+            pad = tuple(map(tuple, self.padding))  # hashable: dense_conv takes it as a static argument
         dtype = kernel.dtype if self.dtype is None else jnp.dtype(self.dtype)
         on_cpu = jax.default_backend() == "cpu"
+        lowered = cpu_conv(kernel.shape, self.stride, pad) if self.groups == 1 and on_cpu else None
         if self.groups > 1 and self.groups == x.shape[-1] == self.features:
             y = depthwise_conv(x.astype(dtype), kernel.astype(dtype), self.stride, pad)
-        elif self.groups == 1 and on_cpu and im2col_on_cpu(kernel.shape, self.stride):
-            y = conv_im2col(x.astype(dtype), kernel.astype(dtype), self.stride, pad)  # GPU / TPU: lax.conv
-        elif self.groups == 1 and on_cpu and dense_conv_on_cpu(kernel.shape, pad):
-            y = dense_conv(x.astype(dtype), kernel.astype(dtype), self.stride, tuple(map(tuple, pad)))
+        elif lowered is not None:  # GPU / TPU: lax.conv
+            y = lowered(x.astype(dtype), kernel.astype(dtype), self.stride, pad)
         else:
             y = lax.conv_general_dilated(
                 x.astype(dtype),

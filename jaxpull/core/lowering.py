@@ -9,7 +9,7 @@ exactly what ``lax.conv_general_dilated`` (or the identity) computes, up to floa
 from __future__ import annotations
 
 import functools
-from typing import List, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -175,8 +175,21 @@ def dense_conv_on_cpu(kernel_shape: Tuple[int, ...], pad) -> bool:
 def im2col_on_cpu(kernel_shape: Tuple[int, ...], stride: int) -> bool:
     """Whether XLA:CPU runs a dense convolution faster as :func:`conv_im2col`: every 1x1 one (its
     input gradient at ResNet-50's shapes, batch 100: 1.1-4.3x faster than ``lax.conv``) and the
-    strided kxk ones past the stem (1.1-1.4x). Stride-1 kxk ones and the 3-channel stem keep
-    ``lax.conv``: writing out the side-by-side views costs more than XLA's kernels save (1.2-3x);
-    ``benchmarks/profile_cpu.py`` measures each shape."""
+    strided kxk ones past the stem (1.1-1.4x). Stride-1 kxk ones and the 3-channel stem stay
+    convolutions (:func:`dense_conv`): writing out the side-by-side views costs more than XLA's
+    kernels save (1.2-3x); ``benchmarks/profile_cpu.py`` measures each shape."""
     kh, kw, cin, _ = kernel_shape
     return kh * kw == 1 or (stride > 1 and cin >= 16)
+
+
+def cpu_conv(kernel_shape: Tuple[int, ...], stride: int, pad) -> Optional[Callable[..., jax.Array]]:
+    """The XLA:CPU lowering of a dense (groups = 1) convolution: :func:`conv_im2col` where
+    :func:`im2col_on_cpu`, else :func:`dense_conv` where :func:`dense_conv_on_cpu`, else None
+    (``lax.conv`` with autodiff's transpose). The one place ``layers.Conv`` and
+    ``benchmarks/profile_cpu.py`` take the choice from; the function takes ``(x, kernel, stride,
+    pad)`` with ``pad`` a tuple of ``(lo, hi)`` tuples."""
+    if im2col_on_cpu(kernel_shape, stride):
+        return conv_im2col
+    if dense_conv_on_cpu(kernel_shape, pad):
+        return dense_conv
+    return None
