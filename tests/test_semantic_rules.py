@@ -193,22 +193,26 @@ def mha():
     return m
 
 
-def jax_attend(m, gating):
-    """``m`` in JAX: the in-projection, per-head scaled dot-product with gates.attention_probs, out_proj."""
+def jax_attention(m, gating):
+    """``m`` in JAX under the attention rule: in-projection, per-head scaled dot-product with
+    gates.attention_probs, gates.tempered_attention, out_proj; ``(query, key, value) -> out``."""
     w_in = jnp.asarray(m.in_proj_weight.detach().numpy(), jnp.float32)
     b_in = jnp.asarray(m.in_proj_bias.detach().numpy(), jnp.float32)
     w_out = jnp.asarray(m.out_proj.weight.detach().numpy(), jnp.float32)
     b_out = jnp.asarray(m.out_proj.bias.detach().numpy(), jnp.float32)
     (wq, wk, wv), (bq, bk, bv) = jnp.split(w_in, 3), jnp.split(b_in, 3)
 
-    def attend(query, key, value):  # (B, L, E) each
+    def core(q, k, v):  # (B, L, E) each
         split = lambda a: a.reshape(a.shape[0], a.shape[1], HEADS, E // HEADS).transpose(0, 2, 1, 3)
-        q, k, v = split(query @ wq.T + bq), split(key @ wk.T + bk), split(value @ wv.T + bv)
+        q, k, v = split(q), split(k), split(v)
         probs = gates.attention_probs(q @ k.transpose(0, 1, 3, 2) / np.sqrt(E // HEADS), gating)
-        out = (probs @ v).transpose(0, 2, 1, 3).reshape(query.shape)
+        return (probs @ v).transpose(0, 2, 1, 3).reshape(q.shape[0], -1, E)
+
+    def layer(query, key, value):
+        out = gates.tempered_attention(core, query @ wq.T, key @ wk.T, value @ wv.T + bv, gating, bq, bk)
         return out @ w_out.T + b_out
 
-    return attend
+    return layer
 
 
 QKV = [jnp.asarray(RNG.normal(size=(2, L, E)), jnp.float32) for _ in range(3)]
@@ -217,13 +221,11 @@ GOUT = jnp.asarray(RNG.normal(size=(2, L, E)), jnp.float32)
 
 def attention_grads(m, gating, self_attention=False):
     """Forward output and the VJP w.r.t. (query, key, value) of the ruled attention."""
-    attend = jax_attend(m, gating)
+    layer = jax_attention(m, gating)
     if self_attention:
-        fn = lambda x: gates.tempered_attention(attend, x, x, x, gating)
-        out, vjp = jax.vjp(fn, QKV[0])
+        out, vjp = jax.vjp(lambda x: layer(x, x, x), QKV[0])
     else:
-        fn = lambda q, k, v: gates.tempered_attention(attend, q, k, v, gating)
-        out, vjp = jax.vjp(fn, *QKV)
+        out, vjp = jax.vjp(layer, *QKV)
     return out, vjp(GOUT)
 
 

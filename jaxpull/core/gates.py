@@ -432,28 +432,46 @@ def straight_through_scale(x: jax.Array, t: jax.Array) -> jax.Array:
 
 
 def tempered_attention(
-    attend: Callable[[jax.Array, jax.Array, jax.Array], jax.Array],
-    query: jax.Array,
-    key: jax.Array,
-    value: jax.Array,
+    core: Callable[[jax.Array, jax.Array, jax.Array], jax.Array],
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
     gating: Gating,
+    q_bias: Optional[jax.Array] = None,
+    k_bias: Optional[jax.Array] = None,
 ) -> jax.Array:
-    """The attention rule around a whole attention layer ``attend(query, key, value)``.
+    """The attention rule around an attention layer, given its in-projections.
 
-    ``query``, ``key`` and ``value`` are the layer's inputs *before* its in-projection (for
-    self-attention all three are the same tokens), as in the reference, which scales the inputs
-    of ``nn.MultiheadAttention``: the projection's bias is not scaled, so at t != 1 the scores
-    are those of ``W x / t + b``. Under ``attention="tempered"`` the forward is
-    ``attend(query, key, value)`` exactly and the backward is the VJP of
-    ``attend(query / t, key / t, value)`` with the 1 / t passed straight through; t = 1 is the
-    plain gradient. Otherwise it is ``attend`` itself (whose softmax, through
-    :func:`attention_probs`, applies ``"value_only"``).
+    ``q`` and ``k`` are the query and key in-projections *without their bias* (``x @ W_q``,
+    ``x @ W_k``), ``v`` the value projection (bias included), ``core(q + q_bias, k + k_bias, v)``
+    the attention from them to the heads' output; the caller applies the out-projection to what
+    this returns (being linear and applied once, it commutes with the rule).
+
+    The rule, as in the reference, which scales the *inputs* of ``nn.MultiheadAttention``: under
+    ``attention="tempered"`` the forward is the exact ``core(q + q_bias, k + k_bias, v)`` and the
+    backward is the VJP of ``core(q / t + q_bias, k / t + k_bias, v)`` with the 1 / t passed
+    straight through, i.e. the VJP of the layer at query and key inputs scaled by 1 / t (the
+    projection is linear; its bias is not scaled); t = 1 is the plain gradient. The projections
+    are computed once for both (``(x @ W) / t`` equals ``(x / t) @ W`` up to float rounding).
+    Otherwise it is ``core`` itself (whose softmax, through :func:`attention_probs`, applies
+    ``"value_only"``).
+
+    Args:
+      core: ``(q, k, v) -> out``, any layout the model uses.
+      q, k, v: the projections, shapes as ``core`` takes them; q_bias, k_bias: broadcastable
+        to ``q`` and ``k``, or None (no bias).
+    Returns:
+      ``core``'s output (before the out-projection).
     """
-    exact = attend(query, key, value)
+
+    def biased(a: jax.Array, bias: Optional[jax.Array]) -> jax.Array:
+        return a if bias is None else a + bias
+
+    exact = core(biased(q, q_bias), biased(k, k_bias), v)
     if gating.attention != "tempered":
         return exact
     t = jnp.asarray(gating.attention_temperature, jnp.float32)
-    soft = attend(straight_through_scale(query, t), straight_through_scale(key, t), value)
+    soft = core(biased(straight_through_scale(q, t), q_bias), biased(straight_through_scale(k, t), k_bias), v)
     return soft - lax.stop_gradient(soft) + lax.stop_gradient(exact)
 
 

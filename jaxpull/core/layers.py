@@ -129,6 +129,21 @@ class Dense(nn.Module):
         return y
 
 
+class Projection(nn.Module):
+    """``torch.nn.Linear`` in its two parts: ``(N..., in)`` -> ``(x @ kernel, bias)`` (bias
+    ``(out,)`` or None). An attention layer's in-projection: the attention rule scales the
+    product and not the bias (``gates.tempered_attention``). Parameters as :class:`Dense`'s."""
+
+    features: int
+    use_bias: bool = True
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> Tuple[jax.Array, Optional[jax.Array]]:
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (x.shape[-1], self.features))
+        bias = self.param("bias", nn.initializers.zeros, (self.features,)) if self.use_bias else None
+        return matmul(x, kernel), bias
+
+
 class LayerNorm(nn.Module):
     """``torch.nn.LayerNorm(C, eps)`` over the last axis (ConvNeXt's ``LayerNorm2d`` is the same on
     NHWC), with the LayerNorm rule of ``gating`` (``gates.layer_norm``); ``(..., C)`` -> same."""

@@ -9,8 +9,8 @@ LayerNorm, Linear, Tanh, Linear.
 
 Rules (METHOD.md, "Semantic pullbacks"): every GELU (stem, MBConv, MLP) is ``gates.gelu``, the
 squeeze-excitation's SiLU ``gates.silu``, every LayerNorm ``gates.layer_norm``, and each
-attention layer ``gates.tempered_attention`` around the whole layer (``to_qkv`` included; the
-relative position bias is added to the scores unscaled) with its softmax through
+attention layer's rule ``gates.tempered_attention`` (the query and key parts of ``to_qkv``
+scaled, their biases not; the relative position bias is added to the scores unscaled) with its softmax through
 ``gates.attention_probs``. The SE sigmoid, the classifier's Tanh and the BatchNorms keep their
 plain derivatives. torchvision's attention softmax is functional (``F.softmax``), so the
 paper's module-swapping code leaves it plain; jaxpull applies the attention rule there.
@@ -34,7 +34,7 @@ import numpy as np
 
 from jaxpull.core import gates
 from jaxpull.core.gates import Gating
-from jaxpull.core.layers import Affine, Conv, Dense, LayerNorm, SqueezeExcitation, avg_pool, matmul
+from jaxpull.core.layers import Affine, Conv, Dense, LayerNorm, Projection, SqueezeExcitation, avg_pool
 from jaxpull.core.preprocessing import Preprocessing
 
 BN_EPS = 1e-3  # torchvision's BatchNorm2d(eps=1e-3, momentum=0.01)
@@ -93,22 +93,6 @@ def window_departition(x: jax.Array, p: int, hp: int, wp: int) -> jax.Array:
     return x.reshape(n, hp, wp, p, p, c).transpose(0, 1, 3, 2, 4, 5).reshape(n, hp * p, wp * p, c)
 
 
-class QKVProjection(nn.Module):
-    """``to_qkv``: one ``Linear(C, 3 D)`` whose thirds project the query, key and value inputs
-    (which the attention rule may scale differently); ``kernel`` ``(C, 3 D)``, ``bias`` ``(3 D,)``."""
-
-    features: int  # 3 D
-
-    @nn.compact
-    def __call__(self, query: jax.Array, key: jax.Array, value: jax.Array):
-        kernel = self.param("kernel", nn.initializers.lecun_normal(), (query.shape[-1], self.features))
-        bias = self.param("bias", nn.initializers.zeros, (self.features,))
-        project = lambda a, w, b: matmul(a, w) + b
-        return tuple(
-            project(a, w, b) for a, w, b in zip((query, key, value), jnp.split(kernel, 3, axis=1), jnp.split(bias, 3))
-        )
-
-
 class RelativePositionalMultiHeadAttention(nn.Module):
     """Multi-head self-attention over each group's ``partition_size**2`` tokens, plus a learned
     bias per relative position and head; torchvision scales the keys by ``C**-0.5`` (C the
@@ -126,16 +110,19 @@ class RelativePositionalMultiHeadAttention(nn.Module):
             "relative_position_bias_table", nn.initializers.truncated_normal(0.02), ((2 * s - 1) ** 2, heads)
         )
         bias = table[relative_position_index(s).reshape(-1)].reshape(length, length, heads).transpose(2, 0, 1)
-        to_qkv, merge = QKVProjection(3 * c, name="to_qkv"), Dense(c, name="merge")
         heads_first = lambda a: a.reshape(n, g, length, heads, self.head_dim).transpose(0, 1, 3, 2, 4)
 
-        def attend(query, key, value):
-            q, k, v = map(heads_first, to_qkv(query, key, value))  # (N, G, heads, L, head_dim)
+        def core(q, k, v):  # (N, G, L, C) each
+            q, k, v = heads_first(q), heads_first(k), heads_first(v)  # (N, G, heads, L, head_dim)
             scores = jnp.einsum("nghid,nghjd->nghij", q, k * c**-0.5) + bias
             out = jnp.einsum("nghij,nghjd->nghid", gates.attention_probs(scores, gating), v)
-            return merge(out.transpose(0, 1, 3, 2, 4).reshape(n, g, length, c))
+            return out.transpose(0, 1, 3, 2, 4).reshape(n, g, length, c)
 
-        return gates.tempered_attention(attend, x, x, x, gating)
+        # to_qkv: one Linear(C, 3 C) whose thirds are the query, key and value projections
+        qkv, qkv_bias = Projection(3 * c, name="to_qkv")(x)
+        (q, k, v), (q_bias, k_bias, v_bias) = jnp.split(qkv, 3, axis=-1), jnp.split(qkv_bias, 3)
+        out = gates.tempered_attention(core, q, k, v + v_bias, gating, q_bias, k_bias)
+        return Dense(c, name="merge")(out)
 
 
 class PartitionAttentionLayer(nn.Module):

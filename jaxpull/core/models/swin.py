@@ -15,9 +15,8 @@ attention and MLP (res-post-norm), merges patches with the norm after the reduct
 key bias (torchvision zeroes that third of ``qkv.bias`` in its forward pass).
 
 Rules (METHOD.md, "Semantic pullbacks"): every LayerNorm is :func:`gates.layer_norm`, every GELU
-:func:`gates.gelu`, each window attention layer is wrapped whole by
-:func:`gates.tempered_attention` (its q and k projections take the scaled tokens, v the plain
-ones) and its softmax is :func:`gates.attention_probs` (the "value_only" rule). The relative
+:func:`gates.gelu`, each window attention layer's rule is
+:func:`gates.tempered_attention` (its q and k projections scaled, their biases and v not) and its softmax is :func:`gates.attention_probs` (the "value_only" rule). The relative
 position bias and the shift mask are added to the scores unscaled. The paper's code swaps
 modules, so it misses torchvision's functional softmax here; jaxpull applies the rule.
 
@@ -38,7 +37,7 @@ import numpy as np
 
 from jaxpull.core import gates
 from jaxpull.core.gates import Gating
-from jaxpull.core.layers import Conv, Dense, LayerNorm
+from jaxpull.core.layers import Conv, Dense, LayerNorm, Projection
 from jaxpull.core.preprocessing import Preprocessing
 
 LN_EPS = 1e-5
@@ -169,10 +168,6 @@ class ShiftedWindowAttention(nn.Module):
         padded = (h + pad_h, w + pad_w)
         # torchvision: no shift along an axis that one window covers
         shift = tuple(0 if win >= size else s for win, size, s in zip(self.window_size, padded, self.shift_size))
-        q_proj = Dense(c, name="q")
-        k_proj = Dense(c, use_bias=not self.v2, name="k")  # V2 has no key bias
-        v_proj = Dense(c, name="v")
-        proj = Dense(c, name="proj")
         if self.v2:  # the continuous position bias: an MLP of the window's constant coordinates
             coords = jnp.asarray(relative_coords_table(self.window_size))
             hidden = jax.nn.relu(Dense(CPB_HIDDEN, name="cpb_mlp_0")(coords))
@@ -194,10 +189,8 @@ class ShiftedWindowAttention(nn.Module):
         def split_heads(t: jax.Array) -> jax.Array:  # (B*nW, N, C) -> (B*nW, heads, N, C / heads)
             return t.reshape(t.shape[0], t.shape[1], heads, c // heads).transpose(0, 2, 1, 3)
 
-        def attend(query: jax.Array, key: jax.Array, value: jax.Array) -> jax.Array:
-            q = split_heads(q_proj(windows(query)))
-            k = split_heads(k_proj(windows(key)))
-            v = split_heads(v_proj(windows(value)))
+        def core(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:  # (B*nW, N, C) each
+            q, k, v = split_heads(q), split_heads(k), split_heads(v)
             if self.v2:  # cosine attention
                 scores = l2_normalize(q) @ l2_normalize(k).swapaxes(-2, -1)
                 scores = scores * jnp.exp(jnp.minimum(logit_scale, math.log(100.0)))
@@ -208,10 +201,13 @@ class ShiftedWindowAttention(nn.Module):
                 n = scores.shape[-1]
                 scores = (scores.reshape(b, -1, heads, n, n) + mask[None, :, None]).reshape(-1, heads, n, n)
             probs = gates.attention_probs(scores, gating)
-            out = (probs @ v).transpose(0, 2, 1, 3).reshape(q.shape[0], -1, c)
-            return window_reverse(proj(out), (b,) + padded, self.window_size, shift)[:, :h, :w]
+            return (probs @ v).transpose(0, 2, 1, 3).reshape(q.shape[0], -1, c)
 
-        return gates.tempered_attention(attend, x, x, x, gating)
+        tokens = windows(x)
+        q, q_bias = Projection(c, name="q")(tokens)
+        k, k_bias = Projection(c, use_bias=not self.v2, name="k")(tokens)  # V2 has no key bias
+        out = gates.tempered_attention(core, q, k, Dense(c, name="v")(tokens), gating, q_bias, k_bias)
+        return window_reverse(Dense(c, name="proj")(out), (b,) + padded, self.window_size, shift)[:, :h, :w]
 
 
 class SwinTransformerBlock(nn.Module):
