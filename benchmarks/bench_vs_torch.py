@@ -12,7 +12,12 @@ best later call; ``--repeats R`` > 1 alternates R - 1 more calls of the two side
 the machine hits both; K > 100: the only call, set-up and compile included), the
 torch/JAX time ratio (> 1: jaxpull is faster), the peak RSS increase during the case, and the
 achieved GFLOP/s (XLA's cost analysis of the computation) next to this machine's measured float32
-matmul peak. Not a test: figures vary with the machine and its load.
+matmul peak, and the rate of XLA's "bytes accessed" (every fused kernel's operands and results,
+counted once per kernel) next to the measured bandwidth of an in-place elementwise kernel. Operands
+re-read from cache count again, so that rate can pass 100% of the memory bandwidth: a computation
+far above it moves more bytes per FLOP than the matmul peak can use (depthwise convolutions,
+elementwise gates), one far below both limits has room left. Not a test: figures vary with the
+machine and its load.
 
 Cases (resnet50 by default, any torchvision name or efficientnet_lite0 with --arch; 224x224, random weights
 (efficientnet_lite0: its real ones), float32):
@@ -128,12 +133,33 @@ def matmul_peak_gflops() -> float:
     return 2 * n**3 / best / 1e9
 
 
-def flops(jitted, *args, **kwargs) -> float:
-    # XLA's GPU backend offers no cost analysis (None): then the column reads nan, and the FLOP
-    # count of the same computation can be taken from a CPU run of this script.
-    cost = jitted.lower(*args, **kwargs).cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    return float((cost or {}).get("flops", float("nan")))
+def bandwidth_gbs() -> float:
+    """Best of 20 calls of ``a * 1.5 + 1.0`` on 256 MiB of float32, in place (the buffer donated),
+    in GB/s: the memory bandwidth of one fused elementwise kernel that reads and writes every
+    element once. In place, because a fresh 256 MiB result is page-faulted in by the kernel on
+    every call here (glibc maps large blocks anew each time), which alone took 100 ms of a 110 ms
+    call: that is a cost of the allocator, not of the memory."""
+    import jax
+    import jax.numpy as jnp
+
+    a = jnp.asarray(np.random.default_rng(0).random(2**26, dtype=np.float32))
+    f = jax.jit(lambda a: a * 1.5 + 1.0, donate_argnums=0)
+    a = f(a).block_until_ready()
+    best = float("inf")
+    for _ in range(20):
+        t0 = time.perf_counter()
+        a = f(a).block_until_ready()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * a.nbytes / best / 1e9
+
+
+def cost(jitted, *args, **kwargs) -> np.ndarray:
+    """``[FLOPs, bytes accessed]`` of one call, from XLA's cost analysis (nan where it has none)."""
+    # XLA's GPU backend offers no cost analysis (None): then the columns read nan, and the counts
+    # of the same computation can be taken from a CPU run of this script.
+    c = jitted.lower(*args, **kwargs).cost_analysis()
+    c = (c[0] if isinstance(c, (list, tuple)) else c) or {}
+    return np.array([c.get("flops", np.nan), c.get("bytes accessed", np.nan)], dtype=np.float64)
 
 
 def main() -> None:
@@ -206,17 +232,19 @@ def main() -> None:
     x5 = rng.uniform(-1, 1, (5, args.size, args.size, 3)).astype(np.float32)
     x1 = x5[:1]
     peak = matmul_peak_gflops()
+    bandwidth = bandwidth_gbs()
     where = torch.cuda.get_device_name() if args.device == "cuda" else f"{torch.get_num_threads()} threads"
     print(
         f"{args.arch} {args.size}x{args.size} jaxpull {args.dtype} | jax {jax.__version__} ({jax.devices()[0].device_kind}), "
-        f"torch {torch.__version__} ({where}) | float32 matmul peak {peak:.0f} GFLOP/s"
+        f"torch {torch.__version__} ({where}) | float32 matmul peak {peak:.0f} GFLOP/s | "
+        f"elementwise bandwidth {bandwidth:.1f} GB/s"
     )
     mem = "peak RSS" if args.device == "cpu" else "peak GPU memory"
     print(
         f"| case | jax compile s | jax run s | torch run s | torch/jax | jax {mem} +MiB | torch {mem} +MiB "
-        "| jax GFLOP/s (% of peak) |"
+        "| jax GFLOP/s (% of peak) | jax GB/s (% of bandwidth) |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
 
     def synced(fn):
         def run():
@@ -227,7 +255,7 @@ def main() -> None:
 
         return run
 
-    def row(name, jax_fn, torch_fn, work_flops, repeats=1):
+    def row(name, jax_fn, torch_fn, work, repeats=1):
         torch_fn = synced(torch_fn)
         jf, jr, jm = timed(jax_fn, repeats, PeakJaxGPU if GPU else None)
         _, tr, tmem = timed(
@@ -236,10 +264,11 @@ def main() -> None:
         for _ in range(args.repeats - 1 if repeats else 0):  # alternating: drift in the machine's speed hits both
             jr = min(jr, timed(jax_fn, 0)[0])
             tr = min(tr, timed(torch_fn, 0)[0])
-        rate = work_flops / jr / 1e9
+        rate, traffic = work / jr / 1e9
         print(
             f"| {name} | {max(jf - jr, 0):.1f} | {jr:.3f} | {tr:.3f} | {tr / jr:.2f} | {jm / 2**20:.0f} | "
-            f"{tmem / 2**20:.0f} | {rate:.0f} ({100 * rate / peak:.0f}%) |",
+            f"{tmem / 2**20:.0f} | {rate:.0f} ({100 * rate / peak:.0f}%) | "
+            f"{traffic:.1f} ({100 * traffic / bandwidth:.0f}%) |",
             flush=True,
         )
 
@@ -258,7 +287,7 @@ def main() -> None:
         for k in [int(v) for v in args.ks.split(",")]:
             labels = np.arange(k) % 1000
             chunk = min(k, args.chunk)
-            per = flops(pullback.pullback_core, model, jnp.asarray(x1), jnp.asarray(labels[None, :chunk]), gating) * (
+            per = cost(pullback.pullback_core, model, jnp.asarray(x1), jnp.asarray(labels[None, :chunk]), gating) * (
                 k / chunk
             )
             if k <= args.chunk:
@@ -296,7 +325,7 @@ def main() -> None:
             gating,
             jaxpull.make_ascent(steps=1, rules=args.rules),
         )
-        per_step = flops(pullback.ascent_core, *args_b)
+        per_step = cost(pullback.ascent_core, *args_b)
         row(
             "b) ascent 5 steps, 5 images x 10 labels",
             lambda: jaxpull.ascent(model, x5, targets, rules=args.rules),
@@ -314,7 +343,7 @@ def main() -> None:
         )
         xj = jnp.asarray(x1)
         swept = lambda ts: swept_fn(ts, model, xj)  # noqa: E731
-        work = flops(swept_fn, ts, model, xj)
+        work = cost(swept_fn, ts, model, xj)
 
         def torch_sweep():
             out = []
