@@ -10,8 +10,8 @@ LayerNorm, Linear, Tanh, Linear.
 Rules (METHOD.md, "Semantic pullbacks"): every GELU (stem, MBConv, MLP) is ``gates.gelu``, the
 squeeze-excitation's SiLU ``gates.silu``, every LayerNorm ``gates.layer_norm``, and each
 attention layer's rule ``gates.tempered_attention`` (the query and key parts of ``to_qkv``
-scaled, their biases not; the relative position bias is added to the scores unscaled) with its softmax through
-``gates.attention_probs``. The SE sigmoid, the classifier's Tanh and the BatchNorms keep their
+scaled, their biases not; the relative position bias is added to the scores unscaled) with its
+softmax through ``gates.attention_probs``. The SE sigmoid, the classifier's Tanh and the BatchNorms keep their
 plain derivatives. torchvision's attention softmax is functional (``F.softmax``), so the
 paper's module-swapping code leaves it plain; jaxpull applies the attention rule there.
 

@@ -15,10 +15,11 @@ attention and MLP (res-post-norm), merges patches with the norm after the reduct
 key bias (torchvision zeroes that third of ``qkv.bias`` in its forward pass).
 
 Rules (METHOD.md, "Semantic pullbacks"): every LayerNorm is :func:`gates.layer_norm`, every GELU
-:func:`gates.gelu`, each window attention layer's rule is
-:func:`gates.tempered_attention` (its q and k projections scaled, their biases and v not) and its softmax is :func:`gates.attention_probs` (the "value_only" rule). The relative
-position bias and the shift mask are added to the scores unscaled. The paper's code swaps
-modules, so it misses torchvision's functional softmax here; jaxpull applies the rule.
+:func:`gates.gelu`, each window attention layer's rule is :func:`gates.tempered_attention` (its
+q and k projections scaled, their biases and v not) and its softmax is
+:func:`gates.attention_probs` (the "value_only" rule). The relative position bias and the shift
+mask are added to the scores unscaled. The paper's code swaps modules, so it misses torchvision's
+functional softmax here; jaxpull applies the rule.
 
 Parameter names follow torchvision's keys (``features_1_0/attn/proj`` is ``features.1.0.attn.proj``),
 except that ``qkv`` is split into ``q``, ``k`` and ``v`` (the attention rule treats them apart).
