@@ -41,22 +41,41 @@ def close(a, b, tol=1e-5):
     np.testing.assert_allclose(a, b, rtol=0, atol=tol * float(np.abs(b).max()))
 
 
+def value_and_vjps(conv, x, kernel, g):
+    """``(conv(x, kernel), d/dx, d/dkernel)`` of ``<g, conv(x, kernel)>``, compiled as one function
+    (op by op, a 7x7 stencil's 49 views cost seconds of dispatch)."""
+    y, vjp = jax.vjp(conv, x, kernel)
+    return (y,) + vjp(g)
+
+
 def assert_same_as_lax(ours, groups, x, kernel, stride, pad):
     """``ours(x, kernel, stride, pad)`` equals ``lax.conv`` in value and in both VJPs."""
-    y, vjp = jax.vjp(lambda x, w: lax_conv(x, w, stride, pad, groups), x, kernel)
-    got, our_vjp = jax.vjp(lambda x, w: ours(x, w, stride, pad), x, kernel)
-    g = jnp.asarray(RNG.standard_normal(y.shape), jnp.float32)
-    close(got, y)
-    for a, b in zip(our_vjp(g), vjp(g)):
+    reference = lambda x, w: lax_conv(x, w, stride, pad, groups)
+    g = jnp.asarray(RNG.standard_normal(jax.eval_shape(reference, x, kernel).shape), jnp.float32)
+    want = jax.jit(value_and_vjps, static_argnums=0)(reference, x, kernel, g)
+    got = jax.jit(value_and_vjps, static_argnums=0)(lambda x, w: ours(x, w, stride, pad), x, kernel, g)
+    for a, b in zip(got, want):
         close(a, b)
 
 
 @pytest.mark.parametrize(
-    "k, stride, pad", [(3, 1, ((1, 1), (1, 1))), (3, 2, ((0, 1), (0, 1))), (5, 2, ((2, 2), (2, 2)))]
+    "shape, stride, pad",
+    [
+        ((3, 3), 1, ((1, 1), (1, 1))),  # MobileNet
+        ((3, 3), 1, ((0, 0), (0, 0))),
+        ((7, 7), 1, ((3, 3), (3, 3))),  # ConvNeXt
+        ((3, 3), 2, ((1, 1), (1, 1))),
+        ((3, 3), 2, ((0, 1), (0, 1))),  # TensorFlow's "same" at an even size
+        ((5, 5), 2, ((2, 2), (2, 2))),
+        ((5, 5), 2, ((1, 2), (1, 2))),
+        ((2, 3), 3, ((1, 0), (2, 1))),  # uneven kernel, stride past the kernel's height
+    ],
 )
-def test_depthwise_views_equal_grouped_lax_conv(k, stride, pad):
-    x = jnp.asarray(RNG.standard_normal((2, 9, 9, 6)), jnp.float32)
-    kernel = jnp.asarray(RNG.standard_normal((k, k, 1, 6)), jnp.float32)
+@pytest.mark.parametrize("size", [9, 10])
+def test_depthwise_views_equal_grouped_lax_conv(shape, stride, pad, size):
+    """Value, input gradient (the per-phase stencil of the flipped kernel) and kernel gradient."""
+    x = jnp.asarray(RNG.standard_normal((2, size, size, 6)), jnp.float32)
+    kernel = jnp.asarray(RNG.standard_normal(shape + (1, 6)), jnp.float32)
     assert_same_as_lax(lowering.depthwise_conv, 6, x, kernel, stride, pad)
 
 

@@ -67,20 +67,94 @@ def fence_cotangent_on_cpu(y: jax.Array, source: jax.Array) -> jax.Array:
     return materialised_cotangent(y, lax.stop_gradient(source.reshape(-1)[0]).astype(jnp.float32))
 
 
+def _tap_sum(views: List[jax.Array], kernel: jax.Array) -> jax.Array:
+    """``sum_ij views[ij] * kernel[i, j]`` in float32: views ``(N, Ho, Wo, C)``, kernel ``(kh, kw, 1, C)``."""
+    out = jnp.zeros(views[0].shape, jnp.float32)
+    for view, w in zip(views, kernel.reshape(len(views), -1)):
+        out = out + view.astype(jnp.float32) * w.astype(jnp.float32)
+    return out
+
+
+def scatter_views(g: jax.Array, weights: jax.Array, stride: int, pad, in_hw: Tuple[int, int]) -> jax.Array:
+    """The transpose of :func:`shifted_views` with weighted taps: ``sum_ij`` of ``g * weights_ij``
+    put back where view (i, j) was read (``pad`` and ``in_hw``: the views' padding and the input's
+    height and width). ``g`` ``(N, Ho, Wo, C)`` -> ``(N, H, W, C)`` float32.
+
+    ``weights``: ``(kh, kw, C)``, one per tap and channel (a depthwise kernel), or ``(N, Ho, Wo, C,
+    kh, kw)``, varying with the output position too (a pooling window's softmax derivative).
+
+    Autodiff's transpose pads each of the kh*kw products back to the input's size and adds them;
+    XLA:CPU fuses that into one loop that tests every tap's bounds per element and does not
+    vectorise it (ConvNeXt's 7x7 depthwise, 100 cotangents at 56x56x96: 500 ms, 6 GFLOP/s). Here
+    every tap reads an in-bounds view of ``g`` padded once. Padded input row ``s*q + r`` receives
+    ``g[q - a] * w[s*a + r]`` summed over ``a`` (the phase decomposition of
+    :func:`_strided_input_gradient`): phase ``r`` is a stride-1 stencil of ``g`` over the taps
+    ``r, r + s, ...``; at stride 1, all of them.
+    """
+    per_position = weights.ndim == 6
+    kh, kw = weights.shape[4:] if per_position else weights.shape[:2]
+    s = stride
+    a, b = -(-kh // s), -(-kw // s)
+    grow = ((a - 1, a - 1), (b - 1, b - 1))
+    views = shifted_views(g, (a, b), 1, grow)  # (N, Ho + a - 1, Wo + b - 1, C), view v shifted by (v // b, v % b)
+    if per_position:
+        n, ho, wo, ch = weights.shape[:4]
+        lined_up = [
+            u.reshape(u.shape[:3] + (ch, kh, kw))
+            for u in shifted_views(weights.reshape(n, ho, wo, -1), (a, b), 1, grow)
+        ]
+        weight = lambda i, j, v: lined_up[v][..., i, j]
+    else:
+        weight = lambda i, j, v: weights[i, j]
+    phases = []
+    for r in range(s):
+        for c in range(s):
+            phase = jnp.zeros(views[0].shape, jnp.float32)
+            for v, view in enumerate(views):
+                i, j = s * (a - 1 - v // b) + r, s * (b - 1 - v % b) + c
+                if i < kh and j < kw:
+                    phase = phase + view.astype(jnp.float32) * weight(i, j, v).astype(jnp.float32)
+            phases.append(phase)
+    n, rows, cols, ch = phases[0].shape
+    full = jnp.stack(phases, axis=3).reshape(n, rows, cols, s, s, ch).transpose(0, 1, 3, 2, 4, 5)
+    full = full.reshape(n, rows * s, cols * s, ch)  # the padded input's rows and columns, from 0
+    (top, _), (left, _) = pad
+    h, w = in_hw
+    full = jnp.pad(full, ((0, 0), (0, max(0, top + h - rows * s)), (0, max(0, left + w - cols * s)), (0, 0)))
+    return full[:, top : top + h, left : left + w, :]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _depthwise(x: jax.Array, kernel: jax.Array, stride: int, pad) -> jax.Array:
+    return _tap_sum(shifted_views(x, kernel.shape[:2], stride, pad), kernel)
+
+
+def _depthwise_fwd(x, kernel, stride, pad):
+    return _depthwise(x, kernel, stride, pad), (x, kernel)
+
+
+def _depthwise_bwd(stride, pad, residuals, g):
+    x, kernel = residuals
+    dx = scatter_views(g, kernel.reshape(kernel.shape[:2] + (-1,)), stride, pad, x.shape[1:3])
+    dk = jax.vjp(lambda k: _tap_sum(shifted_views(x, k.shape[:2], stride, pad), k), kernel)[1](g)[0]
+    return dx.astype(x.dtype), dk
+
+
+_depthwise.defvjp(_depthwise_fwd, _depthwise_bwd)
+
+
 def depthwise_conv(x: jax.Array, kernel: jax.Array, stride: int, pad) -> jax.Array:
     """Depthwise convolution as a sum of k*k shifted, per-channel-scaled views of ``x``.
 
     Same result as ``conv_general_dilated(..., feature_group_count=C)`` (``x`` ``(N, H, W, C)``,
-    ``kernel`` ``(k, k, 1, C)``), but XLA:CPU's grouped convolution is 10-25x slower than these
-    fused elementwise ops, forward and backward (measured on 2 cores at EfficientNet-Lite0's
-    shapes; again at MobileNetV2's, batch 30: 5-60x); the sum runs in float32 however ``x`` is
-    stored. On CPU the output's cotangent is materialised (:func:`materialised_cotangent`).
+    ``kernel`` ``(k, k, 1, C)``, ``pad`` a tuple of ``(lo, hi)`` tuples), but XLA:CPU's grouped
+    convolution is 10-25x slower than these fused elementwise ops, forward and backward (measured
+    on 2 cores at EfficientNet-Lite0's shapes; again at MobileNetV2's, batch 30: 5-60x); the sum
+    runs in float32 however ``x`` is stored. The input gradient is the same kind of stencil
+    (:func:`scatter_views`). On CPU the output's cotangent is materialised
+    (:func:`materialised_cotangent`).
     """
-    views = shifted_views(x, kernel.shape[:2], stride, pad)
-    out = jnp.zeros(views[0].shape, jnp.float32)
-    for view, w in zip(views, kernel.reshape(len(views), -1)):
-        out = out + view.astype(jnp.float32) * w.astype(jnp.float32)
-    return fence_cotangent_on_cpu(out, kernel)
+    return fence_cotangent_on_cpu(_depthwise(x, kernel, stride, tuple(map(tuple, pad))), kernel)
 
 
 def conv_im2col(x: jax.Array, kernel: jax.Array, stride: int, pad) -> jax.Array:
