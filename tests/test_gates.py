@@ -78,19 +78,35 @@ def test_max_pool_forward_is_hard_and_backward_is_torch_softmax_pooling(window, 
     x = np.random.default_rng(0).normal(size=(2, 9, 8, 3)).astype(np.float32)
     x[0, :3, :3, 0] = 0.0  # ties
     soft = Gating(jnp.array(0.3), jnp.array(0.25), pool_weights="detached" if detached else "soft")
-    xt = torch.tensor(x).permute(0, 3, 1, 2).requires_grad_(True)
+    xt = torch.tensor(x, dtype=torch.float64).permute(0, 3, 1, 2).requires_grad_(True)
     pool = R.SurrogateMaxPool(torch.nn.MaxPool2d(window, stride, padding), 0.25, detached)
     yt = pool(xt)
     y = gates.max_pool(jnp.asarray(x), window, stride, padding, soft)
-    np.testing.assert_array_equal(y, yt.detach().permute(0, 2, 3, 1).numpy())
+    np.testing.assert_array_equal(y, yt.detach().permute(0, 2, 3, 1).numpy().astype(np.float32))
     g = np.random.default_rng(1).normal(size=y.shape).astype(np.float32)
-    yt.backward(torch.tensor(g).permute(0, 3, 1, 2))
+    yt.backward(torch.tensor(g, dtype=torch.float64).permute(0, 3, 1, 2))
     got = jax.vjp(lambda x: gates.max_pool(x, window, stride, padding, soft), jnp.asarray(x))[1](jnp.asarray(g))[0]
     want = xt.grad.permute(0, 2, 3, 1).numpy()
-    # Off CPU the softmax's exponentials differ from torch's CPU ones in the last bits (H100: one
-    # element of 432 off by 4.7e-6 of the largest value): there the tolerance is relative to it.
+    # The reference runs in float64: the rule's exact value (torch's float32 run of it is up to
+    # 4.8e-6 off it here, jaxpull's 5e-7). Off CPU the softmax's exponentials differ in the last
+    # bits (H100, against float32 torch: one element of 432 off by 4.7e-6 of the largest value):
+    # there the tolerance is relative to it.
     atol = 1e-6 if jax.default_backend() == "cpu" else 1e-5 * float(np.abs(want).max())
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=atol)
+
+
+@pytest.mark.parametrize("pool_weights", ["soft", "detached"])
+def test_max_pool_temperature_to_zero_gives_the_hard_gradient_and_never_nan(pool_weights):
+    """No padding and no ties: as t -> 0 the softmax pooling gradient is the argmax one, down to
+    the subnormal 1e-45 (``softmax(v / t)`` overflows from about 1e-38: the rule's derivative
+    subtracts the window's maximum first); a huge t averages the window and stays finite."""
+    x = jnp.asarray(np.random.default_rng(5).permutation(2 * 8 * 8 * 3).reshape(2, 8, 8, 3) / 7 - 10, jnp.float32)
+    hard = grad_of(lambda x: gates.max_pool(x, 3, 2, 0, VANILLA), x)
+    for t in (1e-4, 1e-30, 1e-38, 1e-45):
+        soft = Gating(jnp.array(t), pool_weights=pool_weights)
+        np.testing.assert_array_equal(grad_of(lambda x: gates.max_pool(x, 3, 2, 0, soft), x), hard)
+    huge = Gating(jnp.array(1e30), pool_weights=pool_weights)
+    assert np.all(np.isfinite(grad_of(lambda x: gates.max_pool(x, 3, 2, 0, huge), x)))
 
 
 def test_max_pool_small_temperature_approaches_the_hard_max_gradient():
