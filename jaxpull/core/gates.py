@@ -538,34 +538,6 @@ def window_values(x: jax.Array, window: int, stride: int, padding: int, ceil_mod
     return jnp.stack(lowering.shifted_views(x, (window, window), stride, pads), axis=-1)
 
 
-def soft_max_pool(
-    x: jax.Array,
-    t: jax.Array,
-    window: int,
-    stride: int,
-    padding: int,
-    pool_weights: str = "soft",
-    ceil_mode: bool = False,
-) -> jax.Array:
-    """Softmax pooling: per window, ``sum(softmax(v / t) * v)`` over zero-padded windows.
-
-    Args:
-      x: ``(N, H, W, C)``.
-      t: the pool temperature tp (scalar).
-      pool_weights: ``"soft"`` differentiates the weights, ``"detached"`` holds them constant.
-      ceil_mode: the hard max-pool's ceil-mode windows, zero-filled past the edge.
-    Returns:
-      ``(N, Ho, Wo, C)``.
-    """
-    v = window_values(x, window, stride, padding, ceil_mode)
-    w = jax.nn.softmax(v / _safe_temperature(t, v.dtype), axis=-1)
-    if pool_weights == "detached":
-        w = lax.stop_gradient(w)
-    elif pool_weights != "soft":
-        raise ValueError(f"unknown pool_weights {pool_weights!r}: use one of {', '.join(POOL_WEIGHTS)}")
-    return jnp.sum(w * v, axis=-1)
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5, 6))
 def _surrogate_max_pool(x, t, window, stride, padding, pool_weights, ceil_mode):
     return hard_max_pool(x, window, stride, padding, ceil_mode)
