@@ -42,11 +42,25 @@ def pytest_configure(config):
 # whose execution outweighs their compiling (measured slower at -O0 in a full run: the evaluate
 # report +16 s, integrated gradients +11 s, the sweep +5 s), the real-weights parity of
 # test_real_model.py, and every command run as a subprocess.
+#
+# The flag is not part of the key of jit's in-memory cache (it is a compile option, not trace
+# context): a function compiled at one level is reused at the other. So whenever the level changes
+# from one test to the next, JAX's caches are cleared (the models stay); otherwise a quick test
+# comparing two functions could compare one compiled at -O0 with one an earlier test compiled at
+# the default level, and a default-level test could run an executable compiled at -O0. The
+# persistent cache is keyed by the compile options, flag included, so it keeps both.
+_LAST_EFFORT = {"quick": False}
+
+
 @pytest.fixture(autouse=True)
 def _codegen_effort(request):
     import jax
 
-    if not request.node.get_closest_marker("quick_compile"):
+    quick = request.node.get_closest_marker("quick_compile") is not None
+    if quick != _LAST_EFFORT["quick"]:
+        jax.clear_caches()
+        _LAST_EFFORT["quick"] = quick
+    if not quick:
         yield
         return
     jax.config.update("jax_disable_most_optimizations", True)
