@@ -224,8 +224,8 @@ def main() -> None:
         tm = torchvision.models.get_model(args.arch).eval()
     model32 = jaxpull_convert.from_torch_module(args.arch, tm)
     model = model32.astype(args.dtype)
-    gating = jaxpull.make_gating(rules=args.rules)
-    gated = R.gated_like(tm, gating).to(device)
+    rules = jaxpull.resolve(args.rules)
+    gated = R.gated(tm, rules).to(device)
     for p in gated.parameters():
         p.requires_grad_(False)
     rng = np.random.default_rng(0)
@@ -287,7 +287,7 @@ def main() -> None:
         for k in [int(v) for v in args.ks.split(",")]:
             labels = np.arange(k) % 1000
             chunk = min(k, args.chunk)
-            per = cost(pullback.pullback_core, model, jnp.asarray(x1), jnp.asarray(labels[None, :chunk]), gating) * (
+            per = cost(pullback.pullback_core, model, jnp.asarray(x1), jnp.asarray(labels[None, :chunk]), rules) * (
                 k / chunk
             )
             if k <= args.chunk:
@@ -297,7 +297,7 @@ def main() -> None:
                     model,
                     x1,
                     labels,
-                    [float(gating.temperature)],
+                    [float(rules.relu.temperature)],
                     rules=args.rules,
                     chunk_size=args.chunk,
                     progress=False,
@@ -322,14 +322,14 @@ def main() -> None:
             model,
             jnp.asarray(x5),
             jnp.asarray(np.tile(targets, (5, 1))),
-            gating,
-            jaxpull.make_ascent(steps=1, rules=args.rules),
+            rules,
+            jaxpull.resolve_ascent(args.rules, steps=1),
         )
         per_step = cost(pullback.ascent_core, *args_b)
         row(
             "b) ascent 5 steps, 5 images x 10 labels",
             lambda: jaxpull.ascent(model, x5, targets, rules=args.rules),
-            lambda: R.ascent(gated, xt, tt, eps=jaxpull.make_ascent(rules=args.rules).eps),
+            lambda: R.ascent(gated, xt, tt, eps=jaxpull.resolve_ascent(args.rules).eps),
             5 * per_step,
         )
     if "c" in args.cases:
@@ -337,7 +337,9 @@ def main() -> None:
         # the model and image are arguments, not closed-over constants (XLA would constant-fold them)
         swept_fn = jax.jit(
             jax.vmap(
-                lambda t, m, x: pullback.pullback_core(m, x, jnp.asarray([[207]]), jaxpull.make_gating(t)),
+                lambda t, m, x: pullback.pullback_core(
+                    m, x, jnp.asarray([[207]]), jaxpull.resolve(args.rules, temperature=t, pool_temperature=t)
+                ),
                 in_axes=(0, None, None),
             )
         )

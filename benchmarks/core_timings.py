@@ -23,12 +23,12 @@ from bench_vs_torch import timed  # noqa: E402
 
 
 @jax.jit
-def separate_gradients(model, x, targets, gating):
+def separate_gradients(model, x, targets, rules):
     """K gradients, each with its own forward: ``(N, H, W, 3)``, ``(N, K)`` -> ``(N, K, H, W, 3)``."""
 
     def one_target(t):  # t: (N,)
         def selected(x):
-            logits = model.apply(x, gating)
+            logits = model.apply(x, rules)
             return jnp.sum(jnp.take_along_axis(logits, t[:, None], axis=1))
 
         return jax.grad(selected)(x)
@@ -55,12 +55,12 @@ def main() -> None:
     print(f"{args.arch} {args.size}x{args.size}, jax {jax.__version__}, {jax.devices()[0].platform}")
     first, run, _ = timed(lambda: jaxpull.ascent(model, x, [1], steps=5), repeats=3)
     print(f"ascent 5 steps, 1 image x 1 target: first call (compile + run) {first:.2f}s, run {run:.2f}s")
-    gating = jaxpull.make_gating()
+    rules = jaxpull.resolve()
     for k in [int(v) for v in args.ks.split(",")]:
         targets = np.arange(k)
         ways = {
             "shared": lambda: jaxpull.pullback(model, x, targets),
-            "separate": lambda: separate_gradients(model, jnp.asarray(x), jnp.asarray(targets[None]), gating),
+            "separate": lambda: separate_gradients(model, jnp.asarray(x), jnp.asarray(targets[None]), rules),
         }
         for name, fn in ways.items():
             first, run, _ = timed(fn, repeats=3)

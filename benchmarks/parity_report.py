@@ -41,8 +41,8 @@ def main() -> None:
         with torch.no_grad():
             ref = tm(R.normalize(xt)).numpy()
         logit = np.abs(np.asarray(model(x)) - ref).max() / max(1.0, np.abs(ref).max())
-        soft = map_errors(jaxpull.pullback(model, x, targets), R.pullback(R.gated(tm, 0.3), xt, tt))
-        hard = map_errors(jaxpull.pullback(model, x, targets, temperature=None), R.pullback(tm, xt, tt))
+        soft = map_errors(jaxpull.pullback(model, x, targets), R.pullback(R.gated(tm), xt, tt))
+        hard = map_errors(jaxpull.pullback(model, x, targets, rules="vanilla"), R.pullback(tm, xt, tt))
         print(f"| {arch} | {logit:.1e} | {soft[0]:.7f}, {soft[1]:.1e} | {hard[0]:.7f}, {hard[1]:.1e} |", flush=True)
 
 

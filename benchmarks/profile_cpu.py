@@ -230,7 +230,7 @@ def whole_network(arch: str, size: int, k: int, batch: int, modes: Sequence[str]
 
     torch.manual_seed(0)
     model = jaxpull_convert.from_torch_module(arch, torchvision.models.get_model(arch).eval())
-    gating = jaxpull.make_gating()
+    rules = jaxpull.resolve()
     rng = np.random.default_rng(0)
     cases = {
         "vjp": (
@@ -240,7 +240,7 @@ def whole_network(arch: str, size: int, k: int, batch: int, modes: Sequence[str]
                 model,
                 jnp.asarray(rng.uniform(-1, 1, (1, size, size, 3)), jnp.float32),
                 jnp.arange(k)[None] % 1000,
-                gating,
+                rules,
             ),
         ),
         "fwdbwd": (
@@ -250,8 +250,8 @@ def whole_network(arch: str, size: int, k: int, batch: int, modes: Sequence[str]
                 model,
                 jnp.asarray(rng.uniform(-1, 1, (batch, size, size, 3)), jnp.float32),
                 jnp.arange(batch)[:, None] * 19 % 1000,
-                gating,
-                jaxpull.make_ascent(steps=1),
+                rules,
+                jaxpull.resolve_ascent(steps=1),
             ),
         ),
     }

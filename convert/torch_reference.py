@@ -1,4 +1,4 @@
-"""A PyTorch implementation of the method, written from METHOD.md, to test jaxpull against.
+"""A PyTorch implementation of the method, written from docs/method.md, to test jaxpull against.
 
 Library code for the tests and the benchmarks (``from jaxpull_convert import torch_reference``);
 it needs torch. Not used to compute explanations.
@@ -11,7 +11,7 @@ far as torch's last windows reach). torchvision DenseNet's functional ReLU after
 ``features`` is gated too (jaxpull gates every ReLU), by running its forward by hand; so are
 GoogLeNet's and Inception-v3's functional ReLUs and Inception-v3's functional max-pools.
 
-The current version's rules (METHOD.md, "Semantic pullbacks"): ``nn.GELU`` and ``nn.SiLU``
+The current version's rules (docs/method.md, "The rules"): ``nn.GELU`` and ``nn.SiLU``
 swapped for gated forms, ``nn.LayerNorm`` (and ConvNeXt's ``LayerNorm2d``, a subclass) for one
 with detached statistics, ``nn.MultiheadAttention`` (ViT) for a hand-written attention with the
 tempered or value-only rule. Architectures whose attention is functional (Swin's
@@ -62,6 +62,33 @@ class GatedReLU(nn.Module):
 
     def forward(self, z):
         return GatedReLUFunction.apply(z, self.t, self.gate, self.six)
+
+
+class GuidedReLUFunction(torch.autograd.Function):
+    """ReLU (ReLU6) forward; backward Guided Backprop's ``g * 1[z > 0] * 1[g > 0]`` (and ``1[z < 6]``)."""
+
+    @staticmethod
+    def forward(ctx, z, six):
+        ctx.save_for_backward(z)
+        ctx.six = six
+        return z.clamp(0, 6) if six else F.relu(z)
+
+    @staticmethod
+    def backward(ctx, g):
+        (z,) = ctx.saved_tensors
+        keep = (z > 0) & (g > 0)
+        if ctx.six:
+            keep = keep & (z < 6)
+        return g * keep, None
+
+
+class GuidedReLU(nn.Module):
+    def __init__(self, six: bool = False):
+        super().__init__()
+        self.six = six
+
+    def forward(self, z):
+        return GuidedReLUFunction.apply(z, self.six)
 
 
 class GatedHardswishFunction(torch.autograd.Function):
@@ -228,95 +255,114 @@ class SurrogateMaxPool(nn.Module):
         return hard.detach() + (soft - soft.detach())
 
 
-# Patches for functional operations of a family, by the model's class name:
-# ``patch(model, rules)`` with ``rules`` the keyword settings of :func:`gated`.
+# Patches for functional operations of a family, by the model's class name: ``patch(model, rules)``
+# with ``rules`` a jaxpull ``Rules``.
 FAMILY_PATCHES = {}
 
 
-def gated(
-    model: nn.Module,
-    t: float,
-    tp: Optional[float] = None,
-    gate: str = "sigmoid",
-    detached: bool = False,
-    th: Optional[float] = None,
-    *,
-    gelu_t: Optional[float] = None,
-    silu_t: Optional[float] = None,
-    layer_norm: str = "plain",
-    attention: str = "plain",
-    attention_t: Optional[float] = None,
-) -> nn.Module:
-    """A copy of ``model`` with every ReLU, ReLU6, Hardswish and max-pool module swapped for its
-    gated form (``tp``: pool temperature, ``th``: Hardswish temperature; None means ``t``), and
-    GELU / SiLU (``gelu_t`` / ``silu_t``; None: plain), LayerNorm (``layer_norm="detached"``) and
-    attention (``attention`` "tempered" at ``attention_t``, or "value_only") given their rules."""
+def relu_module(rule, six: bool = False) -> Optional[nn.Module]:
+    """The torch module of a jaxpull ReLU rule (None: the plain derivative, keep torch's own)."""
+    if rule.mode == "gate":
+        return GatedReLU(float(rule.temperature), rule.gate, six=six)
+    if rule.mode == "guided":
+        return GuidedReLU(six=six)
+    return None
+
+
+def max_pool_module(rule, pool: nn.MaxPool2d) -> Optional[nn.Module]:
+    """The torch module of a jaxpull max-pool rule around ``pool`` (None: keep it)."""
+    if rule.mode == "plain":
+        return None
+    return SurrogateMaxPool(pool, float(rule.temperature), detached=rule.mode == "detached")
+
+
+def _swap_relu(child, rule):
+    if isinstance(child, nn.ReLU6):
+        return relu_module(rule, six=True)
+    if isinstance(child, nn.ReLU):
+        return relu_module(rule)
+    return None
+
+
+def _swap_max_pool(child, rule):
+    return max_pool_module(rule, child) if isinstance(child, nn.MaxPool2d) else None
+
+
+def _swap_hardswish(child, rule):
+    return GatedHardswish(float(rule.temperature)) if isinstance(child, nn.Hardswish) and rule.mode == "gate" else None
+
+
+def _swap_gelu(child, rule):
+    if isinstance(child, nn.GELU) and rule.mode == "gate":
+        return GatedGELU(float(rule.temperature), child.approximate)
+    return None
+
+
+def _swap_silu(child, rule):
+    return GatedSiLU(float(rule.temperature)) if isinstance(child, nn.SiLU) and rule.mode == "gate" else None
+
+
+def _swap_layer_norm(child, rule):
+    return DetachedLayerNorm(child) if isinstance(child, nn.LayerNorm) and rule.mode == "detached" else None
+
+
+def _swap_attention(child, rule):
+    if isinstance(child, nn.MultiheadAttention) and rule.mode != "plain":
+        return RuledMultiheadAttention(child, rule.mode, float(rule.temperature))
+    return None
+
+
+def _swap_sr_attention(child, rule):
+    """PVT-v2's spatial-reduction attention (timm's ``pvt_v2.Attention``): none in torchvision's zoo."""
+    return None
+
+
+# The torch counterpart of every jaxpull rule (a field of ``jaxpull.Rules``): ``swap(child, rule)``
+# returns the module that replaces ``child`` under ``rule``, or None to keep it. Functional operations
+# (DenseNet's and the Inceptions' ReLUs and max-pools, Swin's and MaxViT's attention) are patched by
+# ``_gate_functional_inception`` and ``FAMILY_PATCHES``. tests/test_rules.py checks that every rule
+# field has an entry here.
+SWAPS = {
+    "relu": _swap_relu,
+    "max_pool": _swap_max_pool,
+    "hardswish": _swap_hardswish,
+    "gelu": _swap_gelu,
+    "silu": _swap_silu,
+    "layer_norm": _swap_layer_norm,
+    "attention": _swap_attention,
+    "sr_attention": _swap_sr_attention,
+}
+
+
+def gated(model: nn.Module, rules="excitation", **overrides) -> nn.Module:
+    """A copy of ``model`` whose backward pass follows jaxpull's ``rules`` (a ``jaxpull.Rules`` or a
+    preset's name, with flat overrides as ``jaxpull.pullback`` takes them, concrete numbers): every
+    module one of :data:`SWAPS` claims is replaced, the forward unchanged; functional operations are
+    patched."""
+    from jaxpull.core.settings import resolve
+
+    rules = resolve(rules, **overrides)
     model = copy.deepcopy(model)
-    tp = t if tp is None else tp
-    th = t if th is None else th
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if isinstance(child, nn.GELU) and gelu_t is not None:
-                setattr(parent, name, GatedGELU(gelu_t, child.approximate))
-            elif isinstance(child, nn.SiLU) and silu_t is not None:
-                setattr(parent, name, GatedSiLU(silu_t))
-            elif isinstance(child, nn.LayerNorm) and layer_norm == "detached":
-                setattr(parent, name, DetachedLayerNorm(child))
-            elif isinstance(child, nn.MultiheadAttention) and attention != "plain":
-                setattr(parent, name, RuledMultiheadAttention(child, attention, attention_t))
-            elif isinstance(child, nn.ReLU6):
-                setattr(parent, name, GatedReLU(t, gate, six=True))
-            elif isinstance(child, nn.ReLU):
-                setattr(parent, name, GatedReLU(t, gate))
-            elif isinstance(child, nn.MaxPool2d):
-                setattr(parent, name, SurrogateMaxPool(child, tp, detached))
-            elif isinstance(child, nn.Hardswish):
-                setattr(parent, name, GatedHardswish(th))
+            for field, swap in SWAPS.items():
+                new = swap(child, getattr(rules, field))
+                if new is not None:
+                    setattr(parent, name, new)
+                    break
     if type(model).__name__ == "DenseNet":
-        relu = GatedReLU(t, gate)
+        relu = relu_module(rules.relu) or nn.ReLU()
 
         def forward(x, model=model):
             out = relu(model.features(x))
             return model.classifier(torch.flatten(F.adaptive_avg_pool2d(out, 1), 1))
 
         model.forward = forward
-    _gate_functional_inception(model, t, tp, gate, detached)
+    _gate_functional_inception(model, rules)
     patch = FAMILY_PATCHES.get(type(model).__name__)
     if patch is not None:
-        patch(
-            model,
-            dict(
-                t=t,
-                tp=tp,
-                gate=gate,
-                detached=detached,
-                th=th,
-                gelu_t=gelu_t,
-                silu_t=silu_t,
-                layer_norm=layer_norm,
-                attention=attention,
-                attention_t=attention_t,
-            ),
-        )
+        patch(model, rules)
     return model
-
-
-def gated_like(model: nn.Module, gating) -> nn.Module:
-    """:func:`gated` with the settings of a jaxpull ``Gating`` (concrete temperatures)."""
-    f = lambda v: None if v is None else float(v)
-    return gated(
-        model,
-        f(gating.temperature),
-        f(gating.pool_temperature),
-        gating.gate,
-        gating.pool_weights == "detached",
-        f(gating.hardswish_temperature),
-        gelu_t=f(gating.gelu_temperature),
-        silu_t=f(gating.silu_temperature),
-        layer_norm=gating.layer_norm,
-        attention=gating.attention,
-        attention_t=f(gating.attention_temperature),
-    )
 
 
 def _basic_conv(m, relu, x):
@@ -334,16 +380,17 @@ def _inception_d(m, pool, x):
     return [b3, b7, pool(x)]
 
 
-def _gate_functional_inception(model, t, tp, gate, detached) -> None:
+def _gate_functional_inception(model, rules) -> None:
     """torchvision's GoogLeNet and Inception-v3 apply every ReLU functionally (``F.relu`` in
     ``BasicConv2d``), and Inception-v3's InceptionB/D their 3x3/2 max-pool (``F.max_pool2d``):
     gate those by hand too (jaxpull gates every ReLU and max-pool), their forward unchanged."""
+    relu = relu_module(rules.relu)
+    pool = max_pool_module(rules.max_pool, nn.MaxPool2d(3, 2))
     for m in model.modules():
         kind = type(m).__name__
-        if kind == "BasicConv2d":
-            m.forward = functools.partial(_basic_conv, m, GatedReLU(t, gate))
-        elif kind in ("InceptionB", "InceptionD"):
-            pool = SurrogateMaxPool(nn.MaxPool2d(3, 2), tp, detached)
+        if kind == "BasicConv2d" and relu is not None:
+            m.forward = functools.partial(_basic_conv, m, relu)
+        elif kind in ("InceptionB", "InceptionD") and pool is not None:
             m._forward = functools.partial(_inception_b if kind == "InceptionB" else _inception_d, m, pool)
 
 
@@ -432,11 +479,12 @@ def _maxvit_attention(m, attention: str, t: Optional[float], x):
 def _patch_maxvit(model, rules) -> None:
     """MaxViT's attention is functional (``F.softmax`` in ``RelativePositionalMultiHeadAttention``;
     the paper's module swap leaves it plain): give it the attention rule, forward unchanged."""
-    if rules["attention"] == "plain":
+    rule = rules.attention
+    if rule.mode == "plain":
         return
     for m in model.modules():
         if type(m).__name__ == "RelativePositionalMultiHeadAttention":
-            m.forward = functools.partial(_maxvit_attention, m, rules["attention"], rules["attention_t"])
+            m.forward = functools.partial(_maxvit_attention, m, rule.mode, float(rule.temperature))
 
 
 FAMILY_PATCHES["MaxVit"] = _patch_maxvit
@@ -517,11 +565,12 @@ def _swin_attention(m, attention: str, t: Optional[float], x):
 def _patch_swin(model, rules) -> None:
     """torchvision's Swin computes its window attention functionally (``shifted_window_attention``,
     ``F.softmax``), which a module swap misses: give each ``ShiftedWindowAttention(V2)`` the rule."""
-    if rules["attention"] == "plain":
+    rule = rules.attention
+    if rule.mode == "plain":
         return
     for m in model.modules():
         if type(m).__name__ in ("ShiftedWindowAttention", "ShiftedWindowAttentionV2"):
-            m.forward = functools.partial(_swin_attention, m, rules["attention"], rules["attention_t"])
+            m.forward = functools.partial(_swin_attention, m, rule.mode, float(rule.temperature))
 
 
 FAMILY_PATCHES["SwinTransformer"] = _patch_swin

@@ -1,30 +1,36 @@
-"""jaxpull: excitation pullbacks for ReLU networks in JAX.
+"""jaxpull: excitation and semantic pullbacks in JAX.
 
 Convert a torchvision model once (``jaxpull convert``), then::
 
     model = jaxpull.load("weights/resnet50.safetensors")
-    logits = model(x)                                   # x: (N, H, W, 3) in [-1, 1]
-    maps = jaxpull.pullback(model, x, targets=[207, 1])  # (N, K, H, W, 3)
-    xs = jaxpull.ascent(model, x, targets=[207, 1])      # (N, K, H, W, 3)
-    logits, maps = jaxpull.compare(model, x, [207, 1])   # {"excitation": ..., "semantic": ..., "vanilla gradient": ...}
+    logits = model(x)                                        # x: (N, H, W, 3) in [-1, 1]
+    maps = jaxpull.pullback(model, x, targets=[207, 1])      # (N, K, H, W, 3), rules="excitation"
+    maps = jaxpull.pullback(model, x, [207], rules="semantic", temperature=0.4)  # a preset, overridden
+    xs = jaxpull.ascent(model, x, targets=[207, 1])          # (N, K, H, W, 3)
+    logits, maps = jaxpull.compare(model, x, [207, 1])       # {"excitation": ..., "semantic": ..., "vanilla gradient": ...}
+
+The backward rules are data (:class:`jaxpull.Rules`, one rule object per layer kind, in
+``jaxpull.rules``); the named presets and their ascent settings are :data:`jaxpull.PRESETS`.
 """
 
-from jaxpull.core.pullback import Comparison, ascent, compare, pullback
-from jaxpull.core.gates import Gating
-from jaxpull.files.model_file import ModelFileError, load, save
+from jaxpull.core import rules
 from jaxpull.core.model import Model, ModelSpec
-from jaxpull.core.settings import PRESETS, Ascent, make_ascent, make_gating
+from jaxpull.core.pullback import Comparison, ascent, compare, pullback
+from jaxpull.core.rules import Rules
+from jaxpull.core.settings import PRESETS, Ascent, resolve, resolve_ascent
+from jaxpull.files.model_file import ModelFileError, load, save
 
 __all__ = [
     "ascent",
     "pullback",
     "compare",
     "Comparison",
-    "make_gating",
-    "make_ascent",
+    "Rules",
+    "rules",
     "Ascent",
     "PRESETS",
-    "Gating",
+    "resolve",
+    "resolve_ascent",
     "load",
     "save",
     "Model",

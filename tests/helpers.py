@@ -43,7 +43,7 @@ class Parity(NamedTuple):
 PARITY_METHODS = {
     "excitation": dict(rules="excitation"),
     "semantic": dict(rules="semantic"),
-    "vanilla": dict(temperature=None),
+    "vanilla": dict(rules="vanilla"),
 }
 
 
@@ -57,7 +57,7 @@ def measure_parity(
       compiled function), for ``targets`` followed by each image's two largest logits;
     * ``methods`` (default ``PARITY_METHODS``): name -> ``jaxpull.pullback`` keywords. The
       reference of a gated method is the torch model gated the same way
-      (``torch_reference.gated_like``); of the vanilla gradient (``temperature=None``), torch
+      (``torch_reference.gated``); of the vanilla gradient (``rules="vanilla"``), torch
       autograd in float64, or with ``vanilla_float64=False`` in float32: hard gates are
       discontinuous, and float32 rounding can flip one, in torch's float32 model alone
       (test_parity_mobile.py) or in it and jaxpull alike (test_parity_more.py);
@@ -72,7 +72,7 @@ def measure_parity(
     import torch
 
     import jaxpull
-    from jaxpull.core.settings import make_ascent, make_gating
+    from jaxpull.core.settings import resolve, resolve_both
     from jaxpull_convert import torch_reference as R
 
     methods = dict(PARITY_METHODS if methods is None else methods)
@@ -87,27 +87,27 @@ def measure_parity(
     maps = {k: as_np(v) for k, v in got.maps.items()}
     errors = {"logits": float(np.abs(as_np(got.logits) - ref_logits).max() / max(1.0, np.abs(ref_logits).max()))}
     for name, kw in methods.items():
-        if kw.get("temperature", 0) is None and vanilla_float64:
+        vanilla = resolve(**kw) == resolve("vanilla")
+        if vanilla and vanilla_float64:
             ref = R.pullback(copy.deepcopy(tm).double(), xt.double(), tt, norm=lambda a: norm(a).double())
-        elif kw.get("temperature", 0) is None:
+        elif vanilla:
             ref = R.pullback(tm, xt, tt, norm=norm)
         else:
-            ref = R.pullback(R.gated_like(tm, make_gating(**kw)), xt, tt, norm=norm)
+            ref = R.pullback(R.gated(tm, **kw), xt, tt, norm=norm)
         assert maps[name].shape == labels.shape + x.shape[1:]
         errors[name] = map_errors(maps[name], ref)
     if ascent_labels:
         kw = next(iter(methods.values()))
-        rules = kw.get("rules", "excitation")
-        a = make_ascent(rules=rules)
+        _, a = resolve_both(kw.get("rules", "excitation"))
         got = as_np(jaxpull.ascent(model, x, targets[:, :ascent_labels], output="diff", **kw))
         ref = R.ascent(
-            R.gated_like(tm, make_gating(**kw)),
+            R.gated(tm, **kw),
             xt,
             torch.from_numpy(targets[:, :ascent_labels]),
             steps=a.steps,
             alpha=a.alpha,
             eps=a.eps,
-            clip=a.clip,
+            clip=a.clip == "every",
             margin=a.margin,
             norm=norm,
         )

@@ -35,10 +35,10 @@ def test_per_example_results_equal_each_example_alone(model):
 
 def test_shared_forward_equals_separate_gradients(model):
     shared = jaxpull.pullback(model, X, T)
-    gating = jaxpull.make_gating()
+    rules = jaxpull.resolve()
     # one gradient per target column, each with its own forward (jitted: op by op, it compiled
     # each of its ~250 operations on its own)
-    grad = jax.jit(jax.grad(lambda x, m, t: jnp.sum(jnp.take_along_axis(m.apply(x, gating), t, axis=1))))
+    grad = jax.jit(jax.grad(lambda x, m, t: jnp.sum(jnp.take_along_axis(m.apply(x, rules), t, axis=1))))
     for k in range(T.shape[1]):
         separate = grad(X, model, T[:, k : k + 1])
         np.testing.assert_allclose(shared[:, k], separate, rtol=1e-5, atol=1e-6)
@@ -77,7 +77,7 @@ def test_compare_equals_one_pullback_per_method_and_compiles_once(model):
     methods = {
         "cold": dict(temperature=0.1),
         "warm": dict(rules="semantic", temperature=2.0),
-        "plain": dict(temperature=None),
+        "plain": "vanilla",
     }
     again = jaxpull.compare(model, X, T[:, ::-1], methods)
     assert pullback.compare_core._cache_size() == before and list(again.maps) == ["cold", "warm", "plain"]
@@ -90,9 +90,10 @@ def test_compare_equals_one_pullback_per_method_and_compiles_once(model):
     [
         ({}, r"methods must be a non-empty dict"),
         ([("a", {})], r"methods must be a non-empty dict"),
-        ({"a": 0.3}, r"method 'a': give a dict of rules and gate settings"),
-        ({"a": dict(steps=3)}, r"method 'a': unknown setting\(s\) steps: use rules, temperature"),
+        ({"a": 0.3}, r"method 'a': give a jaxpull.Rules, a preset name or a dict of rules and settings"),
+        ({"a": dict(steps=3)}, r"method 'a': unknown setting\(s\) steps: use relu, temperature"),
         ({"a": dict(rules="excitatio")}, r"method 'a': unknown rules 'excitatio': use one of excitation, semantic"),
+        ({"a": "excitatio"}, r"method 'a': unknown rules 'excitatio'"),
         ({"a": dict(temperature=-1.0)}, r"method 'a': temperature"),
     ],
 )
@@ -111,9 +112,10 @@ def test_vmap_over_temperatures_through_the_public_api(model):
 
 
 def test_small_temperature_approaches_vanilla_and_is_finite(model):
-    vanilla = np.asarray(jaxpull.pullback(model, X[:1], [3], temperature=None))
+    """The ReLU and max-pool temperatures to 0 (each rule has its own) give the exact gradient."""
+    vanilla = np.asarray(jaxpull.pullback(model, X[:1], [3], rules="vanilla"))
     for t in (1e-6, 1e-20, 1e-45):
-        soft = np.asarray(jaxpull.pullback(model, X[:1], [3], temperature=t))
+        soft = np.asarray(jaxpull.pullback(model, X[:1], [3], temperature=t, pool_temperature=t))
         assert np.all(np.isfinite(soft))
     cos = np.sum(soft * vanilla) / np.linalg.norm(soft) / np.linalg.norm(vanilla)
     assert cos > 0.9999
@@ -168,12 +170,13 @@ def test_loading_and_pullbacks_do_not_import_torch(model, tmp_path):
         (X, [[1]] * 2, {}, r"shape \(K,\) or \(N, K\)"),
         (X, [], {}, "empty"),
         (X, [1.5], {}, "integer"),
-        (X, [1], dict(temperature=0.0), "temperature must be positive"),
-        (X, [1], dict(temperature=-1.0), "temperature must be positive"),
-        (X, [1], dict(pool_temperature=float("nan")), "pool_temperature must be positive"),
+        (X, [1], dict(temperature=0.0), "temperature must be a positive number"),
+        (X, [1], dict(temperature=-1.0), "temperature must be a positive number"),
+        (X, [1], dict(pool_temperature=float("nan")), "pool_temperature must be a positive number"),
         (X, [1], dict(gate="tanh"), "unknown gate"),
-        (X, [1], dict(pool_weights="hard"), "unknown pool_weights"),
-        (X, [1], dict(temperature=None, pool_temperature=0.3), "pool_temperature needs a temperature"),
+        (X, [1], dict(max_pool="hard"), "unknown max_pool 'hard'"),
+        (X, [1], dict(temperature=[0.3, 0.6]), r"temperature.*jax.vmap"),
+        (X, [1], dict(steps=3), r"unknown setting\(s\) steps"),
     ],
 )
 def test_bad_input_is_a_clear_error(model, x, targets, kwargs, message):

@@ -494,10 +494,10 @@ def test_cli_settings_messages_use_the_cli_spelling(model_file, tmp_path):
     Image.new("RGB", (40, 40)).save(tmp_path / "ok.png")
     err = cli_error(
         ["explain", tmp_path / "ok.png", "--model", model_file, "-o", tmp_path / "o.png", "--temperature", "0"],
-        "--temperature",
-        "--method vanilla",
+        "--temperature must be a positive number",
+        "--relu plain",
     )
-    assert "temperature=None" not in err
+    assert "relu='plain'" not in err
     cli_error(
         ["sweep", tmp_path / "ok.png", "--model", model_file, "--out", tmp_path / "s", "--temperatures", "0.3,abc"],
         "'abc' is not a number",

@@ -161,7 +161,8 @@ def test_explain_bad_input(model_file, photo_files, tmp_path):
     assert_one_line_error(run_in_process("explain", photo_files[0], *base, "--targets", "not a class"), "not a class")
     assert_one_line_error(run_in_process("explain", photo_files[0], *base, "--targets", "1000"), "out of range")
     assert_one_line_error(
-        run_in_process("explain", photo_files[0], *base, "--temperature", "-1"), "temperature must be positive"
+        run_in_process("explain", photo_files[0], *base, "--temperature", "-1"),
+        "--temperature must be a positive number",
     )
     assert_one_line_error(
         run_in_process("explain", photo_files[0], "--model", model_file, "-o", tmp_path / "no" / "f.png"),
@@ -246,8 +247,8 @@ def test_sweep_command(model_file, photo_files, tmp_path):
 
 
 def test_semantic_rule_flags(model_file, photo_files, tmp_path):
-    """--gelu-temperature, --silu-temperature, --layer-norm, --attention, --attention-temperature:
-    preset defaults, resolved and recorded with the arrays; bad values are one-line errors."""
+    """--gelu-temperature, --silu, --layer-norm, --attention: preset defaults, resolved and recorded
+    with the arrays (every setting); bad values are one-line errors in the flags' spelling."""
     arrays = tmp_path / "raw.npz"
     proc = run(
         "explain",
@@ -264,8 +265,8 @@ def test_semantic_rule_flags(model_file, photo_files, tmp_path):
         "semantic",
         "--gelu-temperature",
         0.5,
-        "--silu-temperature",
-        "none",
+        "--silu",
+        "plain",
         "--layer-norm",
         "plain",
         "--attention",
@@ -277,17 +278,17 @@ def test_semantic_rule_flags(model_file, photo_files, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     data = np.load(arrays)
-    assert float(data["gelu_temperature"]) == 0.5 and np.isnan(data["silu_temperature"])
-    assert np.isnan(data["attention_temperature"]) and float(data["temperature"]) == np.float32(0.6)  # value_only: no t
+    assert float(data["gelu_temperature"]) == 0.5 and str(data["silu"]) == "plain" and str(data["gelu"]) == "gate"
+    assert str(data["attention"]) == "value_only" and str(data["layer_norm"]) == "plain"
+    assert float(data["temperature"]) == 0.6 and float(data["silu_temperature"]) == 1.6  # the preset's
     base = [photo_files[0], "--model", model_file, "-o", tmp_path / "bad.png"]
     assert_one_line_error(run("explain", *base, "--layer-norm", "frozen"), "--layer-norm", "invalid choice: 'frozen'")
     assert_one_line_error(
-        run("explain", *base, "--attention", "plain", "--attention-temperature", 0.5),
-        'attention_temperature applies to attention="tempered"',
+        run("explain", *base, "--silu-temperature", "none"), "--silu-temperature", "'none' is not a number"
     )
     assert_one_line_error(
         run("sweep", photo_files[0], "--model", model_file, "--gelu-temperature", "-1", "--out", tmp_path / "s"),
-        "gelu_temperature must be positive",
+        "--gelu-temperature must be a positive number up to 3.4e+38, got -1 (for the exact derivative use --gelu plain)",
     )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fig.png", "raw.npz"]
 

@@ -136,7 +136,7 @@ def test_evaluate_command_bad_input(model_file, class_folder, tmp_path):
             ["--images", class_folder / "n01" / "chelsea.png", class_folder / "n02" / "coffee.png"],
             "at least 3 distinct classes",
         ),
-        (["--images", class_folder, "--temperature", "-1"], "--temperature must be positive"),
+        (["--images", class_folder, "--temperature", "-1"], "--temperature must be a positive number"),
     ]
     for i, (args, fragment) in enumerate(cases):  # the first as a real process, the others in this one
         proc = (run if i == 0 else run_in_process)("evaluate", *args, *base)

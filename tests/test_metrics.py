@@ -22,7 +22,7 @@ class LinearModel:
 
     w: jax.Array
 
-    def apply(self, x, gating=None):
+    def apply(self, x, rules=None):
         return jnp.einsum("nhwc,khwc->nk", x, self.w)
 
 

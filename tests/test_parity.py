@@ -129,7 +129,7 @@ def test_every_family_is_covered(request):
 # The gate settings of each check, by name; every arch gets "paper", CORE "vanilla", FOLLOW_UP "follow-up".
 PAPER = dict(temperature=0.3)  # sigmoid gate, soft pool weights (tp = t)
 FOLLOW_UP = ["resnet18", "vgg11_bn", "densenet121"]
-FOLLOW_UP_GATES = dict(temperature=0.6, pool_temperature=0.2, gate="normal_cdf", pool_weights="detached")
+FOLLOW_UP_GATES = dict(temperature=0.6, pool_temperature=0.2, gate="normal_cdf", max_pool="detached")
 
 
 @functools.lru_cache(maxsize=None)  # a few hundred kB per arch
@@ -138,7 +138,7 @@ def compared(arch: str) -> dict:
     ``jaxpull.compare`` call (one compiled function, computed by whichever test asks first)."""
     methods = {"paper": PAPER}
     if arch in CORE:
-        methods["vanilla"] = dict(temperature=None)
+        methods["vanilla"] = dict(rules="vanilla")
     if arch in FOLLOW_UP:
         methods["follow-up"] = FOLLOW_UP_GATES
     got = jaxpull.compare(torch_and_jax(arch)[1], images(2, 64), TARGETS, methods)
@@ -153,7 +153,7 @@ def test_logits_and_pullback_match_torch(arch):
     xt = torch.from_numpy(x)
     with torch.no_grad():
         assert_logits_close(compared(arch)["logits"], tm(R.normalize(xt)))
-    ref = R.pullback(R.gated(tm, 0.3), xt, torch.from_numpy(TARGETS))
+    ref = R.pullback(R.gated(tm), xt, torch.from_numpy(TARGETS))
     assert compared(arch)["paper"].shape == (2, 2, 64, 64, 3)
     assert_maps_close(compared(arch)["paper"], ref)
 
@@ -170,7 +170,7 @@ def test_follow_up_variant_matches_torch(arch):
     """Normal-CDF gate (t=0.6), separate pool temperature 0.2, detached softmax weights."""
     tm = torch_and_jax(arch)[0]
     ref = R.pullback(
-        R.gated(tm, 0.6, 0.2, gate="normal_cdf", detached=True),
+        R.gated(tm, **FOLLOW_UP_GATES),
         torch.from_numpy(images(2, 64)),
         torch.from_numpy(TARGETS),
     )
@@ -185,7 +185,7 @@ def test_other_input_sizes(arch, size):
     with torch.no_grad():
         assert_logits_close(model(x), tm(R.normalize(torch.from_numpy(x))))
     got = jaxpull.pullback(model, x, TARGETS[:1])
-    ref = R.pullback(R.gated(tm, 0.3), torch.from_numpy(x), torch.from_numpy(TARGETS[:1]))
+    ref = R.pullback(R.gated(tm), torch.from_numpy(x), torch.from_numpy(TARGETS[:1]))
     assert_maps_close(got, ref)
 
 
@@ -195,7 +195,7 @@ def test_ascent_matches_torch_pga(arch):
     tm, model = torch_and_jax(arch)
     x = images(2, 64, seed=4)
     got = jaxpull.ascent(model, x, TARGETS)
-    ref = R.ascent(R.gated(tm, 0.3), torch.from_numpy(x), torch.from_numpy(TARGETS))
+    ref = R.ascent(R.gated(tm), torch.from_numpy(x), torch.from_numpy(TARGETS))
     assert_maps_close(np.asarray(got) - x[:, None], ref - torch.from_numpy(x)[:, None])
 
 
@@ -203,7 +203,7 @@ def test_ascent_matches_torch_pga(arch):
     "options",
     [
         dict(relative_alpha=True, alpha=0.05, eps=None),
-        dict(clip=False, eps=5.0, steps=3),
+        dict(clip="none", eps=5.0, steps=3),
         dict(margin=0.1, loss="cross_entropy", steps=3),
         dict(loss="self_explain", steps=2, alpha=5.0),
     ],
@@ -213,14 +213,15 @@ def test_ascent_options_match_torch(options):
     tm, model = torch_and_jax("resnet18")
     x = images(1, 64, seed=5)
     got = jaxpull.ascent(model, x, TARGETS[:1], **options)
-    ref = R.ascent(R.gated(tm, 0.3), torch.from_numpy(x), torch.from_numpy(TARGETS[:1]), **options)
+    torch_options = {**options, **({"clip": False} if options.get("clip") == "none" else {})}
+    ref = R.ascent(R.gated(tm), torch.from_numpy(x), torch.from_numpy(TARGETS[:1]), **torch_options)
     assert_maps_close(np.asarray(got) - x[:, None], ref - torch.from_numpy(x)[:, None])
 
 
 def test_vanilla_ascent_matches_torch():
     tm, model = torch_and_jax("resnet18")
     x = images(1, 64, seed=6)
-    got = jaxpull.ascent(model, x, TARGETS[:1], temperature=None, steps=3)
+    got = jaxpull.ascent(model, x, TARGETS[:1], rules="vanilla", steps=3)
     ref = R.ascent(tm, torch.from_numpy(x), torch.from_numpy(TARGETS[:1]), steps=3)
     # Hard gates make each step discontinuous in x: a float32 rounding difference that flips one
     # ReLU near z = 0 moves the next iterate slightly. Measured 1.5e-3 relative; cosine 0.9999995.

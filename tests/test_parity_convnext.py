@@ -43,7 +43,7 @@ from helpers import (
     measure_parity,
 )
 from jaxpull.files import model_file
-from jaxpull.core.gates import VANILLA
+from jaxpull.core.settings import VANILLA
 from jaxpull.core.model import ModelSpec
 from jaxpull.core.models import convnext
 from jaxpull_convert import torch_reference as R
@@ -112,7 +112,7 @@ def parity() -> Parity:
     """Both presets, the vanilla gradient and the semantic preset without its GELU rule, one
     compiled function (and the excitation ascent), measured once for the tests below (called
     inside them: compiled at their codegen effort)."""
-    methods = {**PARITY_METHODS, GELU_OFF: dict(rules="semantic", gelu_temperature=None)}
+    methods = {**PARITY_METHODS, GELU_OFF: dict(rules="semantic", gelu_rules="vanilla")}
     return measure_parity(*_small(), images(2, 72), TARGETS, methods, ascent_labels=1)
 
 

@@ -29,10 +29,10 @@ import jaxpull_convert
 from conftest import images, randomize_batchnorm
 from helpers import COSINE_MIN, PARITY_METHODS, REL_ERR_MAX, check_parity, map_errors
 from jaxpull.files import model_file
-from jaxpull.core.gates import VANILLA
+from jaxpull.core.settings import VANILLA
 from jaxpull.core.model import ModelSpec
 from jaxpull.core.models import maxvit
-from jaxpull.core.settings import make_gating
+from jaxpull.core.settings import resolve
 from jaxpull_convert import torch_reference as R
 from jaxpull_convert.state_dict import StateDict
 
@@ -74,22 +74,9 @@ def small_models():
     return tm, jaxpull_convert.from_torch_module("maxvit_t", tm)
 
 
-def reference(tm, x, gating=None, **rules):
-    """The torch reference's pullbacks of TARGETS under ``gating`` (or ``R.gated`` ``rules``)."""
-    ruled = R.gated_like(tm, gating) if gating is not None else R.gated(tm, 1.0, **rules)
-    return R.pullback(ruled, torch.from_numpy(x), torch.from_numpy(TARGETS))
-
-
-def _rules(gating) -> dict:
-    """``R.gated`` keywords of the GELU / SiLU / LayerNorm / attention rules of ``gating``."""
-    f = lambda v: None if v is None else float(v)
-    return dict(
-        gelu_t=f(gating.gelu_temperature),
-        silu_t=f(gating.silu_temperature),
-        layer_norm=gating.layer_norm,
-        attention=gating.attention,
-        attention_t=f(gating.attention_temperature),
-    )
+def reference(tm, x, rules):
+    """The torch reference's pullbacks of TARGETS under ``rules`` (a jaxpull ``Rules``)."""
+    return R.pullback(R.gated(tm, rules), torch.from_numpy(x), torch.from_numpy(TARGETS))
 
 
 def differs(got, ref):
@@ -139,7 +126,7 @@ def test_small_maxvit_parity():
     xt = R.normalize(torch.from_numpy(x))
     with torch.no_grad():
         plain = tm(xt)
-        patched = R.gated_like(tm, make_gating(rules="semantic", attention_temperature=2.0))(xt)
+        patched = R.gated(tm, "semantic", attention_temperature=2.0)(xt)
     assert plain.abs().max() > 0.3
     torch.testing.assert_close(patched, plain, rtol=1e-5, atol=1e-5)
 
@@ -154,18 +141,18 @@ def test_small_maxvit_parity():
     print("maxvit small parity:", parity.errors)
     maps = {k: v[:, : TARGETS.shape[1]] for k, v in parity.maps.items()}  # the columns of TARGETS
 
-    semantic = make_gating(rules="semantic")
+    semantic = resolve("semantic")
     got = maps["semantic"]
     # each rule acts: leaving any one out of the reference gives a map outside the tolerances
-    for left_out in (dict(gelu_t=None), dict(silu_t=None), dict(layer_norm="plain")):
-        ref = reference(tm, x, **{**_rules(semantic), **left_out})
+    for left_out in (dict(gelu="plain"), dict(silu="plain"), dict(layer_norm="plain")):
+        ref = reference(tm, x, semantic.replace(**left_out))
         print("maxvit small, the reference without", left_out, map_errors(got, ref))
         assert differs(got, ref), left_out
     assert differs(got, maps["vanilla"])
 
     # the tempered attention at t = 2 differs from the reference with plain attention
     got = maps["tempered t=2"]
-    ref = reference(tm, x, **{**_rules(semantic), "attention": "plain", "attention_t": None})
+    ref = reference(tm, x, semantic.replace(attention="plain"))
     print("maxvit small tempered t=2, the reference with plain attention:", map_errors(got, ref))
     assert differs(got, ref)
 

@@ -22,7 +22,7 @@ import jaxpull_convert
 from jaxpull_convert import torch_reference as R
 from conftest import images, torch_and_jax
 from helpers import REL_ERR_MAX, check_parity
-from jaxpull.core import gates
+from jaxpull.core.rules.max_pool import pool_output_size
 from jaxpull.core.layers import IMAGENET_MEAN, IMAGENET_STD
 from jaxpull.core.models import squeezenet
 from jaxpull_convert import sources
@@ -62,8 +62,8 @@ def squeezenet_pool_sizes(version: str, size: int):
     out = []
     for v in ("M",) + squeezenet.FEATURES[version]:
         if v == "M":
-            ceil = gates.pool_output_size(h, 3, 2, 0, ceil_mode=True)
-            out.append((h, gates.pool_output_size(h, 3, 2, 0), ceil))
+            ceil = pool_output_size(h, 3, 2, 0, ceil_mode=True)
+            out.append((h, pool_output_size(h, 3, 2, 0), ceil))
             h = ceil
     return out
 

@@ -11,7 +11,7 @@ window (stage 2 is padded and its second block shifted). What torchvision's init
 is randomised: LayerNorm affines, every bias (V2's key bias too, which both sides must ignore),
 linear weights (unit gain, O(1) logits), V1's relative position bias tables, V2's ``cpb_mlp`` and
 logit scales (one above log 100, so the clamp acts). The checks (``measure_parity``, one compiled
-function per model): logits, both presets against ``torch_reference.gated_like``, float64 vanilla
+function per model): logits, both presets against ``torch_reference.gated``, float64 vanilla
 gradients, V1's 5-step ascent, and the "value_only" and tempered (t = 0.5) attention rules against
 the reference's Swin patch.
 
@@ -44,7 +44,7 @@ from helpers import (
     measure_parity,
 )
 from jaxpull.core.models import swin
-from jaxpull.core.settings import make_ascent, make_gating
+from jaxpull.core.settings import resolve_ascent
 from jaxpull_convert import torch_reference as R
 
 # less codegen effort: each function runs once or twice, on small inputs (conftest.py)
@@ -148,11 +148,11 @@ def test_matches_torch(small):
     assert_parity(p, PARITY_METHODS, ascent_rel=1e-3)
     print(f"{'v2' if v2 else 'v1'} parity errors: {p.errors}")
     if v2:  # see the module docstring: 2 steps of the first preset's ascent
-        a = make_ascent()
+        a = resolve_ascent()
         got = np.asarray(jaxpull.ascent(model, x, TARGETS[:, :1], steps=2)) - x[:, None]
         ref = (
             R.ascent(
-                R.gated_like(tm, make_gating()),
+                R.gated(tm),
                 torch.from_numpy(x),
                 torch.from_numpy(TARGETS[:, :1]),
                 steps=2,

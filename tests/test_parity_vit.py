@@ -142,7 +142,7 @@ def test_wrong_image_size_is_one_clear_error():
         jaxpull.pullback(model, np.zeros((1, 32, 40, 3), np.float32), [1])
     with pytest.raises(ValueError, match="image_size 36 is not a multiple of patch_size 8"):
         ModelSpec("vit_b_16", num_classes=10, config=tuple({**SMALL, "image_size": 36}.items())).module().init(
-            jax.random.key(0), np.zeros((1, 36, 36, 3), np.float32), jaxpull.core.gates.VANILLA
+            jax.random.key(0), np.zeros((1, 36, 36, 3), np.float32), jaxpull.core.settings.VANILLA
         )
 
 

@@ -62,8 +62,8 @@ def test_efficientnet_lite0_relu6_pullbacks_on_real_weights_match_pytorch(lite0,
     tm, model = lite0
     x, targets = photos[:2], np.array([[967, 282], [400, 657]])
     for kw, ref_model in [
-        (dict(temperature=0.3), R.gated(tm, 0.3)),
-        (dict(temperature=0.6, gate="normal_cdf"), R.gated(tm, 0.6, gate="normal_cdf")),
+        (dict(temperature=0.3), R.gated(tm)),
+        (dict(temperature=0.6, gate="normal_cdf"), R.gated(tm, temperature=0.6, gate="normal_cdf")),
     ]:
         got = jaxpull.pullback(model, x, targets, **kw)
         ref = R.pullback(ref_model, torch.from_numpy(x), torch.from_numpy(targets), norm=lite_norm)
@@ -77,7 +77,7 @@ def test_vanilla_gradient_on_real_weights_matches_pytorch(lite0, photos):
     The soft gates above, being continuous, agree to 3e-5."""
     tm, model = lite0
     x, targets = photos[:2], np.array([[967, 282], [400, 657]])
-    got = jaxpull.pullback(model, x, targets, temperature=None)
+    got = jaxpull.pullback(model, x, targets, rules="vanilla")
     ref = R.pullback(tm, torch.from_numpy(x), torch.from_numpy(targets), norm=lite_norm)
     assert_maps_close(got, ref, cos_min=0.9999, rel_max=5e-2)
 
@@ -86,7 +86,7 @@ def test_ascent_on_real_weights_matches_pytorch(lite0, photos):
     tm, model = lite0
     x, targets = photos[2:3], np.array([[967, 1]])
     got = np.asarray(jaxpull.ascent(model, x, targets))
-    ref = R.ascent(R.gated(tm, 0.3), torch.from_numpy(x), torch.from_numpy(targets), norm=lite_norm)
+    ref = R.ascent(R.gated(tm), torch.from_numpy(x), torch.from_numpy(targets), norm=lite_norm)
     # Five steps of alpha 20 amplify the 3e-5 per-step difference, and clamping to [-1, 1] is
     # discontinuous at the box. Measured: cosine 0.9999997, max error 2.7e-3 of the largest value.
     assert_maps_close(got - x[:, None], ref - torch.from_numpy(x)[:, None], rel_max=1e-2)
@@ -110,7 +110,7 @@ def test_mobilenet_v2_matches_torchvision():
     with torch.no_grad():
         assert_logits_close(model(x), tm(R.normalize(torch.from_numpy(x))))
     t = np.array([[1, 2], [3, 4]])
-    for kw, ref_model in [(dict(temperature=0.3), R.gated(tm, 0.3)), (dict(temperature=None), tm)]:
+    for kw, ref_model in [(dict(temperature=0.3), R.gated(tm)), (dict(rules="vanilla"), tm)]:
         got = jaxpull.pullback(model, x, t, **kw)
         assert_maps_close(got, R.pullback(ref_model, torch.from_numpy(x), torch.from_numpy(t)))
 

@@ -1,7 +1,7 @@
-"""The semantic version's rules (jaxpull.core.gates: GELU, SiLU, LayerNorm, attention), on small arrays.
+"""The semantic version's rules (jaxpull.core.rules: GELU, SiLU, LayerNorm, attention), on small arrays.
 
 Each rule: the forward pass is the plain operation (and torch's), the backward pass is
-METHOD.md's formula, linear in the cotangent, and the temperatures are traced (vmap, one
+docs/method.md's formula, linear in the cotangent, and the temperatures are traced (vmap, one
 compile). Attention is checked against ``jaxpull_convert.torch_reference``.
 """
 
@@ -15,7 +15,8 @@ import torch
 from jax.scipy.special import ndtr
 
 from jaxpull.core import gates, settings
-from jaxpull.core.gates import Gating
+from jaxpull.core.rules import GELU, Attention, LayerNorm, Rules, SiLU
+from jaxpull.core.rules.attention import ATTENTION_MODES
 from jaxpull_convert import torch_reference as R
 
 # less codegen effort: each function runs once or twice, on small inputs (conftest.py)
@@ -38,24 +39,24 @@ def torch_of(a, dtype=torch.float32):
 # GELU and SiLU: forward exact, backward g * s(z / t)
 # --------------------------------------------------------------------------------------
 
-ACTIVATIONS = {  # name: (rule, plain jax forward, torch module, the gate s of z * s(z), Gating keyword)
-    "gelu": (gates.gelu, lambda z: jax.nn.gelu(z, approximate=False), torch.nn.GELU(), ndtr, "gelu_temperature"),
+ACTIVATIONS = {  # name: (apply(z, rule), rule class, plain jax forward, torch module, the gate s of z * s(z))
+    "gelu": (lambda z, r: r(z), GELU, lambda z: jax.nn.gelu(z, approximate=False), torch.nn.GELU(), ndtr),
     "gelu_tanh": (
-        lambda z, g: gates.gelu(z, g, approximate=True),
+        lambda z, r: r(z, approximate=True),
+        GELU,
         lambda z: jax.nn.gelu(z, approximate=True),
         torch.nn.GELU(approximate="tanh"),
         ndtr,
-        "gelu_temperature",
     ),
-    "silu": (gates.silu, jax.nn.silu, torch.nn.SiLU(), jax.nn.sigmoid, "silu_temperature"),
+    "silu": (lambda z, r: r(z), SiLU, jax.nn.silu, torch.nn.SiLU(), jax.nn.sigmoid),
 }
 
 
 @pytest.mark.parametrize("name", list(ACTIVATIONS))
 @pytest.mark.parametrize("t", [0.5, 1.0, 1.6])
 def test_activation_forward_is_exact_and_backward_is_the_tempered_gate(name, t):
-    rule, plain, torch_module, s, keyword = ACTIVATIONS[name]
-    gating = Gating(**{keyword: jnp.float32(t)})
+    rule, cls, plain, torch_module, s = ACTIVATIONS[name]
+    gating = cls(temperature=t)
     y = rule(Z, gating)
     np.testing.assert_array_equal(y, plain(Z))  # the rule never changes the forward pass
     # torch's forward to float rounding: jax's GELU is 0.5 z erfc(-z / sqrt 2), torch's 0.5 z (1 + erf(z / sqrt 2));
@@ -66,24 +67,26 @@ def test_activation_forward_is_exact_and_backward_is_the_tempered_gate(name, t):
     # the vanilla rule is the exact derivative, as torch autograd computes it
     zt = torch_of(Z).requires_grad_(True)
     torch_module(zt).backward(torch_of(G))
-    np.testing.assert_allclose(vjp_of(lambda z: rule(z, gates.VANILLA), Z, G), zt.grad.numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        vjp_of(lambda z: rule(z, cls(mode="plain")), Z, G), zt.grad.numpy(), rtol=1e-5, atol=1e-6
+    )
     assert not np.allclose(vjp_of(lambda z: rule(z, gating), Z, G), zt.grad.numpy(), atol=1e-3)  # the rule acts
 
 
 @pytest.mark.parametrize("name", list(ACTIVATIONS))
 def test_activation_backward_matches_the_torch_reference(name):
-    rule, _, torch_module, _, keyword = ACTIVATIONS[name]
+    rule, cls, _, torch_module, _ = ACTIVATIONS[name]
     ref = R.GatedSiLU(0.7) if name == "silu" else R.GatedGELU(0.7, torch_module.approximate)
     zt = torch_of(Z).requires_grad_(True)
     ref(zt).backward(torch_of(G))
-    got = vjp_of(lambda z: rule(z, Gating(**{keyword: jnp.float32(0.7)})), Z, G)
+    got = vjp_of(lambda z: rule(z, cls(temperature=0.7)), Z, G)
     np.testing.assert_allclose(got, zt.grad.numpy(), rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("name", list(ACTIVATIONS))
 def test_backward_is_linear_in_the_cotangent(name):
-    rule, _, _, _, keyword = ACTIVATIONS[name]
-    gating = Gating(**{keyword: jnp.float32(0.8)})
+    rule, cls, _, _, _ = ACTIVATIONS[name]
+    gating = cls(temperature=0.8)
     _, vjp = jax.vjp(lambda z: rule(z, gating), Z)
     g2 = jnp.asarray(RNG.normal(size=Z.shape), jnp.float32)
     np.testing.assert_allclose(vjp(2.0 * G - 3.0 * g2)[0], 2.0 * vjp(G)[0] - 3.0 * vjp(g2)[0], rtol=1e-5, atol=1e-6)
@@ -95,8 +98,8 @@ def test_temperatures_are_traced_vmap_and_one_compile():
     @jax.jit
     def grads(tg, ts):
         traces.append(1)
-        gating = Gating(gelu_temperature=tg, silu_temperature=ts)
-        return vjp_of(lambda z: gates.gelu(z, gating) + gates.silu(z, gating), Z, G)
+        rules = Rules().replace(gelu_temperature=tg, silu_temperature=ts)  # tracers pass the checks
+        return vjp_of(lambda z: rules.gelu(z) + rules.silu(z), Z, G)
 
     pairs = [(0.5, 1.6), (1.0, 0.3), (2.0, 1.0)]
     per_t = [grads(jnp.float32(a), jnp.float32(b)) for a, b in pairs]
@@ -124,25 +127,23 @@ def test_layer_norm_forward_is_torch_layer_norm():
         tm.weight.copy_(torch_of(GAMMA))
         tm.bias.copy_(torch_of(BETA))
     expected = tm(torch_of(X)).detach().numpy()
-    for rule in gates.LAYER_NORM_RULES:
-        np.testing.assert_allclose(
-            gates.layer_norm(X, GAMMA, BETA, EPS, Gating(layer_norm=rule)), expected, rtol=1e-5, atol=2e-6
-        )
+    for mode in ("detached", "plain"):
+        np.testing.assert_allclose(LayerNorm(mode=mode)(X, GAMMA, BETA, EPS), expected, rtol=1e-5, atol=2e-6)
     # without affine parameters, too
     plain = torch.nn.functional.layer_norm(torch_of(X), (8,), eps=EPS).numpy()
-    np.testing.assert_allclose(gates.layer_norm(X, None, None, EPS, gates.VANILLA), plain, rtol=1e-5, atol=2e-6)
+    np.testing.assert_allclose(LayerNorm(mode="plain")(X, None, None, EPS), plain, rtol=1e-5, atol=2e-6)
 
 
 def test_layer_norm_backward_detached_and_plain():
     sd = np.sqrt(np.var(np.asarray(X, np.float64), axis=-1, keepdims=True) + EPS)
-    detached = vjp_of(lambda x: gates.layer_norm(x, GAMMA, BETA, EPS, Gating(layer_norm="detached")), X, GX)
+    detached = vjp_of(lambda x: LayerNorm(mode="detached")(x, GAMMA, BETA, EPS), X, GX)
     np.testing.assert_allclose(detached, GX * GAMMA / sd, rtol=1e-5, atol=1e-6)  # g * gamma / sqrt(var + eps)
     # plain: the exact derivative, (1 / sd) * (h - mean(h) - y * mean(h * y)), h = g * gamma, y normalised
     x64 = np.asarray(X, np.float64)
     y = (x64 - x64.mean(-1, keepdims=True)) / sd
     h = np.asarray(GX, np.float64) * np.asarray(GAMMA, np.float64)
     exact = (h - h.mean(-1, keepdims=True) - y * (h * y).mean(-1, keepdims=True)) / sd
-    plain = vjp_of(lambda x: gates.layer_norm(x, GAMMA, BETA, EPS, gates.VANILLA), X, GX)
+    plain = vjp_of(lambda x: LayerNorm(mode="plain")(x, GAMMA, BETA, EPS), X, GX)
     np.testing.assert_allclose(plain, exact, rtol=1e-4, atol=1e-5)
     xt = torch_of(X, torch.float64).requires_grad_(True)
     torch.nn.functional.layer_norm(
@@ -164,13 +165,12 @@ def test_layer_norm_backward_detached_and_plain():
 def test_attention_probs_and_straight_through_scale():
     scores = jnp.asarray(RNG.normal(size=(2, 3, 5)), jnp.float32)
     g = jnp.asarray(RNG.normal(size=scores.shape), jnp.float32)
-    for rule in gates.ATTENTION_RULES:
-        gating = Gating(attention=rule, attention_temperature=1.0 if rule == "tempered" else None)
-        np.testing.assert_array_equal(gates.attention_probs(scores, gating), jax.nn.softmax(scores, axis=-1))
-    plain = vjp_of(lambda s: gates.attention_probs(s, gates.VANILLA), scores, g)
+    for mode in ATTENTION_MODES:
+        np.testing.assert_array_equal(Attention(mode=mode).probs(scores), jax.nn.softmax(scores, axis=-1))
+    plain = vjp_of(lambda s: Attention(mode="plain").probs(s), scores, g)
     np.testing.assert_allclose(plain, vjp_of(lambda s: jax.nn.softmax(s, axis=-1), scores, g), rtol=1e-6)
     assert float(jnp.abs(plain).max()) > 1e-3
-    held = vjp_of(lambda s: gates.attention_probs(s, Gating(attention="value_only")), scores, g)
+    held = vjp_of(lambda s: Attention(mode="value_only").probs(s), scores, g)
     np.testing.assert_array_equal(held, jnp.zeros_like(scores))
     # straight through: forward x / t, backward the identity
     t = jnp.float32(0.25)
@@ -193,9 +193,9 @@ def mha():
     return m
 
 
-def jax_attention(m, gating):
+def jax_attention(m, rule: Attention):
     """``m`` in JAX under the attention rule: in-projection, per-head scaled dot-product with
-    gates.attention_probs, gates.tempered_attention, out_proj; ``(query, key, value) -> out``."""
+    ``rule.probs``, ``rule`` around it, out_proj; ``(query, key, value) -> out``."""
     w_in = jnp.asarray(m.in_proj_weight.detach().numpy(), jnp.float32)
     b_in = jnp.asarray(m.in_proj_bias.detach().numpy(), jnp.float32)
     w_out = jnp.asarray(m.out_proj.weight.detach().numpy(), jnp.float32)
@@ -205,11 +205,11 @@ def jax_attention(m, gating):
     def core(q, k, v):  # (B, L, E) each
         split = lambda a: a.reshape(a.shape[0], a.shape[1], HEADS, E // HEADS).transpose(0, 2, 1, 3)
         q, k, v = split(q), split(k), split(v)
-        probs = gates.attention_probs(q @ k.transpose(0, 1, 3, 2) / np.sqrt(E // HEADS), gating)
+        probs = rule.probs(q @ k.transpose(0, 1, 3, 2) / np.sqrt(E // HEADS))
         return (probs @ v).transpose(0, 2, 1, 3).reshape(q.shape[0], -1, E)
 
     def layer(query, key, value):
-        out = gates.tempered_attention(core, query @ wq.T, key @ wk.T, value @ wv.T + bv, gating, bq, bk)
+        out = rule(core, query @ wq.T, key @ wk.T, value @ wv.T + bv, bq, bk)
         return out @ w_out.T + b_out
 
     return layer
@@ -230,12 +230,12 @@ def attention_grads(m, gating, self_attention=False):
 
 
 def test_tempered_attention_at_t1_is_the_plain_gradient_and_value_only_stops_query_and_key(mha):
-    plain_out, plain = attention_grads(mha, gates.VANILLA)
-    out, tempered = attention_grads(mha, Gating(attention="tempered", attention_temperature=jnp.float32(1.0)))
+    plain_out, plain = attention_grads(mha, Attention(mode="plain"))
+    out, tempered = attention_grads(mha, Attention(mode="tempered", temperature=1.0))
     np.testing.assert_array_equal(out, plain_out)
     for a, b in zip(tempered, plain):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-    out, held = attention_grads(mha, Gating(attention="value_only"))
+    out, held = attention_grads(mha, Attention(mode="value_only"))
     np.testing.assert_array_equal(out, plain_out)
     np.testing.assert_array_equal(held[0], 0.0)  # query
     np.testing.assert_array_equal(held[1], 0.0)  # key
@@ -246,8 +246,7 @@ def test_tempered_attention_at_t1_is_the_plain_gradient_and_value_only_stops_que
 @pytest.mark.parametrize("rule,t", [("tempered", 0.5), ("value_only", None), ("plain", None)])
 @pytest.mark.parametrize("self_attention", [True, False])
 def test_attention_rules_match_the_torch_reference(mha, rule, t, self_attention):
-    gating = Gating(attention=rule, attention_temperature=None if t is None else jnp.float32(t))
-    out, grads = attention_grads(mha, gating, self_attention)
+    out, grads = attention_grads(mha, Attention(mode=rule, temperature=1.0 if t is None else t), self_attention)
     ref = R.RuledMultiheadAttention(mha, rule, t)
     inputs = [torch_of(a, torch.float64).requires_grad_(True) for a in QKV]
     if self_attention:
@@ -261,7 +260,7 @@ def test_attention_rules_match_the_torch_reference(mha, rule, t, self_attention)
         expected = np.zeros(b.shape) if b.grad is None else b.grad.numpy()  # value_only: no path to query, key
         assert np.abs(np.asarray(a) - expected).max() <= 1e-5 * max(1.0, np.abs(expected).max()), rule
     if rule == "tempered":  # at t = 0.5 the rule acts
-        _, plain = attention_grads(mha, gates.VANILLA, self_attention)
+        _, plain = attention_grads(mha, Attention(mode="plain"), self_attention)
         assert not np.allclose(grads[0], plain[0], atol=1e-3)
 
 
@@ -273,53 +272,45 @@ def test_attention_rules_match_the_torch_reference(mha, rule, t, self_attention)
 @pytest.mark.parametrize(
     "build,fragment",
     [
-        (lambda: Gating(layer_norm="frozen"), "unknown layer_norm rule 'frozen': use one of plain, detached"),
-        (lambda: Gating(attention="soft"), "unknown attention rule 'soft'"),
-        (lambda: Gating(attention="tempered"), 'attention="tempered" needs attention_temperature'),
-        (lambda: Gating(attention="value_only", attention_temperature=1.0), "only it takes one"),
-        (lambda: Gating(guided=True, layer_norm="detached"), "Guided Backprop takes no temperature or rule"),
-        (lambda: settings.make_gating(layer_norm="frozen"), "unknown layer_norm 'frozen': use one of plain, detached"),
+        (lambda: LayerNorm(mode="frozen"), "unknown LayerNorm.mode 'frozen': use one of detached, plain"),
+        (lambda: Attention(mode="soft"), "unknown Attention.mode 'soft': use one of tempered, value_only, plain"),
+        (lambda: Attention(temperature=1e-30), "Attention.temperature must be a number in [1e-06, 3.4e+38]"),
+        (lambda: settings.resolve(layer_norm="frozen"), "unknown layer_norm 'frozen': use one of detached, plain"),
         (
-            lambda: settings.make_gating(attention="soft"),
-            "unknown attention 'soft': use one of plain, tempered, value_only",
+            lambda: settings.resolve(attention="soft"),
+            "unknown attention 'soft': use one of tempered, value_only, plain",
         ),
-        (
-            lambda: settings.make_gating(attention="plain", attention_temperature=0.5),
-            "attention_temperature applies to attention=\"tempered\", not 'plain'",
-        ),
-        (lambda: settings.make_gating(attention="tempered", attention_temperature=None), "needs attention_temperature"),
-        (lambda: settings.make_gating(temperature=None, gelu_temperature=1.0), "gelu_temperature needs a temperature"),
-        (lambda: settings.make_gating(temperature=None, attention="value_only"), "attention needs a temperature"),
-        (lambda: settings.make_gating(gelu_temperature=-1.0), "gelu_temperature must be positive"),
-        (lambda: settings.make_gating(silu_temperature=0.0), "silu_temperature must be positive"),
-        (lambda: settings.make_gating(attention_temperature=float("nan")), "attention_temperature must be positive"),
+        (lambda: settings.resolve(gelu_temperature=-1.0), "gelu_temperature must be a positive number"),
+        (lambda: settings.resolve(gelu_temperature=None), "gelu_temperature must be a positive number up to"),
+        (lambda: settings.resolve(gelu_temperature="none"), "(for the exact derivative use gelu='plain')"),
+        (lambda: settings.resolve(silu_temperature=0.0), "silu_temperature must be a positive number"),
+        (lambda: settings.resolve(attention_temperature=float("nan")), "attention_temperature must be a number in"),
+        (lambda: settings.resolve(attention_temperature=1e-30), "attention_temperature must be a number in [1e-06"),
+        (lambda: settings.resolve(sr_attention="tempered", sr_attention_temperature=0), "sr_attention_temperature"),
+        (lambda: Rules(gelu=SiLU()), "Rules.gelu"),
     ],
 )
 def test_bad_settings_are_one_line_errors(build, fragment):
-    with pytest.raises(ValueError) as e:
+    with pytest.raises((ValueError, TypeError)) as e:
         build()
     assert fragment in str(e.value) and "\n" not in str(e.value), str(e.value)
 
 
-@pytest.mark.parametrize("rules", list(settings.PRESETS))
-def test_presets_carry_the_semantic_rules_and_none_is_vanilla(rules):
-    g = settings.make_gating(rules=rules)
-    assert float(g.gelu_temperature) == 1.0 and float(g.silu_temperature) == np.float32(1.6)
-    assert g.layer_norm == "detached" and g.attention == "tempered" and float(g.attention_temperature) == 1.0
-    vanilla = settings.make_gating(temperature=None, rules=rules)
-    assert vanilla.vanilla and vanilla.gelu_temperature is None and vanilla.silu_temperature is None
-    assert vanilla.layer_norm == "plain" and vanilla.attention == "plain" and vanilla.attention_temperature is None
-    # every rule of a vanilla Gating is the exact derivative
+@pytest.mark.parametrize("rules", ["excitation", "semantic"])
+def test_presets_carry_the_semantic_rules_and_vanilla_is_every_rule_plain(rules):
+    r = settings.resolve(rules)
+    assert r.gelu == GELU(temperature=1.0) and r.silu == SiLU(temperature=1.6)
+    assert r.layer_norm.mode == "detached" and r.attention == Attention(mode="tempered", temperature=1.0)
+    assert r.sr_attention.mode == "value_only"  # the paper's PVT rule: one preset, two attention kinds
+    vanilla = settings.resolve("vanilla")
+    assert {getattr(vanilla, f).mode for f in ("relu", "max_pool", "hardswish", "gelu", "silu")} == {"plain"}
+    assert vanilla.layer_norm.mode == vanilla.attention.mode == vanilla.sr_attention.mode == "plain"
     np.testing.assert_allclose(
-        vjp_of(lambda z: gates.gelu(z, vanilla), Z, G),
-        vjp_of(lambda z: jax.nn.gelu(z, approximate=False), Z, G),
-        rtol=1e-6,
+        vjp_of(vanilla.gelu, Z, G), vjp_of(lambda z: jax.nn.gelu(z, approximate=False), Z, G), rtol=1e-6
     )
-    explicit = settings.make_gating(
-        rules=rules, gelu_temperature=None, silu_temperature=None, layer_norm="plain", attention="value_only"
-    )
-    assert explicit.gelu_temperature is None and explicit.layer_norm == "plain" and explicit.attention == "value_only"
-    assert not explicit.vanilla  # a ReLU temperature and the value-only rule remain
+    explicit = settings.resolve(rules, gelu="plain", silu="plain", layer_norm="plain", attention="value_only")
+    assert explicit.gelu.mode == "plain" and explicit.layer_norm.mode == "plain"
+    assert explicit.attention.mode == "value_only" and explicit.relu.mode == "gate"
 
 
 @pytest.mark.parametrize("rule", ["plain", "detached"])
@@ -333,8 +324,8 @@ def test_layer_norm_backward_vmapped_over_cotangents_at_many_rows(rule):
     scale = jnp.asarray(rng.uniform(0.5, 1.5, 16).astype(np.float32))
     bias = jnp.asarray(rng.standard_normal(16).astype(np.float32))
     w = jnp.asarray(rng.standard_normal((16, 3)).astype(np.float32))
-    gating = Gating() if rule == "plain" else settings.make_gating(rules="semantic")
-    _, vjp = jax.vjp(lambda x: jnp.mean(gates.layer_norm(x, scale, bias, 1e-5, gating), axis=0) @ w, x)
+    norm = LayerNorm(mode=rule)
+    _, vjp = jax.vjp(lambda x: jnp.mean(norm(x, scale, bias, 1e-5), axis=0) @ w, x)
     cts = jnp.eye(3)
     batched = jax.jit(jax.vmap(vjp))(cts)[0]
     for k in range(3):

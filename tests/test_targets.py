@@ -93,7 +93,8 @@ def test_explain_task_writes_figure_and_arrays_with_every_resolved_setting(files
     assert set(results) == {"pullback", "vanilla"} and results["pullback"].shape[:2] == (2, 2)
     saved = np.load(tmp_path / "a.npz")
     assert saved["targets"][:, 0].tolist() == [3, 3] and float(saved["steps"]) == 2
-    assert saved["temperature"] == np.float32(0.6) and np.isnan(saved["eps"])  # the semantic preset, eps None
+    assert float(saved["temperature"]) == 0.6 and np.isnan(saved["eps"])  # the semantic preset, eps None
+    assert str(saved["rules"]) == "semantic" and str(saved["max_pool"]) == "detached"  # every setting recorded
     # the arrays are the figure's: the same call through jaxpull.ascent
     x = saved["images"]
     direct = jaxpull.ascent(model, x[:1], saved["targets"][:1], rules="semantic", steps=2, output="diff")
@@ -109,9 +110,9 @@ def test_explain_task_writes_figure_and_arrays_with_every_resolved_setting(files
 def test_paper_figure_rows_follow_the_layout(files, tmp_path):
     model, _, paths = files
     x = images(2, 40, seed=3)
-    methods = {"excitation": dict(rules="excitation", steps=1), "vanilla": dict(temperature=None, steps=1)}
+    methods = {"excitation": dict(rules="excitation", steps=1), "vanilla": dict(rules="vanilla", steps=1)}
     rows = tasks.paper_figure(model, x, ["a", "b"], tmp_path / "p.png", seed=1, methods=methods, progress=False)
     columns, _ = targets.paper_layout(np.asarray(model(x)), seed=1)
     assert rows["excitation"].shape == (2, len(columns), 40, 40, 3) and (tmp_path / "p.png").is_file()
-    direct = jaxpull.ascent(model, x[1:], columns[None], temperature=None, steps=1, output="diff")
+    direct = jaxpull.ascent(model, x[1:], columns[None], rules="vanilla", steps=1, output="diff")
     np.testing.assert_allclose(rows["vanilla"][1:], direct, atol=1e-6)

@@ -38,7 +38,7 @@ def images(x) -> jax.Array:
         raise ValueError(f"images is empty (shape {tuple(x.shape)}): give at least one image of at least 1x1 pixels")
     if _concrete(x):
         finite(x, "images")  # explicitly: a max over |x| skips NaN on XLA:CPU
-        peak = float(jnp.max(jnp.abs(x)))
+        peak = float(np.max(np.abs(x))) if isinstance(x, np.ndarray) else float(jnp.max(jnp.abs(x)))
         if peak > _RANGE_LIMIT:
             raise ValueError(
                 f"images must be in [-1, 1], got values up to {peak:g} "

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxpull.core import gates
+from jaxpull.core.rules import Rules
 from jaxpull.core.lowering import cpu_conv, depthwise_conv
 
 Padding = Union[int, Tuple[Tuple[int, int], Tuple[int, int]], str]
@@ -132,7 +132,7 @@ class Dense(nn.Module):
 class Projection(nn.Module):
     """``torch.nn.Linear`` in its two parts: ``(N..., in)`` -> ``(x @ kernel, bias)`` (bias
     ``(out,)`` or None). An attention layer's in-projection: the attention rule scales the
-    product and not the bias (``gates.tempered_attention``). Parameters as :class:`Dense`'s."""
+    product and not the bias (``rules.attention``). Parameters as :class:`Dense`'s."""
 
     features: int
     use_bias: bool = True
@@ -146,31 +146,32 @@ class Projection(nn.Module):
 
 class LayerNorm(nn.Module):
     """``torch.nn.LayerNorm(C, eps)`` over the last axis (ConvNeXt's ``LayerNorm2d`` is the same on
-    NHWC), with the LayerNorm rule of ``gating`` (``gates.layer_norm``); ``(..., C)`` -> same."""
+    NHWC), with the LayerNorm rule (``rules.layer_norm``); ``(..., C)`` -> same."""
 
     eps: float
 
     @nn.compact
-    def __call__(self, x: jax.Array, gating: gates.Gating) -> jax.Array:
+    def __call__(self, x: jax.Array, rules: Rules) -> jax.Array:
         c = x.shape[-1]
         scale = self.param("scale", nn.initializers.ones, (c,))
         bias = self.param("bias", nn.initializers.zeros, (c,))
-        return gates.layer_norm(x, scale, bias, self.eps, gating)
+        return rules.layer_norm(x, scale, bias, self.eps)
 
 
 class SqueezeExcitation(nn.Module):
     """torchvision's ``SqueezeExcitation``: ``x * scale(fc2(activation(fc1(mean(x)))))`` on
-    ``(N, H, W, C)``. ``activation`` is a gated unit of :mod:`jaxpull.core.gates` (``relu``, ``silu``:
-    its rule applies); ``scale`` (sigmoid, hardsigmoid) and the product keep their plain derivatives."""
+    ``(N, H, W, C)``. ``activation`` names the rule of its activation (``"relu"``, ``"silu"``: a field
+    of :class:`~jaxpull.core.rules.Rules`, whose rule applies); ``scale`` (sigmoid, hardsigmoid) and
+    the product keep their plain derivatives."""
 
     squeeze_channels: int
-    activation: Callable[[jax.Array, gates.Gating], jax.Array]
+    activation: str
     scale: Callable[[jax.Array], jax.Array] = jax.nn.sigmoid
 
     @nn.compact
-    def __call__(self, x: jax.Array, gating: gates.Gating) -> jax.Array:
+    def __call__(self, x: jax.Array, rules: Rules) -> jax.Array:
         s = jnp.mean(x, axis=(1, 2), keepdims=True)  # (N, 1, 1, C)
-        s = self.activation(Conv(self.squeeze_channels, 1, use_bias=True, name="fc1")(s), gating)
+        s = getattr(rules, self.activation)(Conv(self.squeeze_channels, 1, use_bias=True, name="fc1")(s))
         return self.scale(Conv(x.shape[-1], 1, use_bias=True, name="fc2")(s)) * x
 
 
@@ -211,8 +212,3 @@ def global_avg_pool(x: jax.Array) -> jax.Array:
 def flatten_chw(x: jax.Array) -> jax.Array:
     """Flatten ``(N, H, W, C)`` in torch's ``(C, H, W)`` order -> ``(N, C*H*W)``."""
     return jnp.transpose(x, (0, 3, 1, 2)).reshape(x.shape[0], -1)
-
-
-relu = gates.relu
-relu6 = gates.relu6
-max_pool = gates.max_pool

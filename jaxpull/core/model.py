@@ -17,7 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxpull.core import checks, models
-from jaxpull.core.gates import VANILLA, Gating
+from jaxpull.core.rules import Rules
+from jaxpull.core.settings import VANILLA
 from jaxpull.core.layers import COMPUTE_DTYPES, IMAGENET_MEAN, IMAGENET_STD, to_model_input
 from jaxpull.core.preprocessing import Preprocessing
 
@@ -105,13 +106,14 @@ class Model:
         """The image sizes its weights expect: ``images.load_images(paths, **model.preprocessing.image_options)``."""
         return self.spec.preprocessing
 
-    def apply(self, x: jax.Array, gating: Gating = VANILLA) -> jax.Array:
+    def apply(self, x: jax.Array, rules: Rules = VANILLA) -> jax.Array:
         """Pure forward pass: ``(N, H, W, 3)`` in [-1, 1] -> logits ``(N, num_classes)``.
 
-        ``gating`` changes only the backward pass. Call inside ``jax.jit`` (no input checks).
+        ``rules`` (a :class:`jaxpull.Rules`) change only the backward pass. Call inside ``jax.jit``
+        (no input checks).
         """
         x = to_model_input(x, self.spec.input_mean, self.spec.input_std)
-        return self.spec.module().apply({"params": self.params}, x, gating)
+        return self.spec.module().apply({"params": self.params}, x, rules)
 
     @property
     def compute_dtype(self) -> str:

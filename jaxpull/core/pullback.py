@@ -7,7 +7,7 @@ arguments: a new temperature, label, step size or step count does not recompile.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Mapping, NamedTuple, Optional, Tuple
+from typing import Any, Callable, Dict, Mapping, NamedTuple, Tuple, Union
 
 import jax
 import jax.numpy as jnp
@@ -15,9 +15,9 @@ import optax
 from jax import lax
 
 from jaxpull.core import checks
-from jaxpull.core.gates import Gating
 from jaxpull.core.model import Model
-from jaxpull.core.settings import COMPARISON, DEFAULT_RULES, FROM_RULES, Ascent, make_ascent, make_gating, make_gatings
+from jaxpull.core.rules import Rules
+from jaxpull.core.settings import COMPARISON, DEFAULT_RULES, Ascent, resolve, resolve_both, resolve_methods, scalars
 
 OUTPUTS = ("image", "diff")
 
@@ -28,78 +28,46 @@ OUTPUTS = ("image", "diff")
 
 
 @jax.jit
-def pullback_core(model: Model, x: jax.Array, targets: jax.Array, gating: Gating) -> jax.Array:
+def pullback_core(model: Model, x: jax.Array, targets: jax.Array, rules: Rules) -> jax.Array:
     """Pure pullback: ``x`` ``(N, H, W, 3)``, ``targets`` int ``(N, K)`` -> ``(N, K, H, W, 3)``.
 
     One forward pass, its VJP vmapped over the K one-hot cotangents (the gated backward is
     linear in the cotangent). Measured never slower than K separate gradients (README, "Speed").
     """
-    _, vjp = jax.vjp(lambda x: model.apply(x, gating), x)
+    _, vjp = jax.vjp(lambda x: model.apply(x, rules), x)
     cotangents = jax.nn.one_hot(targets.T, model.num_classes, dtype=jnp.float32)  # (K, N, C)
     (grads,) = jax.vmap(vjp)(cotangents)
     return jnp.swapaxes(grads, 0, 1)
 
 
-def pullback(
-    model: Model,
-    x,
-    targets,
-    *,
-    rules: str = DEFAULT_RULES,
-    temperature: Optional[float] = FROM_RULES,
-    pool_temperature: Optional[float] = FROM_RULES,
-    gate: str = FROM_RULES,
-    pool_weights: str = FROM_RULES,
-    gelu_temperature: Optional[float] = FROM_RULES,
-    silu_temperature: Optional[float] = FROM_RULES,
-    layer_norm: str = FROM_RULES,
-    attention: str = FROM_RULES,
-    attention_temperature: Optional[float] = FROM_RULES,
-) -> jax.Array:
-    """Excitation pullbacks: the gated gradient of each target logit w.r.t. the input.
+def pullback(model: Model, x, targets, *, rules: Union[Rules, str] = DEFAULT_RULES, **overrides) -> jax.Array:
+    """Excitation pullbacks: the gradient of each target logit w.r.t. the input under the rules.
 
     Args:
       model: a converted model (``jaxpull.load``).
       x: images ``(N, H, W, 3)`` in [-1, 1].
       targets: class indices ``(K,)`` (the same K labels for every image) or ``(N, K)``.
-      rules: the rule set, ``"excitation"`` (the paper's first version: sigmoid gate, t 0.3,
-        soft pool weights) or ``"semantic"`` (its current version: normal-CDF gate, t 0.6,
-        detached pool weights, tp 0.3); see ``jaxpull.core.settings.PRESETS``. Every keyword below
-        defaults to the preset's value and, when given, beats it.
-      temperature: ReLU gate temperature t; ``None`` gives the exact vanilla gradient.
-      pool_temperature: max-pool softmax temperature tp; ``None`` means "same as temperature".
-      gate: ``"sigmoid"`` or ``"normal_cdf"``.
-      pool_weights: ``"soft"`` (paper) or ``"detached"`` (follow-up).
-      gelu_temperature, silu_temperature: GELU's ``g * Phi(z / t)`` and SiLU's
-        ``g * sigmoid(z / t)`` (presets: 1.0, 1.6); None keeps the plain derivative.
-      layer_norm: ``"detached"`` (mean and variance held constant; presets) or ``"plain"``.
-      attention: ``"tempered"`` (presets, with ``attention_temperature`` 1.0: the plain
-        gradient), ``"value_only"`` (weights held constant) or ``"plain"``.
+      rules: a preset's name (``"excitation"``, the default: the paper's first version; ``"semantic"``:
+        its current version; ``"vanilla"``: the exact gradient; ``"guided"``: Guided Backprop; see
+        ``jaxpull.core.settings.PRESETS``) or a :class:`jaxpull.Rules`.
+      overrides: flat rule settings replacing the rules' values (``temperature=0.4``, ``gate="sigmoid"``,
+        ``max_pool="detached"``, ``gelu="plain"``, ...; ``jaxpull.core.rules.SETTINGS`` lists them).
+        Numbers may be traced (``jax.vmap`` over a temperature compiles once).
     Returns:
-      ``(N, K, H, W, 3)`` float32: for every image and target, d logit / d x under the gates.
+      ``(N, K, H, W, 3)`` float32: for every image and target, d logit / d x under the rules.
     """
     x = checks.images(x)
     t = checks.targets(targets, x.shape[0], model.num_classes)
-    gating = make_gating(
-        temperature,
-        pool_temperature,
-        gate,
-        pool_weights,
-        rules=rules,
-        gelu_temperature=gelu_temperature,
-        silu_temperature=silu_temperature,
-        layer_norm=layer_norm,
-        attention=attention,
-        attention_temperature=attention_temperature,
-    )
-    return pullback_core(model, x, t, gating)
+    rule_set = resolve(rules, **overrides)
+    scalars(rule_set)
+    return pullback_core(model, x, t, rule_set)
 
 
 @jax.jit
 def compare_core(
-    model: Model, x: jax.Array, targets: jax.Array, gatings: Tuple[Gating, ...]
+    model: Model, x: jax.Array, targets: jax.Array, rule_sets: Tuple[Rules, ...]
 ) -> Tuple[jax.Array, Tuple[jax.Array, ...]]:
-    """Logits ``(N, C)`` and :func:`pullback_core` under each of ``gatings``, in one compiled call.
+    """Logits ``(N, C)`` and :func:`pullback_core` under each of ``rule_sets``, in one compiled call.
 
     The rules differ only in the backward pass, so the forward passes are the same computation
     and XLA computes it once (common-subexpression elimination): measured on mobilenet_v2 at
@@ -107,7 +75,7 @@ def compare_core(
     bit-identical to them, and googlenet compiles in half the time of the four functions.
     """
     logits = model.apply(x)
-    return logits, tuple(pullback_core(model, x, targets, g) for g in gatings)
+    return logits, tuple(pullback_core(model, x, targets, r) for r in rule_sets)
 
 
 class Comparison(NamedTuple):
@@ -118,7 +86,7 @@ class Comparison(NamedTuple):
     maps: Dict[str, jax.Array]
 
 
-def compare(model: Model, x, targets, methods: Mapping[str, Mapping[str, Any]] = COMPARISON) -> Comparison:
+def compare(model: Model, x, targets, methods: Mapping[str, Any] = COMPARISON) -> Comparison:
     """Pullbacks of the same images and targets under several rule sets, in one compiled call.
 
     Equal to one :func:`pullback` call per method (bit for bit where measured), but the forward
@@ -129,7 +97,8 @@ def compare(model: Model, x, targets, methods: Mapping[str, Mapping[str, Any]] =
       model: a converted model.
       x: images ``(N, H, W, 3)`` in [-1, 1].
       targets: class indices ``(K,)`` or ``(N, K)``.
-      methods: name -> :func:`pullback` keywords (``rules`` and the gate settings); the default,
+      methods: name -> the rules of each: a :class:`jaxpull.Rules`, a preset's name, or a dict of
+        :func:`pullback`'s keywords (``rules`` and flat overrides); the default,
         ``jaxpull.core.settings.COMPARISON``, is the paper's figure: the two presets and the
         vanilla gradient. Temperatures are traced, as in :func:`pullback`.
     Returns:
@@ -137,9 +106,11 @@ def compare(model: Model, x, targets, methods: Mapping[str, Mapping[str, Any]] =
     """
     x = checks.images(x)
     t = checks.targets(targets, x.shape[0], model.num_classes)
-    gatings = make_gatings(methods)
-    logits, maps = compare_core(model, x, t, tuple(gatings.values()))
-    return Comparison(logits, dict(zip(gatings, maps)))
+    rule_sets = resolve_methods(methods)
+    for r in rule_sets.values():
+        scalars(r)
+    logits, maps = compare_core(model, x, t, tuple(rule_sets.values()))
+    return Comparison(logits, dict(zip(rule_sets, maps)))
 
 
 # --------------------------------------------------------------------------------------
@@ -172,12 +143,15 @@ class _NoState(NamedTuple):
     pass
 
 
-def normalized_step(alpha: jax.Array, relative: bool = False) -> optax.GradientTransformationExtraArgs:
+def normalized_step(
+    alpha: jax.Array, relative: bool = False, normalize: bool = True
+) -> optax.GradientTransformationExtraArgs:
     """The PGA step as an optax transform: ``g -> alpha * g / ||g||_2`` (per image).
 
-    With ``relative=True`` the step is ``alpha * g * ||x||_2 / ||g||_2`` (x the current image).
-    A zero gradient gives a zero step (where the reference would divide by zero). The step is
-    an ascent step: add it (``optax.apply_updates``), do not negate it.
+    With ``relative=True`` the step is ``alpha * g * ||x||_2 / ||g||_2`` (x the current image); with
+    ``normalize=False`` it is ``alpha * g`` (times ||x||_2 if ``relative``). A zero gradient gives a
+    zero step (where the reference would divide by zero). The step is an ascent step: add it
+    (``optax.apply_updates``), do not negate it.
     """
 
     def init_fn(params):
@@ -185,8 +159,10 @@ def normalized_step(alpha: jax.Array, relative: bool = False) -> optax.GradientT
         return _NoState()
 
     def update_fn(updates, state, params=None):
-        norm = optax.tree.norm(updates)
         scale = alpha * (optax.tree.norm(params) if relative else 1.0)
+        if not normalize:
+            return optax.tree.scale(scale, updates), state
+        norm = optax.tree.norm(updates)
         factor = jnp.where(norm > 0, scale / jnp.where(norm > 0, norm, 1.0), 0.0)
         return optax.tree.scale(factor, updates), state
 
@@ -194,22 +170,24 @@ def normalized_step(alpha: jax.Array, relative: bool = False) -> optax.GradientT
 
 
 @jax.jit
-def ascent_core(model: Model, x: jax.Array, targets: jax.Array, gating: Gating, ascent: Ascent) -> jax.Array:
+def ascent_core(model: Model, x: jax.Array, targets: jax.Array, rules: Rules, ascent: Ascent) -> jax.Array:
     """Pure PGA for every (image, target) pair: ``(N, H, W, 3)``, ``(N, K)`` -> ``(N, K, H, W, 3)``.
 
-    Each step: g = gated gradient of the loss; x <- x + alpha * g / ||g||; project x - x0 onto
-    the L2 ball of radius eps (if ``ascent.project``); clamp to [-1 - margin, 1 + margin] (if
-    ``ascent.clip``). All N*K pairs advance together as one batch; ``ascent.steps`` is traced
-    (a ``fori_loop``), as are alpha, eps and margin.
+    Each step: g = gradient of the loss under ``rules``; x <- x + alpha * g / ||g|| (``alpha * g``
+    without ``normalize_step``); project x - x0 onto the L2 ball of radius eps (if
+    ``ascent.project``); clamp to [-1 - margin, 1 + margin] (``ascent.clip == "every"``; ``"last"``:
+    after the last step only). All N*K pairs advance together as one batch; ``ascent.steps`` is
+    traced (a ``fori_loop``), as are alpha, eps and margin.
     """
     n, k = targets.shape
     x0 = jnp.repeat(x, k, axis=0)  # (N*K, H, W, 3), pair p = image p // K, target p % K
     labels = targets.reshape(-1)
     loss_fn = LOSS_FUNCTIONS[ascent.loss]
-    step = normalized_step(ascent.alpha, ascent.relative_alpha)
+    step = normalized_step(ascent.alpha, ascent.relative_alpha, ascent.normalize_step)
+    box = lambda xs: optax.projections.projection_box(xs, -1.0 - ascent.margin, 1.0 + ascent.margin)
 
     def objective(xs):
-        return jnp.sum(loss_fn(model.apply(xs, gating), labels))
+        return jnp.sum(loss_fn(model.apply(xs, rules), labels))
 
     def per_pair_update(g, xi):
         updates, _ = step.update(g, _NoState(), xi)
@@ -220,11 +198,13 @@ def ascent_core(model: Model, x: jax.Array, targets: jax.Array, gating: Gating, 
         xs = optax.apply_updates(xs, jax.vmap(per_pair_update)(g, xs))
         if ascent.project:
             xs = x0 + jax.vmap(optax.projections.projection_l2_ball, in_axes=(0, None))(xs - x0, ascent.eps)
-        if ascent.clip:
-            xs = optax.projections.projection_box(xs, -1.0 - ascent.margin, 1.0 + ascent.margin)
+        if ascent.clip == "every":
+            xs = box(xs)
         return xs
 
     xs = lax.fori_loop(0, ascent.steps, body, x0)
+    if ascent.clip == "last":
+        xs = box(xs)
     return xs.reshape((n, k) + x.shape[1:])
 
 
@@ -233,73 +213,32 @@ def ascent(
     x,
     targets,
     *,
-    rules: str = DEFAULT_RULES,
-    steps: int = FROM_RULES,
-    alpha: float = FROM_RULES,
-    eps: Optional[float] = FROM_RULES,
-    margin: float = FROM_RULES,
-    loss: str = FROM_RULES,
-    relative_alpha: bool = FROM_RULES,
-    clip: bool = FROM_RULES,
-    temperature: Optional[float] = FROM_RULES,
-    pool_temperature: Optional[float] = FROM_RULES,
-    gate: str = FROM_RULES,
-    pool_weights: str = FROM_RULES,
-    gelu_temperature: Optional[float] = FROM_RULES,
-    silu_temperature: Optional[float] = FROM_RULES,
-    layer_norm: str = FROM_RULES,
-    attention: str = FROM_RULES,
-    attention_temperature: Optional[float] = FROM_RULES,
+    rules: Union[Rules, str] = DEFAULT_RULES,
+    ascent: Union[Ascent, str, None] = None,
     output: str = "image",
+    **overrides,
 ) -> jax.Array:
-    """The paper's projected gradient ascent along excitation pullbacks, per (image, target).
+    """The paper's projected gradient ascent along pullbacks, per (image, target).
 
     Args:
       model: a converted model.
       x: images ``(N, H, W, 3)`` in [-1, 1] (x0, the start of every ascent).
       targets: class indices ``(K,)`` or ``(N, K)``.
-      rules: ``"excitation"`` (default; eps 100) or ``"semantic"`` (eps None); both 5 steps,
-        alpha 20, clamping to [-1, 1] after every step (``print(jaxpull.core.settings.PRESETS)``).
-        Every keyword below defaults to the preset's value and, when given, beats it.
-      steps: number of steps.
-      alpha: step size; with ``relative_alpha`` the step is alpha * ||x||.
-      eps: radius of the L2 ball around x0 the iterate is projected onto; None: no projection.
-      margin: clamp to [-1 - margin, 1 + margin].
-      loss: ``"logit"`` (target logit), ``"cross_entropy"`` (negative cross-entropy), or
-        ``"self_explain"`` (0.5 * ||logits||^2, targets ignored).
-      relative_alpha: scale the step by ||x||.
-      clip: clamp every iterate.
-      temperature, pool_temperature, gate, pool_weights, gelu_temperature, silu_temperature,
-        layer_norm, attention, attention_temperature: the rules, as in :func:`pullback`
-        (``temperature=None``: plain gradient ascent).
+      rules: a preset's name (default ``"excitation"``) or a :class:`jaxpull.Rules`, as in :func:`pullback`.
+      ascent: an :class:`jaxpull.Ascent` or a preset's name; default: the ascent of the preset named by
+        ``rules`` (``"excitation"``: 5 steps, alpha 20, L2 ball eps 100, clamp after every step;
+        ``"semantic"``: the same without the ball), or the default preset's for a composite.
       output: ``"image"`` returns x_K; ``"diff"`` returns x_K - x0 (the paper's figure).
+      overrides: flat settings of the rules (``temperature``, ``gelu``, ...) and of the ascent
+        (``steps``, ``alpha``, ``eps`` (None: no projection), ``margin``, ``loss``, ``relative_alpha``,
+        ``clip`` ("every", "last", "none"), ``normalize_step``), replacing their values.
     Returns:
       ``(N, K, H, W, 3)`` float32.
     """
     x = checks.images(x)
     t = checks.targets(targets, x.shape[0], model.num_classes)
-    gating = make_gating(
-        temperature,
-        pool_temperature,
-        gate,
-        pool_weights,
-        rules=rules,
-        gelu_temperature=gelu_temperature,
-        silu_temperature=silu_temperature,
-        layer_norm=layer_norm,
-        attention=attention,
-        attention_temperature=attention_temperature,
-    )
-    settings = make_ascent(
-        steps=steps,
-        alpha=alpha,
-        eps=eps,
-        margin=margin,
-        loss=loss,
-        relative_alpha=relative_alpha,
-        clip=clip,
-        rules=rules,
-    )
     checks.choice(output, OUTPUTS, "output")
-    result = ascent_core(model, x, t, gating, settings)
+    rule_set, settings = resolve_both(rules, ascent, **overrides)
+    scalars(rule_set, settings)
+    result = ascent_core(model, x, t, rule_set, settings)
     return result - x[:, None] if output == "diff" else result

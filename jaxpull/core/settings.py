@@ -1,273 +1,268 @@
-"""The settings of an explanation, each with one owner, validated in one place.
+"""The settings of an explanation: the backward rules, the ascent, and the named presets of both.
 
-* the gates: :class:`~jaxpull.core.gates.Gating`, built by :func:`make_gating`;
-* the projected gradient ascent: :class:`Ascent`, built by :func:`make_ascent`;
-* the two named rule sets of METHOD.md, :data:`PRESETS` (``rules="excitation"``, the default,
-  and ``rules="semantic"``): each gives every gate and ascent setting a value, and any keyword
-  given explicitly beats the preset.
+* :class:`~jaxpull.core.rules.Rules`: the backward rule of every layer kind (:mod:`jaxpull.core.rules`);
+* :class:`Ascent`: the projected gradient ascent of ``docs/method.md``;
+* :data:`PRESETS`: named pairs of the two, the paper's versions and the baselines:
+  ``"excitation"`` (the default), ``"semantic"``, ``"vanilla"`` (the exact gradient) and ``"guided"``
+  (Guided Backprop).
 
-Every entry point (``jaxpull.pullback`` / ``jaxpull.ascent``, the sweep, the explainers, the CLI
-and the app) builds its settings with these two functions; their defaults are the presets'.
+Every entry point takes ``rules: Rules | str`` (a composite, or a preset's name) and flat keyword
+overrides (:data:`SETTINGS`: the rules' ``temperature``, ``gelu``, ... and the ascent's ``steps``,
+``alpha``, ...) with ``dataclasses.replace`` semantics; :func:`resolve` and :func:`resolve_ascent`
+build what the cores take, and check every value when they build it. The command line's flags, the
+app's controls and the sweep's manifest are generated from :data:`SETTINGS`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, Mapping, NamedTuple, Optional, Tuple, Union
 
 import jax
+import numpy as np
 
-from jaxpull.core import checks
-from jaxpull.core.gates import ATTENTION_RULES, GATES, LAYER_NORM_RULES, POOL_WEIGHTS, Gating
+from jaxpull.core.rules import SETTINGS as RULE_SETTINGS
+from jaxpull.core.rules import GELU, Attention, Hardswish, LayerNorm, MaxPool, ReLU, Rules, SiLU
+from jaxpull.core.rules.base import Setting, Validated, choice, flag, number, validated
 
-LOSSES = ("logit", "cross_entropy", "self_explain")
+LOSSES = {
+    "logit": "the target logit",
+    "cross_entropy": "the negative cross-entropy of the target",
+    "self_explain": "0.5 * ||logits||^2 (targets ignored)",
+}
+CLIPS = {
+    "every": "clamp to [-1 - margin, 1 + margin] after every step",
+    "last": "clamp after the last step only",
+    "none": "never clamp",
+}
+# Ascent bounds: beyond them float32 overflows (alpha 1e20 with eps 100: ||x - x0||^2 becomes inf and
+# the projection returns x0; eps^2 overflows from 1.8e19), and the image space is only about 800 wide
+# in L2 (224 x 224 x 3 values in [-1, 1]), so larger steps, balls and margins mean nothing more.
+MAX_STEP = 1e6
+MAX_STEPS = 100_000
 
 
-class _FromRules:
-    """The default of every setting keyword: "take the value of the chosen rules preset"."""
+@validated
+class Ascent(Validated):
+    """The projected gradient ascent (``docs/method.md``, "Ascent"); defaults are the first version's.
 
-    def __repr__(self) -> str:
-        return "<from rules>"
-
-
-FROM_RULES: Any = _FromRules()
-
-
-def _static(default):
-    return dataclasses.field(default=default, metadata=dict(static=True))
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class Ascent:
-    """The projected gradient ascent of METHOD.md ("Explanations"); defaults are METHOD.md's.
-
-    Each step: g = gated gradient of the loss; x <- x + alpha * g / ||g||_2 (times ||x||_2 with
-    ``relative_alpha``); if ``project``, project x - x0 onto the L2 ball of radius ``eps``; if
-    ``clip``, clamp x to [-1 - margin, 1 + margin]. Build it with :func:`make_ascent` (which
-    validates); ``print`` shows every setting.
-
-    Attributes:
-      steps: number of steps (traced: a new count does not recompile).
-      alpha: step size (traced).
-      eps: L2 ball radius around x0 (traced); ``None`` exactly when ``project`` is False.
-      margin: slack of the clamp box (traced).
-      loss: ``"logit"`` (target logit), ``"cross_entropy"`` (negative cross-entropy) or
-        ``"self_explain"`` (0.5 * ||logits||^2, targets ignored). Static.
-      relative_alpha: step ``alpha * ||x||_2`` instead of ``alpha``. Static.
-      project: project onto the L2 ball of radius ``eps``. Static.
-      clip: clamp after every step. Static.
+    Each of ``steps`` steps: g = gated gradient of the loss; x <- x + alpha * g / ||g||_2 (times
+    ||x||_2 with ``relative_alpha``; ``alpha * g`` without ``normalize_step``); if ``eps`` is set,
+    project x - x0 onto the L2 ball of radius ``eps``; clamp to [-1 - margin, 1 + margin] after every
+    step, after the last only, or never (``clip``). Numbers are traced (a new value never
+    recompiles), choices static.
     """
 
-    steps: Any = 5
-    alpha: Any = 20.0
-    eps: Any = 100.0
-    margin: Any = 0.0
-    loss: str = _static("logit")
-    relative_alpha: bool = _static(False)
-    project: bool = _static(True)
-    clip: bool = _static(True)
+    steps: int = number(5, "ascent steps", low=1, high=MAX_STEPS, integer=True)
+    alpha: float = number(20.0, "ascent step size", high=MAX_STEP)
+    eps: Optional[float] = number(
+        100.0, "L2 ball radius around the image (none: no projection)", high=MAX_STEP, optional=True
+    )
+    margin: float = number(0.0, "slack of the clamp box [-1 - margin, 1 + margin]", low=0.0, high=MAX_STEP)
+    loss: str = choice("logit", LOSSES, "ascent objective")
+    relative_alpha: bool = flag(False, "step alpha * ||x||_2 instead of alpha")
+    clip: str = choice("every", CLIPS, "clamping")
+    normalize_step: bool = flag(True, "normalised steps alpha * g / ||g||_2 (off: alpha * g)")
+
+    @property
+    def project(self) -> bool:
+        """Whether x - x0 is projected onto the L2 ball (``eps`` is set)."""
+        return self.eps is not None
 
 
-@dataclasses.dataclass(frozen=True)
-class Rules:
-    """A named rule set: every gate and ascent setting of one version of the method.
-
-    ``pool_temperature=None`` means "the same as ``temperature``" (also when that is overridden).
-    The rules for GELU, SiLU, LayerNorm and attention are the current version's in both presets:
-    the first version defines none (it covers ReLU networks only).
-    """
+class Preset(NamedTuple):
+    """A named rule set and its ascent settings."""
 
     name: str
     description: str
-    temperature: float
-    pool_temperature: Optional[float]
-    gate: str
-    pool_weights: str
+    rules: Rules
     ascent: Ascent
-    gelu_temperature: Optional[float] = 1.0
-    silu_temperature: Optional[float] = 1.6
-    layer_norm: str = "detached"
-    attention: str = "tempered"
-    attention_temperature: Optional[float] = 1.0
 
 
-PRESETS: Dict[str, Rules] = {
-    "excitation": Rules(
-        "excitation",
-        "the paper's first version (arXiv 2507.22832 v1)",
-        temperature=0.3,
-        pool_temperature=None,
-        gate="sigmoid",
-        pool_weights="soft",
-        ascent=Ascent(),
-    ),
-    "semantic": Rules(
-        "semantic",
-        "the paper's current version (v5/v6, 'Pulling Back the Curtain on Deep Networks')",
-        temperature=0.6,
-        pool_temperature=0.3,
-        gate="normal_cdf",
-        pool_weights="detached",
-        ascent=Ascent(eps=None, project=False),
-    ),
-}
-DEFAULT_RULES = "excitation"
-
-
-def preset(rules: str = DEFAULT_RULES) -> Rules:
-    """The preset called ``rules``; ValueError listing the choices if there is none."""
-    if not isinstance(rules, str) or rules not in PRESETS:
-        raise ValueError(f"unknown rules {rules!r}: use one of {', '.join(PRESETS)}")
-    return PRESETS[rules]
-
-
-def make_gating(
-    temperature: Optional[float] = FROM_RULES,
-    pool_temperature: Optional[float] = FROM_RULES,
-    gate: str = FROM_RULES,
-    pool_weights: str = FROM_RULES,
-    *,
-    rules: str = DEFAULT_RULES,
-    gelu_temperature: Optional[float] = FROM_RULES,
-    silu_temperature: Optional[float] = FROM_RULES,
-    layer_norm: str = FROM_RULES,
-    attention: str = FROM_RULES,
-    attention_temperature: Optional[float] = FROM_RULES,
-) -> Gating:
-    """Validate the gate settings and build a :class:`~jaxpull.core.gates.Gating`.
-
-    Every setting not given comes from the preset ``rules``. ``temperature=None`` gives the
-    exact vanilla gradient of every layer (the preset's other rules are then dropped, and giving
-    one is an error); temperatures may be arrays (vmapped sweeps); ``pool_temperature=None``
-    means "same as temperature". ``gelu_temperature`` / ``silu_temperature`` None: that
-    activation keeps its plain derivative; ``layer_norm``: ``"detached"`` or ``"plain"``;
-    ``attention``: ``"tempered"`` (with ``attention_temperature``), ``"value_only"`` or ``"plain"``.
-    """
-    p = preset(rules)
-    given = lambda v, default: default if v is FROM_RULES else v
-    gate = checks.choice(given(gate, p.gate), GATES, "gate")
-    pool_weights = checks.choice(given(pool_weights, p.pool_weights), POOL_WEIGHTS, "pool_weights")
-    t = checks.temperature(given(temperature, p.temperature))
-    others = dict(
-        pool_temperature=pool_temperature,
-        gelu_temperature=gelu_temperature,
-        silu_temperature=silu_temperature,
-        layer_norm=layer_norm,
-        attention=attention,
-        attention_temperature=attention_temperature,
-    )
-    if t is None:
-        named = [k for k, v in others.items() if v is not FROM_RULES and v is not None and v != "plain"]
-        if named:
-            raise ValueError(
-                f"{', '.join(named)} needs a temperature: set temperature too, or none of them for vanilla"
-            )
-        return Gating(gate=gate, pool_weights=pool_weights)
-    tp = checks.temperature(given(pool_temperature, p.pool_temperature), "pool_temperature")
-    attention = checks.choice(given(attention, p.attention), ATTENTION_RULES, "attention")
-    ta = given(attention_temperature, p.attention_temperature) if attention == "tempered" else None
-    if attention != "tempered" and attention_temperature not in (FROM_RULES, None):
-        raise ValueError(f'attention_temperature applies to attention="tempered", not {attention!r}: drop one')
-    if attention == "tempered" and ta is None:
-        raise ValueError('attention="tempered" needs attention_temperature: give a positive number')
-    return Gating(
-        t,
-        t if tp is None else tp,
-        gate,
-        pool_weights,
-        gelu_temperature=checks.temperature(given(gelu_temperature, p.gelu_temperature), "gelu_temperature"),
-        silu_temperature=checks.temperature(given(silu_temperature, p.silu_temperature), "silu_temperature"),
-        layer_norm=checks.choice(given(layer_norm, p.layer_norm), LAYER_NORM_RULES, "layer_norm"),
-        attention=attention,
-        attention_temperature=checks.temperature(ta, "attention_temperature"),
-    )
-
-
-# the gate settings make_gating takes, by keyword (the first four also by position)
-GATE_SETTINGS = (
-    "temperature",
-    "pool_temperature",
-    "gate",
-    "pool_weights",
-    "gelu_temperature",
-    "silu_temperature",
-    "layer_norm",
-    "attention",
-    "attention_temperature",
+_PLAIN = Rules(
+    relu=ReLU(mode="plain"),
+    max_pool=MaxPool(mode="plain"),
+    hardswish=Hardswish(mode="plain"),
+    gelu=GELU(mode="plain"),
+    silu=SiLU(mode="plain"),
+    layer_norm=LayerNorm(mode="plain"),
+    attention=Attention(mode="plain"),
+    sr_attention=Attention(mode="plain"),
 )
 
+PRESETS: Dict[str, Preset] = {
+    p.name: p
+    for p in (
+        Preset(
+            "excitation",
+            "the paper's first version (arXiv 2507.22832 v1): sigmoid gate t 0.3, soft max-pool weights tp 0.3",
+            Rules(
+                relu=ReLU(temperature=0.3, gate="sigmoid"),
+                max_pool=MaxPool(mode="soft", temperature=0.3),
+                hardswish=Hardswish(temperature=0.3),
+            ),
+            Ascent(),
+        ),
+        Preset(
+            "semantic",
+            "the paper's current version (v5/v6, 'Pulling Back the Curtain on Deep Networks')",
+            Rules(hardswish=Hardswish(temperature=0.6)),
+            Ascent(eps=None),
+        ),
+        Preset("vanilla", "the exact gradient (every rule plain)", _PLAIN, Ascent()),
+        Preset(
+            "guided", "Guided Backprop's ReLU rule, every other rule plain", _PLAIN.replace(relu="guided"), Ascent()
+        ),
+    )
+}
+DEFAULT_RULES = "excitation"
+# The exact gradient's rules: a model's forward pass is the same under every rule set.
+VANILLA: Rules = PRESETS["vanilla"].rules
 
-# The paper's comparison (its figure's rows): method name -> the rules and gate settings of each.
+
+ASCENT_SETTINGS: Dict[str, Setting] = {f.name: Setting(f.name, "ascent", f.name, f) for f in dataclasses.fields(Ascent)}
+# Every flat setting, rules first: the one table the keyword overrides, the command line's flags, the
+# app's controls and the sweep's manifest are generated from.
+SETTINGS: Dict[str, Setting] = {
+    **RULE_SETTINGS,
+    **ASCENT_SETTINGS,
+}
+
+
+def preset(name: str = DEFAULT_RULES) -> Preset:
+    """The preset called ``name``; ValueError listing the choices if there is none."""
+    if not isinstance(name, str) or name not in PRESETS:
+        raise ValueError(f"unknown rules {name!r}: use one of {', '.join(PRESETS)} (or a jaxpull.Rules)")
+    return PRESETS[name]
+
+
+def _check_known(overrides: Mapping[str, Any], allowed: Mapping[str, Setting]) -> None:
+    unknown = sorted(set(overrides) - set(allowed))
+    if unknown:
+        hint = ""
+        if "pool_weights" in unknown:
+            hint = " (pool_weights is now max_pool: soft, detached or plain)"
+        raise ValueError(f"unknown setting(s) {', '.join(unknown)}: use {', '.join(allowed)}{hint}")
+
+
+def resolve(rules: Union[Rules, str] = DEFAULT_RULES, **overrides) -> Rules:
+    """The rules to use: the preset named ``rules`` (or the composite given), with the flat rule
+    settings ``overrides`` (``temperature=0.4``, ``gelu="plain"``, ...) replacing its values, each checked.
+
+    Raises:
+      ValueError: an unknown preset or setting, or a value out of its range (one line naming it).
+    """
+    _check_known(overrides, RULE_SETTINGS)
+    if isinstance(rules, Rules):
+        base = rules
+    elif isinstance(rules, str):
+        base = preset(rules).rules
+    else:
+        raise ValueError(f"rules must be a preset name ({', '.join(PRESETS)}) or a jaxpull.Rules, got {rules!r}")
+    return base.replace(**overrides) if overrides else base
+
+
+def scalars(rules: Rules, ascent: Optional[Ascent] = None) -> None:
+    """ValueError if a concrete number of ``rules`` (or ``ascent``) is an array: one call computes one
+    rule set. Inside ``jax.vmap`` the numbers are tracers (one slice each) and pass."""
+    for owner, table in ((rules, RULE_SETTINGS), (ascent, ASCENT_SETTINGS)):
+        if owner is None:
+            continue
+        for name, s in table.items():
+            holder = owner if s.part == "ascent" else getattr(owner, s.part)
+            value = getattr(holder, s.attr)
+            if s.kind == "number" and np.ndim(value) > 0 and not isinstance(value, jax.core.Tracer):
+                raise ValueError(
+                    f"{name} has {np.size(value)} values: one call takes one; sweep over them with jax.vmap "
+                    f"(in_axes=rules.batch_axes()) or `jaxpull sweep --temperatures`"
+                )
+
+
+def resolve_ascent(
+    rules: Union[Rules, str] = DEFAULT_RULES, ascent: Union[Ascent, str, None] = None, **overrides
+) -> Ascent:
+    """The ascent to use: ``ascent`` (an :class:`Ascent`, or a preset's name), else the ascent of the
+    preset named ``rules`` (the default preset's for a composite), with the flat ascent settings
+    ``overrides`` (``steps=10``, ``eps=None``, ...) replacing its values, each checked."""
+    _check_known(overrides, ASCENT_SETTINGS)
+    if isinstance(ascent, Ascent):
+        base = ascent
+    elif ascent is not None:
+        base = preset(ascent).ascent
+    else:
+        base = preset(rules if isinstance(rules, str) else DEFAULT_RULES).ascent
+    return dataclasses.replace(base, **{k: ASCENT_SETTINGS[k].check(v) for k, v in overrides.items()})
+
+
+def split(settings: Mapping[str, Any]) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+    """Flat settings split into (rule settings, ascent settings); ValueError for unknown names."""
+    _check_known(settings, SETTINGS)
+    rule = {k: v for k, v in settings.items() if k in RULE_SETTINGS}
+    return rule, {k: v for k, v in settings.items() if k in ASCENT_SETTINGS}
+
+
+def resolve_both(
+    rules: Union[Rules, str] = DEFAULT_RULES, ascent: Union[Ascent, str, None] = None, **settings
+) -> Tuple[Rules, Ascent]:
+    """:func:`resolve` and :func:`resolve_ascent` from one set of flat settings (rule and ascent names)."""
+    rule, asc = split(settings)
+    return resolve(rules, **rule), resolve_ascent(rules, ascent, **asc)
+
+
+def record(rules: Rules, ascent: Optional[Ascent] = None, name: Optional[str] = None) -> Dict[str, Any]:
+    """Every setting's value, JSON-able (what a saved result and a sweep's manifest store), with the
+    preset's name when the composite was resolved from one."""
+    out: Dict[str, Any] = {"rules": name} if name is not None else {}
+    out.update(rules.settings())
+    if ascent is not None:
+        out.update({n: s.get(ascent) for n, s in ASCENT_SETTINGS.items()})
+    return out
+
+
+# The paper's comparison (its figure's rows): method name -> the rules of each.
 COMPARISON: Dict[str, Dict[str, Any]] = {
     "excitation": dict(rules="excitation"),
     "semantic": dict(rules="semantic"),
-    "vanilla gradient": dict(rules="excitation", temperature=None),
+    "vanilla gradient": dict(rules="vanilla"),
 }
 
 
-def make_gatings(methods: Mapping[str, Mapping[str, Any]]) -> Dict[str, Gating]:
-    """One :func:`make_gating` per method: ``methods`` maps a name to ``rules`` and gate settings
-    (``GATE_SETTINGS``). Checks that there is at least one method and no other keyword."""
+def resolve_methods(methods: Mapping[str, Any]) -> Dict[str, Rules]:
+    """Rules per method: ``methods`` maps a name to a :class:`Rules`, a preset's name, or a dict of
+    ``rules`` and flat rule settings. Checks that there is at least one method."""
     if not isinstance(methods, Mapping) or not methods:
-        raise ValueError(f"methods must be a non-empty dict of name -> rules and gate settings, got {methods!r}")
-    gatings = {}
+        raise ValueError(f"methods must be a non-empty dict of name -> rules, got {methods!r}")
+    out = {}
     for name, given in methods.items():
-        if not isinstance(given, Mapping):
-            raise ValueError(f"method {name!r}: give a dict of rules and gate settings, got {given!r}")
-        unknown = sorted(set(given) - {"rules", *GATE_SETTINGS})
-        if unknown:
-            raise ValueError(
-                f"method {name!r}: unknown setting(s) {', '.join(unknown)}: use rules, {', '.join(GATE_SETTINGS)}"
-            )
         try:
-            gatings[name] = make_gating(**given)
+            if isinstance(given, (Rules, str)):
+                out[name] = resolve(given)
+            elif isinstance(given, Mapping):
+                out[name] = resolve(**given)
+            else:
+                raise ValueError(f"give a jaxpull.Rules, a preset name or a dict of rules and settings, got {given!r}")
         except ValueError as e:
             raise ValueError(f"method {name!r}: {e}") from None
-    return gatings
+        except TypeError as e:
+            raise ValueError(f"method {name!r}: {e}") from None
+    return out
 
 
-# the settings make_ascent takes (``project`` follows from ``eps``)
-ASCENT_SETTINGS = tuple(f.name for f in dataclasses.fields(Ascent) if f.name != "project")
-
-
-def make_ascent(*, rules: str = DEFAULT_RULES, **overrides) -> Ascent:
-    """Validate the ascent settings and build an :class:`Ascent`.
-
-    ``overrides``: any of steps, alpha, eps (None: no projection), margin, loss, relative_alpha,
-    clip; every setting not given (or given as ``FROM_RULES``) comes from the preset ``rules``.
-    Concrete numbers become Python numbers (so every call shares one compiled function); traced
-    values pass through.
-    """
-    unknown = sorted(set(overrides) - set(ASCENT_SETTINGS))
-    if unknown:
-        raise ValueError(f"unknown ascent option(s) {', '.join(unknown)}: use {', '.join(ASCENT_SETTINGS)}")
-    base = preset(rules).ascent
-    v = {k: getattr(base, k) if overrides.get(k, FROM_RULES) is FROM_RULES else overrides[k] for k in ASCENT_SETTINGS}
-    eps = v["eps"]
-    if eps is not None:
-        eps = checks.positive_number(eps, "eps", " (or None for no projection)")
-    return Ascent(
-        steps=checks.whole(v["steps"], "steps", 0),
-        alpha=checks.positive_number(v["alpha"], "alpha"),
-        eps=eps,
-        margin=checks.non_negative(v["margin"], "margin"),
-        loss=checks.choice(v["loss"], LOSSES, "loss"),
-        relative_alpha=checks.flag(v["relative_alpha"], "relative_alpha"),
-        project=eps is not None,
-        clip=checks.flag(v["clip"], "clip"),
-    )
-
-
-def resolved(rules: str = DEFAULT_RULES, **given) -> Dict[str, Any]:
-    """Every gate and ascent setting once ``given`` (any of ``GATE_SETTINGS`` and ``ASCENT_SETTINGS``)
-    overrides the preset ``rules``, checked as ``make_gating`` and ``make_ascent`` check them:
-    ``{"rules": ..., "temperature": ..., ..., "steps": ..., "alpha": ..., "eps": ..., "margin": ...}``,
-    what a saved result records."""
-    gating = make_gating(**{k: v for k, v in given.items() if k in GATE_SETTINGS}, rules=rules)
-    ascent = make_ascent(**{k: v for k, v in given.items() if k not in GATE_SETTINGS}, rules=rules)
-    return dict(
-        rules=rules,
-        **{n: getattr(gating, n) for n in GATE_SETTINGS},
-        **{n: getattr(ascent, n) for n in ("steps", "alpha", "eps", "margin")},
-    )
+def settings_markdown() -> str:
+    """The table of every setting and its value in each preset, as ``docs/method.md`` shows it
+    (generated here, and checked against the document by tests/test_rules.py)."""
+    names = list(PRESETS)
+    lines = [
+        "| setting | what it sets | " + " | ".join(f"`{n}`" for n in names) + " |",
+        "|---|---|" + "---|" * len(names),
+    ]
+    for name, s in SETTINGS.items():
+        values = []
+        for p in PRESETS.values():
+            v = s.get(p.ascent if s.part == "ascent" else getattr(p.rules, s.part))
+            values.append("none" if v is None else f"{v:g}" if isinstance(v, float) else str(v))
+        doc = s.summary.replace("|", "\\|")
+        if s.kind == "choice":
+            doc += ": " + ", ".join(f"`{c}`" for c in s.choices)
+        lines.append(f"| `{name}` | {doc} | " + " | ".join(values) + " |")
+    return "\n".join(lines) + "\n"

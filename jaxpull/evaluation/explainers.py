@@ -41,15 +41,16 @@ from jax import lax
 
 from jaxpull.core import checks, settings
 from jaxpull.core import pullback as method
-from jaxpull.core.gates import VANILLA, Gating
 from jaxpull.core.model import Model
+from jaxpull.core.rules import Rules
+from jaxpull.core.settings import VANILLA
 
 Explainer = Callable[..., jax.Array]
 
 
 @functools.partial(jax.jit, static_argnames=("samples",))
 def noise_average_core(
-    model: Model, x: jax.Array, targets: jax.Array, gating: Gating, key: jax.Array, sigma: jax.Array, samples: int
+    model: Model, x: jax.Array, targets: jax.Array, rules: Rules, key: jax.Array, sigma: jax.Array, samples: int
 ) -> jax.Array:
     """Mean pullback (or gradient) over ``samples`` copies of ``x`` with N(0, sigma^2) noise.
 
@@ -59,7 +60,7 @@ def noise_average_core(
 
     def one(total, k):
         noisy = x + sigma * jax.random.normal(k, x.shape, x.dtype)
-        return total + method.pullback_core(model, noisy, targets, gating), None
+        return total + method.pullback_core(model, noisy, targets, rules), None
 
     zero = jnp.zeros(targets.shape + x.shape[1:], x.dtype)
     total, _ = lax.scan(one, zero, jax.random.split(key, samples))
@@ -87,14 +88,14 @@ def _checked(model: Model, x, targets):
     return x, checks.targets(targets, x.shape[0], model.num_classes)
 
 
-def pullback(model: Model, x, targets, **gates) -> jax.Array:
-    """Excitation pullbacks (``jaxpull.pullback``; ``gates``: rules, temperature, ...): ``(N, K, H, W, 3)``."""
-    return method.pullback(model, x, targets, **gates)
+def pullback(model: Model, x, targets, **rules) -> jax.Array:
+    """Excitation pullbacks (``jaxpull.pullback``; ``rules``: the preset and overrides): ``(N, K, H, W, 3)``."""
+    return method.pullback(model, x, targets, **rules)
 
 
 def gradient(model: Model, x, targets) -> jax.Array:
     """Vanilla gradient of each target logit: ``(N, K, H, W, 3)``."""
-    return method.pullback(model, x, targets, temperature=None)
+    return method.pullback(model, x, targets, rules="vanilla")
 
 
 def pullback_ascent(model: Model, x, targets, **options) -> jax.Array:
@@ -102,9 +103,10 @@ def pullback_ascent(model: Model, x, targets, **options) -> jax.Array:
     return method.ascent(model, x, targets, output="diff", **options)
 
 
-def gradient_ascent(model: Model, x, targets, **options) -> jax.Array:
-    """x_K - x0 of the same PGA along vanilla gradients: ``(N, K, H, W, 3)``."""
-    return method.ascent(model, x, targets, temperature=None, output="diff", **options)
+def gradient_ascent(model: Model, x, targets, *, rules: str = settings.DEFAULT_RULES, **options) -> jax.Array:
+    """x_K - x0 of the same PGA along vanilla gradients, with the ascent settings of the preset ``rules``
+    (``options``: ascent overrides): ``(N, K, H, W, 3)``."""
+    return method.ascent(model, x, targets, rules="vanilla", ascent=rules, output="diff", **options)
 
 
 def gradient_x_input(model: Model, x, targets) -> jax.Array:
@@ -113,12 +115,12 @@ def gradient_x_input(model: Model, x, targets) -> jax.Array:
     return method.pullback_core(model, x, t, VANILLA) * x[:, None]
 
 
-def _smooth(model: Model, x, targets, gating: Gating, samples: int, sigma: float, seed: int) -> jax.Array:
+def _smooth(model: Model, x, targets, rules: Rules, samples: int, sigma: float, seed: int) -> jax.Array:
     x, t = _checked(model, x, targets)
     samples = checks.count(samples, "samples")
     sigma = checks.non_negative(sigma, "sigma")  # sigma 0: the plain mean of identical maps
     key = jax.random.key(seed)
-    return noise_average_core(model, x, t, gating, key, jnp.asarray(sigma, jnp.float32), samples)
+    return noise_average_core(model, x, t, rules, key, jnp.asarray(sigma, jnp.float32), samples)
 
 
 def smoothgrad(model: Model, x, targets, *, samples: int = 50, sigma: float = 0.15, seed: int = 0) -> jax.Array:
@@ -134,11 +136,11 @@ def smoothgrad_pullback(
     samples: int = 50,
     sigma: float = 0.15,
     seed: int = 0,
-    **gates,
+    rules=settings.DEFAULT_RULES,
+    **overrides,
 ) -> jax.Array:
-    """SmoothGrad of excitation pullbacks (``gates``: rules, temperature, ...): ``(N, K, H, W, 3)``."""
-    gating = settings.make_gating(**gates)
-    return _smooth(model, x, targets, gating, samples, sigma, seed)
+    """SmoothGrad of excitation pullbacks (``rules`` and overrides as ``jaxpull.pullback``): ``(N, K, H, W, 3)``."""
+    return _smooth(model, x, targets, settings.resolve(rules, **overrides), samples, sigma, seed)
 
 
 def integrated_gradients(model: Model, x, targets, *, steps: int = 50) -> jax.Array:
@@ -150,7 +152,7 @@ def integrated_gradients(model: Model, x, targets, *, steps: int = 50) -> jax.Ar
 def guided_backprop(model: Model, x, targets) -> jax.Array:
     """Guided Backprop: ReLU backward passes only positive gradients at active units: ``(N, K, H, W, 3)``."""
     x, t = _checked(model, x, targets)
-    return method.pullback_core(model, x, t, Gating(guided=True))
+    return method.pullback_core(model, x, t, settings.PRESETS["guided"].rules)
 
 
 # --------------------------------------------------------------------------------------
@@ -160,9 +162,9 @@ def guided_backprop(model: Model, x, targets) -> jax.Array:
 CURRENT_RULES = "semantic"
 
 
-def soft_pullback(model: Model, x, targets, *, rules: str = CURRENT_RULES, **gates) -> jax.Array:
+def soft_pullback(model: Model, x, targets, *, rules=CURRENT_RULES, **overrides) -> jax.Array:
     """SoftPullback: one gated gradient of each target logit, not normalised: ``(N, K, H, W, 3)``."""
-    return method.pullback(model, x, targets, rules=rules, **gates)
+    return method.pullback(model, x, targets, rules=rules, **overrides)
 
 
 def _no_clip_option(options: dict, name: str) -> None:
@@ -170,25 +172,18 @@ def _no_clip_option(options: dict, name: str) -> None:
         raise ValueError(f"{name} fixes its clamping: drop clip, or use pullback_ascent (which takes it)")
 
 
-def pullback_ascent_no_clip(model: Model, x, targets, *, rules: str = CURRENT_RULES, **options) -> jax.Array:
+def pullback_ascent_no_clip(model: Model, x, targets, *, rules=CURRENT_RULES, **options) -> jax.Array:
     """PullbackAscent: x_K - x0 of the preset's ascent (5 steps, alpha 20, eps None for
     ``"semantic"``) with no clamping at all, so x_K may leave [-1, 1]: ``(N, K, H, W, 3)``."""
     _no_clip_option(options, "PullbackAscent")
-    return method.ascent(model, x, targets, rules=rules, clip=False, output="diff", **options)
+    return method.ascent(model, x, targets, rules=rules, clip="none", output="diff", **options)
 
 
-def pullback_ascent_clip_last(model: Model, x, targets, *, rules: str = CURRENT_RULES, **options) -> jax.Array:
+def pullback_ascent_clip_last(model: Model, x, targets, *, rules=CURRENT_RULES, **options) -> jax.Array:
     """PullbackAscentClipLast: the unclamped ascent, x_K clamped to [-1 - margin, 1 + margin]
-    after the last step only; returns x_K - x0, ``(N, K, H, W, 3)``.
-
-    Clamping only after the last step is clamping the final iterate of the unclamped ascent
-    (the projection, if any, comes before the clamp within a step).
-    """
+    after the last step only; returns x_K - x0, ``(N, K, H, W, 3)``."""
     _no_clip_option(options, "PullbackAscentClipLast")
-    x = checks.images(x)
-    margin = settings.make_ascent(rules=rules, margin=options.get("margin", settings.FROM_RULES)).margin
-    xk = method.ascent(model, x, targets, rules=rules, clip=False, output="image", **options)
-    return jnp.clip(xk, -1.0 - margin, 1.0 + margin) - x[:, None]
+    return method.ascent(model, x, targets, rules=rules, clip="last", output="diff", **options)
 
 
 def smooth_pullback(
@@ -199,11 +194,11 @@ def smooth_pullback(
     samples: int = 50,
     sigma: float = 0.15,
     seed: int = 0,
-    rules: str = CURRENT_RULES,
-    **gates,
+    rules=CURRENT_RULES,
+    **overrides,
 ) -> jax.Array:
     """SmoothPullback: mean pullback over ``samples`` noisy copies (sigma in [-1, 1] units): ``(N, K, H, W, 3)``."""
-    return _smooth(model, x, targets, settings.make_gating(rules=rules, **gates), samples, sigma, seed)
+    return _smooth(model, x, targets, settings.resolve(rules, **overrides), samples, sigma, seed)
 
 
 EXPLAINERS: Dict[str, Explainer] = {

@@ -25,7 +25,7 @@ import numpy as np
 from jax import lax
 
 from jaxpull.core import checks
-from jaxpull.core.gates import VANILLA
+from jaxpull.core.settings import VANILLA
 from jaxpull.core.model import Model
 
 # Explainer restricted to one target per image: (x (N, H, W, 3), targets (N,)) -> (N, H, W, 3).

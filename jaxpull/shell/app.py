@@ -9,9 +9,12 @@ from __future__ import annotations
 
 from typing import Optional
 
+from jaxpull.core.settings import DEFAULT_RULES, PRESETS, SETTINGS
 from jaxpull.files import images
-from jaxpull.shell.explorer import DEFAULT_LABEL, METHODS, STRIP_TEMPERATURES, TOP1, Explorer
-from jaxpull.core.settings import DEFAULT_RULES, PRESETS
+from jaxpull.shell.explorer import DEFAULT_LABEL, FORM, METHODS, STRIP_TEMPERATURES, TOP1, Explorer, preset_form
+
+# The settings shown above the fold; every other one of FORM is in the "All settings" panel.
+PRIMARY = ("steps", "alpha", "eps", "temperature", "pool_temperature")
 
 INTRO = (
     "# jaxpull explorer\n"
@@ -45,12 +48,26 @@ def build(explorer: Explorer):
         return (gr.update(choices=choices, value=TOP1), gr.update(visible=explorer.has_max_pools(name)))
 
     def preset_values(rules):
-        """The form's numbers of a preset: steps, alpha, eps, t, tp (empty eps: no projection; empty tp: t)."""
-        p = PRESETS[rules]
-        return p.ascent.steps, p.ascent.alpha, p.ascent.eps, p.temperature, p.pool_temperature
+        """Every form field's value in the preset ``rules``, in the order of FORM."""
+        values = preset_form(rules)
+        return tuple(values[n] for n in FORM)
+
+    def control(name: str, value):
+        """The control of one setting, generated from its field: a dropdown for a choice, a checkbox
+        for a flag, a number field otherwise (steps: no rounding in the page, 2.5 gets a message)."""
+        s = SETTINGS[name]
+        label = name.replace("_", " ")
+        elem_id = name.replace("_", "-")
+        if s.kind == "choice":
+            return gr.Dropdown(list(s.choices), value=value, label=label, info=s.doc, elem_id=elem_id)
+        if s.kind == "flag":
+            return gr.Checkbox(value=value, label=label, info=s.doc, elem_id=elem_id)
+        if s.field.metadata["optional"]:
+            label += " (empty: none)"
+        return gr.Number(value, label=label, info=s.doc, elem_id=elem_id)
 
     samples = list(images.sample_images())
-    defaults = preset_values(DEFAULT_RULES)
+    defaults = preset_form(DEFAULT_RULES)
     # delete_cache: Gradio's copies of uploads and results older than an hour go, checked hourly
     with gr.Blocks(title="jaxpull explorer", delete_cache=(3600, 3600)) as page:
         gr.Markdown(INTRO)
@@ -72,20 +89,19 @@ def build(explorer: Explorer):
                 )
                 method = gr.Radio(list(METHODS), value="both", label="Method", elem_id="method")
                 rules = gr.Radio(
-                    list(PRESETS), value=DEFAULT_RULES, label="Rules (sets every number below)", elem_id="rules"
+                    list(PRESETS), value=DEFAULT_RULES, label="Rules (sets every setting below)", elem_id="rules"
                 )
-                with gr.Row():  # steps: no rounding in the page (2.5 gets a message, not 2 steps)
-                    steps = gr.Number(defaults[0], label="steps", elem_id="steps")
-                    alpha = gr.Number(defaults[1], label="alpha", elem_id="alpha")
-                    eps = gr.Number(defaults[2], label="eps (empty: no projection)", elem_id="eps")
+                fields = {}
                 with gr.Row():
-                    temperature = gr.Number(defaults[3], label="temperature t", elem_id="temperature")
-                    pool_temperature = gr.Number(
-                        defaults[4],
-                        label="pool temperature (empty: t)",
-                        elem_id="pool-temperature",
-                        visible=explorer.has_max_pools(DEFAULT_LABEL),
-                    )
+                    for name in PRIMARY:
+                        fields[name] = control(name, defaults[name])
+                with gr.Accordion("All settings", open=False, elem_id="all-settings"):
+                    for name in FORM:
+                        if name not in PRIMARY:
+                            fields[name] = control(name, defaults[name])
+                pool_temperature = fields["pool_temperature"]
+                pool_temperature.visible = explorer.has_max_pools(DEFAULT_LABEL)
+                form = [fields[n] for n in FORM]
                 run = gr.Button("Explain", variant="primary", elem_id="run")
                 strip = gr.Button(
                     f"Temperature strip (t = {', '.join(f'{t:g}' for t in STRIP_TEMPERATURES)})", elem_id="strip"
@@ -101,20 +117,22 @@ def build(explorer: Explorer):
                     label="Temperature strip: x_K - x0 per t", type="numpy", interactive=False, elem_id="strip-result"
                 )
         model.change(guarded(on_model, 2), model, [target, pool_temperature])
-        rules.change(preset_values, rules, [steps, alpha, eps, temperature, pool_temperature])
+        rules.change(preset_values, rules, form)
+
+        def explain(upload, sample, model, target, method, rules, *values):
+            return explorer.explain(upload, sample, model, target, method, rules, **dict(zip(FORM, values)))
+
+        def strip_handler(upload, sample, model, target, rules, *values):
+            return explorer.strip(upload, sample, model, target, rules, **dict(zip(FORM, values)))
+
         inputs = [upload, sample, model, target]
         run.click(
-            guarded(explorer.explain, 4),
-            inputs + [method, steps, alpha, eps, temperature, pool_temperature, rules],
+            guarded(explain, 4),
+            inputs + [method, rules] + form,
             [top5, picture, arrays, note],
             concurrency_id="compute",
         )
-        strip.click(
-            guarded(explorer.strip, 2),
-            inputs + [steps, alpha, eps, pool_temperature, rules],
-            [strip_picture, note],
-            concurrency_id="compute",
-        )
+        strip.click(guarded(strip_handler, 2), inputs + [rules] + form, [strip_picture, note], concurrency_id="compute")
     page.queue(default_concurrency_limit=1, max_size=64)
     return page
 

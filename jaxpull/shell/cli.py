@@ -12,7 +12,8 @@ import sys
 from typing import List, Optional
 
 
-from jaxpull.core.settings import DEFAULT_RULES, FROM_RULES, PRESETS
+from jaxpull.core.rules.base import SettingError
+from jaxpull.core.settings import DEFAULT_RULES, PRESETS, SETTINGS
 
 DEFAULT_MODEL = "mobilenet_v2"  # jaxpull.files.cache.DEFAULT_MODEL (not imported here: that loads jax)
 
@@ -39,22 +40,14 @@ def _convert(args: argparse.Namespace) -> int:
 
 
 def _given(args: argparse.Namespace) -> dict:
-    """The gate and ascent setting flags the user gave (the others come from ``--rules``)."""
-    from jaxpull.core import settings
-
-    return {
-        n: getattr(args, n)
-        for n in settings.ASCENT_SETTINGS + settings.GATE_SETTINGS
-        if getattr(args, n, FROM_RULES) is not FROM_RULES
-    }
+    """The rule and ascent setting flags the user gave (a flag not given is absent from ``args``; its
+    value comes from ``--rules``)."""
+    return {n: getattr(args, n) for n in SETTINGS if hasattr(args, n)}
 
 
 def _explain(args: argparse.Namespace) -> int:
-    from jaxpull.core import checks
     from jaxpull.shell import tasks
 
-    if args.method != "vanilla" and args.temperature is not FROM_RULES:  # the CLI's vanilla is --method vanilla
-        checks.positive(args.temperature, "--temperature", " (for the vanilla gradient use --method vanilla)")
     tasks.explain(
         args.model,
         args.images,
@@ -113,7 +106,7 @@ def _sweep(args: argparse.Namespace) -> int:
     from jaxpull.shell import tasks
 
     given = _given(args)
-    temperatures = FROM_RULES if args.temperatures is FROM_RULES else parse_temperatures(args.temperatures)
+    temperatures = None if args.temperatures is None else parse_temperatures(args.temperatures)
     tasks.sweep(
         args.model,
         args.images,
@@ -149,7 +142,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         stages=args.stages,
         sensitivity_samples=args.sensitivity_samples,
         rules=args.rules,
-        temperature=args.temperature,
+        overrides=_given(args),
         samples=args.samples,
         resamples=args.resamples,
         seed=args.seed,
@@ -188,92 +181,47 @@ def _number_or_none(text: str):
     return None if text.strip().lower() == "none" else _number(text)
 
 
-def _from_rules(get) -> str:
-    """``(default 5)`` when the presets agree, else ``(default from --rules: excitation 0.3, semantic 0.6)``."""
-    values = {name: "none" if get(rules) is None else get(rules) for name, rules in PRESETS.items()}
-    if len({repr(v) for v in values.values()}) == 1:
+def _preset_defaults(name: str) -> str:
+    """``(default 5)`` when the presets agree, else ``(default from --rules: excitation 0.3, semantic 0.6, ...)``."""
+    s = SETTINGS[name]
+    values = {}
+    for preset_name, p in PRESETS.items():
+        v = s.get(p.ascent if s.part == "ascent" else getattr(p.rules, s.part))
+        values[preset_name] = "none" if v is None else f"{v:g}" if isinstance(v, float) else str(v)
+    if len(set(values.values())) == 1:
         return f"(default {next(iter(values.values()))})"
     return "(default from --rules: " + ", ".join(f"{n} {v}" for n, v in values.items()) + ")"
 
 
-def _add_settings(p: argparse.ArgumentParser, temperature: bool = True) -> None:
-    """The rules preset and the gate / ascent flags, each defaulting to the preset's value."""
-    from jaxpull.core.gates import ATTENTION_RULES, GATES, LAYER_NORM_RULES, POOL_WEIGHTS
-
+def _add_settings(p: argparse.ArgumentParser, skip=(), table=None) -> None:
+    """``--rules`` and one flag per rule and ascent setting of ``table`` (default
+    :data:`jaxpull.core.settings.SETTINGS`), generated from the settings' own fields: a flag not given
+    is absent from the parsed arguments, and the setting takes the preset's value."""
     p.add_argument(
         "--rules",
         choices=list(PRESETS),
         default=DEFAULT_RULES,
         help=f"rule set (default {DEFAULT_RULES}): " + "; ".join(f"{n}: {r.description}" for n, r in PRESETS.items()),
     )
-    p.add_argument(
-        "--steps", type=_number, default=FROM_RULES, help="ascent steps " + _from_rules(lambda r: r.ascent.steps)
-    )
-    p.add_argument(
-        "--alpha", type=_number, default=FROM_RULES, help="ascent step size " + _from_rules(lambda r: r.ascent.alpha)
-    )
-    p.add_argument(
-        "--eps",
-        type=_number_or_none,
-        default=FROM_RULES,
-        help="L2 ball radius around the image, or none for no projection " + _from_rules(lambda r: r.ascent.eps),
-    )
-    if temperature:
-        p.add_argument(
-            "--temperature",
-            type=_number,
-            default=FROM_RULES,
-            help="ReLU gate temperature " + _from_rules(lambda r: r.temperature),
-        )
-    p.add_argument(
-        "--pool-temperature",
-        type=_number_or_none,
-        default=FROM_RULES,
-        help="max-pool temperature, none: the ReLU temperature; no effect on models without max-pools "
-        + _from_rules(lambda r: r.pool_temperature),
-    )
-    p.add_argument("--gate", choices=GATES, default=FROM_RULES, help="ReLU gate " + _from_rules(lambda r: r.gate))
-    p.add_argument(
-        "--pool-weights",
-        choices=POOL_WEIGHTS,
-        default=FROM_RULES,
-        help="max-pool softmax weights " + _from_rules(lambda r: r.pool_weights),
-    )
-    # the semantic version's rules (transformer-era layers; no effect on models without them)
-    p.add_argument(
-        "--gelu-temperature",
-        type=_number_or_none,
-        default=FROM_RULES,
-        help="GELU gate temperature, backward g * Phi(z / t); none: the plain derivative "
-        + _from_rules(lambda r: r.gelu_temperature),
-    )
-    p.add_argument(
-        "--silu-temperature",
-        type=_number_or_none,
-        default=FROM_RULES,
-        help="SiLU gate temperature, backward g * sigmoid(z / t); none: the plain derivative "
-        + _from_rules(lambda r: r.silu_temperature),
-    )
-    p.add_argument(
-        "--layer-norm",
-        choices=LAYER_NORM_RULES,
-        default=FROM_RULES,
-        help="LayerNorm backward: detached (mean and variance held constant) or plain "
-        + _from_rules(lambda r: r.layer_norm),
-    )
-    p.add_argument(
-        "--attention",
-        choices=ATTENTION_RULES,
-        default=FROM_RULES,
-        help="attention backward: tempered (query and key scaled by 1/t, straight through), value_only "
-        "(attention weights held constant) or plain " + _from_rules(lambda r: r.attention),
-    )
-    p.add_argument(
-        "--attention-temperature",
-        type=_number,
-        default=FROM_RULES,
-        help="t of --attention tempered; 1 is the plain gradient " + _from_rules(lambda r: r.attention_temperature),
-    )
+    for name, s in (SETTINGS if table is None else table).items():
+        if name in skip:
+            continue
+        flag = "--" + name.replace("_", "-")
+        help_text = f"{s.doc} {_preset_defaults(name)}" if name in SETTINGS else s.doc
+        if s.kind == "choice":
+            p.add_argument(flag, choices=s.choices, default=argparse.SUPPRESS, help=help_text)
+        elif s.kind == "flag":
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
+        else:
+            optional = s.field.metadata["optional"]
+            kind = _number_or_none if optional else _number
+            p.add_argument(
+                flag,
+                type=kind,
+                default=argparse.SUPPRESS,
+                metavar="NUMBER" + ("|none" if optional else ""),
+                help=help_text,
+            )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -322,12 +270,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", default="all", help="all, a range 0-99, or a comma list (default all)")
     p.add_argument(
         "--temperatures",
-        default=FROM_RULES,
-        help="comma list; 'none' for vanilla " + _from_rules(lambda r: r.temperature),
+        default=None,
+        help="comma list of ReLU temperatures; 'none' for the exact gradient (default: the --temperature of --rules)",
     )
     p.add_argument("--method", choices=["pullback", "ascent"], default="pullback")
     p.add_argument("--reduce", choices=["maps", "norms", "alignment"], default="alignment")
-    _add_settings(p, temperature=False)
+    _add_settings(p, skip=("temperature",))
     p.add_argument("--memory-budget", default="2GB", help="device memory per chunk (default 2GB)")
     p.add_argument("--chunk-size", type=int, default=None, help="labels per chunk (overrides the budget)")
     p.add_argument("--out", required=True, help="output directory (resumed if it holds the same sweep)")
@@ -360,19 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--sensitivity-samples", type=int, default=10, help="max-sensitivity perturbations per image (default 10)"
     )
-    p.add_argument(
-        "--rules",
-        choices=list(PRESETS),
-        default=DEFAULT_RULES,
-        help=f"rule set of the pullback and ascent explainers (default {DEFAULT_RULES}); the paper's current "
-        "explainers (SoftPullback, PullbackAscent, PullbackAscentClipLast, SmoothPullback) keep semantic",
-    )
-    p.add_argument(
-        "--temperature",
-        type=_number,
-        default=FROM_RULES,
-        help="temperature of the pullback explainers " + _from_rules(lambda r: r.temperature),
-    )
+    _add_settings(p)  # the rules of the explainers that take them (the paper's current ones default to semantic)
     p.add_argument("--samples", type=int, default=None, help="SmoothGrad / SmoothPullback samples (default 50)")
     p.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples (default 2000)")
     p.add_argument("--seed", type=int, default=0)
@@ -396,6 +332,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except KeyboardInterrupt:
         print("jaxpull: interrupted", file=sys.stderr)
         return 130
+    except SettingError as e:  # a setting's value: named as the flag the user typed
+        print(f"jaxpull: error: {e.as_flag()}", file=sys.stderr)
+        return 2
     except (ValueError, OSError, RuntimeError) as e:
         print(f"jaxpull: error: {e}", file=sys.stderr)
         return 2

@@ -9,30 +9,27 @@ functions (temperature, label, step size and steps are traced arguments).
 
 from __future__ import annotations
 
-import dataclasses
-
 import atexit
 import shutil
 import tempfile
 import threading
 import time
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from PIL import Image, ImageDraw
 
-from jaxpull.core import checks, pullback, models, settings
-from jaxpull.files import cache, images, outputs
-from jaxpull.shell.figures import normalize_cell
-from jaxpull.core.gates import Gating
+from jaxpull.core import checks, models, pullback, settings
 from jaxpull.core.model import Model
 from jaxpull.core.preprocessing import Preprocessing
-from jaxpull.core.settings import DEFAULT_RULES, Ascent
+from jaxpull.core.rules import Rules
+from jaxpull.core.settings import DEFAULT_RULES, SETTINGS, Ascent
+from jaxpull.files import cache, images, outputs
+from jaxpull.shell.figures import normalize_cell
 
 DEFAULT_LABEL = f"{cache.DEFAULT_MODEL} (offline default)"
 TOP1 = "top-1 of the image"
@@ -95,47 +92,50 @@ def read_upload(path: str, preprocessing: Preprocessing = Preprocessing()) -> Tu
 
 
 @jax.jit
-def strip_core(model: Model, x: jax.Array, targets: jax.Array, gating: Gating, ascent: Ascent) -> jax.Array:
-    """x_K - x0 for every temperature in one vmapped call over ``gating``'s temperatures.
+def strip_core(model: Model, x: jax.Array, targets: jax.Array, rules: Rules, ascent: Ascent) -> jax.Array:
+    """x_K - x0 for every ReLU temperature in one vmapped call: ``rules.relu.temperature`` ``(T,)``,
+    ``x`` ``(1, H, W, 3)``, ``targets`` ``(1, 1)`` -> ``(T, H, W, 3)``."""
 
-    ``x`` ``(1, H, W, 3)``, ``targets`` ``(1, 1)``, ``gating.temperature`` and
-    ``gating.pool_temperature`` ``(T,)`` -> ``(T, H, W, 3)``.
-    """
+    def one(r: Rules) -> jax.Array:
+        return pullback.ascent_core(model, x, targets, r, ascent)[0, 0] - x[0]
 
-    def one(t, tp):
-        g = dataclasses.replace(gating, temperature=t, pool_temperature=tp)
-        return pullback.ascent_core(model, x, targets, g, ascent)[0, 0] - x[0]
-
-    return jax.vmap(one)(gating.temperature, gating.pool_temperature)
+    return jax.vmap(one, in_axes=(rules.batch_axes(),))(rules)
 
 
-@dataclass
-class Settings:
-    """One request's settings, checked by :meth:`Explorer.settings` (with :mod:`jaxpull.core.settings`)."""
+# The form's fields: every rule and ascent setting (jaxpull.core.settings.SETTINGS), in that order;
+# the page builds one control per entry, the handlers take them by name.
+FORM = tuple(SETTINGS)
 
-    rules: str
+
+class Request(NamedTuple):
+    """One request's settings, checked by :meth:`Explorer.settings`."""
+
+    rules: Rules
     ascent: Ascent
-    temperature: float
-    pool_temperature: Optional[float]  # None: same as the temperature
-
-    def gating(self, temperature) -> Gating:
-        """The gates at ``temperature`` (a number, ``(T,)`` numbers, or None for vanilla)."""
-        tp = None if temperature is None else self.pool_temperature
-        if tp is not None and np.ndim(temperature):
-            tp = np.full(np.shape(temperature), tp, np.float32)
-        return settings.make_gating(temperature, tp, rules=self.rules)
 
 
-def _number(value, name: str, optional: bool = False) -> Optional[float]:
-    """A form field as a float (None if empty and ``optional``); its range is checked by jaxpull.core.settings."""
+def form_value(name: str, value):
+    """A form field's value as its setting takes it: an empty number is None where the setting allows
+    None (eps: no projection), else a one-line error; numbers typed as text become floats."""
+    s = SETTINGS[name]
+    if s.kind != "number":
+        return value
     if value is None or (isinstance(value, str) and not value.strip()):
-        if optional:
+        if s.field.metadata["optional"]:
             return None
         raise ValueError(f"{name} is empty: enter a number")
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a number, got {value!r}") from None
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            raise ValueError(f"{name} must be a number, got {value!r}") from None
+    return value
+
+
+def preset_form(name: str) -> Dict[str, object]:
+    """Every form field's value in the preset ``name`` (what the page shows when it is chosen)."""
+    p = settings.preset(name)
+    return {n: s.get(p.ascent if s.part == "ascent" else getattr(p.rules, s.part)) for n, s in SETTINGS.items()}
 
 
 def _caption(tile: np.ndarray, text: str) -> np.ndarray:
@@ -223,27 +223,13 @@ class Explorer:
         return model.label(head if head.isdigit() else choice)
 
     @staticmethod
-    def settings(steps, alpha, eps, temperature, pool_temperature, rules: str = DEFAULT_RULES) -> Settings:
-        """Check a request's fields with :mod:`jaxpull.core.settings` (one-line ValueError naming the field).
-
-        An empty eps means no projection, an empty pool temperature "same as t".
-        """
-        ascent = settings.make_ascent(
-            steps=_number(steps, "steps"),
-            alpha=_number(alpha, "alpha"),
-            eps=_number(eps, "eps", optional=True),
-            rules=rules,
-        )
+    def settings(rules: str = DEFAULT_RULES, **form) -> Request:
+        """Check a request's fields (by setting name, any subset; the others are the preset's) with
+        :mod:`jaxpull.core.settings`: a one-line ValueError naming the field."""
+        rule_set, ascent = settings.resolve_both(rules, **{k: form_value(k, v) for k, v in form.items()})
         if ascent.steps > MAX_STEPS:
             raise ValueError(f"steps = {ascent.steps} is more than this app runs: use at most {MAX_STEPS}")
-        s = Settings(
-            rules,
-            ascent,
-            _number(temperature, "temperature"),
-            _number(pool_temperature, "pool temperature", optional=True),
-        )
-        s.gating(s.temperature)  # checks the temperatures
-        return s
+        return Request(rule_set, ascent)
 
     # ---- requests ------------------------------------------------------------------------
 
@@ -253,27 +239,14 @@ class Explorer:
         p /= p.sum()
         return {f"{model.class_name(i)} ({i})": float(p[i]) for i in np.argsort(-p)[:5]}
 
-    def explain(
-        self,
-        upload,
-        sample,
-        model_name,
-        target,
-        method,
-        steps,
-        alpha,
-        eps,
-        temperature,
-        pool_temperature,
-        rules: str = DEFAULT_RULES,
-    ):
-        """One explanation request.
+    def explain(self, upload, sample, model_name, target, method, rules: str = DEFAULT_RULES, **form):
+        """One explanation request (``form``: rule and ascent settings by name, :data:`FORM`).
 
         Returns ``(top5, picture, arrays_path, note)``: ``picture`` uint8 ``(rows * 242, 3 * 224, 3)``,
         per method a row of the clean image, the perturbed x_K and the normalised x_K - x0.
         """
         checks.choice(method, METHODS, "method")
-        s = self.settings(steps, alpha, eps, temperature, pool_temperature, rules)
+        s = self.settings(rules, **form)
         model = self.model(model_name)
         x, note = self.image(upload, sample, model.preprocessing)
         start = time.perf_counter()
@@ -282,11 +255,11 @@ class Explorer:
         chosen = ["excitation pullback", "vanilla gradient"] if method == "both" else [method]
         rows, arrays = [], {"x0": x[0], "target": np.int32(label)}
         for m in chosen:
-            t = s.temperature if m == "excitation pullback" else None
+            rule_set = s.rules if m == "excitation pullback" else settings.VANILLA
             xk = np.asarray(
-                pullback.ascent_core(model, jnp.asarray(x), jnp.array([[label]], jnp.int32), s.gating(t), s.ascent)
+                pullback.ascent_core(model, jnp.asarray(x), jnp.array([[label]], jnp.int32), rule_set, s.ascent)
             )[0, 0]
-            key = "pullback" if t is not None else "vanilla"
+            key = "pullback" if m == "excitation pullback" else "vanilla"
             arrays[f"{key}_xk"], arrays[f"{key}_diff"] = xk, xk - x[0]
             tiles = [images.to_pixels(x[0]), images.to_pixels(xk), (normalize_cell(xk - x[0]) * 255).astype(np.uint8)]
             captions = ["clean x0", f"{m}: x_K", "x_K - x0 (normalised)"]
@@ -294,7 +267,11 @@ class Explorer:
         seconds = time.perf_counter() - start
         path = self.output_dir / f"jaxpull_{label}_{int(time.time() * 1000)}.npz"
         self._save_arrays(path, arrays)
-        summary = f"target {model.class_name(label)} ({label}); {s.ascent.steps} steps, alpha {s.ascent.alpha:g}, eps {s.ascent.eps}, t {s.temperature:g}; {seconds:.2f} s"
+        a = s.ascent
+        summary = (
+            f"target {model.class_name(label)} ({label}); {a.steps} steps, alpha {a.alpha:g}, eps {a.eps}, "
+            f"t {s.rules.relu.temperature:g}; {seconds:.2f} s"
+        )
         return (
             self.top5(model, logits),
             np.concatenate(rows, axis=0),
@@ -308,25 +285,21 @@ class Explorer:
         sample,
         model_name,
         target,
-        steps,
-        alpha,
-        eps,
-        pool_temperature=None,
         rules: str = DEFAULT_RULES,
         temperatures: Sequence[float] = STRIP_TEMPERATURES,
+        **form,
     ):
-        """The temperature strip: x_K - x0 for each temperature t, from one vmapped call.
-
-        The pool temperature is the request's (empty: each column's t). Returns ``(picture, note)``,
-        ``picture`` uint8 ``(242, T * 224, 3)``.
-        """
-        s = self.settings(steps, alpha, eps, temperatures[0], pool_temperature, rules)
+        """The temperature strip: x_K - x0 for each ReLU temperature t, from one vmapped call; every
+        other setting is the request's (``form``). Returns ``(picture, note)``, ``picture`` uint8
+        ``(242, T * 224, 3)``."""
+        form.pop("temperature", None)  # the strip's own
+        s = self.settings(rules, **form)
+        many = s.rules.replace(temperature=np.asarray(temperatures, np.float32))
         model = self.model(model_name)
         x, note = self.image(upload, sample, model.preprocessing)
         label = self.target(model, target, np.asarray(model(x))[0])
         start = time.perf_counter()
-        gating = s.gating(np.asarray(temperatures, np.float32))
-        diffs = np.asarray(strip_core(model, jnp.asarray(x), jnp.array([[label]], jnp.int32), gating, s.ascent))
+        diffs = np.asarray(strip_core(model, jnp.asarray(x), jnp.array([[label]], jnp.int32), many, s.ascent))
         seconds = time.perf_counter() - start
         tiles = [
             _caption((normalize_cell(d) * 255).astype(np.uint8), f"t = {t:g}") for d, t in zip(diffs, temperatures)

@@ -64,7 +64,7 @@ class Plan:
 
 @functools.partial(jax.jit, static_argnames=("method", "reduce"))
 def unit(
-    model: Model, x: jax.Array, labels: jax.Array, gating, ascent: settings.Ascent, *, method: str, reduce: str
+    model: Model, x: jax.Array, labels: jax.Array, rules, ascent: settings.Ascent, *, method: str, reduce: str
 ) -> jax.Array:
     """One unit: ``x`` ``(1, H, W, 3)``, ``labels`` ``(1, C)`` -> maps ``(C, H, W, 3)`` or ``(C,)``.
 
@@ -72,9 +72,9 @@ def unit(
     ``<map, x> / (||map|| ||x||)`` (cosine between the explanation and the image).
     """
     if method == "pullback":
-        maps = pullback_core(model, x, labels, gating)[0]
+        maps = pullback_core(model, x, labels, rules)[0]
     else:
-        maps = ascent_core(model, x, labels, gating, ascent)[0] - x[0]
+        maps = ascent_core(model, x, labels, rules, ascent)[0] - x[0]
     if reduce == "maps":
         return maps
     norms = jnp.sqrt(jnp.sum(maps**2, axis=(1, 2, 3)))
@@ -88,11 +88,11 @@ def _mesh(devices: Optional[Sequence[jax.Device]]):
     return Mesh(np.array(devices), ("labels",)), len(devices)
 
 
-def _unit_args(model, x1, labels, gating, ascent, mesh):
+def _unit_args(model, x1, labels, rules, ascent, mesh):
     """Place one unit's arguments: labels sharded over the mesh, everything else replicated."""
     rep = NamedSharding(mesh, PartitionSpec())
     labels = jax.device_put(jnp.asarray(labels, jnp.int32), NamedSharding(mesh, PartitionSpec(None, "labels")))
-    return jax.device_put((model, jnp.asarray(x1), gating, ascent), rep), labels
+    return jax.device_put((model, jnp.asarray(x1), rules, ascent), rep), labels
 
 
 def plan(
@@ -132,8 +132,8 @@ def plan(
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
         return Plan(chunk=-(-chunk_size // n_dev) * n_dev, per_label_bytes=0, base_bytes=0, devices=n_dev)
-    ascent = settings.make_ascent(rules=rules) if ascent is None else ascent
-    gating = settings.make_gating(rules=rules)
+    ascent = settings.resolve_ascent(rules) if ascent is None else ascent
+    rule_set = settings.resolve(rules)
 
     residuals, largest = forward_bytes(model, image_shape)
     per_label = 3 * largest + (residuals if method == "ascent" else 0)
@@ -143,7 +143,7 @@ def plan(
     def temp_bytes(c: int) -> int:
         x1 = jax.ShapeDtypeStruct((1,) + tuple(image_shape), jnp.float32)
         args, labels = _unit_args(
-            model, jnp.zeros(x1.shape, x1.dtype), np.zeros((1, c), np.int32), gating, ascent, mesh
+            model, jnp.zeros(x1.shape, x1.dtype), np.zeros((1, c), np.int32), rule_set, ascent, mesh
         )
         compiled = unit.lower(args[0], args[1], labels, *args[2:], method=method, reduce=reduce).compile()
         stats = compiled.memory_analysis()
@@ -187,7 +187,7 @@ def forward_bytes(model: Model, image_shape) -> tuple:
     """
     from jax.extend import core as jax_core
 
-    from jaxpull.core.gates import VANILLA
+    from jaxpull.core.settings import VANILLA
 
     x = jax.ShapeDtypeStruct((1,) + tuple(image_shape), jnp.float32)
     jaxpr = jax.make_jaxpr(lambda p, x: Model(p, model.spec).apply(x, VANILLA))(model.params, x)
@@ -286,25 +286,17 @@ def sweep(
     model: Model,
     x,
     labels: Sequence[int],
-    temperatures: Sequence[Optional[float]] = settings.FROM_RULES,
+    temperatures: Optional[Sequence[Optional[float]]] = None,
     *,
     method: str = "pullback",
     reduce: str = "maps",
     out: Optional[os.PathLike] = None,
     memory_budget: float = 2 * 2**30,
     chunk_size: Optional[int] = None,
-    rules: str = settings.DEFAULT_RULES,
-    pool_temperature: Optional[float] = settings.FROM_RULES,
-    gate: str = settings.FROM_RULES,
-    pool_weights: str = settings.FROM_RULES,
-    gelu_temperature: Optional[float] = settings.FROM_RULES,
-    silu_temperature: Optional[float] = settings.FROM_RULES,
-    layer_norm: str = settings.FROM_RULES,
-    attention: str = settings.FROM_RULES,
-    attention_temperature: Optional[float] = settings.FROM_RULES,
+    rules=settings.DEFAULT_RULES,
     progress: bool = True,
     devices: Optional[Sequence[jax.Device]] = None,
-    **ascent_options,
+    **overrides,
 ) -> Dict[str, np.ndarray]:
     """Run ``method`` for every image x temperature x label, in memory-bounded chunks.
 
@@ -312,13 +304,11 @@ def sweep(
       model: a converted model.
       x: images ``(N, H, W, 3)`` in [-1, 1].
       labels: the L class indices to explain (e.g. ``range(1000)``).
-      temperatures: the T temperatures (``None`` for the vanilla gradient); default: the one of
-        the preset ``rules``.
-      method: ``"pullback"`` or ``"ascent"`` (then ``ascent_options``: steps, alpha, eps, ...).
-      rules, pool_temperature, gate, pool_weights, gelu_temperature, silu_temperature, layer_norm,
-        attention, attention_temperature: the gates, as in :func:`jaxpull.pullback` (a None
-        temperature ignores all but ``gate`` and ``pool_weights``: it is the exact gradient);
-        ``rules`` also gives the ascent options not given (:func:`jaxpull.core.settings.make_ascent`).
+      temperatures: the T ReLU temperatures (``None`` for the exact gradient, ``rules="vanilla"``);
+        default: the one of ``rules``.
+      method: ``"pullback"`` or ``"ascent"``.
+      rules: a preset's name or a :class:`jaxpull.Rules`; ``overrides``: flat rule and ascent settings
+        (as :func:`jaxpull.ascent` takes them; the preset ``rules`` also gives the ascent settings not given).
       reduce: ``"maps"`` keeps every map ``(N, T, L, H, W, 3)``; ``"norms"`` keeps ``(N, T, L)``
         L2 norms; ``"alignment"`` keeps ``(N, T, L)`` cosines between map and image, and
         ``top_labels`` ``(N, T, L)``, the labels sorted by alignment.
@@ -336,25 +326,14 @@ def sweep(
     checks.choice(method, METHODS, "method")
     checks.choice(reduce, REDUCTIONS, "reduce")
     labels = np.asarray(checks.targets(np.asarray(labels), 1, model.num_classes))[0]
-    ascent = settings.make_ascent(rules=rules, **ascent_options)
-    temperatures = [settings.preset(rules).temperature] if temperatures is settings.FROM_RULES else list(temperatures)
+    if "temperature" in overrides:
+        raise ValueError("sweep takes temperatures (a list), not temperature: give temperatures=[...]")
+    base, ascent = settings.resolve_both(rules, **overrides)
+    temperatures = [base.relu.temperature] if temperatures is None else list(temperatures)
     if not temperatures:
-        raise ValueError("temperatures is empty: give at least one (None for vanilla)")
-    rule_options = dict(
-        pool_temperature=pool_temperature,
-        gelu_temperature=gelu_temperature,
-        silu_temperature=silu_temperature,
-        layer_norm=layer_norm,
-        attention=attention,
-        attention_temperature=attention_temperature,
-    )
-    # a None temperature is the exact gradient: the other rules do not apply to it (as the CLI's --method vanilla)
-    gatings = [
-        settings.make_gating(
-            t, gate=gate, pool_weights=pool_weights, rules=rules, **(rule_options if t is not None else {})
-        )
-        for t in temperatures
-    ]
+        raise ValueError("temperatures is empty: give at least one (None for the exact gradient)")
+    # a None temperature is the exact gradient (the CLI's --method vanilla): every rule plain
+    rule_sets = [settings.VANILLA if t is None else base.replace(temperature=t) for t in temperatures]
     n, L, T = len(x), len(labels), len(temperatures)
     shapes = {"maps": (n, T, L) + x.shape[1:]} if reduce == "maps" else {reduce: (n, T, L)}
 
@@ -366,13 +345,10 @@ def sweep(
         temperatures=temperatures,
         method=method,
         reduce=reduce,
-        rules=rules,
-        gate=gatings[0].gate,
-        pool_weights=gatings[0].pool_weights,
-        pool_temperatures=[None if g.pool_temperature is None else float(g.pool_temperature) for g in gatings],
-        semantic_rules=[_semantic_rules(g) for g in gatings],
-        options=dataclasses.asdict(ascent),
-        format=2,
+        rules=rules if isinstance(rules, str) else "custom",
+        rule_settings=[r.settings() for r in rule_sets],
+        ascent={n: s.get(ascent) for n, s in settings.ASCENT_SETTINGS.items()},
+        format=3,
     )
     fingerprint = _fingerprint(model, x, config)
     done, manifest_path, recorded_chunk = set(), None, None
@@ -425,7 +401,9 @@ def sweep(
     todo = [u for u in units if _unit_id(u, T, n_chunks) not in done]
     bar = tqdm(todo, desc=f"sweep ({len(units)} units of {chunk} labels)", unit="unit", disable=not progress)
     for i, k, c in bar:
-        args, lab = _unit_args(model, x[i : i + 1], padded[None, c * chunk : (c + 1) * chunk], gatings[k], ascent, mesh)
+        args, lab = _unit_args(
+            model, x[i : i + 1], padded[None, c * chunk : (c + 1) * chunk], rule_sets[k], ascent, mesh
+        )
         value = np.asarray(unit(args[0], args[1], lab, *args[2:], method=method, reduce=reduce))
         take = min(chunk, L - c * chunk)
         results[next(iter(results))][i, k, c * chunk : c * chunk + take] = value[:take]
@@ -441,18 +419,6 @@ def sweep(
             atomic_write(out / "top_labels.npy", lambda tmp: _save_npy(tmp, top))
             results["top_labels"] = np.load(out / "top_labels.npy", mmap_mode="r")
     return results
-
-
-def _semantic_rules(g) -> list:
-    """The GELU, SiLU, LayerNorm and attention rules of a Gating, JSON-able (for the manifest)."""
-    number = lambda t: None if t is None else float(t)
-    return [
-        number(g.gelu_temperature),
-        number(g.silu_temperature),
-        g.layer_norm,
-        g.attention,
-        number(g.attention_temperature),
-    ]
 
 
 def _save_npy(path: str, array: np.ndarray) -> None:

@@ -15,21 +15,12 @@ import numpy as np
 
 from jaxpull.core import checks, models, settings, targets
 from jaxpull.core.model import Model
-from jaxpull.core.settings import FROM_RULES, PRESETS
+from jaxpull.core.settings import PRESETS
 
 Log = Callable[[str], None]
 
 # ``explain``'s methods: figure headings.
 HEADINGS = {"pullback": "excitation pullback (PGA, x_K - x_0)", "vanilla": "vanilla gradient (PGA, x_K - x_0)"}
-# the gate settings that have no meaning for the vanilla gradient (``make_gating`` refuses them with temperature None)
-VANILLA_DROPS = (
-    "pool_temperature",
-    "gelu_temperature",
-    "silu_temperature",
-    "layer_norm",
-    "attention",
-    "attention_temperature",
-)
 
 
 def warn(message: str) -> None:
@@ -39,7 +30,7 @@ def warn(message: str) -> None:
 
 def note_unused_pool_settings(given: Mapping[str, Any], model: Model, log: Log = warn) -> None:
     """Say when a pool setting was given for a model without max-pools (it has no effect there)."""
-    flags = [f"--{n.replace('_', '-')}" for n in ("pool_temperature", "pool_weights") if n in given]
+    flags = [f"--{n.replace('_', '-')}" for n in ("pool_temperature", "max_pool") if n in given]
     if flags and not models.get(model.arch).max_pools:
         log(f"{' and '.join(flags)} has no effect: {model.arch} has no max-pools")
 
@@ -55,23 +46,24 @@ def explain_images(
     """Ascent differences x_K - x_0 per method (``"pullback"``, ``"vanilla"``), one image at a time
     (bounded memory): ``x`` ``(N, H, W, 3)``, ``target_ids`` ``(N, K)`` -> ``{method: (N, K, H, W, 3)}``.
 
-    ``options``: ``jaxpull.ascent`` keywords (``rules``, temperatures, ascent settings); the
-    vanilla gradient drops the gate settings it has no use for.
+    ``options``: ``jaxpull.ascent`` keywords (``rules`` and flat settings); the vanilla gradient runs
+    the same ascent under ``rules="vanilla"`` and drops the rule settings.
     """
     import jaxpull
     from tqdm import tqdm
 
     options = dict(options)
-    temperatures = {"pullback": options.pop("temperature", FROM_RULES), "vanilla": None}
+    rules = options.pop("rules", settings.DEFAULT_RULES)
+    rule_settings, ascent_settings = settings.split(options)
+    calls = {
+        "pullback": dict(rules=rules, **rule_settings, **ascent_settings),
+        "vanilla": dict(rules="vanilla", ascent=rules if isinstance(rules, str) else None, **ascent_settings),
+    }
     results = {m: np.zeros(target_ids.shape + x.shape[1:], np.float32) for m in methods}
     jobs = [(m, i) for m in methods for i in range(len(x))]
     for m, i in tqdm(jobs, desc="explaining", unit="image", disable=not progress or len(jobs) < 2):
-        opts = {k: v for k, v in options.items() if m != "vanilla" or k not in VANILLA_DROPS}
-        results[m][i] = np.asarray(
-            jaxpull.ascent(
-                model, x[i : i + 1], target_ids[i : i + 1], temperature=temperatures[m], output="diff", **opts
-            )
-        )[0]
+        diff = jaxpull.ascent(model, x[i : i + 1], target_ids[i : i + 1], output="diff", **calls[m])
+        results[m][i] = np.asarray(diff)[0]
     return results
 
 
@@ -98,7 +90,8 @@ def explain(
     from jaxpull.shell import figures
 
     checks.choice(method, ("pullback", "vanilla", "both"), "method")
-    record = settings.resolved(rules, **given)  # every setting checked before any work
+    rule_set, ascent = settings.resolve_both(rules, **given)  # every setting checked before any work
+    record = settings.record(rule_set, ascent, rules if isinstance(rules, str) else None)
     out = outputs.check_output(out, ".png")
     arrays_path = outputs.check_output(arrays_path, ".npz") if arrays_path else None
     model = cache.resolve(model_name, log=log)
@@ -115,7 +108,7 @@ def explain(
     figures.explanation_figure(x, {HEADINGS[m]: d for m, d in results.items()}, titles, out)
     log(f"wrote {out}")
     if arrays_path:
-        meta = {k: np.asarray(np.nan if v is None else v) for k, v in record.items() if not isinstance(v, str)}
+        meta = {k: np.asarray(np.nan if v is None else v) for k, v in record.items()}  # None: eps without a ball
         outputs.save_arrays(
             arrays_path,
             dict(
@@ -132,13 +125,14 @@ def explain(
 
 def _rules_text(name: str) -> str:
     """One line of a preset's settings, read from :data:`jaxpull.core.settings.PRESETS`."""
-    r = PRESETS[name]
-    a = r.ascent
-    tp = r.temperature if r.pool_temperature is None else r.pool_temperature
-    gate = {"sigmoid": "sigmoid", "normal_cdf": "normal-CDF"}.get(r.gate, r.gate)
+    p = PRESETS[name]
+    relu, pool, a = p.rules.relu, p.rules.max_pool, p.ascent
+    gate = {"sigmoid": "sigmoid", "normal_cdf": "normal-CDF"}.get(relu.gate, relu.gate)
     ball = f"L2 ball eps {a.eps:g}" if a.project else "no L2 ball"
-    return f"{gate} gate t {r.temperature:g}, {r.pool_weights} max-pool weights tp {tp:g}, {ball}, " + (
-        "clamp to [-1, 1] after every step" if a.clip else "no clamping"
+    clip = {"every": "clamp to [-1, 1] after every step", "last": "clamp after the last step", "none": "no clamping"}
+    return (
+        f"{gate} gate t {relu.temperature:g}, {pool.mode} max-pool weights tp {pool.temperature:g}, {ball}, "
+        + (clip[a.clip])
     )
 
 
@@ -223,7 +217,7 @@ def sweep(
     out: str,
     *,
     labels: str = "all",
-    temperatures=FROM_RULES,
+    temperatures=None,
     method: str = "pullback",
     reduce: str = "alignment",
     memory_budget: float = 2 * 2**30,
@@ -237,7 +231,7 @@ def sweep(
     from jaxpull.files import cache, images
     from jaxpull.shell import sweep as sweeps
 
-    settings.resolved(rules, **given)  # every setting checked before any work
+    settings.resolve_both(rules, **given)  # every setting checked before any work
     model = cache.resolve(model_name, log=log)
     x = images.load_images(image_paths, **model.preprocessing.image_options)
     note_unused_pool_settings(given, model)
@@ -256,7 +250,7 @@ def sweep(
     )
     log(f"wrote {', '.join(f'{k}.npy {tuple(v.shape)}' for k, v in result.items())} to {out}")
     if "top_labels" in result:
-        shown = [PRESETS[rules].temperature] if temperatures is FROM_RULES else temperatures
+        shown = [settings.resolve(rules).relu.temperature] if temperatures is None else temperatures
         for name, row in zip(image_paths, result["top_labels"]):
             for t, top in zip(shown, row):
                 log(
@@ -279,7 +273,7 @@ def evaluate(
     stages: int = 6,
     sensitivity_samples: int = 10,
     rules: str = settings.DEFAULT_RULES,
-    temperature=FROM_RULES,
+    overrides: Optional[Mapping[str, Any]] = None,
     samples: Optional[int] = None,
     resamples: int = 2000,
     seed: int = 0,
@@ -290,8 +284,9 @@ def evaluate(
     ``["samples"]`` (the offline photos), written as ``out`` (.md) and a .csv beside it.
 
     ``labels``: ``"top1"``, ``"folders"`` (an ImageNet-style folder's classes) or a comma list, one
-    per image. ``rules`` and ``temperature`` apply to the pullback explainers that take them, ``samples``
-    to the SmoothGrad ones. Every check runs before the model is loaded. Returns the markdown.
+    per image. ``rules`` applies to the explainers that follow a chosen preset, ``overrides`` (flat rule
+    and ascent settings) to the pullback and the ascent explainers, ``samples`` to the SmoothGrad ones.
+    Every check runs before the model is loaded. Returns the markdown.
     """
     from jaxpull.evaluation import explainers, pipeline
     from jaxpull.files import cache, images, outputs
@@ -307,9 +302,8 @@ def evaluate(
         sensitivity_samples=sensitivity_samples,
     )
     checks.seed(seed)
-    if temperature is not FROM_RULES:
-        checks.positive(temperature, "--temperature")
-    settings.make_gating(temperature, rules=rules)
+    rule_settings, ascent_settings = settings.split(overrides or {})
+    settings.resolve_both(rules, **rule_settings, **ascent_settings)  # checked before any work
     if list(image_sources) == ["samples"]:
         found = images.evaluation_photos()
         if len(found) < 3:
@@ -322,10 +316,13 @@ def evaluate(
     model = cache.resolve(model_name, log=log)
     pipeline.check_request(model, explainer_names, metric_names, len(paths))
     options = {n: {"rules": rules} for n in explainer_names if n in explainers.TAKE_RULES}
-    if temperature is not FROM_RULES:
-        options.update(
-            {n: {**options.get(n, {}), "temperature": temperature} for n in explainer_names if "pullback" in n.lower()}
-        )
+    for n in explainer_names:
+        given = {
+            **(rule_settings if "pullback" in n.lower() else {}),
+            **(ascent_settings if "ascent" in n.lower() else {}),
+        }
+        if given:
+            options[n] = {**options.get(n, {}), **given}
     if samples is not None:
         options.update(
             {

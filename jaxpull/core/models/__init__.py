@@ -28,7 +28,7 @@ from jaxpull.core.preprocessing import Preprocessing
 class Family(NamedTuple):
     """What the converter needs to know about an architecture."""
 
-    build: Callable[..., nn.Module]  # builder(num_classes=..., **config) -> module(x, gating) -> logits
+    build: Callable[..., nn.Module]  # builder(num_classes=..., **config) -> module(x, rules) -> logits
     torch_layout: Callable  # (arch, StateDict reader, **config) -> parameter tree
     max_pools: bool  # MAX_POOLS: whether the network has max-pools (a pool temperature applies)
     # The family file's optional facts (module constants of the same names):

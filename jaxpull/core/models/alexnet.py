@@ -5,8 +5,8 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 
-from jaxpull.core.gates import Gating
-from jaxpull.core.layers import Conv, Dense, adaptive_avg_pool, flatten_chw, max_pool, relu
+from jaxpull.core.rules import Rules
+from jaxpull.core.layers import Conv, Dense, adaptive_avg_pool, flatten_chw
 
 # (torchvision index, features, kernel, stride, padding, followed by a max-pool)
 FEATURES = (
@@ -24,14 +24,14 @@ class AlexNet(nn.Module):
     num_classes: int = 1000
 
     @nn.compact
-    def __call__(self, x: jax.Array, gating: Gating) -> jax.Array:
+    def __call__(self, x: jax.Array, rules: Rules) -> jax.Array:
         for index, features, kernel, stride, padding, pool in FEATURES:
-            x = relu(Conv(features, kernel, stride, padding, use_bias=True, name=f"features_{index}")(x), gating)
+            x = rules.relu(Conv(features, kernel, stride, padding, use_bias=True, name=f"features_{index}")(x))
             if pool:
-                x = max_pool(x, 3, 2, 0, gating)
+                x = rules.max_pool(x, 3, 2, 0)
         x = flatten_chw(adaptive_avg_pool(x, (6, 6)))
-        x = relu(Dense(4096, name="classifier_1")(x), gating)
-        x = relu(Dense(4096, name="classifier_4")(x), gating)
+        x = rules.relu(Dense(4096, name="classifier_1")(x))
+        x = rules.relu(Dense(4096, name="classifier_4")(x))
         return Dense(self.num_classes, name="classifier_6")(x)
 
 

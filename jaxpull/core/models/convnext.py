@@ -5,8 +5,8 @@ LayerNorm -> Linear 4x -> GELU -> Linear, scaled per channel by ``layer_scale``,
 separated by downsampling layers (LayerNorm, 2x2/2 convolution), then a global average pool,
 LayerNorm and ``Linear``. Stochastic depth is the identity in eval mode.
 
-The rules (METHOD.md, "Semantic pullbacks"): every GELU is gated (``gates.gelu``) and every
-LayerNorm goes through ``gates.layer_norm``; torchvision's channels-first ``LayerNorm2d`` is that
+The rules (docs/method.md, "The rules"): every GELU is gated (``rules.gelu``) and every
+LayerNorm goes through ``rules.layer_norm``; torchvision's channels-first ``LayerNorm2d`` is that
 same LayerNorm over the channels of NHWC. The layer scales, residual adds, convolutions and
 linear layers keep their plain derivatives. This is also the reference code's treatment (it
 swaps ``nn.GELU``, ``nn.LayerNorm`` and ``LayerNorm2d`` modules; torchvision's ConvNeXt has no
@@ -28,8 +28,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from jaxpull.core import gates
-from jaxpull.core.gates import Gating
+from jaxpull.core.rules import Rules
 from jaxpull.core.layers import Conv, Dense, LayerNorm, global_avg_pool
 from jaxpull.core.preprocessing import Preprocessing
 
@@ -61,11 +60,11 @@ class CNBlock(nn.Module):
     """``x + layer_scale * pwconv2(gelu(pwconv1(norm(dwconv(x)))))`` on ``(N, H, W, C)``."""
 
     @nn.compact
-    def __call__(self, x: jax.Array, gating: Gating) -> jax.Array:
+    def __call__(self, x: jax.Array, rules: Rules) -> jax.Array:
         dim = x.shape[-1]
         y = Conv(dim, 7, 1, 3, groups=dim, use_bias=True, name="dwconv")(x)
-        y = LayerNorm(LN_EPS, name="norm")(y, gating)
-        y = gates.gelu(Dense(4 * dim, name="pwconv1")(y), gating)
+        y = LayerNorm(LN_EPS, name="norm")(y, rules)
+        y = rules.gelu(Dense(4 * dim, name="pwconv1")(y))
         y = Dense(dim, name="pwconv2")(y)
         layer_scale = self.param("layer_scale", nn.initializers.constant(1e-6), (dim,))
         return x + layer_scale * y
@@ -82,9 +81,9 @@ class Stage(nn.Module):
     depth: int
 
     @nn.compact
-    def __call__(self, x: jax.Array, gating: Gating) -> jax.Array:
+    def __call__(self, x: jax.Array, rules: Rules) -> jax.Array:
         for j in range(self.depth):
-            x = CNBlock(name=f"block_{j}")(x, gating)
+            x = CNBlock(name=f"block_{j}")(x, rules)
         return x
 
 
@@ -94,8 +93,8 @@ class Downsampling(nn.Module):
     features: int
 
     @nn.compact
-    def __call__(self, x: jax.Array, gating: Gating) -> jax.Array:
-        x = LayerNorm(LN_EPS, name="norm")(x, gating)
+    def __call__(self, x: jax.Array, rules: Rules) -> jax.Array:
+        x = LayerNorm(LN_EPS, name="norm")(x, rules)
         return Conv(self.features, 2, 2, 0, use_bias=True, name="conv")(x)
 
 
@@ -105,9 +104,9 @@ class Stem(nn.Module):
     features: int
 
     @nn.compact
-    def __call__(self, x: jax.Array, gating: Gating) -> jax.Array:
+    def __call__(self, x: jax.Array, rules: Rules) -> jax.Array:
         x = Conv(self.features, 4, 4, 0, use_bias=True, name="conv")(x)
-        return LayerNorm(LN_EPS, name="norm")(x, gating)
+        return LayerNorm(LN_EPS, name="norm")(x, rules)
 
 
 class ConvNeXt(nn.Module):
@@ -121,22 +120,22 @@ class ConvNeXt(nn.Module):
     num_classes: int = 1000
 
     @nn.compact
-    def __call__(self, x: jax.Array, gating: Gating) -> jax.Array:
+    def __call__(self, x: jax.Array, rules: Rules) -> jax.Array:
         smallest = min_image_size(self.block_setting)
         if min(x.shape[1:3]) < smallest:
             raise ValueError(
                 f"ConvNeXt needs images of at least {smallest}x{smallest} pixels, got "
                 f"{x.shape[1]}x{x.shape[2]}: use a larger image"
             )
-        x = Stem(self.block_setting[0][0], name="features_0")(x, gating)
+        x = Stem(self.block_setting[0][0], name="features_0")(x, rules)
         i = 1
         for _, out, depth in self.block_setting:
-            x = Stage(depth, name=f"features_{i}")(x, gating)
+            x = Stage(depth, name=f"features_{i}")(x, rules)
             i += 1
             if out is not None:
-                x = Downsampling(out, name=f"features_{i}")(x, gating)
+                x = Downsampling(out, name=f"features_{i}")(x, rules)
                 i += 1
-        x = LayerNorm(LN_EPS, name="classifier_0")(global_avg_pool(x), gating)  # LayerNorm2d on (N, C, 1, 1)
+        x = LayerNorm(LN_EPS, name="classifier_0")(global_avg_pool(x), rules)  # LayerNorm2d on (N, C, 1, 1)
         return Dense(self.num_classes, name="classifier_2")(x)
 
 

@@ -17,8 +17,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxpull.core.gates import Gating
-from jaxpull.core.layers import Affine, Conv, Dense, avg_pool, global_avg_pool, max_pool, relu
+from jaxpull.core.rules import Rules
+from jaxpull.core.layers import Affine, Conv, Dense, avg_pool, global_avg_pool
 
 
 class DenseLayer(nn.Module):
@@ -28,10 +28,10 @@ class DenseLayer(nn.Module):
     bn_size: int
 
     @nn.compact
-    def __call__(self, x: jax.Array, gating: Gating) -> jax.Array:
-        y = relu(Affine(name="norm1")(x), gating)
+    def __call__(self, x: jax.Array, rules: Rules) -> jax.Array:
+        y = rules.relu(Affine(name="norm1")(x))
         y = Conv(self.bn_size * self.growth_rate, 1, name="conv1")(y)
-        y = relu(Affine(name="norm2")(y), gating)
+        y = rules.relu(Affine(name="norm2")(y))
         return Conv(self.growth_rate, 3, 1, 1, name="conv2")(y)
 
 
@@ -43,11 +43,11 @@ class DenseBlock(nn.Module):
     bn_size: int
 
     @nn.compact
-    def __call__(self, x: jax.Array, gating: Gating) -> jax.Array:
+    def __call__(self, x: jax.Array, rules: Rules) -> jax.Array:
         features = [x]
         for i in range(self.num_layers):
             new = DenseLayer(self.growth_rate, self.bn_size, name=f"denselayer{i + 1}")(
-                jnp.concatenate(features, axis=-1), gating
+                jnp.concatenate(features, axis=-1), rules
             )
             features.append(new)
         return jnp.concatenate(features, axis=-1)
@@ -59,8 +59,8 @@ class Transition(nn.Module):
     features: int
 
     @nn.compact
-    def __call__(self, x: jax.Array, gating: Gating) -> jax.Array:
-        x = relu(Affine(name="norm")(x), gating)
+    def __call__(self, x: jax.Array, rules: Rules) -> jax.Array:
+        x = rules.relu(Affine(name="norm")(x))
         return avg_pool(Conv(self.features, 1, name="conv")(x), 2, 2)
 
 
@@ -74,17 +74,17 @@ class DenseNet(nn.Module):
     num_classes: int = 1000
 
     @nn.compact
-    def __call__(self, x: jax.Array, gating: Gating) -> jax.Array:
-        x = relu(Conv(self.num_init_features, 7, 2, 3, use_bias=True, name="conv0")(x), gating)
-        x = max_pool(x, 3, 2, 1, gating)
+    def __call__(self, x: jax.Array, rules: Rules) -> jax.Array:
+        x = rules.relu(Conv(self.num_init_features, 7, 2, 3, use_bias=True, name="conv0")(x))
+        x = rules.max_pool(x, 3, 2, 1)
         num_features = self.num_init_features
         for i, num_layers in enumerate(self.block_config):
-            x = DenseBlock(num_layers, self.growth_rate, self.bn_size, name=f"denseblock{i + 1}")(x, gating)
+            x = DenseBlock(num_layers, self.growth_rate, self.bn_size, name=f"denseblock{i + 1}")(x, rules)
             num_features += num_layers * self.growth_rate
             if i != len(self.block_config) - 1:
                 num_features //= 2
-                x = Transition(num_features, name=f"transition{i + 1}")(x, gating)
-        x = relu(Affine(name="norm5")(x), gating)  # torchvision's functional ReLU, gated here
+                x = Transition(num_features, name=f"transition{i + 1}")(x, rules)
+        x = rules.relu(Affine(name="norm5")(x))  # torchvision's functional ReLU, gated here
         return Dense(self.num_classes, name="classifier")(global_avg_pool(x))
 
 

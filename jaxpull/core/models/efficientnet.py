@@ -6,7 +6,7 @@ FusedMBConv blocks (kxk expand -> 1x1 projection, or one kxk convolution at expa
 head convolution, a global average pool and ``classifier_1`` (dropout and stochastic depth are the
 identity in eval mode).
 
-Every SiLU, the SE blocks' included, is gated (``gates.silu``: backward ``g * sigmoid(z / t)``,
+Every SiLU, the SE blocks' included, is gated (``rules.silu``: backward ``g * sigmoid(z / t)``,
 as the reference swaps every ``nn.SiLU`` module); the SE scale (sigmoid) and the product keep
 their plain derivatives. Each BatchNorm is folded into its convolution; its epsilon is 1e-5 for
 b0-b4 and 1e-3 for b5-b7 and V2, as torchvision builds them.
@@ -26,7 +26,7 @@ from typing import NamedTuple, Optional, Sequence, Tuple
 import flax.linen as nn
 import jax
 
-from jaxpull.core.gates import Gating, silu
+from jaxpull.core.rules import Rules
 from jaxpull.core.layers import Conv, Dense, SqueezeExcitation, global_avg_pool
 from jaxpull.core.preprocessing import Preprocessing
 
@@ -174,16 +174,16 @@ class MBConv(nn.Module):
     out_channels: int
 
     @nn.compact
-    def __call__(self, x: jax.Array, gating: Gating) -> jax.Array:
+    def __call__(self, x: jax.Array, rules: Rules) -> jax.Array:
         expanded = make_divisible(self.input_channels * self.expand_ratio)
         y = x
         if expanded != self.input_channels:
-            y = silu(Conv(expanded, 1, use_bias=True, name="expand")(y), gating)
+            y = rules.silu(Conv(expanded, 1, use_bias=True, name="expand")(y))
         y = Conv(
             expanded, self.kernel, self.stride, (self.kernel - 1) // 2, groups=expanded, use_bias=True, name="depthwise"
         )(y)
-        y = silu(y, gating)
-        y = SqueezeExcitation(max(1, self.input_channels // 4), silu, name="se")(y, gating)
+        y = rules.silu(y)
+        y = SqueezeExcitation(max(1, self.input_channels // 4), "silu", name="se")(y, rules)
         y = Conv(self.out_channels, 1, use_bias=True, name="project")(y)
         return y + x if self.stride == 1 and self.input_channels == self.out_channels else y
 
@@ -198,14 +198,14 @@ class FusedMBConv(nn.Module):
     out_channels: int
 
     @nn.compact
-    def __call__(self, x: jax.Array, gating: Gating) -> jax.Array:
+    def __call__(self, x: jax.Array, rules: Rules) -> jax.Array:
         expanded = make_divisible(self.input_channels * self.expand_ratio)
         pad = (self.kernel - 1) // 2
         if expanded != self.input_channels:
-            y = silu(Conv(expanded, self.kernel, self.stride, pad, use_bias=True, name="expand")(x), gating)
+            y = rules.silu(Conv(expanded, self.kernel, self.stride, pad, use_bias=True, name="expand")(x))
             y = Conv(self.out_channels, 1, use_bias=True, name="project")(y)
         else:
-            y = silu(Conv(self.out_channels, self.kernel, self.stride, pad, use_bias=True, name="conv")(x), gating)
+            y = rules.silu(Conv(self.out_channels, self.kernel, self.stride, pad, use_bias=True, name="conv")(x))
         return y + x if self.stride == 1 and self.input_channels == self.out_channels else y
 
 
@@ -220,10 +220,10 @@ class EfficientNet(nn.Module):
     num_classes: int = 1000
 
     @nn.compact
-    def __call__(self, x: jax.Array, gating: Gating) -> jax.Array:
+    def __call__(self, x: jax.Array, rules: Rules) -> jax.Array:
         """``x``: ``(N, H, W, 3)`` normalised -> logits ``(N, num_classes)``."""
         stages = [Stage(*s) for s in self.stages]
-        x = silu(Conv(stages[0].input_channels, 3, 2, 1, use_bias=True, name="features_0")(x), gating)
+        x = rules.silu(Conv(stages[0].input_channels, 3, 2, 1, use_bias=True, name="features_0")(x))
         for i, s in enumerate(stages, 1):
             block = {"MBConv": MBConv, "FusedMBConv": FusedMBConv}[s.block]
             for j in range(s.num_layers):
@@ -235,9 +235,9 @@ class EfficientNet(nn.Module):
                     s.input_channels if first else s.out_channels,
                     s.out_channels,
                     name=f"features_{i}_{j}",
-                )(x, gating)
+                )(x, rules)
         last = self.last_channel or 4 * stages[-1].out_channels
-        x = silu(Conv(last, 1, use_bias=True, name=f"features_{len(stages) + 1}")(x), gating)
+        x = rules.silu(Conv(last, 1, use_bias=True, name=f"features_{len(stages) + 1}")(x))
         return Dense(self.num_classes, name="classifier_1")(global_avg_pool(x))
 
 

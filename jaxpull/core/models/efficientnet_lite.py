@@ -11,8 +11,8 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 
-from jaxpull.core.gates import Gating
-from jaxpull.core.layers import Conv, Dense, global_avg_pool, relu6
+from jaxpull.core.rules import Rules
+from jaxpull.core.layers import Conv, Dense, global_avg_pool
 
 # (repeats, kernel, first stride, expansion, input channels, output channels): lite0's blocks_args
 STAGES = (
@@ -49,13 +49,13 @@ class MBConv(nn.Module):
     oup: int
 
     @nn.compact
-    def __call__(self, x: jax.Array, gating: Gating) -> jax.Array:
+    def __call__(self, x: jax.Array, rules: Rules) -> jax.Array:
         hidden = self.inp * self.expand
         y = x
         if self.expand != 1:
-            y = relu6(Conv(hidden, 1, use_bias=True, name="expand_conv")(y), gating)
+            y = rules.relu(Conv(hidden, 1, use_bias=True, name="expand_conv")(y), max_value=6)
         y = Conv(hidden, self.kernel, self.stride, "same", groups=hidden, use_bias=True, name="depthwise_conv")(y)
-        y = relu6(y, gating)
+        y = rules.relu(y, max_value=6)
         y = Conv(self.oup, 1, use_bias=True, name="project_conv")(y)
         return x + y if self.stride == 1 and self.inp == self.oup else y
 
@@ -66,11 +66,11 @@ class EfficientNetLite(nn.Module):
     num_classes: int = 1000
 
     @nn.compact
-    def __call__(self, x: jax.Array, gating: Gating) -> jax.Array:
-        x = relu6(Conv(32, 3, 2, "same", use_bias=True, name="conv_stem")(x), gating)
+    def __call__(self, x: jax.Array, rules: Rules) -> jax.Array:
+        x = rules.relu(Conv(32, 3, 2, "same", use_bias=True, name="conv_stem")(x), max_value=6)
         for index, kernel, stride, expand, inp, oup in blocks():
-            x = MBConv(kernel, stride, expand, inp, oup, name=f"blocks_{index}")(x, gating)
-        x = relu6(Conv(1280, 1, use_bias=True, name="conv_head")(x), gating)
+            x = MBConv(kernel, stride, expand, inp, oup, name=f"blocks_{index}")(x, rules)
+        x = rules.relu(Conv(1280, 1, use_bias=True, name="conv_head")(x), max_value=6)
         return Dense(self.num_classes, name="fc")(global_avg_pool(x))
 
 

@@ -22,8 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxpull.core.gates import Gating
-from jaxpull.core.layers import IMAGENET_MEAN, IMAGENET_STD, Conv, Dense, Padding, global_avg_pool, max_pool, relu
+from jaxpull.core.rules import Rules
+from jaxpull.core.layers import IMAGENET_MEAN, IMAGENET_STD, Conv, Dense, Padding, global_avg_pool
 from jaxpull.core.preprocessing import Preprocessing
 
 # What torchvision's pretrained weights (GoogLeNet_Weights.IMAGENET1K_V1) expect.
@@ -54,9 +54,9 @@ class BasicConv2d(nn.Module):
     padding: Padding = 0
 
     @nn.compact
-    def __call__(self, x: jax.Array, gating: Gating) -> jax.Array:
+    def __call__(self, x: jax.Array, rules: Rules) -> jax.Array:
         x = Conv(self.features, self.kernel_size, self.stride, self.padding, use_bias=True, name="conv")(x)
-        return relu(x, gating)
+        return rules.relu(x)
 
 
 class Inception(nn.Module):
@@ -70,15 +70,15 @@ class Inception(nn.Module):
     pool_proj: int
 
     @nn.compact
-    def __call__(self, x: jax.Array, gating: Gating) -> jax.Array:
-        branch1 = BasicConv2d(self.ch1x1, 1, name="branch1")(x, gating)
-        branch2 = BasicConv2d(self.ch3x3red, 1, name="branch2_0")(x, gating)
-        branch2 = BasicConv2d(self.ch3x3, 3, padding=1, name="branch2_1")(branch2, gating)
-        branch3 = BasicConv2d(self.ch5x5red, 1, name="branch3_0")(x, gating)
+    def __call__(self, x: jax.Array, rules: Rules) -> jax.Array:
+        branch1 = BasicConv2d(self.ch1x1, 1, name="branch1")(x, rules)
+        branch2 = BasicConv2d(self.ch3x3red, 1, name="branch2_0")(x, rules)
+        branch2 = BasicConv2d(self.ch3x3, 3, padding=1, name="branch2_1")(branch2, rules)
+        branch3 = BasicConv2d(self.ch5x5red, 1, name="branch3_0")(x, rules)
         # kernel 3 rather than 5: torchvision's known bug (pytorch/vision#906), kept for its weights
-        branch3 = BasicConv2d(self.ch5x5, 3, padding=1, name="branch3_1")(branch3, gating)
-        branch4 = max_pool(x, 3, 1, 1, gating, ceil_mode=True)
-        branch4 = BasicConv2d(self.pool_proj, 1, name="branch4_1")(branch4, gating)
+        branch3 = BasicConv2d(self.ch5x5, 3, padding=1, name="branch3_1")(branch3, rules)
+        branch4 = rules.max_pool(x, 3, 1, 1, ceil_mode=True)
+        branch4 = BasicConv2d(self.pool_proj, 1, name="branch4_1")(branch4, rules)
         return jnp.concatenate([branch1, branch2, branch3, branch4], axis=-1)
 
 
@@ -89,25 +89,25 @@ class GoogLeNet(nn.Module):
     transform_input: bool = False
 
     @nn.compact
-    def __call__(self, x: jax.Array, gating: Gating) -> jax.Array:
+    def __call__(self, x: jax.Array, rules: Rules) -> jax.Array:
         if self.transform_input:
             x = transform_input(x)
-        x = BasicConv2d(64, 7, 2, 3, name="conv1")(x, gating)
-        x = max_pool(x, 3, 2, 0, gating, ceil_mode=True)  # maxpool1
-        x = BasicConv2d(64, 1, name="conv2")(x, gating)
-        x = BasicConv2d(192, 3, padding=1, name="conv3")(x, gating)
-        x = max_pool(x, 3, 2, 0, gating, ceil_mode=True)  # maxpool2
-        x = Inception(64, 96, 128, 16, 32, 32, name="inception3a")(x, gating)
-        x = Inception(128, 128, 192, 32, 96, 64, name="inception3b")(x, gating)
-        x = max_pool(x, 3, 2, 0, gating, ceil_mode=True)  # maxpool3
-        x = Inception(192, 96, 208, 16, 48, 64, name="inception4a")(x, gating)
-        x = Inception(160, 112, 224, 24, 64, 64, name="inception4b")(x, gating)
-        x = Inception(128, 128, 256, 24, 64, 64, name="inception4c")(x, gating)
-        x = Inception(112, 144, 288, 32, 64, 64, name="inception4d")(x, gating)
-        x = Inception(256, 160, 320, 32, 128, 128, name="inception4e")(x, gating)
-        x = max_pool(x, 2, 2, 0, gating, ceil_mode=True)  # maxpool4
-        x = Inception(256, 160, 320, 32, 128, 128, name="inception5a")(x, gating)
-        x = Inception(384, 192, 384, 48, 128, 128, name="inception5b")(x, gating)
+        x = BasicConv2d(64, 7, 2, 3, name="conv1")(x, rules)
+        x = rules.max_pool(x, 3, 2, 0, ceil_mode=True)  # maxpool1
+        x = BasicConv2d(64, 1, name="conv2")(x, rules)
+        x = BasicConv2d(192, 3, padding=1, name="conv3")(x, rules)
+        x = rules.max_pool(x, 3, 2, 0, ceil_mode=True)  # maxpool2
+        x = Inception(64, 96, 128, 16, 32, 32, name="inception3a")(x, rules)
+        x = Inception(128, 128, 192, 32, 96, 64, name="inception3b")(x, rules)
+        x = rules.max_pool(x, 3, 2, 0, ceil_mode=True)  # maxpool3
+        x = Inception(192, 96, 208, 16, 48, 64, name="inception4a")(x, rules)
+        x = Inception(160, 112, 224, 24, 64, 64, name="inception4b")(x, rules)
+        x = Inception(128, 128, 256, 24, 64, 64, name="inception4c")(x, rules)
+        x = Inception(112, 144, 288, 32, 64, 64, name="inception4d")(x, rules)
+        x = Inception(256, 160, 320, 32, 128, 128, name="inception4e")(x, rules)
+        x = rules.max_pool(x, 2, 2, 0, ceil_mode=True)  # maxpool4
+        x = Inception(256, 160, 320, 32, 128, 128, name="inception5a")(x, rules)
+        x = Inception(384, 192, 384, 48, 128, 128, name="inception5b")(x, rules)
         return Dense(self.num_classes, name="fc")(global_avg_pool(x))  # dropout: identity in eval
 
 

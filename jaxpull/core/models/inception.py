@@ -19,8 +19,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxpull.core.gates import Gating
-from jaxpull.core.layers import Dense, avg_pool, global_avg_pool, max_pool
+from jaxpull.core.rules import Rules
+from jaxpull.core.layers import Dense, avg_pool, global_avg_pool
 from jaxpull.core.models.googlenet import BasicConv2d, basic_convs, transform_input
 from jaxpull.core.preprocessing import Preprocessing
 
@@ -47,14 +47,14 @@ class InceptionA(nn.Module):
     pool_features: int
 
     @nn.compact
-    def __call__(self, x: jax.Array, gating: Gating) -> jax.Array:
-        branch1x1 = BasicConv2d(64, 1, name="branch1x1")(x, gating)
-        branch5x5 = BasicConv2d(48, 1, name="branch5x5_1")(x, gating)
-        branch5x5 = BasicConv2d(64, 5, padding=2, name="branch5x5_2")(branch5x5, gating)
-        branch3x3dbl = BasicConv2d(64, 1, name="branch3x3dbl_1")(x, gating)
-        branch3x3dbl = BasicConv2d(96, 3, padding=1, name="branch3x3dbl_2")(branch3x3dbl, gating)
-        branch3x3dbl = BasicConv2d(96, 3, padding=1, name="branch3x3dbl_3")(branch3x3dbl, gating)
-        branch_pool = BasicConv2d(self.pool_features, 1, name="branch_pool")(avg_pool_3x3(x), gating)
+    def __call__(self, x: jax.Array, rules: Rules) -> jax.Array:
+        branch1x1 = BasicConv2d(64, 1, name="branch1x1")(x, rules)
+        branch5x5 = BasicConv2d(48, 1, name="branch5x5_1")(x, rules)
+        branch5x5 = BasicConv2d(64, 5, padding=2, name="branch5x5_2")(branch5x5, rules)
+        branch3x3dbl = BasicConv2d(64, 1, name="branch3x3dbl_1")(x, rules)
+        branch3x3dbl = BasicConv2d(96, 3, padding=1, name="branch3x3dbl_2")(branch3x3dbl, rules)
+        branch3x3dbl = BasicConv2d(96, 3, padding=1, name="branch3x3dbl_3")(branch3x3dbl, rules)
+        branch_pool = BasicConv2d(self.pool_features, 1, name="branch_pool")(avg_pool_3x3(x), rules)
         return jnp.concatenate([branch1x1, branch5x5, branch3x3dbl, branch_pool], axis=-1)
 
 
@@ -62,12 +62,12 @@ class InceptionB(nn.Module):
     """Grid reduction: 3x3/2; 1x1 -> 3x3 -> 3x3/2; max-pool 3x3/2."""
 
     @nn.compact
-    def __call__(self, x: jax.Array, gating: Gating) -> jax.Array:
-        branch3x3 = BasicConv2d(384, 3, 2, name="branch3x3")(x, gating)
-        branch3x3dbl = BasicConv2d(64, 1, name="branch3x3dbl_1")(x, gating)
-        branch3x3dbl = BasicConv2d(96, 3, padding=1, name="branch3x3dbl_2")(branch3x3dbl, gating)
-        branch3x3dbl = BasicConv2d(96, 3, 2, name="branch3x3dbl_3")(branch3x3dbl, gating)
-        branch_pool = max_pool(x, 3, 2, 0, gating)
+    def __call__(self, x: jax.Array, rules: Rules) -> jax.Array:
+        branch3x3 = BasicConv2d(384, 3, 2, name="branch3x3")(x, rules)
+        branch3x3dbl = BasicConv2d(64, 1, name="branch3x3dbl_1")(x, rules)
+        branch3x3dbl = BasicConv2d(96, 3, padding=1, name="branch3x3dbl_2")(branch3x3dbl, rules)
+        branch3x3dbl = BasicConv2d(96, 3, 2, name="branch3x3dbl_3")(branch3x3dbl, rules)
+        branch_pool = rules.max_pool(x, 3, 2, 0)
         return jnp.concatenate([branch3x3, branch3x3dbl, branch_pool], axis=-1)
 
 
@@ -77,18 +77,18 @@ class InceptionC(nn.Module):
     channels_7x7: int
 
     @nn.compact
-    def __call__(self, x: jax.Array, gating: Gating) -> jax.Array:
+    def __call__(self, x: jax.Array, rules: Rules) -> jax.Array:
         c7 = self.channels_7x7
-        branch1x1 = BasicConv2d(192, 1, name="branch1x1")(x, gating)
-        branch7x7 = BasicConv2d(c7, 1, name="branch7x7_1")(x, gating)
-        branch7x7 = BasicConv2d(c7, (1, 7), padding=ROW, name="branch7x7_2")(branch7x7, gating)
-        branch7x7 = BasicConv2d(192, (7, 1), padding=COLUMN, name="branch7x7_3")(branch7x7, gating)
-        branch7x7dbl = BasicConv2d(c7, 1, name="branch7x7dbl_1")(x, gating)
-        branch7x7dbl = BasicConv2d(c7, (7, 1), padding=COLUMN, name="branch7x7dbl_2")(branch7x7dbl, gating)
-        branch7x7dbl = BasicConv2d(c7, (1, 7), padding=ROW, name="branch7x7dbl_3")(branch7x7dbl, gating)
-        branch7x7dbl = BasicConv2d(c7, (7, 1), padding=COLUMN, name="branch7x7dbl_4")(branch7x7dbl, gating)
-        branch7x7dbl = BasicConv2d(192, (1, 7), padding=ROW, name="branch7x7dbl_5")(branch7x7dbl, gating)
-        branch_pool = BasicConv2d(192, 1, name="branch_pool")(avg_pool_3x3(x), gating)
+        branch1x1 = BasicConv2d(192, 1, name="branch1x1")(x, rules)
+        branch7x7 = BasicConv2d(c7, 1, name="branch7x7_1")(x, rules)
+        branch7x7 = BasicConv2d(c7, (1, 7), padding=ROW, name="branch7x7_2")(branch7x7, rules)
+        branch7x7 = BasicConv2d(192, (7, 1), padding=COLUMN, name="branch7x7_3")(branch7x7, rules)
+        branch7x7dbl = BasicConv2d(c7, 1, name="branch7x7dbl_1")(x, rules)
+        branch7x7dbl = BasicConv2d(c7, (7, 1), padding=COLUMN, name="branch7x7dbl_2")(branch7x7dbl, rules)
+        branch7x7dbl = BasicConv2d(c7, (1, 7), padding=ROW, name="branch7x7dbl_3")(branch7x7dbl, rules)
+        branch7x7dbl = BasicConv2d(c7, (7, 1), padding=COLUMN, name="branch7x7dbl_4")(branch7x7dbl, rules)
+        branch7x7dbl = BasicConv2d(192, (1, 7), padding=ROW, name="branch7x7dbl_5")(branch7x7dbl, rules)
+        branch_pool = BasicConv2d(192, 1, name="branch_pool")(avg_pool_3x3(x), rules)
         return jnp.concatenate([branch1x1, branch7x7, branch7x7dbl, branch_pool], axis=-1)
 
 
@@ -96,14 +96,14 @@ class InceptionD(nn.Module):
     """Grid reduction: 1x1 -> 3x3/2; 1x1 -> 1x7 -> 7x1 -> 3x3/2; max-pool 3x3/2."""
 
     @nn.compact
-    def __call__(self, x: jax.Array, gating: Gating) -> jax.Array:
-        branch3x3 = BasicConv2d(192, 1, name="branch3x3_1")(x, gating)
-        branch3x3 = BasicConv2d(320, 3, 2, name="branch3x3_2")(branch3x3, gating)
-        branch7x7x3 = BasicConv2d(192, 1, name="branch7x7x3_1")(x, gating)
-        branch7x7x3 = BasicConv2d(192, (1, 7), padding=ROW, name="branch7x7x3_2")(branch7x7x3, gating)
-        branch7x7x3 = BasicConv2d(192, (7, 1), padding=COLUMN, name="branch7x7x3_3")(branch7x7x3, gating)
-        branch7x7x3 = BasicConv2d(192, 3, 2, name="branch7x7x3_4")(branch7x7x3, gating)
-        branch_pool = max_pool(x, 3, 2, 0, gating)
+    def __call__(self, x: jax.Array, rules: Rules) -> jax.Array:
+        branch3x3 = BasicConv2d(192, 1, name="branch3x3_1")(x, rules)
+        branch3x3 = BasicConv2d(320, 3, 2, name="branch3x3_2")(branch3x3, rules)
+        branch7x7x3 = BasicConv2d(192, 1, name="branch7x7x3_1")(x, rules)
+        branch7x7x3 = BasicConv2d(192, (1, 7), padding=ROW, name="branch7x7x3_2")(branch7x7x3, rules)
+        branch7x7x3 = BasicConv2d(192, (7, 1), padding=COLUMN, name="branch7x7x3_3")(branch7x7x3, rules)
+        branch7x7x3 = BasicConv2d(192, 3, 2, name="branch7x7x3_4")(branch7x7x3, rules)
+        branch_pool = rules.max_pool(x, 3, 2, 0)
         return jnp.concatenate([branch3x3, branch7x7x3, branch_pool], axis=-1)
 
 
@@ -111,26 +111,26 @@ class InceptionE(nn.Module):
     """Expanded filter bank: 1x1; 1x1 -> (1x3 | 3x1); 1x1 -> 3x3 -> (1x3 | 3x1); avg-pool -> 1x1."""
 
     @nn.compact
-    def __call__(self, x: jax.Array, gating: Gating) -> jax.Array:
-        branch1x1 = BasicConv2d(320, 1, name="branch1x1")(x, gating)
-        branch3x3 = BasicConv2d(384, 1, name="branch3x3_1")(x, gating)
+    def __call__(self, x: jax.Array, rules: Rules) -> jax.Array:
+        branch1x1 = BasicConv2d(320, 1, name="branch1x1")(x, rules)
+        branch3x3 = BasicConv2d(384, 1, name="branch3x3_1")(x, rules)
         branch3x3 = jnp.concatenate(
             [
-                BasicConv2d(384, (1, 3), padding=ROW3, name="branch3x3_2a")(branch3x3, gating),
-                BasicConv2d(384, (3, 1), padding=COLUMN3, name="branch3x3_2b")(branch3x3, gating),
+                BasicConv2d(384, (1, 3), padding=ROW3, name="branch3x3_2a")(branch3x3, rules),
+                BasicConv2d(384, (3, 1), padding=COLUMN3, name="branch3x3_2b")(branch3x3, rules),
             ],
             axis=-1,
         )
-        branch3x3dbl = BasicConv2d(448, 1, name="branch3x3dbl_1")(x, gating)
-        branch3x3dbl = BasicConv2d(384, 3, padding=1, name="branch3x3dbl_2")(branch3x3dbl, gating)
+        branch3x3dbl = BasicConv2d(448, 1, name="branch3x3dbl_1")(x, rules)
+        branch3x3dbl = BasicConv2d(384, 3, padding=1, name="branch3x3dbl_2")(branch3x3dbl, rules)
         branch3x3dbl = jnp.concatenate(
             [
-                BasicConv2d(384, (1, 3), padding=ROW3, name="branch3x3dbl_3a")(branch3x3dbl, gating),
-                BasicConv2d(384, (3, 1), padding=COLUMN3, name="branch3x3dbl_3b")(branch3x3dbl, gating),
+                BasicConv2d(384, (1, 3), padding=ROW3, name="branch3x3dbl_3a")(branch3x3dbl, rules),
+                BasicConv2d(384, (3, 1), padding=COLUMN3, name="branch3x3dbl_3b")(branch3x3dbl, rules),
             ],
             axis=-1,
         )
-        branch_pool = BasicConv2d(192, 1, name="branch_pool")(avg_pool_3x3(x), gating)
+        branch_pool = BasicConv2d(192, 1, name="branch_pool")(avg_pool_3x3(x), rules)
         return jnp.concatenate([branch1x1, branch3x3, branch3x3dbl, branch_pool], axis=-1)
 
 
@@ -141,27 +141,27 @@ class Inception3(nn.Module):
     transform_input: bool = False
 
     @nn.compact
-    def __call__(self, x: jax.Array, gating: Gating) -> jax.Array:
+    def __call__(self, x: jax.Array, rules: Rules) -> jax.Array:
         if self.transform_input:
             x = transform_input(x)
-        x = BasicConv2d(32, 3, 2, name="Conv2d_1a_3x3")(x, gating)
-        x = BasicConv2d(32, 3, name="Conv2d_2a_3x3")(x, gating)
-        x = BasicConv2d(64, 3, padding=1, name="Conv2d_2b_3x3")(x, gating)
-        x = max_pool(x, 3, 2, 0, gating)  # maxpool1
-        x = BasicConv2d(80, 1, name="Conv2d_3b_1x1")(x, gating)
-        x = BasicConv2d(192, 3, name="Conv2d_4a_3x3")(x, gating)
-        x = max_pool(x, 3, 2, 0, gating)  # maxpool2
-        x = InceptionA(32, name="Mixed_5b")(x, gating)
-        x = InceptionA(64, name="Mixed_5c")(x, gating)
-        x = InceptionA(64, name="Mixed_5d")(x, gating)
-        x = InceptionB(name="Mixed_6a")(x, gating)
-        x = InceptionC(128, name="Mixed_6b")(x, gating)
-        x = InceptionC(160, name="Mixed_6c")(x, gating)
-        x = InceptionC(160, name="Mixed_6d")(x, gating)
-        x = InceptionC(192, name="Mixed_6e")(x, gating)
-        x = InceptionD(name="Mixed_7a")(x, gating)
-        x = InceptionE(name="Mixed_7b")(x, gating)
-        x = InceptionE(name="Mixed_7c")(x, gating)
+        x = BasicConv2d(32, 3, 2, name="Conv2d_1a_3x3")(x, rules)
+        x = BasicConv2d(32, 3, name="Conv2d_2a_3x3")(x, rules)
+        x = BasicConv2d(64, 3, padding=1, name="Conv2d_2b_3x3")(x, rules)
+        x = rules.max_pool(x, 3, 2, 0)  # maxpool1
+        x = BasicConv2d(80, 1, name="Conv2d_3b_1x1")(x, rules)
+        x = BasicConv2d(192, 3, name="Conv2d_4a_3x3")(x, rules)
+        x = rules.max_pool(x, 3, 2, 0)  # maxpool2
+        x = InceptionA(32, name="Mixed_5b")(x, rules)
+        x = InceptionA(64, name="Mixed_5c")(x, rules)
+        x = InceptionA(64, name="Mixed_5d")(x, rules)
+        x = InceptionB(name="Mixed_6a")(x, rules)
+        x = InceptionC(128, name="Mixed_6b")(x, rules)
+        x = InceptionC(160, name="Mixed_6c")(x, rules)
+        x = InceptionC(160, name="Mixed_6d")(x, rules)
+        x = InceptionC(192, name="Mixed_6e")(x, rules)
+        x = InceptionD(name="Mixed_7a")(x, rules)
+        x = InceptionE(name="Mixed_7b")(x, rules)
+        x = InceptionE(name="Mixed_7c")(x, rules)
         return Dense(self.num_classes, name="fc")(global_avg_pool(x))  # dropout: identity in eval
 
 

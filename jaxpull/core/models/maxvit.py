@@ -7,11 +7,11 @@ local windows ("window" partition), then attention across a sparse global grid (
 partition), each with relative position biases and an MLP. The classifier is average pool,
 LayerNorm, Linear, Tanh, Linear.
 
-Rules (METHOD.md, "Semantic pullbacks"): every GELU (stem, MBConv, MLP) is ``gates.gelu``, the
-squeeze-excitation's SiLU ``gates.silu``, every LayerNorm ``gates.layer_norm``, and each
-attention layer's rule ``gates.tempered_attention`` (the query and key parts of ``to_qkv``
+Rules (docs/method.md, "The rules"): every GELU (stem, MBConv, MLP) is ``rules.gelu``, the
+squeeze-excitation's SiLU ``rules.silu``, every LayerNorm ``rules.layer_norm``, and each
+attention layer's rule ``rules.attention`` (the query and key parts of ``to_qkv``
 scaled, their biases not; the relative position bias is added to the scores unscaled) with its
-softmax through ``gates.attention_probs``. The SE sigmoid, the classifier's Tanh and the BatchNorms keep their
+softmax through ``rules.attention.probs``. The SE sigmoid, the classifier's Tanh and the BatchNorms keep their
 plain derivatives. torchvision's attention softmax is functional (``F.softmax``), so the
 paper's module-swapping code leaves it plain; jaxpull applies the attention rule there.
 
@@ -32,8 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxpull.core import gates
-from jaxpull.core.gates import Gating
+from jaxpull.core.rules import Rules
 from jaxpull.core.layers import Affine, Conv, Dense, LayerNorm, Projection, SqueezeExcitation, avg_pool
 from jaxpull.core.preprocessing import Preprocessing
 
@@ -102,7 +101,7 @@ class RelativePositionalMultiHeadAttention(nn.Module):
     partition_size: int
 
     @nn.compact
-    def __call__(self, x: jax.Array, gating: Gating) -> jax.Array:
+    def __call__(self, x: jax.Array, rules: Rules) -> jax.Array:
         """``(N, G, L, C)`` tokens (``L = partition_size**2``) -> ``(N, G, L, C)``."""
         n, g, length, c = x.shape
         heads, s = c // self.head_dim, self.partition_size
@@ -115,13 +114,13 @@ class RelativePositionalMultiHeadAttention(nn.Module):
         def core(q, k, v):  # (N, G, L, C) each
             q, k, v = heads_first(q), heads_first(k), heads_first(v)  # (N, G, heads, L, head_dim)
             scores = jnp.einsum("nghid,nghjd->nghij", q, k * c**-0.5) + bias
-            out = jnp.einsum("nghij,nghjd->nghid", gates.attention_probs(scores, gating), v)
+            out = jnp.einsum("nghij,nghjd->nghid", rules.attention.probs(scores), v)
             return out.transpose(0, 1, 3, 2, 4).reshape(n, g, length, c)
 
         # to_qkv: one Linear(C, 3 C) whose thirds are the query, key and value projections
         qkv, qkv_bias = Projection(3 * c, name="to_qkv")(x)
         (q, k, v), (q_bias, k_bias, v_bias) = jnp.split(qkv, 3, axis=-1), jnp.split(qkv_bias, 3)
-        out = gates.tempered_attention(core, q, k, v + v_bias, gating, q_bias, k_bias)
+        out = rules.attention(core, q, k, v + v_bias, q_bias, k_bias)
         return Dense(c, name="merge")(out)
 
 
@@ -135,15 +134,15 @@ class PartitionAttentionLayer(nn.Module):
     partition_type: str  # "window" or "grid"
 
     @nn.compact
-    def __call__(self, x: jax.Array, gating: Gating) -> jax.Array:
+    def __call__(self, x: jax.Array, rules: Rules) -> jax.Array:
         n, h, w, c = x.shape
         p = self.partition_size if self.partition_type == "window" else h // self.partition_size
         swap = (lambda a: jnp.swapaxes(a, 1, 2)) if self.partition_type == "grid" else (lambda a: a)
         t = swap(window_partition(x, p))  # (N, G, partition_size**2, C)
-        y = LayerNorm(LN_EPS, name="attn_layer_0")(t, gating)
-        t = t + RelativePositionalMultiHeadAttention(self.head_dim, self.partition_size, name="attn_layer_1")(y, gating)
-        y = LayerNorm(LN_EPS, name="mlp_layer_0")(t, gating)
-        y = gates.gelu(Dense(c * MLP_RATIO, name="mlp_layer_1")(y), gating)
+        y = LayerNorm(LN_EPS, name="attn_layer_0")(t, rules)
+        t = t + RelativePositionalMultiHeadAttention(self.head_dim, self.partition_size, name="attn_layer_1")(y, rules)
+        y = LayerNorm(LN_EPS, name="mlp_layer_0")(t, rules)
+        y = rules.gelu(Dense(c * MLP_RATIO, name="mlp_layer_1")(y))
         t = t + Dense(c, name="mlp_layer_3")(y)
         return window_departition(swap(t), p, h // p, w // p)
 
@@ -156,7 +155,7 @@ class MBConv(nn.Module):
     stride: int
 
     @nn.compact
-    def __call__(self, x: jax.Array, gating: Gating) -> jax.Array:
+    def __call__(self, x: jax.Array, rules: Rules) -> jax.Array:
         mid = int(self.out_channels * EXPANSION_RATIO)
         res = x
         if self.stride != 1 or x.shape[-1] != self.out_channels:
@@ -164,9 +163,9 @@ class MBConv(nn.Module):
                 res = avg_pool(jnp.pad(res, ((0, 0), (1, 1), (1, 1), (0, 0))), 3, 2)
             res = Conv(self.out_channels, 1, use_bias=True, name="proj")(res)
         y = Affine(name="pre_norm")(x)
-        y = gates.gelu(Conv(mid, 1, use_bias=True, name="conv_a")(y), gating)
-        y = gates.gelu(Conv(mid, 3, self.stride, 1, groups=mid, use_bias=True, name="conv_b")(y), gating)
-        y = SqueezeExcitation(int(self.out_channels * SQUEEZE_RATIO), gates.silu, name="squeeze_excitation")(y, gating)
+        y = rules.gelu(Conv(mid, 1, use_bias=True, name="conv_a")(y))
+        y = rules.gelu(Conv(mid, 3, self.stride, 1, groups=mid, use_bias=True, name="conv_b")(y))
+        y = SqueezeExcitation(int(self.out_channels * SQUEEZE_RATIO), "silu", name="squeeze_excitation")(y, rules)
         return res + Conv(self.out_channels, 1, use_bias=True, name="conv_c")(y)
 
 
@@ -179,10 +178,10 @@ class MaxVitLayer(nn.Module):
     partition_size: int
 
     @nn.compact
-    def __call__(self, x: jax.Array, gating: Gating) -> jax.Array:
-        x = MBConv(self.out_channels, self.stride, name="MBconv")(x, gating)
+    def __call__(self, x: jax.Array, rules: Rules) -> jax.Array:
+        x = MBConv(self.out_channels, self.stride, name="MBconv")(x, rules)
         for kind in ("window", "grid"):
-            x = PartitionAttentionLayer(self.head_dim, self.partition_size, kind, name=f"{kind}_attention")(x, gating)
+            x = PartitionAttentionLayer(self.head_dim, self.partition_size, kind, name=f"{kind}_attention")(x, rules)
         return x
 
 
@@ -195,11 +194,11 @@ class MaxVitBlock(nn.Module):
     partition_size: int
 
     @nn.compact
-    def __call__(self, x: jax.Array, gating: Gating) -> jax.Array:
+    def __call__(self, x: jax.Array, rules: Rules) -> jax.Array:
         for i in range(self.n_layers):
             x = MaxVitLayer(
                 self.out_channels, 2 if i == 0 else 1, self.head_dim, self.partition_size, name=f"layers_{i}"
-            )(x, gating)
+            )(x, rules)
         return x
 
 
@@ -232,14 +231,14 @@ class MaxVit(nn.Module):
                 )
 
     @nn.compact
-    def __call__(self, x: jax.Array, gating: Gating) -> jax.Array:
+    def __call__(self, x: jax.Array, rules: Rules) -> jax.Array:
         """``(N, image_size, image_size, 3)`` normalised images -> logits ``(N, num_classes)``."""
         self.check(x)
-        x = gates.gelu(Conv(self.stem_channels, 3, 2, 1, use_bias=True, name="stem_0")(x), gating)
+        x = rules.gelu(Conv(self.stem_channels, 3, 2, 1, use_bias=True, name="stem_0")(x))
         x = Conv(self.stem_channels, 3, 1, 1, use_bias=True, name="stem_1")(x)
         for i, (channels, n_layers) in enumerate(zip(self.block_channels, self.block_layers)):
-            x = MaxVitBlock(channels, n_layers, self.head_dim, self.partition_size, name=f"blocks_{i}")(x, gating)
-        x = LayerNorm(LN_EPS, name="classifier_2")(jnp.mean(x, axis=(1, 2)), gating)
+            x = MaxVitBlock(channels, n_layers, self.head_dim, self.partition_size, name=f"blocks_{i}")(x, rules)
+        x = LayerNorm(LN_EPS, name="classifier_2")(jnp.mean(x, axis=(1, 2)), rules)
         x = jnp.tanh(Dense(x.shape[-1], name="classifier_3")(x))
         return Dense(self.num_classes, use_bias=False, name="classifier_5")(x)
 

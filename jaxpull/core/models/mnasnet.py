@@ -19,8 +19,8 @@ from typing import Tuple
 import flax.linen as nn
 import jax
 
-from jaxpull.core.gates import Gating
-from jaxpull.core.layers import Conv, Dense, global_avg_pool, relu
+from jaxpull.core.rules import Rules
+from jaxpull.core.layers import Conv, Dense, global_avg_pool
 
 # (kernel, first stride, expansion, repeats) of the six stacks, torchvision's ``layers[8:14]``
 STACKS = ((3, 2, 3, 3), (5, 2, 3, 3), (5, 2, 6, 3), (3, 1, 6, 2), (5, 2, 6, 4), (3, 1, 6, 1))
@@ -47,13 +47,13 @@ class InvertedResidual(nn.Module):
     expansion_factor: int
 
     @nn.compact
-    def __call__(self, x: jax.Array, gating: Gating) -> jax.Array:
+    def __call__(self, x: jax.Array, rules: Rules) -> jax.Array:
         mid = x.shape[-1] * self.expansion_factor
-        y = relu(Conv(mid, 1, use_bias=True, name="pointwise")(x), gating)
+        y = rules.relu(Conv(mid, 1, use_bias=True, name="pointwise")(x))
         y = Conv(
             mid, self.kernel_size, self.stride, self.kernel_size // 2, groups=mid, use_bias=True, name="depthwise"
         )(y)
-        y = Conv(self.out_ch, 1, use_bias=True, name="linear")(relu(y, gating))
+        y = Conv(self.out_ch, 1, use_bias=True, name="linear")(rules.relu(y))
         return y + x if x.shape[-1] == self.out_ch and self.stride == 1 else y
 
 
@@ -67,11 +67,11 @@ class Stack(nn.Module):
     repeats: int
 
     @nn.compact
-    def __call__(self, x: jax.Array, gating: Gating) -> jax.Array:
+    def __call__(self, x: jax.Array, rules: Rules) -> jax.Array:
         for i in range(self.repeats):
             x = InvertedResidual(
                 self.out_ch, self.kernel_size, self.stride if i == 0 else 1, self.expansion_factor, name=str(i)
-            )(x, gating)
+            )(x, rules)
         return x
 
 
@@ -82,14 +82,14 @@ class MNASNet(nn.Module):
     num_classes: int = 1000
 
     @nn.compact
-    def __call__(self, x: jax.Array, gating: Gating) -> jax.Array:
+    def __call__(self, x: jax.Array, rules: Rules) -> jax.Array:
         depths = get_depths(self.alpha)
-        x = relu(Conv(depths[0], 3, 2, 1, use_bias=True, name="layers_0")(x), gating)
-        x = relu(Conv(depths[0], 3, 1, 1, groups=depths[0], use_bias=True, name="layers_3")(x), gating)
+        x = rules.relu(Conv(depths[0], 3, 2, 1, use_bias=True, name="layers_0")(x))
+        x = rules.relu(Conv(depths[0], 3, 1, 1, groups=depths[0], use_bias=True, name="layers_3")(x))
         x = Conv(depths[1], 1, use_bias=True, name="layers_6")(x)
         for i, (kernel, stride, expansion, repeats) in enumerate(STACKS):
-            x = Stack(depths[i + 2], kernel, stride, expansion, repeats, name=f"layers_{8 + i}")(x, gating)
-        x = relu(Conv(1280, 1, use_bias=True, name="layers_14")(x), gating)
+            x = Stack(depths[i + 2], kernel, stride, expansion, repeats, name=f"layers_{8 + i}")(x, rules)
+        x = rules.relu(Conv(1280, 1, use_bias=True, name="layers_14")(x))
         return Dense(self.num_classes, name="classifier_1")(global_avg_pool(x))
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 
-from jaxpull.core.gates import Gating
-from jaxpull.core.layers import Conv, Dense, global_avg_pool, relu6
+from jaxpull.core.rules import Rules
+from jaxpull.core.layers import Conv, Dense, global_avg_pool
 
 # (expansion t, output channels c, repeats n, first stride s), as torchvision's table
 SETTINGS = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1))
@@ -30,12 +30,12 @@ class InvertedResidual(nn.Module):
     expand: int
 
     @nn.compact
-    def __call__(self, x: jax.Array, gating: Gating) -> jax.Array:
+    def __call__(self, x: jax.Array, rules: Rules) -> jax.Array:
         hidden = self.inp * self.expand
         y = x
         if self.expand != 1:
-            y = relu6(Conv(hidden, 1, use_bias=True, name="expand")(y), gating)
-        y = relu6(Conv(hidden, 3, self.stride, 1, groups=hidden, use_bias=True, name="depthwise")(y), gating)
+            y = rules.relu(Conv(hidden, 1, use_bias=True, name="expand")(y), max_value=6)
+        y = rules.relu(Conv(hidden, 3, self.stride, 1, groups=hidden, use_bias=True, name="depthwise")(y), max_value=6)
         y = Conv(self.oup, 1, use_bias=True, name="project")(y)
         return x + y if self.stride == 1 and self.inp == self.oup else y
 
@@ -46,11 +46,11 @@ class MobileNetV2(nn.Module):
     num_classes: int = 1000
 
     @nn.compact
-    def __call__(self, x: jax.Array, gating: Gating) -> jax.Array:
-        x = relu6(Conv(32, 3, 2, 1, use_bias=True, name="features_0")(x), gating)
+    def __call__(self, x: jax.Array, rules: Rules) -> jax.Array:
+        x = rules.relu(Conv(32, 3, 2, 1, use_bias=True, name="features_0")(x), max_value=6)
         for index, inp, oup, stride, expand in blocks():
-            x = InvertedResidual(inp, oup, stride, expand, name=f"features_{index}")(x, gating)
-        x = relu6(Conv(1280, 1, use_bias=True, name="features_18")(x), gating)
+            x = InvertedResidual(inp, oup, stride, expand, name=f"features_{index}")(x, rules)
+        x = rules.relu(Conv(1280, 1, use_bias=True, name="features_18")(x), max_value=6)
         return Dense(self.num_classes, name="classifier_1")(global_avg_pool(x))
 
 

@@ -15,7 +15,8 @@ from typing import Optional
 import flax.linen as nn
 import jax
 
-from jaxpull.core.gates import Gating, hardsigmoid, hardswish, relu
+from jaxpull.core.gates import hardsigmoid
+from jaxpull.core.rules import Rules
 from jaxpull.core.layers import Conv, Dense, SqueezeExcitation, global_avg_pool
 
 BN_EPS = 1e-3
@@ -64,9 +65,8 @@ def make_divisible(v: float, divisor: int = 8, min_value: Optional[int] = None) 
     return new_v + divisor if new_v < 0.9 * v else new_v
 
 
-def activation(name: str):
-    """``"RE"``: gated ReLU; ``"HS"``: gated Hardswish (``f(z, gating)``)."""
-    return {"RE": relu, "HS": hardswish}[name]
+# torchvision's activation codes -> the rule (a field of Rules) of that activation
+ACTIVATIONS = {"RE": "relu", "HS": "hardswish"}
 
 
 class InvertedResidual(nn.Module):
@@ -81,11 +81,11 @@ class InvertedResidual(nn.Module):
     stride: int
 
     @nn.compact
-    def __call__(self, x: jax.Array, gating: Gating) -> jax.Array:
-        act = activation(self.act)
+    def __call__(self, x: jax.Array, rules: Rules) -> jax.Array:
+        act = getattr(rules, ACTIVATIONS[self.act])
         y = x
         if self.expanded != self.inp:
-            y = act(Conv(self.expanded, 1, use_bias=True, name="expand")(y), gating)
+            y = act(Conv(self.expanded, 1, use_bias=True, name="expand")(y))
         y = Conv(
             self.expanded,
             self.kernel,
@@ -95,9 +95,9 @@ class InvertedResidual(nn.Module):
             use_bias=True,
             name="depthwise",
         )(y)
-        y = act(y, gating)
+        y = act(y)
         if self.use_se:
-            y = SqueezeExcitation(make_divisible(self.expanded // 4), relu, hardsigmoid, name="se")(y, gating)
+            y = SqueezeExcitation(make_divisible(self.expanded // 4), "relu", hardsigmoid, name="se")(y, rules)
         y = Conv(self.out, 1, use_bias=True, name="project")(y)
         return y + x if self.stride == 1 and self.inp == self.out else y
 
@@ -109,13 +109,13 @@ class MobileNetV3(nn.Module):
     num_classes: int = 1000
 
     @nn.compact
-    def __call__(self, x: jax.Array, gating: Gating) -> jax.Array:
+    def __call__(self, x: jax.Array, rules: Rules) -> jax.Array:
         settings = SETTINGS[self.arch]
-        x = hardswish(Conv(settings[0][0], 3, 2, 1, use_bias=True, name="features_0")(x), gating)
+        x = rules.hardswish(Conv(settings[0][0], 3, 2, 1, use_bias=True, name="features_0")(x))
         for i, cnf in enumerate(settings):
-            x = InvertedResidual(*cnf, name=f"features_{i + 1}")(x, gating)
-        x = hardswish(Conv(6 * settings[-1][3], 1, use_bias=True, name=f"features_{len(settings) + 1}")(x), gating)
-        x = hardswish(Dense(LAST_CHANNEL[self.arch], name="classifier_0")(global_avg_pool(x)), gating)
+            x = InvertedResidual(*cnf, name=f"features_{i + 1}")(x, rules)
+        x = rules.hardswish(Conv(6 * settings[-1][3], 1, use_bias=True, name=f"features_{len(settings) + 1}")(x))
+        x = rules.hardswish(Dense(LAST_CHANNEL[self.arch], name="classifier_0")(global_avg_pool(x)))
         return Dense(self.num_classes, name="classifier_3")(x)
 
 

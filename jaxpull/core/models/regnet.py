@@ -7,7 +7,7 @@ parameters (depth, w_0, w_a, w_m, group width) exactly as torchvision's
 ``BlockParams.from_init_params`` computes them (float32, as torch does), here in numpy.
 
 RegNetY adds squeeze-excitation: its ReLU is an excitation gate like every other; its sigmoid
-scale and the product with the input keep their plain derivative (METHOD.md). Module names
+scale and the product with the input keep their plain derivative (docs/method.md). Module names
 follow torchvision's (``block1/block1-0/f/a``), each BatchNorm folded into its convolution.
 """
 
@@ -21,8 +21,8 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from jaxpull.core.gates import Gating
-from jaxpull.core.layers import Conv, Dense, SqueezeExcitation, global_avg_pool, relu
+from jaxpull.core.rules import Rules
+from jaxpull.core.layers import Conv, Dense, SqueezeExcitation, global_avg_pool
 
 
 class Stage(NamedTuple):
@@ -80,14 +80,14 @@ class BottleneckTransform(nn.Module):
     se_ratio: Optional[float]
 
     @nn.compact
-    def __call__(self, x: jax.Array, gating: Gating) -> jax.Array:
+    def __call__(self, x: jax.Array, rules: Rules) -> jax.Array:
         w_b = int(round(self.width_out * self.bottleneck_multiplier))
         groups = w_b // self.group_width
-        y = relu(Conv(w_b, 1, use_bias=True, name="a")(x), gating)
-        y = relu(Conv(w_b, 3, self.stride, 1, groups, use_bias=True, name="b")(y), gating)
+        y = rules.relu(Conv(w_b, 1, use_bias=True, name="a")(x))
+        y = rules.relu(Conv(w_b, 3, self.stride, 1, groups, use_bias=True, name="b")(y))
         if self.se_ratio:
             # the SE reduction is relative to the block's input width
-            y = SqueezeExcitation(int(round(self.se_ratio * x.shape[-1])), relu, name="se")(y, gating)
+            y = SqueezeExcitation(int(round(self.se_ratio * x.shape[-1])), "relu", name="se")(y, rules)
         return Conv(self.width_out, 1, use_bias=True, name="c")(y)
 
 
@@ -101,13 +101,13 @@ class ResBottleneckBlock(nn.Module):
     se_ratio: Optional[float]
 
     @nn.compact
-    def __call__(self, x: jax.Array, gating: Gating) -> jax.Array:
+    def __call__(self, x: jax.Array, rules: Rules) -> jax.Array:
         f = BottleneckTransform(
             self.width_out, self.stride, self.group_width, self.bottleneck_multiplier, self.se_ratio, name="f"
-        )(x, gating)
+        )(x, rules)
         if x.shape[-1] != self.width_out or self.stride != 1:
             x = Conv(self.width_out, 1, self.stride, use_bias=True, name="proj")(x)
-        return relu(x + f, gating)
+        return rules.relu(x + f)
 
 
 class AnyStage(nn.Module):
@@ -118,7 +118,7 @@ class AnyStage(nn.Module):
     se_ratio: Optional[float]
 
     @nn.compact
-    def __call__(self, x: jax.Array, gating: Gating) -> jax.Array:
+    def __call__(self, x: jax.Array, rules: Rules) -> jax.Array:
         s = self.stage
         for i in range(s.depth):
             x = ResBottleneckBlock(
@@ -128,7 +128,7 @@ class AnyStage(nn.Module):
                 s.bottleneck_multiplier,
                 self.se_ratio,
                 name=f"block{self.stage_index}-{i}",
-            )(x, gating)
+            )(x, rules)
         return x
 
 
@@ -141,10 +141,10 @@ class RegNet(nn.Module):
     num_classes: int = 1000
 
     @nn.compact
-    def __call__(self, x: jax.Array, gating: Gating) -> jax.Array:
-        x = relu(Conv(self.stem_width, 3, 2, 1, use_bias=True, name="stem")(x), gating)
+    def __call__(self, x: jax.Array, rules: Rules) -> jax.Array:
+        x = rules.relu(Conv(self.stem_width, 3, 2, 1, use_bias=True, name="stem")(x))
         for i, stage in enumerate(self.stages):
-            x = AnyStage(stage, i + 1, self.se_ratio, name=f"block{i + 1}")(x, gating)
+            x = AnyStage(stage, i + 1, self.se_ratio, name=f"block{i + 1}")(x, rules)
         return Dense(self.num_classes, name="fc")(global_avg_pool(x))
 
 

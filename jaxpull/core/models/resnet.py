@@ -13,8 +13,8 @@ from typing import Sequence
 import flax.linen as nn
 import jax
 
-from jaxpull.core.gates import Gating
-from jaxpull.core.layers import Conv, Dense, global_avg_pool, max_pool, relu
+from jaxpull.core.rules import Rules
+from jaxpull.core.layers import Conv, Dense, global_avg_pool
 
 
 class BasicBlock(nn.Module):
@@ -28,14 +28,14 @@ class BasicBlock(nn.Module):
     expansion = 1
 
     @nn.compact
-    def __call__(self, x: jax.Array, gating: Gating) -> jax.Array:
+    def __call__(self, x: jax.Array, rules: Rules) -> jax.Array:
         identity = x
         y = Conv(self.planes, 3, self.stride, 1, use_bias=True, name="conv1")(x)
-        y = relu(y, gating)
+        y = rules.relu(y)
         y = Conv(self.planes, 3, 1, 1, use_bias=True, name="conv2")(y)
         if self.downsample:
             identity = Conv(self.planes, 1, self.stride, 0, use_bias=True, name="downsample")(x)
-        return relu(y + identity, gating)
+        return rules.relu(y + identity)
 
 
 class Bottleneck(nn.Module):
@@ -49,15 +49,15 @@ class Bottleneck(nn.Module):
     expansion = 4
 
     @nn.compact
-    def __call__(self, x: jax.Array, gating: Gating) -> jax.Array:
+    def __call__(self, x: jax.Array, rules: Rules) -> jax.Array:
         width = int(self.planes * (self.base_width / 64.0)) * self.groups
         identity = x
-        y = relu(Conv(width, 1, 1, 0, use_bias=True, name="conv1")(x), gating)
-        y = relu(Conv(width, 3, self.stride, 1, self.groups, use_bias=True, name="conv2")(y), gating)
+        y = rules.relu(Conv(width, 1, 1, 0, use_bias=True, name="conv1")(x))
+        y = rules.relu(Conv(width, 3, self.stride, 1, self.groups, use_bias=True, name="conv2")(y))
         y = Conv(self.planes * 4, 1, 1, 0, use_bias=True, name="conv3")(y)
         if self.downsample:
             identity = Conv(self.planes * 4, 1, self.stride, 0, use_bias=True, name="downsample")(x)
-        return relu(y + identity, gating)
+        return rules.relu(y + identity)
 
 
 class Stage(nn.Module):
@@ -72,7 +72,7 @@ class Stage(nn.Module):
     base_width: int
 
     @nn.compact
-    def __call__(self, x: jax.Array, gating: Gating) -> jax.Array:
+    def __call__(self, x: jax.Array, rules: Rules) -> jax.Array:
         for i in range(self.blocks):
             x = self.block(
                 self.planes,
@@ -81,7 +81,7 @@ class Stage(nn.Module):
                 self.groups,
                 self.base_width,
                 name=str(i),
-            )(x, gating)
+            )(x, rules)
         return x
 
 
@@ -95,9 +95,9 @@ class ResNet(nn.Module):
     num_classes: int = 1000
 
     @nn.compact
-    def __call__(self, x: jax.Array, gating: Gating) -> jax.Array:
-        x = relu(Conv(64, 7, 2, 3, use_bias=True, name="conv1")(x), gating)
-        x = max_pool(x, 3, 2, 1, gating)
+    def __call__(self, x: jax.Array, rules: Rules) -> jax.Array:
+        x = rules.relu(Conv(64, 7, 2, 3, use_bias=True, name="conv1")(x))
+        x = rules.max_pool(x, 3, 2, 1)
         inplanes = 64
         for i, n in enumerate(self.stage_sizes):
             planes = 64 * 2**i
@@ -105,7 +105,7 @@ class ResNet(nn.Module):
             downsample = stride != 1 or inplanes != planes * self.block.expansion
             x = Stage(
                 self.block, planes, n, stride, downsample, self.groups, self.width_per_group, name=f"layer{i + 1}"
-            )(x, gating)
+            )(x, rules)
             inplanes = planes * self.block.expansion
         return Dense(self.num_classes, name="fc")(global_avg_pool(x))
 

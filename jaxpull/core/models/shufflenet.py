@@ -18,8 +18,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxpull.core.gates import Gating
-from jaxpull.core.layers import Conv, Dense, global_avg_pool, max_pool, relu
+from jaxpull.core.rules import Rules
+from jaxpull.core.layers import Conv, Dense, global_avg_pool
 
 
 def channel_shuffle(x: jax.Array, groups: int) -> jax.Array:
@@ -37,7 +37,7 @@ class InvertedResidual(nn.Module):
     stride: int
 
     @nn.compact
-    def __call__(self, x: jax.Array, gating: Gating) -> jax.Array:
+    def __call__(self, x: jax.Array, rules: Rules) -> jax.Array:
         branch_features = self.oup // 2
         inp = x.shape[-1]
         if self.stride == 1:  # torch's x.chunk(2, dim=1)
@@ -45,12 +45,12 @@ class InvertedResidual(nn.Module):
         else:
             # branch1: depthwise 3x3 (strided) -> 1x1 + ReLU
             x1 = Conv(inp, 3, self.stride, 1, groups=inp, use_bias=True, name="branch1_0")(x)
-            x1 = relu(Conv(branch_features, 1, use_bias=True, name="branch1_2")(x1), gating)
+            x1 = rules.relu(Conv(branch_features, 1, use_bias=True, name="branch1_2")(x1))
             x2 = x
         # branch2: 1x1 + ReLU -> depthwise 3x3 (strided) -> 1x1 + ReLU
-        y = relu(Conv(branch_features, 1, use_bias=True, name="branch2_0")(x2), gating)
+        y = rules.relu(Conv(branch_features, 1, use_bias=True, name="branch2_0")(x2))
         y = Conv(branch_features, 3, self.stride, 1, groups=branch_features, use_bias=True, name="branch2_3")(y)
-        y = relu(Conv(branch_features, 1, use_bias=True, name="branch2_5")(y), gating)
+        y = rules.relu(Conv(branch_features, 1, use_bias=True, name="branch2_5")(y))
         return channel_shuffle(jnp.concatenate([x1, y], axis=-1), 2)
 
 
@@ -62,13 +62,13 @@ class ShuffleNetV2(nn.Module):
     num_classes: int = 1000
 
     @nn.compact
-    def __call__(self, x: jax.Array, gating: Gating) -> jax.Array:
-        x = relu(Conv(self.stages_out_channels[0], 3, 2, 1, use_bias=True, name="conv1")(x), gating)
-        x = max_pool(x, 3, 2, 1, gating)
+    def __call__(self, x: jax.Array, rules: Rules) -> jax.Array:
+        x = rules.relu(Conv(self.stages_out_channels[0], 3, 2, 1, use_bias=True, name="conv1")(x))
+        x = rules.max_pool(x, 3, 2, 1)
         for i, (repeats, oup) in enumerate(zip(self.stages_repeats, self.stages_out_channels[1:])):
             for j in range(repeats):
-                x = InvertedResidual(oup, 2 if j == 0 else 1, name=f"stage{i + 2}_{j}")(x, gating)
-        x = relu(Conv(self.stages_out_channels[-1], 1, use_bias=True, name="conv5")(x), gating)
+                x = InvertedResidual(oup, 2 if j == 0 else 1, name=f"stage{i + 2}_{j}")(x, rules)
+        x = rules.relu(Conv(self.stages_out_channels[-1], 1, use_bias=True, name="conv5")(x))
         return Dense(self.num_classes, name="fc")(global_avg_pool(x))
 
 

@@ -15,8 +15,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxpull.core.gates import Gating
-from jaxpull.core.layers import Conv, global_avg_pool, max_pool, relu
+from jaxpull.core.rules import Rules
+from jaxpull.core.layers import Conv, global_avg_pool
 
 # torchvision's ``features`` after the stem convolution, ReLU and first max-pool (indices 0-2):
 # "M" a 3x3/2 ceil-mode max-pool, (squeeze, expand1x1, expand3x3) a Fire module.
@@ -58,12 +58,12 @@ class Fire(nn.Module):
     expand3x3: int
 
     @nn.compact
-    def __call__(self, x: jax.Array, gating: Gating) -> jax.Array:
-        x = relu(Conv(self.squeeze, 1, use_bias=True, name="squeeze")(x), gating)
+    def __call__(self, x: jax.Array, rules: Rules) -> jax.Array:
+        x = rules.relu(Conv(self.squeeze, 1, use_bias=True, name="squeeze")(x))
         return jnp.concatenate(
             [
-                relu(Conv(self.expand1x1, 1, use_bias=True, name="expand1x1")(x), gating),
-                relu(Conv(self.expand3x3, 3, 1, 1, use_bias=True, name="expand3x3")(x), gating),
+                rules.relu(Conv(self.expand1x1, 1, use_bias=True, name="expand1x1")(x)),
+                rules.relu(Conv(self.expand3x3, 3, 1, 1, use_bias=True, name="expand3x3")(x)),
             ],
             axis=-1,
         )
@@ -82,16 +82,16 @@ class SqueezeNet(nn.Module):
     num_classes: int = 1000
 
     @nn.compact
-    def __call__(self, x: jax.Array, gating: Gating) -> jax.Array:
+    def __call__(self, x: jax.Array, rules: Rules) -> jax.Array:
         channels, kernel = STEM[self.version]
-        x = relu(Conv(channels, kernel, 2, 0, use_bias=True, name="features_0")(x), gating)
-        x = max_pool(x, 3, 2, 0, gating, ceil_mode=True)
+        x = rules.relu(Conv(channels, kernel, 2, 0, use_bias=True, name="features_0")(x))
+        x = rules.max_pool(x, 3, 2, 0, ceil_mode=True)
         for index, v in feature_indices(FEATURES[self.version]):
             if v == "M":
-                x = max_pool(x, 3, 2, 0, gating, ceil_mode=True)
+                x = rules.max_pool(x, 3, 2, 0, ceil_mode=True)
             else:
-                x = Fire(*v, name=f"features_{index}")(x, gating)
-        x = relu(Conv(self.num_classes, 1, use_bias=True, name="classifier_1")(x), gating)
+                x = Fire(*v, name=f"features_{index}")(x, rules)
+        x = rules.relu(Conv(self.num_classes, 1, use_bias=True, name="classifier_1")(x))
         return global_avg_pool(x)
 
 

@@ -14,10 +14,10 @@ continuous bias ``16 * sigmoid(cpb_mlp(coords))`` (computed in the forward pass 
 attention and MLP (res-post-norm), merges patches with the norm after the reduction, and has no
 key bias (torchvision zeroes that third of ``qkv.bias`` in its forward pass).
 
-Rules (METHOD.md, "Semantic pullbacks"): every LayerNorm is :func:`gates.layer_norm`, every GELU
-:func:`gates.gelu`, each window attention layer's rule is :func:`gates.tempered_attention` (its
+Rules (docs/method.md, "The rules"): every LayerNorm is ``rules.layer_norm``, every GELU
+``rules.gelu``, each window attention layer's rule is ``rules.attention`` (its
 q and k projections scaled, their biases and v not) and its softmax is
-:func:`gates.attention_probs` (the "value_only" rule). The relative position bias and the shift
+``rules.attention.probs`` (the "value_only" rule). The relative position bias and the shift
 mask are added to the scores unscaled. The paper's code swaps modules, so it misses torchvision's
 functional softmax here; jaxpull applies the rule.
 
@@ -36,8 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxpull.core import gates
-from jaxpull.core.gates import Gating
+from jaxpull.core.rules import Rules
 from jaxpull.core.layers import Conv, Dense, LayerNorm, Projection
 from jaxpull.core.preprocessing import Preprocessing
 
@@ -162,7 +161,7 @@ class ShiftedWindowAttention(nn.Module):
     v2: bool = False
 
     @nn.compact
-    def __call__(self, x: jax.Array, gating: Gating) -> jax.Array:
+    def __call__(self, x: jax.Array, rules: Rules) -> jax.Array:
         b, h, w, c = x.shape
         heads, (wh, ww) = self.num_heads, self.window_size
         pad_h, pad_w = -h % wh, -w % ww
@@ -201,13 +200,13 @@ class ShiftedWindowAttention(nn.Module):
             if mask is not None:
                 n = scores.shape[-1]
                 scores = (scores.reshape(b, -1, heads, n, n) + mask[None, :, None]).reshape(-1, heads, n, n)
-            probs = gates.attention_probs(scores, gating)
+            probs = rules.attention.probs(scores)
             return (probs @ v).transpose(0, 2, 1, 3).reshape(q.shape[0], -1, c)
 
         tokens = windows(x)
         q, q_bias = Projection(c, name="q")(tokens)
         k, k_bias = Projection(c, use_bias=not self.v2, name="k")(tokens)  # V2 has no key bias
-        out = gates.tempered_attention(core, q, k, Dense(c, name="v")(tokens), gating, q_bias, k_bias)
+        out = rules.attention(core, q, k, Dense(c, name="v")(tokens), q_bias, k_bias)
         return window_reverse(Dense(c, name="proj")(out), (b,) + padded, self.window_size, shift)[:, :h, :w]
 
 
@@ -221,20 +220,20 @@ class SwinTransformerBlock(nn.Module):
     v2: bool = False
 
     @nn.compact
-    def __call__(self, x: jax.Array, gating: Gating) -> jax.Array:
+    def __call__(self, x: jax.Array, rules: Rules) -> jax.Array:
         dim = x.shape[-1]
         attn = ShiftedWindowAttention(self.window_size, self.shift_size, self.num_heads, self.v2, name="attn")
         norm1, norm2 = LayerNorm(LN_EPS, name="norm1"), LayerNorm(LN_EPS, name="norm2")
 
         def mlp(y: jax.Array) -> jax.Array:  # torchvision's MLP: Linear, GELU, (Dropout), Linear, (Dropout)
-            y = gates.gelu(Dense(int(dim * self.mlp_ratio), name="mlp_0")(y), gating)
+            y = rules.gelu(Dense(int(dim * self.mlp_ratio), name="mlp_0")(y))
             return Dense(dim, name="mlp_3")(y)
 
         if self.v2:
-            x = x + norm1(attn(x, gating), gating)
-            return x + norm2(mlp(x), gating)
-        x = x + attn(norm1(x, gating), gating)
-        return x + mlp(norm2(x, gating))
+            x = x + norm1(attn(x, rules), rules)
+            return x + norm2(mlp(x), rules)
+        x = x + attn(norm1(x, rules), rules)
+        return x + mlp(norm2(x, rules))
 
 
 class PatchMerging(nn.Module):
@@ -243,12 +242,12 @@ class PatchMerging(nn.Module):
     v2: bool = False
 
     @nn.compact
-    def __call__(self, x: jax.Array, gating: Gating) -> jax.Array:
+    def __call__(self, x: jax.Array, rules: Rules) -> jax.Array:
         dim = x.shape[-1]
         x = jnp.pad(x, ((0, 0), (0, x.shape[1] % 2), (0, x.shape[2] % 2), (0, 0)))
         x = jnp.concatenate([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], axis=-1)
         reduction, norm = Dense(2 * dim, use_bias=False, name="reduction"), LayerNorm(LN_EPS, name="norm")
-        return norm(reduction(x), gating) if self.v2 else reduction(norm(x, gating))
+        return norm(reduction(x), rules) if self.v2 else reduction(norm(x, rules))
 
 
 class SwinTransformer(nn.Module):
@@ -268,7 +267,7 @@ class SwinTransformer(nn.Module):
     num_classes: int = 1000
 
     @nn.compact
-    def __call__(self, x: jax.Array, gating: Gating) -> jax.Array:
+    def __call__(self, x: jax.Array, rules: Rules) -> jax.Array:
         ph, pw = self.patch_size
         if ph != pw:
             raise ValueError(f"patch_size {tuple(self.patch_size)} is not square: jaxpull's Swin needs square patches")
@@ -278,16 +277,16 @@ class SwinTransformer(nn.Module):
                 f"use images of at least {ph}x{pw} pixels (the ImageNet weights expect 224x224, V2's 256x256)"
             )
         x = Conv(self.embed_dim, (ph, pw), ph, use_bias=True, name="features_0_0")(x)
-        x = LayerNorm(LN_EPS, name="features_0_2")(x, gating)
+        x = LayerNorm(LN_EPS, name="features_0_2")(x, rules)
         for i, (depth, heads) in enumerate(zip(self.depths, self.num_heads)):
             for j in range(depth):
                 shift = (0, 0) if j % 2 == 0 else tuple(w // 2 for w in self.window_size)
                 x = SwinTransformerBlock(
                     heads, tuple(self.window_size), shift, self.mlp_ratio, self.v2, name=f"features_{2 * i + 1}_{j}"
-                )(x, gating)
+                )(x, rules)
             if i < len(self.depths) - 1:
-                x = PatchMerging(self.v2, name=f"features_{2 * i + 2}")(x, gating)
-        x = LayerNorm(LN_EPS, name="norm")(x, gating)
+                x = PatchMerging(self.v2, name=f"features_{2 * i + 2}")(x, rules)
+        x = LayerNorm(LN_EPS, name="norm")(x, rules)
         return Dense(self.num_classes, name="head")(jnp.mean(x, axis=(1, 2)))
 
 

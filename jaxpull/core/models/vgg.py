@@ -13,8 +13,8 @@ from typing import Sequence, Union
 import flax.linen as nn
 import jax
 
-from jaxpull.core.gates import Gating
-from jaxpull.core.layers import Conv, Dense, adaptive_avg_pool, flatten_chw, max_pool, relu
+from jaxpull.core.rules import Rules
+from jaxpull.core.layers import Conv, Dense, adaptive_avg_pool, flatten_chw
 
 CONFIGS = {
     "A": (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"),
@@ -40,15 +40,15 @@ class VGG(nn.Module):
     num_classes: int = 1000
 
     @nn.compact
-    def __call__(self, x: jax.Array, gating: Gating) -> jax.Array:
+    def __call__(self, x: jax.Array, rules: Rules) -> jax.Array:
         for index, v in feature_indices(self.config, self.batch_norm):
             if v == "M":
-                x = max_pool(x, 2, 2, 0, gating)
+                x = rules.max_pool(x, 2, 2, 0)
             else:
-                x = relu(Conv(v, 3, 1, 1, use_bias=True, name=f"features_{index}")(x), gating)
+                x = rules.relu(Conv(v, 3, 1, 1, use_bias=True, name=f"features_{index}")(x))
         x = flatten_chw(adaptive_avg_pool(x, (7, 7)))
-        x = relu(Dense(4096, name="classifier_0")(x), gating)
-        x = relu(Dense(4096, name="classifier_3")(x), gating)
+        x = rules.relu(Dense(4096, name="classifier_0")(x))
+        x = rules.relu(Dense(4096, name="classifier_3")(x))
         return Dense(self.num_classes, name="classifier_6")(x)
 
 

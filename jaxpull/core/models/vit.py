@@ -7,14 +7,14 @@ a final LayerNorm, and the class token's features go through ``heads`` (``head``
 ``pre_logits`` -> tanh -> ``head`` when ``representation_size`` is set). Dropout is the identity
 (eval mode).
 
-The rules of METHOD.md ("Semantic pullbacks") apply at every such operation, through
+The rules of docs/method.md ("The rules") apply at every such operation, through
 ``jaxpull.core.gates``: every LayerNorm (``ln_1``, ``ln_2``, the encoder's ``ln``) is
-``gates.layer_norm``, the MLP's GELU ``gates.gelu``, and each self-attention layer's rule is
-``gates.tempered_attention`` (the query and key in-projections scaled, their biases not, as the
-reference scales the inputs of ``nn.MultiheadAttention``), its softmax ``gates.attention_probs``.
+``rules.layer_norm``, the MLP's GELU ``rules.gelu``, and each self-attention layer's rule is
+``rules.attention`` (the query and key in-projections scaled, their biases not, as the
+reference scales the inputs of ``nn.MultiheadAttention``), its softmax ``rules.attention.probs``.
 Every one of these is an ``nn.Module`` in torchvision's ViT, so the reference's module swap
 reaches them all: no operation is gated here that the reference leaves plain. The tanh of
-``pre_logits`` keeps its plain derivative (METHOD.md).
+``pre_logits`` keeps its plain derivative (docs/method.md).
 
 The position embeddings fix the input size: a model takes ``image_size`` x ``image_size``
 images only (224 for torchvision's builders without weights; torchvision's vit_h_14 DEFAULT
@@ -36,8 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxpull.core import gates
-from jaxpull.core.gates import Gating
+from jaxpull.core.rules import Rules
 from jaxpull.core.layers import Conv, Dense, LayerNorm, Projection
 from jaxpull.core.preprocessing import Preprocessing
 
@@ -71,13 +70,13 @@ class SelfAttention(nn.Module):
     """``nn.MultiheadAttention(hidden_dim, num_heads, batch_first=True)`` on ``(x, x, x)``, no mask.
 
     ``(N, L, E)`` -> ``(N, L, E)``: per head softmax(q k^T / sqrt(E / heads)) v, heads concatenated,
-    ``out_proj``; the attention rule through ``gates.tempered_attention``.
+    ``out_proj``; the attention rule through ``rules.attention``.
     """
 
     num_heads: int
 
     @nn.compact
-    def __call__(self, x: jax.Array, gating: Gating) -> jax.Array:
+    def __call__(self, x: jax.Array, rules: Rules) -> jax.Array:
         n, length, e = x.shape
         head_dim = e // self.num_heads
         (q, q_bias), (k, k_bias) = Projection(e, name="query")(x), Projection(e, name="key")(x)
@@ -91,10 +90,10 @@ class SelfAttention(nn.Module):
 
         def core(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
             scores = jnp.einsum("nhqd,nhkd->nhqk", heads(q), heads(k)) / np.sqrt(head_dim)
-            probs = gates.attention_probs(scores, gating)
+            probs = rules.attention.probs(scores)
             return jnp.einsum("nhqk,nhkd->nhqd", probs, heads(v)).transpose(0, 2, 1, 3).reshape(n, length, e)
 
-        out = gates.tempered_attention(core, q, k, v, gating, q_bias, k_bias)
+        out = rules.attention(core, q, k, v, q_bias, k_bias)
         return Dense(e, name="out_proj")(out)
 
 
@@ -104,8 +103,8 @@ class MLPBlock(nn.Module):
     mlp_dim: int
 
     @nn.compact
-    def __call__(self, x: jax.Array, gating: Gating) -> jax.Array:
-        y = gates.gelu(Dense(self.mlp_dim, name="linear_1")(x), gating)
+    def __call__(self, x: jax.Array, rules: Rules) -> jax.Array:
+        y = rules.gelu(Dense(self.mlp_dim, name="linear_1")(x))
         return Dense(x.shape[-1], name="linear_2")(y)
 
 
@@ -116,9 +115,9 @@ class EncoderBlock(nn.Module):
     mlp_dim: int
 
     @nn.compact
-    def __call__(self, x: jax.Array, gating: Gating) -> jax.Array:
-        x = x + SelfAttention(self.num_heads, name="self_attention")(LayerNorm(LN_EPS, name="ln_1")(x, gating), gating)
-        return x + MLPBlock(self.mlp_dim, name="mlp")(LayerNorm(LN_EPS, name="ln_2")(x, gating), gating)
+    def __call__(self, x: jax.Array, rules: Rules) -> jax.Array:
+        x = x + SelfAttention(self.num_heads, name="self_attention")(LayerNorm(LN_EPS, name="ln_1")(x, rules), rules)
+        return x + MLPBlock(self.mlp_dim, name="mlp")(LayerNorm(LN_EPS, name="ln_2")(x, rules), rules)
 
 
 class Encoder(nn.Module):
@@ -129,11 +128,11 @@ class Encoder(nn.Module):
     mlp_dim: int
 
     @nn.compact
-    def __call__(self, x: jax.Array, gating: Gating) -> jax.Array:
+    def __call__(self, x: jax.Array, rules: Rules) -> jax.Array:
         x = x + self.param("pos_embedding", nn.initializers.normal(0.02), (1,) + x.shape[1:])
         for i in range(self.num_layers):
-            x = EncoderBlock(self.num_heads, self.mlp_dim, name=f"encoder_layer_{i}")(x, gating)
-        return LayerNorm(LN_EPS, name="ln")(x, gating)
+            x = EncoderBlock(self.num_heads, self.mlp_dim, name=f"encoder_layer_{i}")(x, rules)
+        return LayerNorm(LN_EPS, name="ln")(x, rules)
 
 
 class VisionTransformer(nn.Module):
@@ -149,7 +148,7 @@ class VisionTransformer(nn.Module):
     representation_size: Optional[int] = None
 
     @nn.compact
-    def __call__(self, x: jax.Array, gating: Gating) -> jax.Array:
+    def __call__(self, x: jax.Array, rules: Rules) -> jax.Array:
         s, p = self.image_size, self.patch_size
         if s % p:
             raise ValueError(f"image_size {s} is not a multiple of patch_size {p}: use a multiple of {p}")
@@ -163,7 +162,7 @@ class VisionTransformer(nn.Module):
         x = x.reshape(n, -1, self.hidden_dim)  # (N, (S / p)^2, E), patches in row-major order as torch's
         class_token = self.param("class_token", nn.initializers.zeros, (1, 1, self.hidden_dim))
         x = jnp.concatenate([jnp.broadcast_to(class_token, (n, 1, self.hidden_dim)).astype(x.dtype), x], axis=1)
-        x = Encoder(self.num_layers, self.num_heads, self.mlp_dim, name="encoder")(x, gating)
+        x = Encoder(self.num_layers, self.num_heads, self.mlp_dim, name="encoder")(x, rules)
         x = x[:, 0]
         if self.representation_size is not None:
             x = jnp.tanh(Dense(self.representation_size, name="pre_logits")(x))
