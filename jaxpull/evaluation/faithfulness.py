@@ -135,20 +135,14 @@ def _values(values, key, shape: Tuple[int, ...], low: float, high: float, name: 
 
 
 def _feature_groups(height: int, width: int, features_in_step: int, name: str) -> int:
-    """The number of feature groups of ``features_in_step`` among the 3 H W features (checked)."""
+    """The number of groups of ``features_in_step`` among the 3 H W features (checked as Quantus does)."""
     k = checks.whole(features_in_step, "features_in_step", 1)
     if (height * width) % k:
         raise ValueError(
             f"{name}: features_in_step={k} must divide H * W = {height * width} (Quantus asserts it): "
             "use a divisor of H * W"
         )
-    groups = 3 * height * width // k
-    if groups < 2:
-        raise ValueError(
-            f"{name}: features_in_step={k} leaves {groups} group of the {3 * height * width} features, "
-            "too few for a correlation: use a smaller features_in_step"
-        )
-    return groups
+    return 3 * height * width // k  # at least 3: k divides H * W
 
 
 def _ranked(a: jax.Array, use_abs: bool, descending: bool) -> Tuple[jax.Array, jax.Array]:
