@@ -122,14 +122,14 @@ def _uniform_bounds(low, high) -> Tuple[float, float]:
     return low, high
 
 
-def _values(values, key, shape: Tuple[int, ...], low: float, high: float, name: str) -> jax.Array:
-    """Explicit uniform baseline values of ``shape`` (checked), or drawn from ``key``."""
+def _values(values, key, shape: Tuple[int, ...], axes: str, low: float, high: float, name: str) -> jax.Array:
+    """Explicit uniform baseline values of ``shape`` (checked; ``axes`` names its axes), or drawn from ``key``."""
     if values is None:
         if key is None:
             raise ValueError(f"{name} draws random baseline values: pass key=jax.random.key(seed) (or values=...)")
         return jax.random.uniform(key, shape, jnp.float32, low, high)
     if tuple(np.shape(values)) != shape:
-        raise ValueError(f"values must have shape {shape} (images, samples, perturbations), got {np.shape(values)}")
+        raise ValueError(f"values must have shape {shape} ({axes}), got {tuple(np.shape(values))}")
     checks.finite(jnp.asarray(values), "values")
     return jnp.asarray(values, jnp.float32)
 
@@ -197,7 +197,9 @@ def infidelity_paper(
     samples = checks.whole(samples, "samples", 1)
     low, high = _uniform_bounds(low, high)
     blocks = sum(_block_count(h, w, p) for p in sizes)
-    values = _values(values, key, (x.shape[0], samples, blocks), low, high, "infidelity_paper")
+    values = _values(
+        values, key, (x.shape[0], samples, blocks), "images, samples, patches", low, high, "infidelity_paper"
+    )
     return infidelity_paper_core(model, x, targets, attributions, values, sizes, _batch(batch_size))
 
 
@@ -428,7 +430,9 @@ def monotonicity_correlation(
     if isinstance(baseline, str):
         checks.choice(baseline, ("uniform",), "baseline")
         low, high = _uniform_bounds(low, high)
-        values = _values(values, key, (x.shape[0], groups, samples), low, high, "monotonicity_correlation")
+        values = _values(
+            values, key, (x.shape[0], groups, samples), "images, groups, samples", low, high, "monotonicity_correlation"
+        )
     else:
         if values is not None:
             raise ValueError("values are the draws of baseline='uniform': drop values or set baseline='uniform'")

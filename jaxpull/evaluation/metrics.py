@@ -382,10 +382,13 @@ def quantus_other_labels(targets: np.ndarray, num_classes: int, seed: int = 42, 
     starts from the same draws: pass that batch size to get the paper's labels.
     """
     targets = np.asarray(targets)
+    num_classes = checks.whole(num_classes, "num_classes", 2)
     batch_size = checks.whole(batch_size, "batch_size", 1)
     r = np.concatenate(
         [
-            np.random.RandomState(seed).randint(0, num_classes - 1, min(batch_size, len(targets) - start))
+            np.random.RandomState(checks.whole(seed, "seed")).randint(
+                0, num_classes - 1, min(batch_size, len(targets) - start)
+            )
             for start in range(0, len(targets), batch_size)
         ]
         or [np.zeros(0, int)]
