@@ -4,19 +4,26 @@ Each metric scores one map per image: ``attributions`` ``(N, H, W, 3)`` for ``ta
 (one target per image). Definitions (and the choices the literature leaves open) are stated
 in each docstring; the numeric parts are jitted and batched over images.
 
-* :func:`focus` on 2x2 mosaics (:func:`make_mosaics`), Arras et al. 2022: higher is better.
+* :func:`focus` on 2x2 mosaics (:mod:`jaxpull.evaluation.mosaics`), Arias-Duart et al. 2022:
+  higher is better. By default equal to ``quantus.Focus(abs=False, normalise=False)`` on
+  ``x * attribution``; ``variant="channel_sum"`` is jaxpull's earlier variant.
 * :func:`faithfulness_correlation` over a grid of patches, Bhatt et al. 2020: higher is better.
 * :func:`infidelity` with optimal scaling, Yeh et al. 2019: lower is better.
-* :func:`max_sensitivity`, Yeh et al. 2019: lower is better.
-* :func:`random_logit` (SSIM to the map of a random other class), Sixt et al. 2020: lower is better.
+* :func:`max_sensitivity`, Yeh et al. 2019: lower is better (:func:`max_sensitivity_paper`: the
+  paper's ``quantus.MaxSensitivity(nr_samples=10, lower_bound=0.02)``).
+* :func:`random_logit` (SSIM to the map of a random other class), Sixt et al. 2020: lower is
+  better (:func:`random_logit_paper`: the paper's ``quantus.RandomLogit`` with Pearson correlation).
 * :func:`model_randomization`, Adebayo et al. 2018 (cascading, top-down): lower is better.
+
+The paper's perturbation metrics (its Infidelity and Faithfulness Correlation over patches,
+Faithfulness Estimate, Monotonicity Correlation) are in :mod:`jaxpull.evaluation.faithfulness`.
 """
 
 from __future__ import annotations
 
 import functools
 import zlib
-from typing import Callable, List, NamedTuple, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import flax.linen as nn
 import jax
@@ -25,11 +32,28 @@ import numpy as np
 from jax import lax
 
 from jaxpull.core import checks
-from jaxpull.core.settings import VANILLA
 from jaxpull.core.model import Model
+from jaxpull.evaluation.mosaics import Mosaics, make_mosaics  # noqa: F401 (their home before mosaics.py)
 
 # Explainer restricted to one target per image: (x (N, H, W, 3), targets (N,)) -> (N, H, W, 3).
 MapFunction = Callable[[jax.Array, jax.Array], jax.Array]
+
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def finite_setting(value, name: str, positive: bool = True) -> float:
+    """A concrete number as a Python float if it is finite in float32 (and > 0 with ``positive``),
+    else ValueError: the computations run in float32, where 1e300 is infinite."""
+    if isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number, got {value!r}") from None
+    if not (np.isfinite(v) and abs(v) <= _FLOAT32_MAX) or (positive and v <= 0):
+        need = "positive and finite" if positive else "finite"
+        raise ValueError(f"{name} must be {need} (in float32, |{name}| < 3.4e38), got {value!r}")
+    return v
 
 
 # --------------------------------------------------------------------------------------
@@ -93,83 +117,53 @@ def ssim(a: jax.Array, b: jax.Array, data_range: float = 1.0, window: int = 7) -
 # --------------------------------------------------------------------------------------
 
 
-class Mosaics(NamedTuple):
-    """2x2 mosaics: ``images`` ``(M, H, W, 3)``, ``targets`` ``(M,)`` class of the two target
-    tiles, ``quadrants`` ``(M, 4)`` bool (top-left, top-right, bottom-left, bottom-right: True
-    where a target tile is), ``sources`` ``(M, 4)`` index of the image in each quadrant."""
-
-    images: np.ndarray
-    targets: np.ndarray
-    quadrants: np.ndarray
-    sources: np.ndarray
+FOCUS_VARIANTS = ("quantus", "channel_sum")
 
 
-def make_mosaics(images: np.ndarray, classes: Sequence[int], count: int, seed: int = 0) -> Mosaics:
-    """Build ``count`` Focus mosaics from ``images`` ``(M, H, W, 3)`` (H, W even) of ``classes`` ``(M,)``.
+def focus(
+    attributions: jax.Array, x: jax.Array, quadrants: jax.Array, variant: str = "quantus", undefined: float = np.nan
+) -> jax.Array:
+    """Focus of ``attributions`` on the mosaics ``x`` (checked; see :func:`focus_core`).
 
-    Each mosaic: a target class, two of its images (the same one twice if it has only one) in two
-    random quadrants, two images of two other, distinct classes in the rest; every image is
-    shrunk to a (H/2, W/2) tile by 2x2 averaging. Target classes cycle through the classes.
-    """
-    images = np.asarray(images, np.float32)
-    classes = np.asarray(classes)
-    if images.ndim != 4 or images.shape[1] % 2 or images.shape[2] % 2:
-        raise ValueError(f"mosaic images must be (M, H, W, 3) with even H and W, got {images.shape}")
-    if classes.shape != (images.shape[0],):
-        raise ValueError(f"need one class per image: {images.shape[0]} images, {classes.shape} classes")
-    distinct = np.unique(classes)
-    if len(distinct) < 3:
-        raise ValueError(
-            f"Focus mosaics need images of at least 3 distinct classes, got {len(distinct)}: add images of other classes"
-        )
-    if count < 1:
-        raise ValueError(f"the number of mosaics must be positive, got {count}")
-    rng = np.random.default_rng(seed)
-    m, h, w, _ = images.shape
-    tiles = images.reshape(m, h // 2, 2, w // 2, 2, 3).mean(axis=(2, 4))
-    out, targets, quadrants, sources = [], [], [], []
-    for i in range(count):
-        c = distinct[i % len(distinct)]
-        own = np.flatnonzero(classes == c)
-        pair = rng.choice(own, 2, replace=len(own) < 2)
-        others = rng.choice(distinct[distinct != c], 2, replace=False)
-        fill = [rng.choice(np.flatnonzero(classes == o)) for o in others]
-        where = np.zeros(4, bool)
-        where[rng.choice(4, 2, replace=False)] = True
-        order = np.empty(4, int)
-        order[where] = pair
-        order[~where] = fill
-        t = tiles[order]
-        out.append(np.concatenate([np.concatenate(t[:2], 1), np.concatenate(t[2:], 1)], 0))
-        targets.append(c)
-        quadrants.append(where)
-        sources.append(order)
-    return Mosaics(np.stack(out), np.asarray(targets), np.stack(quadrants), np.stack(sources))
-
-
-def focus(attributions: jax.Array, x: jax.Array, quadrants: jax.Array) -> jax.Array:
-    """Focus of ``attributions`` on the mosaics ``x`` (checked; see :func:`focus_core`)."""
+    ``undefined``: the score of a mosaic without positive relevance (NaN; Quantus gives 0 there,
+    as its denominator has a 1e-9 added: pass ``undefined=0.0`` for its mean)."""
     x = checks.images(x)
     attributions = checks.attributions(attributions, x.shape)
     if tuple(np.shape(quadrants)) != (x.shape[0], 4):
         raise ValueError(f"quadrants must have shape ({x.shape[0]}, 4), got {tuple(np.shape(quadrants))}")
-    return focus_core(attributions, x, jnp.asarray(quadrants, bool))
+    if min(x.shape[1:3]) < 2:
+        raise ValueError(f"Focus mosaics must be at least 2x2 pixels (four quadrants), got {x.shape[1]}x{x.shape[2]}")
+    checks.choice(variant, FOCUS_VARIANTS, "Focus variant")
+    if not isinstance(undefined, (int, float, np.floating)) or isinstance(undefined, bool):
+        raise ValueError(f"undefined must be a number (or nan), got {undefined!r}")
+    return focus_core(attributions, x, jnp.asarray(quadrants, bool), variant, undefined)
 
 
-@jax.jit
-def focus_core(attributions: jax.Array, x: jax.Array, quadrants: jax.Array) -> jax.Array:
+@functools.partial(jax.jit, static_argnames=("variant",))
+def focus_core(
+    attributions: jax.Array, x: jax.Array, quadrants: jax.Array, variant: str = "quantus", undefined: float = np.nan
+) -> jax.Array:
     """Focus: share of the positive relevance that falls in the target quadrants.
 
-    Relevance of a pixel = sum over channels of ``x * attribution``; its positive part is summed
-    per quadrant. ``(N, H, W, 3)``, ``(N, H, W, 3)``, ``(N, 4)`` bool -> ``(N,)`` in [0, 1]
-    (chance 0.5 with two target quadrants); NaN where no relevance is positive.
+    Relevance r = ``x * attribution``. ``variant="quantus"`` (the paper's, ``quantus.Focus(abs=False,
+    normalise=False)`` on r with its channels): every element of r is clipped at 0, then summed
+    over channels and pixels per quadrant, and the score is ``inside / (total + 1e-9)``.
+    ``"channel_sum"`` (jaxpull's earlier variant): r is summed over channels first, then clipped,
+    and the score is ``inside / total``. Quadrants split at ``H // 2`` and ``W // 2`` (row-major:
+    top-left, top-right, bottom-left, bottom-right), as Quantus does. ``(N, H, W, 3)``,
+    ``(N, H, W, 3)``, ``(N, 4)`` bool -> ``(N,)`` in [0, 1] (chance 0.5 with two target quadrants);
+    ``undefined`` where no relevance is positive.
     """
-    n, h, w, _ = x.shape
-    r = jnp.maximum(jnp.sum(x * attributions, axis=-1), 0.0)
-    per_quadrant = r.reshape(n, 2, h // 2, 2, w // 2).sum(axis=(2, 4)).reshape(n, 4)
+    _, h, w, _ = x.shape
+    r = x * attributions
+    r = jnp.maximum(r.sum(-1), 0.0) if variant == "channel_sum" else jnp.maximum(r, 0.0).sum(-1)
+    hh, hw = h // 2, w // 2
+    parts = (r[:, :hh, :hw], r[:, :hh, hw:], r[:, hh:, :hw], r[:, hh:, hw:])
+    per_quadrant = jnp.stack([p.sum(axis=(1, 2)) for p in parts], axis=-1)
     total = per_quadrant.sum(-1)
     inside = jnp.sum(jnp.where(quadrants, per_quadrant, 0.0), -1)
-    return jnp.where(total > 0, inside / jnp.where(total > 0, total, 1.0), jnp.nan)
+    den = total if variant == "channel_sum" else total + 1e-9
+    return jnp.where(total > 0, inside / jnp.where(total > 0, den, 1.0), undefined)
 
 
 # --------------------------------------------------------------------------------------
@@ -190,14 +184,14 @@ def patch_masks(height: int, width: int, grid: int) -> np.ndarray:
 
 
 def _target_logit(model: Model, x: jax.Array, target: jax.Array) -> jax.Array:
-    return model.apply(x, VANILLA)[:, target]
+    return model.apply(x)[:, target]
 
 
 def _num_classes(model, x: jax.Array) -> int:
     """The model's number of classes (from its logits' shape for stand-ins without ``num_classes``)."""
     n = getattr(model, "num_classes", None)
     if n is None:
-        n = jax.eval_shape(lambda x: model.apply(x, VANILLA), x[:1]).shape[-1]
+        n = jax.eval_shape(lambda x: model.apply(x), x[:1]).shape[-1]
     return int(n)
 
 
@@ -213,9 +207,8 @@ def faithfulness_correlation(
 ) -> jax.Array:
     """Faithfulness correlation of ``attributions`` (inputs checked; see :func:`faithfulness_correlation_core`)."""
     x, targets, attributions = _checked(model, x, targets, attributions)
-    if not np.isfinite(baseline):
-        raise ValueError(f"baseline must be a finite number, got {baseline!r}")
-    return faithfulness_correlation_core(model, x, targets, attributions, checks.count(grid, "grid"), baseline)
+    baseline = finite_setting(baseline, "baseline", positive=False)
+    return faithfulness_correlation_core(model, x, targets, attributions, checks.whole(grid, "grid", 1), baseline)
 
 
 @functools.partial(jax.jit, static_argnames=("grid",))
@@ -250,8 +243,8 @@ def infidelity(
 ) -> jax.Array:
     """Infidelity of ``attributions`` (inputs checked; see :func:`infidelity_core`)."""
     x, targets, attributions = _checked(model, x, targets, attributions)
-    checks.positive(sigma, "sigma")
-    return infidelity_core(model, x, targets, attributions, key, sigma, checks.count(samples, "samples"))
+    sigma = finite_setting(sigma, "sigma")
+    return infidelity_core(model, x, targets, attributions, key, sigma, checks.whole(samples, "samples", 1))
 
 
 @functools.partial(jax.jit, static_argnames=("samples",))
@@ -300,28 +293,55 @@ def max_sensitivity(
     x: jax.Array,
     targets: jax.Array,
     attributions: jax.Array,
-    key: jax.Array,
+    key: Optional[jax.Array],
     radius: float = 0.05,
     samples: int = 10,
+    noise: Optional[jax.Array] = None,
 ) -> jax.Array:
     """Max-sensitivity: ``max_s ||a(x + d_s) - a(x)|| / ||a(x)||`` with d_s ~ U[-radius, radius]^D.
 
-    ``explain`` maps ``(N, H, W, 3)``, ``(N,)`` to maps; ``attributions`` is a(x). Each of the
-    ``samples`` perturbations is explained as one batch. ``(N, ...)`` -> ``(N,)``.
+    ``explain`` maps ``(N, H, W, 3)``, ``(N,)`` to maps; ``attributions`` is a(x); the norms are
+    Frobenius norms over the whole map, every pixel channel gets its own noise, as in
+    ``quantus.MaxSensitivity`` (which draws ``uniform(-lower_bound, lower_bound)``; it does not
+    normalise or take absolute values by default, and neither does this). Each of the
+    ``samples`` perturbations is explained as one batch. ``noise`` ``(samples, N, H, W, 3)``:
+    explicit perturbations d_s instead of drawing them from ``key``. ``(N, ...)`` -> ``(N,)``;
+    NaN where a(x) is zero.
     """
     x = checks.images(x)
     attributions = checks.attributions(attributions, x.shape)
-    checks.positive(radius, "radius")
-    samples = checks.count(samples, "samples")
     if tuple(np.shape(targets)) != (x.shape[0],):
         raise ValueError(
             f"targets must have shape ({x.shape[0]},), one class index per image, got {tuple(np.shape(targets))}"
         )
+    if noise is None:
+        radius = finite_setting(radius, "radius")
+        samples = checks.whole(samples, "samples", 1)
+        if key is None:
+            raise ValueError("max_sensitivity draws random perturbations: pass key=jax.random.key(seed) (or noise=...)")
+        draws = [jax.random.uniform(k, x.shape, x.dtype, -radius, radius) for k in jax.random.split(key, samples)]
+    else:
+        if np.ndim(noise) != 5 or tuple(np.shape(noise)[1:]) != tuple(x.shape) or np.shape(noise)[0] < 1:
+            raise ValueError(f"noise must have shape (samples, *{tuple(x.shape)}), got {tuple(np.shape(noise))}")
+        checks.finite(jnp.asarray(noise), "noise")
+        draws = list(jnp.asarray(noise, jnp.float32))
     worst = jnp.zeros(x.shape[0])
-    for k in jax.random.split(key, samples):
-        d = jax.random.uniform(k, x.shape, x.dtype, -radius, radius)
+    for d in draws:
         worst = jnp.maximum(worst, _relative_change(attributions, explain(x + d, targets)))
     return worst
+
+
+def max_sensitivity_paper(
+    explain: MapFunction,
+    x: jax.Array,
+    targets: jax.Array,
+    attributions: jax.Array,
+    key: Optional[jax.Array],
+    noise: Optional[jax.Array] = None,
+) -> jax.Array:
+    """The paper's ``quantus.MaxSensitivity(nr_samples=10, lower_bound=0.02)``:
+    :func:`max_sensitivity` with 10 perturbations uniform in [-0.02, 0.02]. ``(N, ...)`` -> ``(N,)``."""
+    return max_sensitivity(explain, x, targets, attributions, key, radius=0.02, samples=10, noise=noise)
 
 
 @jax.jit
@@ -344,15 +364,64 @@ def random_logit(
 ) -> jax.Array:
     """Random-logit similarity: SSIM between the saliency (``|a|`` summed over channels, max-scaled)
     of the target's map and of a random other class's map. ``(N, ...)`` -> ``(N,)``."""
-    if isinstance(num_classes, bool) or int(num_classes) != num_classes or num_classes < 2:
-        raise ValueError(
-            f"num_classes must be a whole number >= 2 (a random other class is drawn), got {num_classes!r}"
-        )
+    num_classes = checks.whole(num_classes, "num_classes", 2)
     x = checks.images(x)
-    targets = checks.per_image_labels(targets, x.shape[0], int(num_classes))
+    targets = checks.per_image_labels(targets, x.shape[0], num_classes)
     attributions = checks.attributions(attributions, x.shape)
     others = jnp.asarray(other_labels(np.asarray(targets), num_classes, seed), jnp.int32)
     return ssim(_saliency(attributions), _saliency(explain(x, others)))
+
+
+def quantus_other_labels(targets: np.ndarray, num_classes: int, seed: int = 42, batch_size: int = 64) -> np.ndarray:
+    """The other labels ``quantus.RandomLogit(num_classes, seed)`` draws for ``targets`` ``(N,)``: ``(N,)``.
+
+    Quantus reseeds numpy's global generator with ``seed`` for every batch it evaluates and draws
+    ``randint(0, num_classes - 1, len(batch))``: offset r becomes the r-th class other than the
+    target (``r + (r >= target)``). Its batches are ``batch_size`` images of one metric call (64
+    by default), so every call of a smaller batch (the paper evaluates loader batches of 10)
+    starts from the same draws: pass that batch size to get the paper's labels.
+    """
+    targets = np.asarray(targets)
+    num_classes = checks.whole(num_classes, "num_classes", 2)
+    batch_size = checks.whole(batch_size, "batch_size", 1)
+    r = np.concatenate(
+        [
+            np.random.RandomState(checks.whole(seed, "seed")).randint(
+                0, num_classes - 1, min(batch_size, len(targets) - start)
+            )
+            for start in range(0, len(targets), batch_size)
+        ]
+        or [np.zeros(0, int)]
+    )
+    return r + (r >= targets)
+
+
+def random_logit_paper(
+    model: Model,
+    explain: MapFunction,
+    x: jax.Array,
+    targets: jax.Array,
+    attributions: jax.Array,
+    num_classes: Optional[int] = None,
+    seed: int = 42,
+    batch_size: int = 64,
+) -> jax.Array:
+    """The paper's ``quantus.RandomLogit(num_classes=1000, seed=42, similarity_func=correlation_pearson)``:
+    the Pearson correlation between the target's map and the map of another class, over all
+    pixel channels of the raw maps ``(N, H, W, 3)`` (Quantus' max-normalisation does not change
+    it). The other class is Quantus' draw (:func:`quantus_other_labels` with ``seed`` and
+    ``batch_size``) among the first ``num_classes`` classes (default: all of the model's; the
+    paper's 1000 ImageNet classes). ``(N, ...)`` -> ``(N,)``; lower is better.
+    """
+    x, targets, attributions = _checked(model, x, targets, attributions)
+    classes = _num_classes(model, x)
+    num_classes = classes if num_classes is None else checks.whole(num_classes, "num_classes", 2)
+    if num_classes < 2 or num_classes > classes:
+        raise ValueError(f"num_classes must be in [2, {classes}] (the model's classes), got {num_classes}")
+    targets = checks.per_image_labels(np.asarray(targets), x.shape[0], num_classes)
+    others = jnp.asarray(quantus_other_labels(np.asarray(targets), num_classes, seed, batch_size), jnp.int32)
+    n = x.shape[0]
+    return pearson(attributions.reshape(n, -1), explain(x, others).reshape(n, -1))
 
 
 def layer_order(model: Model, image_size: int = 64) -> List[Tuple[str, ...]]:
@@ -364,10 +433,9 @@ def layer_order(model: Model, image_size: int = 64) -> List[Tuple[str, ...]]:
             order.append(tuple(context.module.path))
         return next_fun(*args, **kwargs)
 
-    module = model.spec.module()
     x = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
     with nn.intercept_methods(record):
-        jax.eval_shape(lambda p, x: module.apply({"params": p}, x, VANILLA), model.params, x)
+        jax.eval_shape(lambda m, x: m.apply(x), model, x)
 
     def owns_params(path):
         node = model.params
@@ -443,7 +511,7 @@ def model_randomization(
     correlation as layers are randomised.
     """
     x, targets, attributions = _checked(model, x, targets, attributions)
-    stages = checks.count(stages, "stages")
+    stages = checks.whole(stages, "stages", 1)
     layers = layer_order(model, min(x.shape[1], 64))
     stages = max(1, min(stages, len(layers)))
     base = _saliency(attributions).reshape(x.shape[0], -1)
