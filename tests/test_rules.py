@@ -140,3 +140,20 @@ def test_no_module_cites_a_spec_outside_the_repository():
         if p.suffix in (".py", ".ipynb") and outside in p.read_text()
     ]
     assert cited == [] and outside not in (ROOT / "README.md").read_text()
+
+
+def test_family_declarations_are_typed():
+    """Each family file declares one Family value: a misspelt fact or one of the wrong kind fails
+    when the module is imported, instead of silently falling back to a default."""
+    from jaxpull.core import models
+    from jaxpull.core.models import resnet
+    from jaxpull.core.models.family import Family
+
+    with pytest.raises(TypeError, match="max_pool"):
+        Family(architectures=resnet.ARCHITECTURES, torch_layout=resnet.torch_layout, max_pool=True)
+    with pytest.raises(TypeError, match="Family.preprocessing must be a Preprocessing"):
+        Family(architectures=resnet.ARCHITECTURES, torch_layout=resnet.torch_layout, max_pools=True, preprocessing=224)
+    with pytest.raises(TypeError, match="Family.max_pools must be True or False"):
+        Family(architectures=resnet.ARCHITECTURES, torch_layout=resnet.torch_layout, max_pools="yes")
+    assert models.get("resnet50").max_pools and not models.get("vit_b_16").max_pools
+    assert models.get("inception_v3").preprocessing.crop_size == 299 and models.get("googlenet").transform_input

@@ -1,16 +1,14 @@
-"""Architectures: a plain dict from torchvision name to a Flax module builder.
+"""Architectures: a plain dict from torchvision name to a Flax module builder and its facts.
 
-Each family lives in its own file, which also says how torchvision's state_dict maps onto its
-parameter tree (``torch_layout``). Nothing here imports torch.
+Each family lives in its own file, which ends with one explicit ``FAMILY = Family(...)``
+declaration (:mod:`jaxpull.core.models.family`): its builders, how torchvision's state_dict maps
+onto its parameter tree (``torch_layout``) and its facts. Nothing here imports torch.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Dict, NamedTuple, Optional, Tuple
+from typing import Dict
 
-import flax.linen as nn
-
-from jaxpull.core.layers import IMAGENET_MEAN, IMAGENET_STD
 from jaxpull.core.models import (
     alexnet,
     convnext,
@@ -22,82 +20,32 @@ from jaxpull.core.models import (
     maxvit,
 )
 from jaxpull.core.models import mnasnet, mobilenet, mobilenet_v3, regnet, resnet, shufflenet, squeezenet, swin, vgg, vit
-from jaxpull.core.preprocessing import Preprocessing
+from jaxpull.core.models.family import Architecture, Family  # noqa: F401 (the family files' type)
 
 
-class Family(NamedTuple):
-    """What the converter needs to know about an architecture."""
-
-    build: Callable[..., nn.Module]  # builder(num_classes=..., **config) -> module(x, rules) -> logits
-    torch_layout: Callable  # (arch, StateDict reader, **config) -> parameter tree
-    max_pools: bool  # MAX_POOLS: whether the network has max-pools (a pool temperature applies)
-    # The family file's optional facts (module constants of the same names):
-    preprocessing: Preprocessing = Preprocessing()  # PREPROCESSING (or a dict by arch): resize/crop its weights expect
-    transform_input: Optional[bool] = None  # TRANSFORM_INPUT: torchvision's for those weights; None: no such option
-    auxiliary_keys: Optional[str] = None  # AUXILIARY_KEYS: regex of training-only state_dict keys, dropped
-    # torch_config(torch module) -> {builder option: value}: the sizes of a torch model built with
-    # other options than the named architecture's (tests use small ones); None: no size options.
-    torch_config: Optional[Callable] = None
-    # state_dict_config(arch, tensors) -> {builder option: value}: the options a state_dict fixes
-    # beyond the named architecture's sizes (ViT's image size: vit_h_14's 518 px weights).
-    state_dict_config: Optional[Callable] = None
-    # INPUT_NORMALIZATION: (mean, std) in [0, 1] pixel units its weights were trained with
-    input_mean: Tuple[float, float, float] = IMAGENET_MEAN
-    input_std: Tuple[float, float, float] = IMAGENET_STD
-    # LEGACY_KEYS: (regex, replacement) renaming old checkpoints' keys to torchvision's current ones
-    legacy_keys: Optional[Tuple[str, str]] = None
-
-
-def _by_arch(value, arch: str, default):
-    """A family fact given once for the family, or as a dict by architecture."""
-    return value.get(arch, default) if isinstance(value, dict) else value
-
-
-def _family(module) -> Dict[str, Family]:
-    """The entries of a family file, from its module constants (see :class:`Family`)."""
-    fact = lambda name, default=None: getattr(module, name, default)
-    entries = {}
-    for name, build in module.ARCHITECTURES.items():
-        mean, std = _by_arch(fact("INPUT_NORMALIZATION", {}), name, (IMAGENET_MEAN, IMAGENET_STD))
-        entries[name] = Family(
-            build,
-            module.torch_layout,
-            module.MAX_POOLS,
-            _by_arch(fact("PREPROCESSING", Preprocessing()), name, Preprocessing()),
-            fact("TRANSFORM_INPUT"),
-            fact("AUXILIARY_KEYS"),
-            fact("torch_config"),
-            fact("state_dict_config"),
-            tuple(mean),
-            tuple(std),
-            fact("LEGACY_KEYS"),
-        )
-    return entries
-
-
-ARCHITECTURES: Dict[str, Family] = {
-    **_family(resnet),
-    **_family(vgg),
-    **_family(densenet),
-    **_family(alexnet),
-    **_family(mobilenet),
-    **_family(efficientnet_lite),
-    **_family(regnet),
-    **_family(mnasnet),
-    **_family(shufflenet),
-    **_family(googlenet),
-    **_family(inception),
-    **_family(mobilenet_v3),
-    **_family(squeezenet),
-    **_family(efficientnet),
-    **_family(convnext),
-    **_family(maxvit),
-    **_family(vit),
-    **_family(swin),
+ARCHITECTURES: Dict[str, Architecture] = {
+    **resnet.FAMILY.entries(),
+    **vgg.FAMILY.entries(),
+    **densenet.FAMILY.entries(),
+    **alexnet.FAMILY.entries(),
+    **mobilenet.FAMILY.entries(),
+    **efficientnet_lite.FAMILY.entries(),
+    **regnet.FAMILY.entries(),
+    **mnasnet.FAMILY.entries(),
+    **shufflenet.FAMILY.entries(),
+    **googlenet.FAMILY.entries(),
+    **inception.FAMILY.entries(),
+    **mobilenet_v3.FAMILY.entries(),
+    **squeezenet.FAMILY.entries(),
+    **efficientnet.FAMILY.entries(),
+    **convnext.FAMILY.entries(),
+    **maxvit.FAMILY.entries(),
+    **vit.FAMILY.entries(),
+    **swin.FAMILY.entries(),
 }
 
 
-def get(arch: str) -> Family:
+def get(arch: str) -> Architecture:
     """The family entry of ``arch``, or a ValueError listing the known names."""
     try:
         return ARCHITECTURES[arch]

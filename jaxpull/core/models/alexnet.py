@@ -7,6 +7,7 @@ import jax
 
 from jaxpull.core.rules import Rules
 from jaxpull.core.layers import Conv, Dense, adaptive_avg_pool, flatten_chw
+from jaxpull.core.models.family import Family
 
 # (torchvision index, features, kernel, stride, padding, followed by a max-pool)
 FEATURES = (
@@ -46,4 +47,8 @@ def torch_layout(arch: str, sd) -> dict:
     return p
 
 
-MAX_POOLS = True  # whether the network has max-pools (a pool temperature applies)
+FAMILY = Family(
+    architectures=ARCHITECTURES,
+    torch_layout=torch_layout,
+    max_pools=True,
+)

@@ -31,6 +31,7 @@ import numpy as np
 from jaxpull.core.rules import Rules
 from jaxpull.core.layers import Conv, Dense, LayerNorm, global_avg_pool
 from jaxpull.core.preprocessing import Preprocessing
+from jaxpull.core.models.family import Family
 
 LN_EPS = 1e-6
 
@@ -197,4 +198,10 @@ def torch_layout(arch: str, sd, block_setting: Optional[Tuple[StageSetting, ...]
     return p
 
 
-MAX_POOLS = False  # whether the network has max-pools (a pool temperature applies)
+FAMILY = Family(
+    architectures=ARCHITECTURES,
+    torch_layout=torch_layout,
+    max_pools=False,
+    preprocessing=PREPROCESSING,
+    torch_config=torch_config,
+)

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 
 from jaxpull.core.rules import Rules
 from jaxpull.core.layers import Affine, Conv, Dense, avg_pool, global_avg_pool
+from jaxpull.core.models.family import Family
 
 
 class DenseLayer(nn.Module):
@@ -132,5 +133,12 @@ def torch_layout(arch: str, sd) -> dict:
     return p
 
 
-MAX_POOLS = True  # whether the network has max-pools (a pool temperature applies)
 LEGACY_KEYS = (LEGACY_KEY, r"\1\2")  # the published checkpoints' norm.1 / conv.1 -> the modules' norm1 / conv1
+
+
+FAMILY = Family(
+    architectures=ARCHITECTURES,
+    torch_layout=torch_layout,
+    max_pools=True,
+    legacy_keys=LEGACY_KEYS,
+)

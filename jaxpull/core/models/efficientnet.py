@@ -29,6 +29,7 @@ import jax
 from jaxpull.core.rules import Rules
 from jaxpull.core.layers import Conv, Dense, SqueezeExcitation, global_avg_pool
 from jaxpull.core.preprocessing import Preprocessing
+from jaxpull.core.models.family import Family
 
 BLOCKS = ("MBConv", "FusedMBConv")
 
@@ -351,4 +352,11 @@ def torch_layout(
     return p
 
 
-MAX_POOLS = False  # whether the network has max-pools (a pool temperature applies)
+FAMILY = Family(
+    architectures=ARCHITECTURES,
+    torch_layout=torch_layout,
+    max_pools=False,
+    preprocessing=PREPROCESSING,
+    torch_config=torch_config,
+    input_normalization=INPUT_NORMALIZATION,
+)

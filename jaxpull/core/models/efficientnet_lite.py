@@ -13,6 +13,7 @@ import jax
 
 from jaxpull.core.rules import Rules
 from jaxpull.core.layers import Conv, Dense, global_avg_pool
+from jaxpull.core.models.family import Family
 
 # (repeats, kernel, first stride, expansion, input channels, output channels): lite0's blocks_args
 STAGES = (
@@ -96,4 +97,9 @@ def torch_layout(arch: str, sd) -> dict:
     return p
 
 
-MAX_POOLS = False  # whether the network has max-pools (a pool temperature applies)
+FAMILY = Family(
+    architectures=ARCHITECTURES,
+    torch_layout=torch_layout,
+    max_pools=False,
+    input_normalization=INPUT_NORMALIZATION,
+)

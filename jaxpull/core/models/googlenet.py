@@ -25,6 +25,7 @@ import numpy as np
 from jaxpull.core.rules import Rules
 from jaxpull.core.layers import IMAGENET_MEAN, IMAGENET_STD, Conv, Dense, Padding, global_avg_pool
 from jaxpull.core.preprocessing import Preprocessing
+from jaxpull.core.models.family import Family
 
 # What torchvision's pretrained weights (GoogLeNet_Weights.IMAGENET1K_V1) expect.
 PREPROCESSING = Preprocessing(crop_size=224, resize_size=256)
@@ -134,4 +135,11 @@ def torch_layout(arch: str, sd) -> dict:
     return {**basic_convs(sd), "fc": sd.dense("fc")}
 
 
-MAX_POOLS = True  # whether the network has max-pools (a pool temperature applies)
+FAMILY = Family(
+    architectures=ARCHITECTURES,
+    torch_layout=torch_layout,
+    max_pools=True,
+    preprocessing=PREPROCESSING,
+    transform_input=TRANSFORM_INPUT,
+    auxiliary_keys=AUXILIARY_KEYS,
+)

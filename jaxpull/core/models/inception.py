@@ -23,6 +23,7 @@ from jaxpull.core.rules import Rules
 from jaxpull.core.layers import Dense, avg_pool, global_avg_pool
 from jaxpull.core.models.googlenet import BasicConv2d, basic_convs, transform_input
 from jaxpull.core.preprocessing import Preprocessing
+from jaxpull.core.models.family import Family
 
 # What torchvision's pretrained weights (Inception_V3_Weights.IMAGENET1K_V1) expect.
 PREPROCESSING = Preprocessing(crop_size=299, resize_size=342)
@@ -173,4 +174,11 @@ def torch_layout(arch: str, sd) -> dict:
     return {**basic_convs(sd), "fc": sd.dense("fc")}
 
 
-MAX_POOLS = True  # whether the network has max-pools (a pool temperature applies)
+FAMILY = Family(
+    architectures=ARCHITECTURES,
+    torch_layout=torch_layout,
+    max_pools=True,
+    preprocessing=PREPROCESSING,
+    transform_input=TRANSFORM_INPUT,
+    auxiliary_keys=AUXILIARY_KEYS,
+)

@@ -35,6 +35,7 @@ import numpy as np
 from jaxpull.core.rules import Rules
 from jaxpull.core.layers import Affine, Conv, Dense, LayerNorm, Projection, SqueezeExcitation, avg_pool
 from jaxpull.core.preprocessing import Preprocessing
+from jaxpull.core.models.family import Family
 
 BN_EPS = 1e-3  # torchvision's BatchNorm2d(eps=1e-3, momentum=0.01)
 LN_EPS = 1e-5  # nn.LayerNorm's default
@@ -375,4 +376,10 @@ def torch_layout(arch: str, sd, **config) -> dict:
     return p
 
 
-MAX_POOLS = False  # whether the network has max-pools (a pool temperature applies)
+FAMILY = Family(
+    architectures=ARCHITECTURES,
+    torch_layout=torch_layout,
+    max_pools=False,
+    preprocessing=PREPROCESSING,
+    torch_config=torch_config,
+)

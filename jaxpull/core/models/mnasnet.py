@@ -21,6 +21,7 @@ import jax
 
 from jaxpull.core.rules import Rules
 from jaxpull.core.layers import Conv, Dense, global_avg_pool
+from jaxpull.core.models.family import Family
 
 # (kernel, first stride, expansion, repeats) of the six stacks, torchvision's ``layers[8:14]``
 STACKS = ((3, 2, 3, 3), (5, 2, 3, 3), (5, 2, 6, 3), (3, 1, 6, 2), (5, 2, 6, 4), (3, 1, 6, 1))
@@ -124,4 +125,8 @@ def torch_layout(arch: str, sd) -> dict:
     return p
 
 
-MAX_POOLS = False  # whether the network has max-pools (a pool temperature applies)
+FAMILY = Family(
+    architectures=ARCHITECTURES,
+    torch_layout=torch_layout,
+    max_pools=False,
+)

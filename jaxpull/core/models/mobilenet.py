@@ -7,6 +7,7 @@ import jax
 
 from jaxpull.core.rules import Rules
 from jaxpull.core.layers import Conv, Dense, global_avg_pool
+from jaxpull.core.models.family import Family
 
 # (expansion t, output channels c, repeats n, first stride s), as torchvision's table
 SETTINGS = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1))
@@ -80,4 +81,8 @@ def torch_layout(arch: str, sd) -> dict:
     return p
 
 
-MAX_POOLS = False  # whether the network has max-pools (a pool temperature applies)
+FAMILY = Family(
+    architectures=ARCHITECTURES,
+    torch_layout=torch_layout,
+    max_pools=False,
+)

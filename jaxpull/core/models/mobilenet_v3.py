@@ -18,6 +18,7 @@ import jax
 from jaxpull.core.gates import hardsigmoid
 from jaxpull.core.rules import Rules
 from jaxpull.core.layers import Conv, Dense, SqueezeExcitation, global_avg_pool
+from jaxpull.core.models.family import Family
 
 BN_EPS = 1e-3
 
@@ -145,4 +146,8 @@ def torch_layout(arch: str, sd) -> dict:
     return p
 
 
-MAX_POOLS = False  # whether the network has max-pools (a pool temperature applies)
+FAMILY = Family(
+    architectures=ARCHITECTURES,
+    torch_layout=torch_layout,
+    max_pools=False,
+)

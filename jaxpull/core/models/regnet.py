@@ -23,6 +23,7 @@ import numpy as np
 
 from jaxpull.core.rules import Rules
 from jaxpull.core.layers import Conv, Dense, SqueezeExcitation, global_avg_pool
+from jaxpull.core.models.family import Family
 
 
 class Stage(NamedTuple):
@@ -193,4 +194,8 @@ def torch_layout(arch: str, sd) -> dict:
     return p
 
 
-MAX_POOLS = False  # whether the network has max-pools (a pool temperature applies)
+FAMILY = Family(
+    architectures=ARCHITECTURES,
+    torch_layout=torch_layout,
+    max_pools=False,
+)

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 
 from jaxpull.core.rules import Rules
 from jaxpull.core.layers import Conv, Dense, global_avg_pool
+from jaxpull.core.models.family import Family
 
 
 def channel_shuffle(x: jax.Array, groups: int) -> jax.Array:
@@ -96,4 +97,8 @@ def torch_layout(arch: str, sd) -> dict:
     return p
 
 
-MAX_POOLS = True  # whether the network has max-pools (a pool temperature applies)
+FAMILY = Family(
+    architectures=ARCHITECTURES,
+    torch_layout=torch_layout,
+    max_pools=True,
+)

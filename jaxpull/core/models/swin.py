@@ -39,6 +39,7 @@ import numpy as np
 from jaxpull.core.rules import Rules
 from jaxpull.core.layers import Conv, Dense, LayerNorm, Projection
 from jaxpull.core.preprocessing import Preprocessing
+from jaxpull.core.models.family import Family
 
 LN_EPS = 1e-5
 MASK = -100.0  # torchvision's score for token pairs that the cyclic shift brought together
@@ -380,4 +381,10 @@ def torch_layout(arch: str, sd, **config) -> dict:
     return p
 
 
-MAX_POOLS = False  # whether the network has max-pools (a pool temperature applies)
+FAMILY = Family(
+    architectures=ARCHITECTURES,
+    torch_layout=torch_layout,
+    max_pools=False,
+    preprocessing=PREPROCESSING,
+    torch_config=torch_config,
+)

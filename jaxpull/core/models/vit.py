@@ -39,6 +39,7 @@ import numpy as np
 from jaxpull.core.rules import Rules
 from jaxpull.core.layers import Conv, Dense, LayerNorm, Projection
 from jaxpull.core.preprocessing import Preprocessing
+from jaxpull.core.models.family import Family
 
 LN_EPS = 1e-6  # torchvision's norm_layer: partial(nn.LayerNorm, eps=1e-6)
 DEFAULT_IMAGE_SIZE = 224  # torchvision's _vision_transformer without weights
@@ -289,4 +290,11 @@ def torch_layout(arch: str, sd, **config) -> dict:
     return {k: v for k, v in p.items() if v is not None}
 
 
-MAX_POOLS = False  # whether the network has max-pools (a pool temperature applies)
+FAMILY = Family(
+    architectures=ARCHITECTURES,
+    torch_layout=torch_layout,
+    max_pools=False,
+    preprocessing=PREPROCESSING,
+    torch_config=torch_config,
+    state_dict_config=state_dict_config,
+)

@@ -1,0 +1,105 @@
+"""What a family file declares about its architectures: one explicit :class:`Family` value.
+
+Each file of ``jaxpull/core/models/`` ends with ``FAMILY = Family(...)``: its builders by
+torchvision name, how a torchvision state_dict maps onto its parameters, and its facts (typed
+fields: a misspelt keyword is a ``TypeError`` when the module is imported, a value of the wrong
+kind a ``TypeError`` naming the field). :func:`jaxpull.core.models.get` returns one
+:class:`Architecture` per name, the family's facts resolved for it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Dict, Mapping, NamedTuple, Optional, Tuple, Union
+
+import flax.linen as nn
+
+from jaxpull.core.layers import IMAGENET_MEAN, IMAGENET_STD
+from jaxpull.core.preprocessing import Preprocessing
+
+Normalization = Tuple[Tuple[float, float, float], Tuple[float, float, float]]  # (mean, std) in [0, 1] pixels
+
+
+class Architecture(NamedTuple):
+    """One named architecture: its builder and its family's facts, resolved for it."""
+
+    build: Callable[..., nn.Module]  # builder(num_classes=..., **config) -> module(x, rules) -> logits
+    torch_layout: Callable  # (arch, StateDict reader, **config) -> parameter tree
+    max_pools: bool  # whether the network has max-pools (a pool temperature applies)
+    preprocessing: Preprocessing  # the resize / crop its weights expect
+    transform_input: Optional[bool]  # torchvision's option for those weights; None: no such option
+    auxiliary_keys: Optional[str]  # regex of training-only state_dict keys, dropped
+    torch_config: Optional[Callable]  # (torch module) -> {builder option: value} of other sizes
+    state_dict_config: Optional[Callable]  # (arch, tensors) -> {builder option: value} a state_dict fixes
+    input_mean: Tuple[float, float, float]
+    input_std: Tuple[float, float, float]
+    legacy_keys: Optional[Tuple[str, str]]  # (regex, replacement) renaming old checkpoints' keys
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """A family file's declaration (see the module docstring). Facts given once for the family, or
+    as a dict by architecture name (``preprocessing``, ``input_normalization``)."""
+
+    architectures: Mapping[str, Callable[..., nn.Module]]
+    torch_layout: Callable
+    max_pools: bool
+    preprocessing: Union[Preprocessing, Mapping[str, Preprocessing]] = Preprocessing()
+    transform_input: Optional[bool] = None
+    auxiliary_keys: Optional[str] = None
+    torch_config: Optional[Callable] = None
+    state_dict_config: Optional[Callable] = None
+    input_normalization: Union[Normalization, Mapping[str, Normalization]] = (IMAGENET_MEAN, IMAGENET_STD)
+    legacy_keys: Optional[Tuple[str, str]] = None
+
+    def __post_init__(self):
+        def need(ok: bool, name: str, what: str):
+            if not ok:
+                raise TypeError(f"Family.{name} must be {what}, got {getattr(self, name)!r}")
+
+        need(
+            isinstance(self.architectures, Mapping) and len(self.architectures) > 0,
+            "architectures",
+            "a non-empty dict of name -> builder",
+        )
+        need(callable(self.torch_layout), "torch_layout", "a function")
+        need(isinstance(self.max_pools, bool), "max_pools", "True or False")
+        by_arch = lambda v, kind: (
+            isinstance(v, kind)
+            or (isinstance(v, Mapping) and all(isinstance(x, kind) and k in self.architectures for k, x in v.items()))
+        )
+        need(by_arch(self.preprocessing, Preprocessing), "preprocessing", "a Preprocessing or a dict of them by arch")
+        need(self.transform_input in (None, True, False), "transform_input", "None, True or False")
+        need(self.auxiliary_keys is None or isinstance(self.auxiliary_keys, str), "auxiliary_keys", "a regex or None")
+        for name in ("torch_config", "state_dict_config"):
+            need(getattr(self, name) is None or callable(getattr(self, name)), name, "a function or None")
+        need(by_arch(self.input_normalization, tuple), "input_normalization", "(mean, std) or a dict of them by arch")
+        need(
+            self.legacy_keys is None or (isinstance(self.legacy_keys, tuple) and len(self.legacy_keys) == 2),
+            "legacy_keys",
+            "(regex, replacement) or None",
+        )
+
+    def entries(self) -> Dict[str, Architecture]:
+        """One :class:`Architecture` per name."""
+
+        def of(value, arch: str, default):
+            return value.get(arch, default) if isinstance(value, Mapping) else value
+
+        out = {}
+        for arch, build in self.architectures.items():
+            mean, std = of(self.input_normalization, arch, (IMAGENET_MEAN, IMAGENET_STD))
+            out[arch] = Architecture(
+                build,
+                self.torch_layout,
+                self.max_pools,
+                of(self.preprocessing, arch, Preprocessing()),
+                self.transform_input,
+                self.auxiliary_keys,
+                self.torch_config,
+                self.state_dict_config,
+                tuple(mean),
+                tuple(std),
+                self.legacy_keys,
+            )
+        return out
