@@ -80,12 +80,29 @@ def test_depthwise_views_equal_grouped_lax_conv(shape, stride, pad, size):
 
 
 @pytest.mark.parametrize(
-    "k, stride, pad", [(1, 1, ((0, 0), (0, 0))), (1, 2, ((0, 0), (0, 0))), (3, 2, ((1, 1), (1, 1)))]
+    "k, stride, pad, size",
+    [
+        (1, 1, ((0, 0), (0, 0)), 9),
+        (1, 2, ((0, 0), (0, 0)), 9),
+        (3, 2, ((1, 1), (1, 1)), 9),
+        (3, 1, ((1, 1), (1, 1)), 2),  # a tiny output (a ResNet's last stage at 64 px): im2col on CPU
+        (3, 1, ((1, 1), (1, 1)), 1),
+    ],
 )
-def test_im2col_equals_lax_conv(k, stride, pad):
-    x = jnp.asarray(RNG.standard_normal((2, 9, 9, 16)), jnp.float32)
+def test_im2col_equals_lax_conv(k, stride, pad, size):
+    x = jnp.asarray(RNG.standard_normal((2, size, size, 16)), jnp.float32)
     kernel = jnp.asarray(RNG.standard_normal((k, k, 16, 8)), jnp.float32)
     assert_same_as_lax(lowering.conv_im2col, 1, x, kernel, stride, pad)
+
+
+def test_conv_takes_im2col_for_tiny_outputs_only():
+    """XLA:CPU's convolution is slow on outputs of a few pixels (lowering.TINY_OUTPUT): there the
+    CPU choice is im2col, elsewhere the stride-1 kxk convolution stays ``dense_conv``."""
+    pad = ((1, 1), (1, 1))
+    assert lowering.cpu_conv((3, 3, 512, 512), 1, pad, (2, 2)) is lowering.conv_im2col
+    assert lowering.cpu_conv((3, 3, 512, 512), 1, pad, (1, 1)) is lowering.conv_im2col
+    assert lowering.cpu_conv((3, 3, 512, 512), 1, pad, (3, 3)) is lowering.dense_conv
+    assert lowering.cpu_conv((3, 3, 512, 512), 1, pad) is lowering.dense_conv
 
 
 @pytest.mark.parametrize(

@@ -83,7 +83,10 @@ class Conv(nn.Module):
             pad = tuple(map(tuple, self.padding))  # hashable: dense_conv takes it as a static argument
         dtype = kernel.dtype if self.dtype is None else jnp.dtype(self.dtype)
         on_cpu = jax.default_backend() == "cpu"
-        lowered = cpu_conv(kernel.shape, self.stride, pad) if self.groups == 1 and on_cpu else None
+        out_hw = tuple(
+            (size + lo + hi - k) // self.stride + 1 for size, (lo, hi), k in zip(x.shape[1:3], pad, (kh, kw))
+        )
+        lowered = cpu_conv(kernel.shape, self.stride, pad, out_hw) if self.groups == 1 and on_cpu else None
         if self.groups > 1 and self.groups == x.shape[-1] == self.features:
             y = depthwise_conv(x.astype(dtype), kernel.astype(dtype), self.stride, pad)
         elif lowered is not None:  # GPU / TPU: lax.conv

@@ -256,13 +256,22 @@ def im2col_on_cpu(kernel_shape: Tuple[int, ...], stride: int) -> bool:
     return kh * kw == 1 or (stride > 1 and cin >= 16)
 
 
-def cpu_conv(kernel_shape: Tuple[int, ...], stride: int, pad) -> Optional[Callable[..., jax.Array]]:
+# XLA:CPU's convolution is pathologically slow on tiny feature maps: a 3x3 convolution of 512
+# channels with a 2x2 output, 2 images, took 17 ms forward and 148 ms for 4 vmapped VJPs, against
+# 0.4 ms and 4.4 ms as im2col (the last stage of a ResNet, DenseNet or VGG at 56-64 px inputs);
+# from 3x3 outputs on the two are within 1.5-3.5x of each other either way.
+TINY_OUTPUT = 4  # output pixels (H * W) at or below which every convolution is im2col on CPU
+
+
+def cpu_conv(
+    kernel_shape: Tuple[int, ...], stride: int, pad, out_hw: Tuple[int, int] = (TINY_OUTPUT + 1, 1)
+) -> Optional[Callable[..., jax.Array]]:
     """The XLA:CPU lowering of a dense (groups = 1) convolution: :func:`conv_im2col` where
-    :func:`im2col_on_cpu`, else :func:`dense_conv` where :func:`dense_conv_on_cpu`, else None
-    (``lax.conv`` with autodiff's transpose). The one place ``layers.Conv`` and
-    ``benchmarks/profile_cpu.py`` take the choice from; the function takes ``(x, kernel, stride,
-    pad)`` with ``pad`` a tuple of ``(lo, hi)`` tuples."""
-    if im2col_on_cpu(kernel_shape, stride):
+    :func:`im2col_on_cpu` or the output ``out_hw`` has at most :data:`TINY_OUTPUT` pixels, else
+    :func:`dense_conv` where :func:`dense_conv_on_cpu`, else None (``lax.conv`` with autodiff's
+    transpose). The one place ``layers.Conv`` and ``benchmarks/profile_cpu.py`` take the choice
+    from; the function takes ``(x, kernel, stride, pad)`` with ``pad`` a tuple of ``(lo, hi)`` tuples."""
+    if im2col_on_cpu(kernel_shape, stride) or out_hw[0] * out_hw[1] <= TINY_OUTPUT:
         return conv_im2col
     if dense_conv_on_cpu(kernel_shape, pad):
         return dense_conv
