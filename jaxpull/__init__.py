@@ -2,7 +2,7 @@
 
 Convert a torchvision model once (``jaxpull convert``), then::
 
-    model = jaxpull.load("weights/resnet50.safetensors")
+    model = jaxpull.load("weights/resnet50.safetensors")  # or a cached name: jaxpull.load("mobilenet_v2")
     logits = model(x)                                   # x: (N, H, W, 3) in [-1, 1]
     maps = jaxpull.pullback(model, x, targets=[207, 1])  # (N, K, H, W, 3)
     xs = jaxpull.ascent(model, x, targets=[207, 1])      # (N, K, H, W, 3)
@@ -11,7 +11,8 @@ Convert a torchvision model once (``jaxpull convert``), then::
 
 from jaxpull.core.pullback import Comparison, ascent, compare, pullback
 from jaxpull.core.gates import Gating
-from jaxpull.files.model_file import ModelFileError, load, save
+from jaxpull.files.cache import resolve as load
+from jaxpull.files.model_file import ModelFileError, save
 from jaxpull.core.model import Model, ModelSpec
 from jaxpull.core.settings import PRESETS, Ascent, make_ascent, make_gating
 
