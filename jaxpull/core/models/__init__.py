@@ -6,7 +6,7 @@ parameter tree (``torch_layout``). Nothing here imports torch.
 
 from __future__ import annotations
 
-from typing import Callable, Dict, NamedTuple, Optional, Tuple
+from typing import Any, Callable, Dict, Mapping, NamedTuple, Optional, Tuple
 
 import flax.linen as nn
 
@@ -22,6 +22,7 @@ from jaxpull.core.models import (
     maxvit,
 )
 from jaxpull.core.models import mnasnet, mobilenet, mobilenet_v3, regnet, resnet, shufflenet, squeezenet, swin, vgg, vit
+from jaxpull.core.models import options
 from jaxpull.core.preprocessing import Preprocessing
 
 
@@ -31,6 +32,9 @@ class Family(NamedTuple):
     build: Callable[..., nn.Module]  # builder(num_classes=..., **config) -> module(x, gating) -> logits
     torch_layout: Callable  # (arch, StateDict reader, **config) -> parameter tree
     max_pools: bool  # MAX_POOLS: whether the network has max-pools (a pool temperature applies)
+    # CLASSIFIER: the torch state_dict prefix of the layer whose outputs are the logits (``fc``,
+    # ``heads.head``): the number of classes is its weight's first dimension, read by name
+    classifier: str
     # The family file's optional facts (module constants of the same names):
     preprocessing: Preprocessing = Preprocessing()  # PREPROCESSING (or a dict by arch): resize/crop its weights expect
     transform_input: Optional[bool] = None  # TRANSFORM_INPUT: torchvision's for those weights; None: no such option
@@ -38,14 +42,22 @@ class Family(NamedTuple):
     # torch_config(torch module) -> {builder option: value}: the sizes of a torch model built with
     # other options than the named architecture's (tests use small ones); None: no size options.
     torch_config: Optional[Callable] = None
-    # state_dict_config(arch, tensors) -> {builder option: value}: the options a state_dict fixes
-    # beyond the named architecture's sizes (ViT's image size: vit_h_14's 518 px weights).
+    # state_dict_config(arch, tensors, metadata) -> {builder option: value}: the options a state_dict
+    # fixes beyond the named architecture's sizes (ViT's image size: vit_h_14's 518 px weights;
+    # MNASNet's version, from torch's _metadata).
     state_dict_config: Optional[Callable] = None
     # INPUT_NORMALIZATION: (mean, std) in [0, 1] pixel units its weights were trained with
     input_mean: Tuple[float, float, float] = IMAGENET_MEAN
     input_std: Tuple[float, float, float] = IMAGENET_STD
     # LEGACY_KEYS: (regex, replacement) renaming old checkpoints' keys to torchvision's current ones
     legacy_keys: Optional[Tuple[str, str]] = None
+    # CONFIG_OPTIONS: {builder option: type} a ModelSpec.config may set (see options.py); none by default
+    config_options: Mapping[str, Any] = options.NO_OPTIONS
+
+    def check_config(self, arch: str, config: Mapping[str, Any]) -> Tuple[Tuple[str, Any], ...]:
+        """``config`` as sorted ``(option, value)`` pairs; ValueError naming an option this family's
+        builder does not take or a value of the wrong type or range."""
+        return options.check(arch, config, self.config_options)
 
 
 def _by_arch(value, arch: str, default):
@@ -60,17 +72,19 @@ def _family(module) -> Dict[str, Family]:
     for name, build in module.ARCHITECTURES.items():
         mean, std = _by_arch(fact("INPUT_NORMALIZATION", {}), name, (IMAGENET_MEAN, IMAGENET_STD))
         entries[name] = Family(
-            build,
-            module.torch_layout,
-            module.MAX_POOLS,
-            _by_arch(fact("PREPROCESSING", Preprocessing()), name, Preprocessing()),
-            fact("TRANSFORM_INPUT"),
-            fact("AUXILIARY_KEYS"),
-            fact("torch_config"),
-            fact("state_dict_config"),
-            tuple(mean),
-            tuple(std),
-            fact("LEGACY_KEYS"),
+            build=build,
+            torch_layout=module.torch_layout,
+            max_pools=module.MAX_POOLS,
+            classifier=module.CLASSIFIER,
+            preprocessing=_by_arch(fact("PREPROCESSING", Preprocessing()), name, Preprocessing()),
+            transform_input=fact("TRANSFORM_INPUT"),
+            auxiliary_keys=fact("AUXILIARY_KEYS"),
+            torch_config=fact("torch_config"),
+            state_dict_config=fact("state_dict_config"),
+            input_mean=tuple(mean),
+            input_std=tuple(std),
+            legacy_keys=fact("LEGACY_KEYS"),
+            config_options=fact("CONFIG_OPTIONS", options.NO_OPTIONS),
         )
     return entries
 

@@ -31,6 +31,7 @@ import numpy as np
 from jaxpull.core import gates
 from jaxpull.core.gates import Gating
 from jaxpull.core.layers import Conv, Dense, LayerNorm, global_avg_pool
+from jaxpull.core.models import options
 from jaxpull.core.preprocessing import Preprocessing
 
 LN_EPS = 1e-6
@@ -199,3 +200,6 @@ def torch_layout(arch: str, sd, block_setting: Optional[Tuple[StageSetting, ...]
 
 
 MAX_POOLS = False  # whether the network has max-pools (a pool temperature applies)
+CLASSIFIER = "classifier.2"  # the logits' layer in the state_dict: the number of classes is its weight's rows
+# ModelSpec.config options (a small test model's stages: torch_config)
+CONFIG_OPTIONS = {"block_setting": Tuple[Tuple[int, Optional[int], options.COUNT], ...]}

@@ -133,4 +133,5 @@ def torch_layout(arch: str, sd) -> dict:
 
 
 MAX_POOLS = True  # whether the network has max-pools (a pool temperature applies)
+CLASSIFIER = "classifier"  # the logits' layer in the state_dict: the number of classes is its weight's rows
 LEGACY_KEYS = (LEGACY_KEY, r"\1\2")  # the published checkpoints' norm.1 / conv.1 -> the modules' norm1 / conv1

@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import NamedTuple, Optional, Sequence, Tuple
+from typing import Annotated, Literal, NamedTuple, Optional, Sequence, Tuple
 
 import flax.linen as nn
 import jax
 
 from jaxpull.core.gates import Gating, silu
 from jaxpull.core.layers import Conv, Dense, SqueezeExcitation, global_avg_pool
+from jaxpull.core.models import options
 from jaxpull.core.preprocessing import Preprocessing
 
 BLOCKS = ("MBConv", "FusedMBConv")
@@ -352,3 +353,10 @@ def torch_layout(
 
 
 MAX_POOLS = False  # whether the network has max-pools (a pool temperature applies)
+CLASSIFIER = "classifier.1"  # the logits' layer in the state_dict: the number of classes is its weight's rows
+# ModelSpec.config options (a model of other sizes: torch_config); stage rows as ``Stage``
+CONFIG_OPTIONS = {
+    "stages": Tuple[Tuple[Literal[BLOCKS], float, int, Literal[1, 2], int, int, options.COUNT], ...],
+    "last_channel": Optional[int],
+    "bn_eps": Annotated[float, options.Range(0, 1)],
+}

@@ -135,3 +135,4 @@ def torch_layout(arch: str, sd) -> dict:
 
 
 MAX_POOLS = True  # whether the network has max-pools (a pool temperature applies)
+CLASSIFIER = "fc"  # the logits' layer in the state_dict: the number of classes is its weight's rows

@@ -111,3 +111,4 @@ def torch_layout(arch: str, sd) -> dict:
 
 
 MAX_POOLS = True  # whether the network has max-pools (a pool temperature applies)
+CLASSIFIER = "classifier.1"  # the logits' layer (a 1x1 convolution): the number of classes is its weight's rows

@@ -39,6 +39,7 @@ import numpy as np
 from jaxpull.core import gates
 from jaxpull.core.gates import Gating
 from jaxpull.core.layers import Conv, Dense, LayerNorm, Projection
+from jaxpull.core.models import options
 from jaxpull.core.preprocessing import Preprocessing
 
 LN_EPS = 1e-5
@@ -382,3 +383,13 @@ def torch_layout(arch: str, sd, **config) -> dict:
 
 
 MAX_POOLS = False  # whether the network has max-pools (a pool temperature applies)
+CLASSIFIER = "head"  # the logits' layer in the state_dict: the number of classes is its weight's rows
+# ModelSpec.config options (a model of other sizes: torch_config)
+CONFIG_OPTIONS = {
+    "patch_size": Tuple[int, int],
+    "embed_dim": int,
+    "depths": Tuple[options.COUNT, ...],
+    "num_heads": Tuple[options.COUNT, ...],
+    "window_size": Tuple[int, int],
+    "mlp_ratio": float,
+}
