@@ -11,11 +11,10 @@ text, an empty file) is refused with one line saying what it is and what to save
 
 from __future__ import annotations
 
-import re
 import struct
 import zipfile
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Mapping, Optional
 
 import numpy as np
 
@@ -25,14 +24,6 @@ from jaxpull_convert.state_dict import Checkpoint, plain_metadata
 SAVE_INSTEAD = "save the weights with torch.save(model.state_dict(), f) and convert that file"
 # Where a pickled class comes from when the pickle is a whole model rather than its weights.
 MODEL_MODULES = ("torch.nn.", "torchvision.models.", "timm.", "__torch__.", "__main__.")
-
-
-def printable(text: str, limit: int = 120) -> str:
-    """``text`` on one line without terminal escape codes or other control characters, shortened."""
-    text = re.sub(r"\x1b\[[0-9;?]*[ -/]*[@-~]", "", str(text))
-    text = "".join(c if c.isprintable() else " " for c in text)
-    text = " ".join(text.split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _is_safetensors(head: bytes, size: int) -> bool:
@@ -67,18 +58,6 @@ def _what_zip_is(path: Path) -> Optional[str]:
     return None
 
 
-def _describe(obj: Any) -> str:
-    """What a loaded object that is not a state_dict is, in a few words."""
-    if isinstance(obj, Mapping):
-        odd = [printable(k, 40) for k, v in obj.items() if not _is_tensor(v)][:3]
-        return f"a dict whose entries {', '.join(odd)} are not tensors"
-    return f"a {printable(type(obj).__name__, 40)}"
-
-
-def _is_tensor(v: Any) -> bool:
-    return isinstance(v, np.ndarray) or type(v).__name__ in ("Tensor", "Parameter")
-
-
 def _refuse(path: Path, what: str, advice: str = SAVE_INSTEAD) -> ValueError:
     return ValueError(f"cannot read state_dict {str(path)!r}: it is {what}: {advice}")
 
@@ -89,15 +68,17 @@ def _unreadable(path: Path, head: bytes, torch_error: str = "") -> ValueError:
     try:
         pth.read_pth(path)
     except pth.UnsafePickleError as e:
-        name = printable(e.global_name, 80)
+        name = pth.printable(e.global_name, 80)
         if name.startswith(MODEL_MODULES):
             return _refuse(path, f"a whole pickled model ({name}), not a state_dict")
         return _refuse(path, f"a pickle of Python objects ({name}), not a state_dict of tensors")
+    except pth.NotAStateDictError as e:
+        return _refuse(path, f"{e.what}, not a state_dict (a mapping from names to tensors)")
     except (pth.PthError, OSError) as e:
         if _is_text(head):
             return _refuse(path, "a text file, not a PyTorch file")
-        return ValueError(f"cannot read state_dict {str(path)!r}: {printable(e)}")
-    reason = printable(torch_error) if "weights_only" not in torch_error else "torch.load could not read it"
+        return ValueError(f"cannot read state_dict {str(path)!r}: {pth.printable(e)}")
+    reason = pth.printable(torch_error) if "weights_only" not in torch_error else "torch.load could not read it"
     return ValueError(f"cannot read state_dict {str(path)!r}: {reason}")
 
 
@@ -115,7 +96,7 @@ def _read_safetensors(path: Path, torch) -> Checkpoint:
                 )
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, TypeError) as e:  # TypeError: a dtype numpy lacks (bfloat16)
-        raise ValueError(f"cannot read state_dict {str(path)!r}: {printable(e)}") from None
+        raise ValueError(f"cannot read state_dict {str(path)!r}: {pth.printable(e)}") from None
     if torch is not None:
         return Checkpoint({k: v.detach().float().numpy() for k, v in tensors.items()})
     return Checkpoint({k: np.asarray(v, np.float32) for k, v in tensors.items()})
@@ -158,6 +139,6 @@ def read(path, torch=None) -> Checkpoint:
         raise _unreadable(path, head, str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__) from None
     obj = pth.unwrap_checkpoint(obj)
     if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise _refuse(path, f"{_describe(obj)}, not a state_dict (a mapping from names to tensors)")
+        raise _refuse(path, f"{pth.describe(obj)}, not a state_dict (a mapping from names to tensors)")
     metadata = plain_metadata(getattr(obj, "_metadata", None))
     return Checkpoint({k: v.detach().float().numpy() for k, v in obj.items()}, metadata)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import collections
 import io
 import pickle
+import re
 import struct
 import zipfile
 from pathlib import Path
@@ -57,6 +58,31 @@ class UnsafePickleError(ValueError):
 
 class PthError(ValueError):
     """A ``.pth`` file this reader cannot read (corrupt, or a format it does not know)."""
+
+
+class NotAStateDictError(PthError):
+    """A readable ``.pth`` file whose object is not a state_dict (``what``: what it is instead)."""
+
+    def __init__(self, what: str):
+        super().__init__(f"the file holds {what}, not a state_dict (a mapping from names to tensors)")
+        self.what = what
+
+
+def describe(obj: Any) -> str:
+    """What a loaded object that is not a state_dict is, in a few words (``a dict whose entries
+    epoch, optimizer are not tensors``)."""
+    if isinstance(obj, Mapping):
+        is_tensor = lambda v: isinstance(v, np.ndarray) or type(v).__name__ in ("Tensor", "Parameter")
+        odd = [printable(str(k), 40) for k, v in obj.items() if not is_tensor(v)][:3]
+        return f"a dict whose entries {', '.join(odd)} are not tensors"
+    return f"a {printable(type(obj).__name__, 40)}"
+
+
+def printable(text: str, limit: int = 120) -> str:
+    """``text`` on one line without terminal escape codes or other control characters, shortened."""
+    text = re.sub(r"\x1b\[[0-9;?]*[ -/]*[@-~]", "", str(text))
+    text = " ".join("".join(c if c.isprintable() else " " for c in text).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 class _Storage:
@@ -279,5 +305,5 @@ def read_pth(path) -> Checkpoint:
     metadata = plain_metadata(getattr(obj, "_metadata", None))
     obj = _materialise(obj)
     if not isinstance(obj, Mapping) or not all(isinstance(v, np.ndarray) for v in obj.values()):
-        raise PthError("the file does not hold a state_dict (a mapping from names to tensors)")
+        raise NotAStateDictError(describe(obj))
     return Checkpoint(dict(obj), metadata)

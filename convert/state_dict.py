@@ -106,11 +106,18 @@ class StateDict:
 
     def get(self, key: str) -> Optional[np.ndarray]:
         """The tensor at ``key`` as float64, or None (and ``key`` recorded as missing)."""
+        value = self.stored(key)
+        return None if value is None else value.astype(np.float64)
+
+    def stored(self, key: str) -> Optional[np.ndarray]:
+        """The tensor at ``key`` in its stored dtype, or None (and ``key`` recorded as missing): for
+        layouts that only move values (a float32 result is the same as through float64, without
+        the float64 copy: VGG's 100M-parameter classifier)."""
         if key not in self.tensors:
             self.missing.append(key)
             return None
         self.used.add(key)
-        return self.tensors[key].astype(np.float64)
+        return self.tensors[key]
 
     def _bn(self, prefix: str, eps: float):
         w, b = self.get(f"{prefix}.weight"), self.get(f"{prefix}.bias")
@@ -121,9 +128,11 @@ class StateDict:
         return scale, b - mean * scale
 
     def conv_bn(self, conv: str, bn: Optional[str], eps: float = 1e-5) -> dict:
-        """A convolution (OIHW -> HWIO) with the eval-mode BatchNorm ``bn`` (if any) folded in."""
-        kernel = self.get(f"{conv}.weight")
-        bias = self.get(f"{conv}.bias") if self.has(f"{conv}.bias") else None
+        """A convolution (OIHW -> HWIO) with the eval-mode BatchNorm ``bn`` (if any) folded in
+        (in float64; without one the values are only moved)."""
+        read = self.get if bn is not None else self.stored
+        kernel = read(f"{conv}.weight")
+        bias = read(f"{conv}.bias") if self.has(f"{conv}.bias") else None
         out = {}
         if bn is not None:
             folded = self._bn(bn, eps)
@@ -132,17 +141,17 @@ class StateDict:
                 kernel = kernel * scale[:, None, None, None]
                 bias = shift + (0.0 if bias is None else bias * scale)
         if kernel is not None:
-            out["kernel"] = np.transpose(kernel, (2, 3, 1, 0)).astype(np.float32)
+            out["kernel"] = np.transpose(kernel, (2, 3, 1, 0)).astype(np.float32, order="C")
         if bias is not None:
             out["bias"] = bias.astype(np.float32)
         return out
 
     def dense(self, prefix: str) -> dict:
         """A ``torch.nn.Linear``: kernel (out, in) -> (in, out), and its bias."""
-        w, b = self.get(f"{prefix}.weight"), self.get(f"{prefix}.bias")
+        w, b = self.stored(f"{prefix}.weight"), self.stored(f"{prefix}.bias")
         out = {}
         if w is not None:
-            out["kernel"] = w.T.astype(np.float32)
+            out["kernel"] = w.T.astype(np.float32, order="C")  # one copy, in the layout JAX keeps
         if b is not None:
             out["bias"] = b.astype(np.float32)
         return out
