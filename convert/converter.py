@@ -17,7 +17,7 @@ from jaxpull.core import models
 from jaxpull.core.model import Model, ModelSpec
 from jaxpull.core.preprocessing import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, Preprocessing
 from jaxpull_convert import fingerprint, offline, sources
-from jaxpull_convert.state_dict import Checkpoint, StateDict, unwrap, unwrap_note
+from jaxpull_convert.state_dict import Checkpoint, StateDict, plain_metadata, unwrap, unwrap_note
 
 # Conversion refuses a model whose logits differ from torch's by more than this, relative to
 # the largest |logit| (floored at 1): max |jax - torch| <= LOGIT_TOLERANCE * max(1, max |torch|).
@@ -54,7 +54,8 @@ def from_state_dict(
     family's pretrained weights use. The family's training-only auxiliary heads are dropped.
     ``config``: the family builder's size options for a model of other sizes than ``arch``'s
     (see ``ModelSpec.config``); passed to the family's ``torch_layout`` too. ``torch_metadata``:
-    the state_dict's ``_metadata`` (module versions: MNASNet's). A prefix that a training wrapper
+    the state_dict's ``_metadata`` (module versions: MNASNet's; default: the ``_metadata`` attribute
+    of ``tensors``, which a torch state_dict has). A prefix that a training wrapper
     put on every key (``module.``, ``_orig_mod.``) is removed, and the file's metadata says so
     (``state_dict_note``).
 
@@ -65,7 +66,9 @@ def from_state_dict(
     if transform_input is not None and family.transform_input is None:
         raise ConversionError(f"{arch} has no transform_input option: leave it unset")
     meta = dict(metadata or {})
-    checkpoint, removed = unwrap(Checkpoint(dict(tensors), torch_metadata or {}))
+    if torch_metadata is None:  # a torch state_dict passed as it is keeps its _metadata
+        torch_metadata = getattr(tensors, "_metadata", None)
+    checkpoint, removed = unwrap(Checkpoint(dict(tensors), plain_metadata(torch_metadata)))
     if removed:
         meta["state_dict_note"] = unwrap_note(removed)
     sd = StateDict(checkpoint.tensors, checkpoint.metadata)

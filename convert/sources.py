@@ -158,9 +158,9 @@ def from_weights_name(arch: str, name: str):
             "access download the .pth elsewhere and use --state-dict FILE"
         ) from None
     sd = module.state_dict()
-    tensors = Checkpoint({k: v.detach().numpy() for k, v in sd.items()}, plain_metadata(sd._metadata))
+    state_dict = Checkpoint({k: v.detach().numpy() for k, v in sd.items()}, plain_metadata(sd._metadata))
     names = tuple(weights.meta.get("categories") or ())
-    return module, tensors, names, f"torchvision {enum.__name__}.{weights.name} ({weights.url})"
+    return module, state_dict, names, f"torchvision {enum.__name__}.{weights.name} ({weights.url})"
 
 
 def torchvision_weights(arch: str, name: str):
