@@ -45,7 +45,7 @@ def _check(value: Any, kind: Any, where: str) -> Any:
         inner = [a for a in args if a is not type(None)]
         return _check(value, inner[0] if len(inner) == 1 else typing.Union[tuple(inner)], where)
     if origin is typing.Literal:
-        if isinstance(value, bool) or value not in args:
+        if not any(value == a and type(value) is type(a) for a in args):  # 1.0 or True is not 1
             raise ValueError(f"{where} is {value!r}, not one of {', '.join(map(repr, args))}")
         return value
     if origin is tuple:
