@@ -15,31 +15,26 @@ import jaxpull
 from jaxpull.files import model_file, outputs
 from jaxpull.core import models
 from jaxpull.core.model import Model, ModelSpec
-from jaxpull.core.preprocessing import Preprocessing
+from jaxpull.core.preprocessing import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, Preprocessing
 from jaxpull_convert import fingerprint, offline, sources
-from jaxpull_convert.state_dict import StateDict
+from jaxpull_convert.state_dict import Checkpoint, StateDict, plain_metadata, unwrap, unwrap_note
 
 # Conversion refuses a model whose logits differ from torch's by more than this, relative to
 # the largest |logit| (floored at 1): max |jax - torch| <= LOGIT_TOLERANCE * max(1, max |torch|).
 LOGIT_TOLERANCE = 1e-4
-# Input sizes of the parity check: every supported architecture runs at 32 (their pooling
-# stages need that much); larger than 1024 only costs memory.
-MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 32, 1024
+# The parity check's input size is bounded as every image size of a model file is:
+# MIN_IMAGE_SIZE, MAX_IMAGE_SIZE of jaxpull.core.preprocessing.
 
 
 class ConversionError(ValueError):
     """A state_dict or weights name that cannot be converted; the message lists every problem."""
 
 
-def _num_classes(tensors: Mapping[str, np.ndarray]) -> int:
-    """Rows of the last 2-D weight: the classifier of every supported architecture; without
-    one, of the last 1x1 convolution (SqueezeNet's convolutional classifier)."""
-    matrices = [v for k, v in tensors.items() if k.endswith("weight") and np.ndim(v) == 2]
-    if not matrices:
-        matrices = [v for k, v in tensors.items() if k.endswith("weight") and np.shape(v)[2:] == (1, 1)]
-    if not matrices:
-        raise ConversionError("the state_dict has no linear layer: is it a classifier's state_dict?")
-    return int(np.shape(matrices[-1])[0])
+def _num_classes(family: models.Family, tensors: Mapping[str, np.ndarray]) -> int:
+    """Rows of the family's classifier weight (``Family.classifier``: found by name, so the keys'
+    order does not matter); 1000 where it is missing (the shape check then names the missing key)."""
+    weight = tensors.get(f"{family.classifier}.weight")
+    return int(np.shape(weight)[0]) if weight is not None and np.ndim(weight) >= 1 else 1000
 
 
 def from_state_dict(
@@ -51,13 +46,18 @@ def from_state_dict(
     transform_input: Optional[bool] = None,
     preprocessing: Optional[Preprocessing] = None,
     config: Optional[Mapping[str, Any]] = None,
+    torch_metadata: Optional[Mapping[str, Mapping[str, Any]]] = None,
 ) -> Model:
     """Map a torch state_dict (numpy arrays) onto ``arch``'s Flax parameters.
 
     ``transform_input`` (GoogLeNet, Inception-v3 only) and ``preprocessing`` default to what the
     family's pretrained weights use. The family's training-only auxiliary heads are dropped.
     ``config``: the family builder's size options for a model of other sizes than ``arch``'s
-    (see ``ModelSpec.config``); passed to the family's ``torch_layout`` too.
+    (see ``ModelSpec.config``); passed to the family's ``torch_layout`` too. ``torch_metadata``:
+    the state_dict's ``_metadata`` (module versions: MNASNet's; default: the ``_metadata`` attribute
+    of ``tensors``, which a torch state_dict has). A prefix that a training wrapper
+    put on every key (``module.``, ``_orig_mod.``) is removed, and the file's metadata says so
+    (``state_dict_note``).
 
     Raises:
       ConversionError: listing every missing, unexpected and wrongly shaped key at once.
@@ -66,15 +66,20 @@ def from_state_dict(
     if transform_input is not None and family.transform_input is None:
         raise ConversionError(f"{arch} has no transform_input option: leave it unset")
     meta = dict(metadata or {})
-    sd = StateDict(tensors)
+    if torch_metadata is None:  # a torch state_dict passed as it is keeps its _metadata
+        torch_metadata = getattr(tensors, "_metadata", None)
+    checkpoint, removed = unwrap(Checkpoint(dict(tensors), plain_metadata(torch_metadata)))
+    if removed:
+        meta["state_dict_note"] = unwrap_note(removed)
+    sd = StateDict(checkpoint.tensors, checkpoint.metadata)
     if family.auxiliary_keys and sd.ignore(family.auxiliary_keys):
         meta["ignored_keys"] = (
             f"{len(sd.ignored)} tensors of the training-only auxiliary classifiers ({family.auxiliary_keys})"
         )
-    num_classes = _num_classes(sd.tensors)
+    num_classes = _num_classes(family, sd.tensors)
     if config is None and family.state_dict_config is not None:
         try:
-            config = family.state_dict_config(arch, sd.tensors)
+            config = family.state_dict_config(arch, sd.tensors, sd.metadata)
         except ValueError as e:
             raise ConversionError(f"state_dict does not match {arch}: {e}") from None
     spec = ModelSpec(
@@ -101,7 +106,8 @@ def from_torch_module(arch: str, module: torch.nn.Module, class_names: Tuple[str
     """Convert an in-memory torch model (e.g. ``torchvision.models.resnet50()``), with its
     ``transform_input`` where it has one (GoogLeNet, Inception-v3), and the sizes it was built
     with where the family reads them (``torch_config``: e.g. a small ``VisionTransformer``)."""
-    tensors = {k: v.detach().cpu().numpy() for k, v in module.state_dict().items()}
+    state_dict = module.state_dict()
+    tensors = {k: v.detach().cpu().numpy() for k, v in state_dict.items()}
     family = models.get(arch)
     config = family.torch_config(module) if family.torch_config is not None else None
     return from_state_dict(
@@ -111,6 +117,7 @@ def from_torch_module(arch: str, module: torch.nn.Module, class_names: Tuple[str
         metadata={"bn_folded": "true"},
         transform_input=getattr(module, "transform_input", None),
         config=config,
+        torch_metadata=getattr(state_dict, "_metadata", None),
     )
 
 
@@ -194,7 +201,7 @@ def convert(
         )
     torch_model, sha256 = None, None  # sha256: of the file read, for the check without torch
     if weights is not None:
-        torch_model, tensors, class_names, source = sources.from_weights_name(arch, weights)
+        torch_model, checkpoint, class_names, source = sources.from_weights_name(arch, weights)
         if torch_model is None:  # the offline table's file, its sha256 already checked
             sha256 = offline.find(arch, weights).sha256
     else:
@@ -207,9 +214,10 @@ def convert(
                 f"{path.name} (sha256 {sha256[:16]}...) is not a checkpoint jaxpull knows, and without torch its "
                 "conversion cannot be checked: pip install 'jaxpull[convert]'"
             )
-        tensors = sources.read_state_dict(path)
+        checkpoint = sources.read_state_dict(path)
         class_names = ()
         source = f"state_dict {path.name} sha256:{sha256}"
+    checkpoint, removed = unwrap(checkpoint)
     torch = sources.torch_or_none()
     metadata = {
         "source": source,
@@ -218,16 +226,19 @@ def convert(
         "converted_with": f"jaxpull {jaxpull.__version__}, "
         + (f"torch {torch.__version__}" if torch is not None else "without torch (jaxpull's .pth reader)"),
     }
+    if removed:
+        metadata["state_dict_note"] = unwrap_note(removed)
     preprocessing = None
     if torch_model is not None:  # torchvision's weights: their own transforms() sizes
         preprocessing = sources.weights_preprocessing(sources.torchvision_weights(arch, weights))
     model = from_state_dict(
         arch,
-        tensors,
+        checkpoint.tensors,
         class_names=class_names,
         metadata=metadata,
         transform_input=transform_input,
         preprocessing=preprocessing,
+        torch_metadata=checkpoint.metadata,
     )
     if torch_model is not None and hasattr(torch_model, "transform_input"):
         torch_model.transform_input = model.spec.transform_input
@@ -240,11 +251,17 @@ def convert(
         image_size = config["image_size"]
     if torch_model is None:
         torch_model = sources.torch_model(
-            arch, tensors, model.num_classes, image_size, model.spec.transform_input, config
+            arch,
+            checkpoint.tensors,
+            model.num_classes,
+            image_size,
+            model.spec.transform_input,
+            config,
+            checkpoint.metadata,
         )
     try:
         err = logit_parity(torch_model, model, image_size=image_size)
-    except (RuntimeError, ValueError, TypeError) as e:
+    except (RuntimeError, ValueError, TypeError, AssertionError) as e:  # torchvision asserts some input sizes
         if isinstance(e, ConversionError):
             raise
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

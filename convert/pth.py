@@ -11,7 +11,9 @@ state_dict needs and nothing else, the allow-list idea of ``torch.load(weights_o
 - ``collections.OrderedDict``, and the plain containers pickle builds itself.
 
 Any other global is refused before it is looked up, so nothing in the file is ever executed.
-Tensors come back as numpy arrays in their own dtype (float32, float16, float64, int64, ...).
+Tensors come back as numpy arrays in their own dtype (float32, float16, float64, int64, ...),
+with the state_dict's ``_metadata`` (the module versions ``torch.save`` records, which pickle
+restores as an attribute of the ``OrderedDict``).
 """
 
 from __future__ import annotations
@@ -19,12 +21,15 @@ from __future__ import annotations
 import collections
 import io
 import pickle
+import re
 import struct
 import zipfile
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Tuple
 
 import numpy as np
+
+from jaxpull_convert.state_dict import Checkpoint, plain_metadata
 
 # torch storage type name -> numpy dtype (bfloat16 is widened to float32 when read).
 STORAGE_DTYPES = {
@@ -43,11 +48,41 @@ LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 
 
 class UnsafePickleError(ValueError):
-    """The file's pickle asks for something other than plain weights."""
+    """The file's pickle asks for something other than plain weights (``global_name``: the first
+    thing it asked for, e.g. ``torchvision.models.resnet.ResNet`` for a whole pickled model)."""
+
+    def __init__(self, message: str, global_name: str = ""):
+        super().__init__(message)
+        self.global_name = global_name
 
 
 class PthError(ValueError):
     """A ``.pth`` file this reader cannot read (corrupt, or a format it does not know)."""
+
+
+class NotAStateDictError(PthError):
+    """A readable ``.pth`` file whose object is not a state_dict (``what``: what it is instead)."""
+
+    def __init__(self, what: str):
+        super().__init__(f"the file holds {what}, not a state_dict (a mapping from names to tensors)")
+        self.what = what
+
+
+def describe(obj: Any) -> str:
+    """What a loaded object that is not a state_dict is, in a few words (``a dict whose entries
+    epoch, optimizer are not tensors``)."""
+    if isinstance(obj, Mapping):
+        is_tensor = lambda v: isinstance(v, np.ndarray) or type(v).__name__ in ("Tensor", "Parameter")
+        odd = [printable(str(k), 40) for k, v in obj.items() if not is_tensor(v)][:3]
+        return f"a dict whose entries {', '.join(odd)} are not tensors"
+    return f"a {printable(type(obj).__name__, 40)}"
+
+
+def printable(text: str, limit: int = 120) -> str:
+    """``text`` on one line without terminal escape codes or other control characters, shortened."""
+    text = re.sub(r"\x1b\[[0-9;?]*[ -/]*[@-~]", "", str(text))
+    text = " ".join("".join(c if c.isprintable() else " " for c in text).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 class _Storage:
@@ -98,7 +133,8 @@ class _Unpickler(pickle.Unpickler):
         if found is None:
             raise UnsafePickleError(
                 f"the file's pickle asks for {module}.{name}; jaxpull refuses pickles that are not plain weights "
-                "(a state_dict of tensors)"
+                "(a state_dict of tensors)",
+                f"{module}.{name}",
             )
         return found
 
@@ -244,10 +280,11 @@ def unwrap_checkpoint(obj):
     return obj
 
 
-def read_pth(path) -> Dict[str, np.ndarray]:
-    """Read a weights-only ``.pth`` file into ``{key: numpy array}`` without torch.
+def read_pth(path) -> Checkpoint:
+    """Read a weights-only ``.pth`` file into ``{key: numpy array}`` and its ``_metadata``, without torch.
 
-    Accepts a plain state_dict, or a checkpoint dict holding one under ``state_dict`` or ``model``.
+    Accepts a plain state_dict, or a checkpoint dict holding one under ``state_dict`` or ``model``
+    (only that part is read).
 
     Raises:
       FileNotFoundError: no such file.
@@ -264,7 +301,9 @@ def read_pth(path) -> Dict[str, np.ndarray]:
             raise PthError(f"corrupt zip archive ({e})") from None
     else:
         obj = _read_legacy(path.read_bytes())
-    obj = unwrap_checkpoint(_materialise(obj))
+    obj = unwrap_checkpoint(obj)
+    metadata = plain_metadata(getattr(obj, "_metadata", None))
+    obj = _materialise(obj)
     if not isinstance(obj, Mapping) or not all(isinstance(v, np.ndarray) for v in obj.values()):
-        raise PthError("the file does not hold a state_dict (a mapping from names to tensors)")
-    return dict(obj)
+        raise NotAStateDictError(describe(obj))
+    return Checkpoint(dict(obj), metadata)

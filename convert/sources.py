@@ -5,9 +5,10 @@ Also the per-architecture facts the converter records: input normalisation and c
 
 from __future__ import annotations
 
+import collections
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Dict, Mapping, Optional, Tuple
+from typing import TYPE_CHECKING, Mapping, Optional, Tuple
 
 if TYPE_CHECKING:  # torch is imported where a function needs it: converting known weights does not
     import torch
@@ -16,8 +17,9 @@ import numpy as np
 
 from jaxpull.core import models
 from jaxpull.core.preprocessing import Preprocessing
-from jaxpull_convert import offline, pth
+from jaxpull_convert import checkpoint, offline
 from jaxpull_convert.imagenet_classes import IMAGENET_CLASSES
+from jaxpull_convert.state_dict import Checkpoint, plain_metadata
 
 
 def torch_or_none():
@@ -66,30 +68,10 @@ def default_class_names(num_classes: int) -> Tuple[str, ...]:
     return IMAGENET_CLASSES if num_classes == 1000 else ()
 
 
-def read_state_dict(path: Path) -> Dict[str, np.ndarray]:
-    """Load a state_dict file safely (``weights_only=True``) as numpy arrays.
-
-    Accepts a plain state_dict or a checkpoint dict holding one under ``state_dict`` or ``model``.
-    Without torch, jaxpull's own restricted reader (:mod:`jaxpull_convert.pth`) reads it.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"state_dict file {str(path)!r} not found")
-    torch = torch_or_none()
-    if torch is None:
-        try:
-            return {k: np.asarray(v, np.float32) for k, v in pth.read_pth(path).items()}
-        except (pth.UnsafePickleError, pth.PthError) as e:
-            raise ValueError(f"cannot read state_dict {str(path)!r}: {e}") from None
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises several types for corrupt or unsafe files
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"cannot read state_dict {str(path)!r}: {first}") from None
-    obj = pth.unwrap_checkpoint(obj)
-    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ValueError(f"{str(path)!r} does not hold a state_dict (a mapping from names to tensors)")
-    return {k: v.detach().float().numpy() for k, v in obj.items()}
+def read_state_dict(path: Path) -> Checkpoint:
+    """Load a state_dict file safely (``weights_only=True``; without torch, jaxpull's own restricted
+    reader) as float32 numpy arrays with torch's ``_metadata``; see :mod:`jaxpull_convert.checkpoint`."""
+    return checkpoint.read(path, torch_or_none())
 
 
 def torch_model(
@@ -99,13 +81,21 @@ def torch_model(
     image_size: int = 224,
     transform_input: bool = False,
     config: Optional[Mapping] = None,
+    metadata: Optional[Mapping[str, Mapping]] = None,
 ) -> torch.nn.Module:
     """The reference torch model for ``arch`` with ``tensors`` loaded (legacy keys renamed;
-    GoogLeNet's and Inception-v3's training-only auxiliary heads left out, ``transform_input`` set)."""
+    GoogLeNet's and Inception-v3's training-only auxiliary heads left out, ``transform_input`` set).
+
+    ``metadata``: the state_dict's ``_metadata`` (module versions), handed to torch's loading as
+    ``torch.save`` would have kept it; without one, the model's own is taken as saved by the
+    current torch module (its ``_version``). A ``version`` in ``config`` is that root version
+    (MNASNet's version-1 stem), not a builder option."""
     import torch
     import torchvision
 
     family = models.get(arch)
+    config = dict(config or {})
+    version = config.pop("version", None)
     options = {}
     if family.auxiliary_keys is not None:
         rx = re.compile(family.auxiliary_keys)
@@ -117,12 +107,15 @@ def torch_model(
         module = efficientnet_lite0_torch(num_classes, image_size)
     else:
         # the options a state_dict fixes beyond the named sizes (ViT's image_size) are torchvision's too
-        options.update(config or {})
+        options.update(config)
         module = torchvision.models.get_model(arch, weights=None, num_classes=num_classes, **options)
-    sd = {k: torch.from_numpy(np.asarray(v)) for k, v in tensors.items()}
+    sd = collections.OrderedDict((k, torch.from_numpy(np.asarray(v))) for k, v in tensors.items())
     if family.legacy_keys is not None:
         rx = re.compile(family.legacy_keys[0])
-        sd = {rx.sub(family.legacy_keys[1], k): v for k, v in sd.items()}
+        sd = collections.OrderedDict((rx.sub(family.legacy_keys[1], k), v) for k, v in sd.items())
+    sd._metadata = {k: dict(v) for k, v in (metadata or {}).items()}
+    root = sd._metadata.setdefault("", {})
+    root["version"] = version if version is not None else root.get("version", module._version)
     # BatchNorm's step counter plays no part in eval mode and is absent from old checkpoints.
     result = module.load_state_dict(sd, strict=False)
     bad = [k for k in result.missing_keys + result.unexpected_keys if not k.endswith("num_batches_tracked")]
@@ -136,7 +129,7 @@ def from_weights_name(arch: str, name: str):
     (sha256 checked), else torchvision's download (on the user's machine; needs torch).
 
     ``name`` is ``"ResNet50_Weights.IMAGENET1K_V1"``, ``"IMAGENET1K_V1"`` or ``"DEFAULT"``.
-    Returns ``(torch model or None, numpy state_dict, class names, source description)``.
+    Returns ``(torch model or None, the state_dict as a Checkpoint, class names, source description)``.
     """
     path, src = offline_file(arch, name)
     if path is not None:
@@ -164,9 +157,10 @@ def from_weights_name(arch: str, name: str):
             f"could not obtain {enum.__name__}.{weights.name} ({type(e).__name__}: {e}); without network "
             "access download the .pth elsewhere and use --state-dict FILE"
         ) from None
-    tensors = {k: v.detach().numpy() for k, v in module.state_dict().items()}
+    sd = module.state_dict()
+    state_dict = Checkpoint({k: v.detach().numpy() for k, v in sd.items()}, plain_metadata(sd._metadata))
     names = tuple(weights.meta.get("categories") or ())
-    return module, tensors, names, f"torchvision {enum.__name__}.{weights.name} ({weights.url})"
+    return module, state_dict, names, f"torchvision {enum.__name__}.{weights.name} ({weights.url})"
 
 
 def torchvision_weights(arch: str, name: str):

@@ -2,7 +2,7 @@
 
 Convert a torchvision model once (``jaxpull convert``), then::
 
-    model = jaxpull.load("weights/resnet50.safetensors")
+    model = jaxpull.load("weights/resnet50.safetensors")    # or a cached name: jaxpull.load("mobilenet_v2")
     logits = model(x)                                        # x: (N, H, W, 3) in [-1, 1]
     maps = jaxpull.pullback(model, x, targets=[207, 1])      # (N, K, H, W, 3), rules="excitation"
     maps = jaxpull.pullback(model, x, [207], rules="semantic", temperature=0.4)  # a preset, overridden
@@ -18,7 +18,8 @@ from jaxpull.core.model import Model, ModelSpec
 from jaxpull.core.pullback import Comparison, ascent, compare, pullback
 from jaxpull.core.rules import Rules
 from jaxpull.core.settings import PRESETS, Ascent, resolve, resolve_ascent
-from jaxpull.files.model_file import ModelFileError, load, save
+from jaxpull.files.cache import resolve as load
+from jaxpull.files.model_file import ModelFileError, save
 
 __all__ = [
     "ascent",

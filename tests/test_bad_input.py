@@ -430,6 +430,14 @@ MODEL_FILES = {
     "class_names not JSON": (dict(meta={"class_names": "[a, b"}), "invalid metadata"),
     "unknown arch": (dict(meta={"arch": "resnet99"}), "unknown architecture 'resnet99'"),
     "num_classes disagrees with tensors": (dict(meta={"num_classes": "7"}), "does not match architecture resnet18"),
+    "config unknown option": (
+        dict(meta={"config": '{"evil": 1}'}),
+        "config option 'evil' is not one of resnet18's builder options (none)",
+    ),
+    "crop_size 100000": (  # explain would resize to 100000 px (24 GB): the converter's bounds
+        dict(meta={"crop_size": "100000", "resize_size": "100000"}),
+        "crop_size must be a whole number of pixels in [32, 1024], got 100000",
+    ),
 }
 
 

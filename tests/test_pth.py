@@ -34,10 +34,12 @@ def offline_path(arch: str) -> Path:
 
 
 def assert_same_as_torch(path) -> None:
-    got = pth.read_pth(path)
+    checkpoint = pth.read_pth(path)
+    got = checkpoint.tensors
     ref = torch.load(path, map_location="cpu", weights_only=True)
     ref = ref.get("state_dict", ref) if isinstance(ref, dict) else ref
     assert list(got) == list(ref)
+    assert checkpoint.metadata == getattr(ref, "_metadata", {})  # module versions: MNASNet's stem
     for k, v in ref.items():
         expected = v.float().numpy() if v.dtype == torch.bfloat16 else v.numpy()
         assert got[k].dtype == expected.dtype and got[k].shape == expected.shape, k
@@ -66,6 +68,7 @@ def test_reader_matches_torch_on_synthetic_state_dicts(tmp_path):
         shared_slice=base[2:5, 1:4],  # a view into the same storage, with an offset
         shared=base,
     )
+    sd._metadata = OrderedDict({"": {"version": 1}, "f32": {"version": 2}})  # as module.state_dict() records
     path = tmp_path / "sd.pth"
     torch.save(sd, path)
     assert_same_as_torch(path)
@@ -73,7 +76,7 @@ def test_reader_matches_torch_on_synthetic_state_dicts(tmp_path):
     torch.save(sd, legacy, _use_new_zipfile_serialization=False)
     assert_same_as_torch(legacy)
     torch.save({"state_dict": sd, "epoch": 3}, tmp_path / "ckpt.pth")
-    assert list(pth.read_pth(tmp_path / "ckpt.pth")) == list(sd)
+    assert list(pth.read_pth(tmp_path / "ckpt.pth").tensors) == list(sd)
     # a broadcast view (stride 0) would multiply a tiny storage into a huge array: refused
     torch.save({"w": torch.zeros(3).expand(100_000, 3)}, tmp_path / "expanded.pth")
     with pytest.raises(pth.PthError, match="more elements than its storage"):
@@ -152,7 +155,9 @@ def test_wrong_hash_is_refused_and_nothing_written(tmp_path):
     data = bytearray(offline_path("mobilenet_v2").read_bytes())
     data[-100] ^= 1  # one flipped bit in the last tensor
     fake_package(tmp_path / "site", src, bytes(data))
-    env = dict(os.environ, PYTHONPATH=str(tmp_path / "site"))
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(tmp_path / "site"), os.environ.get("PYTHONPATH")]))
+    )
     out = tmp_path / "m.safetensors"
     proc = run("convert", "mobilenet_v2", "--weights", "IMAGENET1K_V1", "-o", out, env=env)
     assert proc.returncode == 2, proc.stderr
@@ -187,8 +192,8 @@ def test_package_absent_goes_to_torchvision_download(monkeypatch):
 def torch_record(arch: str) -> dict:
     """The fingerprint record of ``arch``'s offline file, computed with torch."""
     src = OFFLINE[arch]
-    tensors = sources.read_state_dict(offline_path(arch))
-    tm = sources.torch_model(arch, tensors, 1000)
+    checkpoint = sources.read_state_dict(offline_path(arch))
+    tm = sources.torch_model(arch, checkpoint.tensors, 1000, metadata=checkpoint.metadata)
     x = torch.from_numpy(fingerprint.synthetic_images()).permute(0, 3, 1, 2)
     mean = torch.tensor(src.input_mean).view(1, 3, 1, 1)
     std = torch.tensor(src.input_std).view(1, 3, 1, 1)

@@ -150,10 +150,16 @@ def test_family_declarations_are_typed():
     from jaxpull.core.models.family import Family
 
     with pytest.raises(TypeError, match="max_pool"):
-        Family(architectures=resnet.ARCHITECTURES, torch_layout=resnet.torch_layout, max_pool=True)
+        Family(architectures=resnet.ARCHITECTURES, torch_layout=resnet.torch_layout, classifier="fc", max_pool=True)
     with pytest.raises(TypeError, match="Family.preprocessing must be a Preprocessing"):
-        Family(architectures=resnet.ARCHITECTURES, torch_layout=resnet.torch_layout, max_pools=True, preprocessing=224)
+        Family(
+            architectures=resnet.ARCHITECTURES,
+            torch_layout=resnet.torch_layout,
+            max_pools=True,
+            classifier="fc",
+            preprocessing=224,
+        )
     with pytest.raises(TypeError, match="Family.max_pools must be True or False"):
-        Family(architectures=resnet.ARCHITECTURES, torch_layout=resnet.torch_layout, max_pools="yes")
+        Family(architectures=resnet.ARCHITECTURES, torch_layout=resnet.torch_layout, max_pools="yes", classifier="fc")
     assert models.get("resnet50").max_pools and not models.get("vit_b_16").max_pools
     assert models.get("inception_v3").preprocessing.crop_size == 299 and models.get("googlenet").transform_input

@@ -35,6 +35,8 @@ class ModelSpec:
     ``config``: the family builder's size options, as sorted ``(name, value)`` pairs, for models
     built with other sizes than the named architecture's (e.g. a 2-layer ViT in the tests; the
     family's ``torch_config`` reads them off a torch module); empty for the named architectures.
+    Checked here against the family's declared options (``Family.check_config``): ValueError
+    naming an unknown option or a value of the wrong type.
     """
 
     arch: str
@@ -48,6 +50,8 @@ class ModelSpec:
     config: Tuple[Tuple[str, Any], ...] = ()
 
     def __post_init__(self):
+        # the builder options checked against the family's declaration, as sorted pairs (lists as tuples)
+        object.__setattr__(self, "config", models.get(self.arch).check_config(self.arch, dict(self.config)))
         if self.transform_input and models.get(self.arch).transform_input is None:
             having = ", ".join(a for a, f in models.ARCHITECTURES.items() if f.transform_input is not None)
             raise ValueError(f"{self.arch} has no transform_input option (these have: {having})")

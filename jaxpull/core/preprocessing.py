@@ -13,6 +13,11 @@ import numbers
 from typing import Dict, Mapping, NamedTuple
 
 INTERPOLATIONS = ("bilinear", "bicubic")
+# Every image size in pixels, the converter's parity check and a model file's crop and resize
+# sizes alike: every supported architecture runs at 32 (their pooling stages need that much);
+# torchvision's largest weights expect 600; beyond 1024 a size only costs memory (a model file
+# claiming 100000 would make `explain` allocate tens of GB).
+MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 32, 1024
 
 
 class Preprocessing(NamedTuple):
@@ -26,8 +31,14 @@ class Preprocessing(NamedTuple):
         """Return ``self``; ValueError naming the bad value otherwise."""
         for name in ("crop_size", "resize_size"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-                raise ValueError(f"{name} must be a positive whole number of pixels, got {value!r}")
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, numbers.Integral)
+                or not MIN_IMAGE_SIZE <= value <= MAX_IMAGE_SIZE
+            ):
+                raise ValueError(
+                    f"{name} must be a whole number of pixels in [{MIN_IMAGE_SIZE}, {MAX_IMAGE_SIZE}], got {value!r}"
+                )
         if self.resize_size < self.crop_size:
             raise ValueError(
                 f"resize_size {self.resize_size} is smaller than crop_size {self.crop_size}: "

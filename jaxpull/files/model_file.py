@@ -91,7 +91,13 @@ def load(path: PathLike) -> Model:
         raise ModelFileError(f"{str(path)!r} has invalid metadata ({e}): convert it again") from None
     check_tensors(flat, str(path))
     params = traverse_util.unflatten_dict(flat, sep="/")
-    check_params(params, spec, str(path))
+    try:
+        check_params(params, spec, str(path))
+    except (ValueError, TypeError) as e:  # the builder refuses the recorded options (a ViT's patch size)
+        if isinstance(e, ModelFileError):
+            raise
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ModelFileError(f"{str(path)!r} has invalid metadata ({first}): convert it again") from None
     return Model.from_numpy(params, spec)
 
 
@@ -99,7 +105,9 @@ def _spec_from_metadata(meta: Mapping[str, str]) -> ModelSpec:
     """The ModelSpec a file's metadata describes; ValueError naming the first bad field.
 
     ``num_classes`` must be a whole number >= 1, ``input_mean`` / ``input_std`` three finite
-    numbers (std > 0), ``class_names`` a list of num_classes strings (or empty).
+    numbers (std > 0), ``class_names`` a list of num_classes strings (or empty), ``crop_size`` /
+    ``resize_size`` within the image size bounds (:mod:`jaxpull.core.preprocessing`), ``config``
+    the family's builder options with values of their types (``Family.check_config``).
     """
     models.get(meta.get("arch", ""))
     text = meta["num_classes"]
@@ -127,10 +135,8 @@ def _spec_from_metadata(meta: Mapping[str, str]) -> ModelSpec:
     if transform not in ("true", "false"):
         raise ValueError(f"transform_input {transform!r} is not true or false")
     config = json.loads(meta.get("config", "{}"))
-    if not isinstance(config, dict) or not all(isinstance(v, (int, float, str, bool, list)) for v in config.values()):
-        raise ValueError(f"config {meta['config']!r} is not a mapping of builder options to numbers or strings")
-    freeze = lambda v: tuple(freeze(u) for u in v) if isinstance(v, list) else v
-    config = tuple(sorted((k, freeze(v)) for k, v in config.items()))
+    if not isinstance(config, dict):
+        raise ValueError(f"config {meta['config']!r} is not a mapping of builder options to values")
     return ModelSpec(
         arch=meta["arch"],
         num_classes=num_classes,
@@ -140,7 +146,7 @@ def _spec_from_metadata(meta: Mapping[str, str]) -> ModelSpec:
         metadata=meta,
         transform_input=transform == "true",
         preprocessing=Preprocessing.from_metadata(meta),
-        config=config,
+        config=tuple(config.items()),  # checked by ModelSpec against the family's options
     )
 
 

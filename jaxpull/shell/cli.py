@@ -18,25 +18,25 @@ from jaxpull.core.settings import DEFAULT_RULES, PRESETS, SETTINGS
 DEFAULT_MODEL = "mobilenet_v2"  # jaxpull.files.cache.DEFAULT_MODEL (not imported here: that loads jax)
 
 
-def _convert(args: argparse.Namespace) -> int:
-    try:
-        import jaxpull_convert
-    except ImportError as e:
-        raise RuntimeError(f"conversion needs torch and torchvision ({e}): pip install 'jaxpull[convert]'") from None
-    transform_input = None if args.transform_input is None else args.transform_input == "true"
-    meta = jaxpull_convert.convert(
-        args.arch,
-        args.output,
-        weights=args.weights,
-        state_dict=args.state_dict,
-        image_size=args.image_size,
-        transform_input=transform_input,
+def _not_installed(args: argparse.Namespace) -> int:
+    raise RuntimeError(
+        f"the {args.command} command comes with jaxpull's converter, whose entry points are not installed: "
+        "pip install -e '.[convert]' in a checkout, or pip install 'jaxpull[convert]'"
     )
-    print(
-        f"wrote {args.output}: {args.arch} from {meta['source']}; "
-        f"max |logit error| vs torch {meta['parity_max_abs']} (relative {meta['parity_max_rel']})"
-    )
-    return 0
+
+
+def _add_plugin_commands(sub) -> None:
+    """The subcommands installed packages register (:mod:`jaxpull.plugins`): ``convert`` from the
+    converter; without it, a ``convert`` that says how to install it."""
+    from jaxpull import plugins
+
+    commands = plugins.load(plugins.COMMANDS)
+    for _, add in commands:
+        add(sub)
+    if "convert" not in {name for name, _ in commands}:
+        p = sub.add_parser("convert", help="convert torchvision weights (needs 'jaxpull[convert]')")
+        p.add_argument("args", nargs=argparse.REMAINDER)
+        p.set_defaults(run=_not_installed)
 
 
 def _given(args: argparse.Namespace) -> dict:
@@ -229,20 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="jaxpull", description="Excitation pullbacks for ReLU networks in JAX.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("convert", help="convert torchvision weights to a jaxpull .safetensors file")
-    p.add_argument("arch", help="torchvision architecture name, e.g. resnet50")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--weights", help="torchvision weights name, e.g. IMAGENET1K_V1 or DEFAULT (downloads)")
-    src.add_argument("--state-dict", help="a local state_dict file (.pth), loaded with weights_only=True")
-    p.add_argument("-o", "--output", required=True, help="output .safetensors path")
-    p.add_argument("--image-size", type=int, default=224, help="input size of the parity check (default 224)")
-    p.add_argument(
-        "--transform-input",
-        choices=["true", "false"],
-        default=None,
-        help="googlenet / inception_v3 only: torchvision's transform_input (default true, as its pretrained weights)",
-    )
-    p.set_defaults(run=_convert)
+    _add_plugin_commands(sub)
 
     p = sub.add_parser("explain", help="explain images: the paper's figure of ascent differences")
     p.add_argument("images", nargs="+", help="image files (any format PIL reads)")
@@ -325,7 +312,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point of the ``jaxpull`` command; returns the exit status."""
-    args = build_parser().parse_args(argv)
+    try:
+        parser = build_parser()
+    except RuntimeError as e:  # a broken plugin install
+        print(f"jaxpull: error: {e}", file=sys.stderr)
+        return 2
+    args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
         return args.run(args)

@@ -30,6 +30,7 @@ import numpy as np
 
 from jaxpull.core.rules import Rules
 from jaxpull.core.layers import Conv, Dense, LayerNorm, global_avg_pool
+from jaxpull.core.models import options
 from jaxpull.core.preprocessing import Preprocessing
 from jaxpull.core.models.family import Family
 
@@ -198,10 +199,17 @@ def torch_layout(arch: str, sd, block_setting: Optional[Tuple[StageSetting, ...]
     return p
 
 
+CLASSIFIER = "classifier.2"  # the logits' layer in the state_dict: the number of classes is its weight's rows
+# ModelSpec.config options (a small test model's stages: torch_config)
+CONFIG_OPTIONS = {"block_setting": Tuple[Tuple[int, Optional[int], options.COUNT], ...]}
+
+
 FAMILY = Family(
     architectures=ARCHITECTURES,
     torch_layout=torch_layout,
     max_pools=False,
     preprocessing=PREPROCESSING,
     torch_config=torch_config,
+    classifier=CLASSIFIER,
+    config_options=CONFIG_OPTIONS,
 )

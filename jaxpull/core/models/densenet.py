@@ -133,6 +133,7 @@ def torch_layout(arch: str, sd) -> dict:
     return p
 
 
+CLASSIFIER = "classifier"  # the logits' layer in the state_dict: the number of classes is its weight's rows
 LEGACY_KEYS = (LEGACY_KEY, r"\1\2")  # the published checkpoints' norm.1 / conv.1 -> the modules' norm1 / conv1
 
 
@@ -140,5 +141,6 @@ FAMILY = Family(
     architectures=ARCHITECTURES,
     torch_layout=torch_layout,
     max_pools=True,
+    classifier=CLASSIFIER,
     legacy_keys=LEGACY_KEYS,
 )

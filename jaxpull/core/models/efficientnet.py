@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import NamedTuple, Optional, Sequence, Tuple
+from typing import Annotated, Literal, NamedTuple, Optional, Sequence, Tuple
 
 import flax.linen as nn
 import jax
 
 from jaxpull.core.rules import Rules
 from jaxpull.core.layers import Conv, Dense, SqueezeExcitation, global_avg_pool
+from jaxpull.core.models import options
 from jaxpull.core.preprocessing import Preprocessing
 from jaxpull.core.models.family import Family
 
@@ -352,6 +353,15 @@ def torch_layout(
     return p
 
 
+CLASSIFIER = "classifier.1"  # the logits' layer in the state_dict: the number of classes is its weight's rows
+# ModelSpec.config options (a model of other sizes: torch_config); stage rows as ``Stage``
+CONFIG_OPTIONS = {
+    "stages": Tuple[Tuple[Literal[BLOCKS], float, int, Literal[1, 2], int, int, options.COUNT], ...],
+    "last_channel": Optional[int],
+    "bn_eps": Annotated[float, options.Range(0, 1)],
+}
+
+
 FAMILY = Family(
     architectures=ARCHITECTURES,
     torch_layout=torch_layout,
@@ -359,4 +369,6 @@ FAMILY = Family(
     preprocessing=PREPROCESSING,
     torch_config=torch_config,
     input_normalization=INPUT_NORMALIZATION,
+    classifier=CLASSIFIER,
+    config_options=CONFIG_OPTIONS,
 )

@@ -10,11 +10,12 @@ kind a ``TypeError`` naming the field). :func:`jaxpull.core.models.get` returns 
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Dict, Mapping, NamedTuple, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Mapping, NamedTuple, Optional, Tuple, Union
 
 import flax.linen as nn
 
 from jaxpull.core.layers import IMAGENET_MEAN, IMAGENET_STD
+from jaxpull.core.models import options
 from jaxpull.core.preprocessing import Preprocessing
 
 Normalization = Tuple[Tuple[float, float, float], Tuple[float, float, float]]  # (mean, std) in [0, 1] pixels
@@ -26,6 +27,9 @@ class Architecture(NamedTuple):
     build: Callable[..., nn.Module]  # builder(num_classes=..., **config) -> module(x, rules) -> logits
     torch_layout: Callable  # (arch, StateDict reader, **config) -> parameter tree
     max_pools: bool  # whether the network has max-pools (a pool temperature applies)
+    # the torch state_dict prefix of the layer whose outputs are the logits (``fc``, ``heads.head``):
+    # the number of classes is its weight's first dimension, read by name
+    classifier: str
     preprocessing: Preprocessing  # the resize / crop its weights expect
     transform_input: Optional[bool]  # torchvision's option for those weights; None: no such option
     auxiliary_keys: Optional[str]  # regex of training-only state_dict keys, dropped
@@ -34,6 +38,12 @@ class Architecture(NamedTuple):
     input_mean: Tuple[float, float, float]
     input_std: Tuple[float, float, float]
     legacy_keys: Optional[Tuple[str, str]]  # (regex, replacement) renaming old checkpoints' keys
+    config_options: Mapping[str, Any]  # {builder option: type} a ModelSpec.config may set (options.py)
+
+    def check_config(self, arch: str, config: Mapping[str, Any]) -> Tuple[Tuple[str, Any], ...]:
+        """``config`` as sorted ``(option, value)`` pairs; ValueError naming an option this family's
+        builder does not take or a value of the wrong type or range."""
+        return options.check(arch, config, self.config_options)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +54,7 @@ class Family:
     architectures: Mapping[str, Callable[..., nn.Module]]
     torch_layout: Callable
     max_pools: bool
+    classifier: str
     preprocessing: Union[Preprocessing, Mapping[str, Preprocessing]] = Preprocessing()
     transform_input: Optional[bool] = None
     auxiliary_keys: Optional[str] = None
@@ -51,6 +62,7 @@ class Family:
     state_dict_config: Optional[Callable] = None
     input_normalization: Union[Normalization, Mapping[str, Normalization]] = (IMAGENET_MEAN, IMAGENET_STD)
     legacy_keys: Optional[Tuple[str, str]] = None
+    config_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
         def need(ok: bool, name: str, what: str):
@@ -64,6 +76,8 @@ class Family:
         )
         need(callable(self.torch_layout), "torch_layout", "a function")
         need(isinstance(self.max_pools, bool), "max_pools", "True or False")
+        need(isinstance(self.classifier, str) and len(self.classifier) > 0, "classifier", "a state_dict key prefix")
+        need(isinstance(self.config_options, Mapping), "config_options", "a dict of option name -> type")
         by_arch = lambda v, kind: (
             isinstance(v, kind)
             or (isinstance(v, Mapping) and all(isinstance(x, kind) and k in self.architectures for k, x in v.items()))
@@ -93,6 +107,7 @@ class Family:
                 build,
                 self.torch_layout,
                 self.max_pools,
+                self.classifier,
                 of(self.preprocessing, arch, Preprocessing()),
                 self.transform_input,
                 self.auxiliary_keys,
@@ -101,5 +116,6 @@ class Family:
                 tuple(mean),
                 tuple(std),
                 self.legacy_keys,
+                self.config_options,
             )
         return out

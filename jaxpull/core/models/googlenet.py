@@ -135,6 +135,9 @@ def torch_layout(arch: str, sd) -> dict:
     return {**basic_convs(sd), "fc": sd.dense("fc")}
 
 
+CLASSIFIER = "fc"  # the logits' layer in the state_dict: the number of classes is its weight's rows
+
+
 FAMILY = Family(
     architectures=ARCHITECTURES,
     torch_layout=torch_layout,
@@ -142,4 +145,5 @@ FAMILY = Family(
     preprocessing=PREPROCESSING,
     transform_input=TRANSFORM_INPUT,
     auxiliary_keys=AUXILIARY_KEYS,
+    classifier=CLASSIFIER,
 )

@@ -25,7 +25,7 @@ torchvision ``MaxVit``'s sizes (the tests').
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Annotated, Optional, Tuple
 
 import flax.linen as nn
 import jax
@@ -36,6 +36,8 @@ from jaxpull.core.rules import Rules
 from jaxpull.core.layers import Affine, Conv, Dense, LayerNorm, Projection, SqueezeExcitation, avg_pool
 from jaxpull.core.preprocessing import Preprocessing
 from jaxpull.core.models.family import Family
+from jaxpull.core.models import options
+from jaxpull.core.preprocessing import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE
 
 BN_EPS = 1e-3  # torchvision's BatchNorm2d(eps=1e-3, momentum=0.01)
 LN_EPS = 1e-5  # nn.LayerNorm's default
@@ -376,10 +378,24 @@ def torch_layout(arch: str, sd, **config) -> dict:
     return p
 
 
+CLASSIFIER = "classifier.5"  # the logits' layer in the state_dict: the number of classes is its weight's rows
+# ModelSpec.config options (a model of other sizes: torch_config), over DEFAULTS
+CONFIG_OPTIONS = {
+    "image_size": Annotated[int, options.Range(MIN_IMAGE_SIZE, MAX_IMAGE_SIZE)],
+    "stem_channels": int,
+    "partition_size": int,
+    "block_channels": Tuple[int, ...],
+    "block_layers": Tuple[options.COUNT, ...],
+    "head_dim": int,
+}
+
+
 FAMILY = Family(
     architectures=ARCHITECTURES,
     torch_layout=torch_layout,
     max_pools=False,
     preprocessing=PREPROCESSING,
     torch_config=torch_config,
+    classifier=CLASSIFIER,
+    config_options=CONFIG_OPTIONS,
 )

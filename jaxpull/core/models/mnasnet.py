@@ -6,18 +6,23 @@ plus a skip where shapes allow). Channel depths scale with ``alpha`` through tor
 its momentum, which eval mode ignores) and is folded into each convolution. Top-level names
 are torchvision's ``layers`` indices (``layers_0``, ``layers_8/0``, ``layers_14``).
 
-Torchvision rewrites the stem of version-1 checkpoints (fixed 32/16 channels) for alpha != 1
-when loading them; jaxpull builds the version-2 network, so such a checkpoint is refused by the
-converter's shape check.
+A state_dict records the version of the module that saved it (torch's ``_metadata[""]``).
+Version 1 (torchvision's published mnasnet0_5 and mnasnet1_0 weights) has a stem of fixed
+width, 32 then 16 channels, where version 2 scales it with ``alpha``; torchvision rewrites the
+stem when it loads a version-1 state_dict (``MNASNet._load_from_state_dict``), and so does
+jaxpull: ``state_dict_config`` reads the version (from the stem's width where a file has no
+``_metadata``: a ``.safetensors`` file), and ``ModelSpec.config`` records ``{"version": 1}``. For
+alpha 1.0 both versions are the same network.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Tuple
+from typing import Literal, Mapping, Optional, Tuple
 
 import flax.linen as nn
 import jax
+import numpy as np
 
 from jaxpull.core.rules import Rules
 from jaxpull.core.layers import Conv, Dense, global_avg_pool
@@ -26,6 +31,7 @@ from jaxpull.core.models.family import Family
 # (kernel, first stride, expansion, repeats) of the six stacks, torchvision's ``layers[8:14]``
 STACKS = ((3, 2, 3, 3), (5, 2, 3, 3), (5, 2, 6, 3), (3, 1, 6, 2), (5, 2, 6, 4), (3, 1, 6, 1))
 DEPTHS = (32, 16, 24, 40, 80, 96, 192, 320)
+V1_STEM = (32, 16)  # version 1's stem widths, whatever alpha
 
 
 def _round_to_multiple_of(val: float, divisor: int, round_up_bias: float = 0.9) -> int:
@@ -77,17 +83,20 @@ class Stack(nn.Module):
 
 
 class MNASNet(nn.Module):
-    """torchvision ``MNASNet``: stem, depthwise-separable conv, six stacks, 1x1 to 1280, linear."""
+    """torchvision ``MNASNet``: stem, depthwise-separable conv, six stacks, 1x1 to 1280, linear
+    (the stem of ``version`` 1 or 2 of torchvision's module; the stacks take the stem's width)."""
 
     alpha: float
     num_classes: int = 1000
+    version: int = 2  # of the state_dict: 1 has the fixed-width stem V1_STEM
 
     @nn.compact
     def __call__(self, x: jax.Array, rules: Rules) -> jax.Array:
         depths = get_depths(self.alpha)
-        x = rules.relu(Conv(depths[0], 3, 2, 1, use_bias=True, name="layers_0")(x))
-        x = rules.relu(Conv(depths[0], 3, 1, 1, groups=depths[0], use_bias=True, name="layers_3")(x))
-        x = Conv(depths[1], 1, use_bias=True, name="layers_6")(x)
+        stem = V1_STEM if self.version == 1 else depths[:2]
+        x = rules.relu(Conv(stem[0], 3, 2, 1, use_bias=True, name="layers_0")(x))
+        x = rules.relu(Conv(stem[0], 3, 1, 1, groups=stem[0], use_bias=True, name="layers_3")(x))
+        x = Conv(stem[1], 1, use_bias=True, name="layers_6")(x)
         for i, (kernel, stride, expansion, repeats) in enumerate(STACKS):
             x = Stack(depths[i + 2], kernel, stride, expansion, repeats, name=f"layers_{8 + i}")(x, rules)
         x = rules.relu(Conv(1280, 1, use_bias=True, name="layers_14")(x))
@@ -102,8 +111,27 @@ ARCHITECTURES = {
 }
 
 
-def torch_layout(arch: str, sd) -> dict:
-    """Map a torchvision MNASNet state_dict onto this module's parameter tree."""
+def state_dict_config(arch: str, tensors: Mapping[str, np.ndarray], metadata: Optional[Mapping] = None) -> dict:
+    """``{"version": 1}`` for a version-1 state_dict, ``{}`` for version 2: the version torch's
+    ``_metadata`` records for the model, or where there is none, the one the stem's width
+    (``layers.0.weight``) shows.
+
+    Raises:
+      ValueError: the metadata records a version other than 1 or 2.
+    """
+    version = dict((metadata or {}).get("", {})).get("version")
+    if version is None:
+        stem = tensors.get("layers.0.weight")
+        alpha = ARCHITECTURES[arch].args[0]
+        version = 1 if stem is not None and np.shape(stem)[0] == V1_STEM[0] != get_depths(alpha)[0] else 2
+    if isinstance(version, bool) or version not in (1, 2):
+        raise ValueError(f"the state_dict records MNASNet version {version!r}; torchvision's MNASNet has 1 and 2")
+    return {"version": 1} if version == 1 else {}
+
+
+def torch_layout(arch: str, sd, version: int = 2) -> dict:
+    """Map a torchvision MNASNet state_dict onto this module's parameter tree (any ``version``: the
+    keys are the same, only the stem's widths differ)."""
     p = {
         "layers_0": sd.conv_bn("layers.0", "layers.1"),
         "layers_3": sd.conv_bn("layers.3", "layers.4"),
@@ -125,8 +153,15 @@ def torch_layout(arch: str, sd) -> dict:
     return p
 
 
+CONFIG_OPTIONS = {"version": Literal[1, 2]}  # ModelSpec.config: the state_dict's version (state_dict_config)
+CLASSIFIER = "classifier.1"  # the logits' layer in the state_dict: the number of classes is its weight's rows
+
+
 FAMILY = Family(
     architectures=ARCHITECTURES,
     torch_layout=torch_layout,
     max_pools=False,
+    state_dict_config=state_dict_config,
+    classifier=CLASSIFIER,
+    config_options=CONFIG_OPTIONS,
 )

@@ -194,8 +194,12 @@ def torch_layout(arch: str, sd) -> dict:
     return p
 
 
+CLASSIFIER = "fc"  # the logits' layer in the state_dict: the number of classes is its weight's rows
+
+
 FAMILY = Family(
     architectures=ARCHITECTURES,
     torch_layout=torch_layout,
     max_pools=False,
+    classifier=CLASSIFIER,
 )

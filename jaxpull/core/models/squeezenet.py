@@ -111,8 +111,12 @@ def torch_layout(arch: str, sd) -> dict:
     return p
 
 
+CLASSIFIER = "classifier.1"  # the logits' layer (a 1x1 convolution): the number of classes is its weight's rows
+
+
 FAMILY = Family(
     architectures=ARCHITECTURES,
     torch_layout=torch_layout,
     max_pools=True,
+    classifier=CLASSIFIER,
 )

@@ -38,6 +38,7 @@ import numpy as np
 
 from jaxpull.core.rules import Rules
 from jaxpull.core.layers import Conv, Dense, LayerNorm, Projection
+from jaxpull.core.models import options
 from jaxpull.core.preprocessing import Preprocessing
 from jaxpull.core.models.family import Family
 
@@ -381,10 +382,24 @@ def torch_layout(arch: str, sd, **config) -> dict:
     return p
 
 
+CLASSIFIER = "head"  # the logits' layer in the state_dict: the number of classes is its weight's rows
+# ModelSpec.config options (a model of other sizes: torch_config)
+CONFIG_OPTIONS = {
+    "patch_size": Tuple[int, int],
+    "embed_dim": int,
+    "depths": Tuple[options.COUNT, ...],
+    "num_heads": Tuple[options.COUNT, ...],
+    "window_size": Tuple[int, int],
+    "mlp_ratio": float,
+}
+
+
 FAMILY = Family(
     architectures=ARCHITECTURES,
     torch_layout=torch_layout,
     max_pools=False,
     preprocessing=PREPROCESSING,
     torch_config=torch_config,
+    classifier=CLASSIFIER,
+    config_options=CONFIG_OPTIONS,
 )

@@ -29,7 +29,7 @@ it off a torch module, ``state_dict_config`` off a state_dict; the converter's `
 from __future__ import annotations
 
 import functools
-from typing import Mapping, Optional
+from typing import Annotated, Mapping, Optional
 
 import flax.linen as nn
 import jax
@@ -40,6 +40,8 @@ from jaxpull.core.rules import Rules
 from jaxpull.core.layers import Conv, Dense, LayerNorm, Projection
 from jaxpull.core.preprocessing import Preprocessing
 from jaxpull.core.models.family import Family
+from jaxpull.core.models import options
+from jaxpull.core.preprocessing import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE
 
 LN_EPS = 1e-6  # torchvision's norm_layer: partial(nn.LayerNorm, eps=1e-6)
 DEFAULT_IMAGE_SIZE = 224  # torchvision's _vision_transformer without weights
@@ -212,10 +214,11 @@ def torch_config(module) -> dict:
     return config
 
 
-def state_dict_config(arch: str, tensors: Mapping[str, np.ndarray]) -> dict:
+def state_dict_config(arch: str, tensors: Mapping[str, np.ndarray], metadata: Optional[Mapping] = None) -> dict:
     """The builder options a state_dict of ``arch``'s layer sizes fixes beyond them: ``image_size``
     (from the position embeddings' length, when not 224) and ``representation_size``
     (``heads.pre_logits``). E.g. ``{"image_size": 518}`` for vit_h_14's DEFAULT (SWAG E2E) weights.
+    ``metadata`` (torch's module versions) plays no part.
 
     Raises:
       ValueError: the position embeddings are not those of a square grid of patches plus the
@@ -290,6 +293,19 @@ def torch_layout(arch: str, sd, **config) -> dict:
     return {k: v for k, v in p.items() if v is not None}
 
 
+CLASSIFIER = "heads.head"  # the logits' layer in the state_dict: the number of classes is its weight's rows
+# ModelSpec.config options (torch_config, state_dict_config)
+CONFIG_OPTIONS = {
+    "patch_size": int,
+    "num_layers": options.COUNT,
+    "num_heads": options.COUNT,
+    "hidden_dim": int,
+    "mlp_dim": int,
+    "image_size": Annotated[int, options.Range(MIN_IMAGE_SIZE, MAX_IMAGE_SIZE)],
+    "representation_size": Optional[int],
+}
+
+
 FAMILY = Family(
     architectures=ARCHITECTURES,
     torch_layout=torch_layout,
@@ -297,4 +313,6 @@ FAMILY = Family(
     preprocessing=PREPROCESSING,
     torch_config=torch_config,
     state_dict_config=state_dict_config,
+    classifier=CLASSIFIER,
+    config_options=CONFIG_OPTIONS,
 )
