@@ -112,7 +112,7 @@ def parity() -> Parity:
     """Both presets, the vanilla gradient and the semantic preset without its GELU rule, one
     compiled function (and the excitation ascent), measured once for the tests below (called
     inside them: compiled at their codegen effort)."""
-    methods = {**PARITY_METHODS, GELU_OFF: dict(rules="semantic", gelu_rules="vanilla")}
+    methods = {**PARITY_METHODS, GELU_OFF: dict(rules="semantic", gelu="plain")}
     return measure_parity(*_small(), images(2, 72), TARGETS, methods, ascent_labels=1)
 
 
