@@ -359,6 +359,10 @@ def gated(model: nn.Module, rules="excitation", **overrides) -> nn.Module:
 
         model.forward = forward
     _gate_functional_inception(model, rules)
+    if type(model).__module__.startswith("timm."):  # timm's own layers: jaxpull_convert.timm_reference
+        from jaxpull_convert import timm_reference
+
+        timm_reference.patch(model, rules)
     patch = FAMILY_PATCHES.get(type(model).__name__)
     if patch is not None:
         patch(model, rules)

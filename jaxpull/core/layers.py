@@ -184,6 +184,25 @@ def avg_pool(x: jax.Array, window: int, stride: int) -> jax.Array:
     return s / (window * window)
 
 
+def avg_pool_ceil(x: jax.Array, window: int, stride: int) -> jax.Array:
+    """``torch.nn.AvgPool2d(window, stride, ceil_mode=True)`` (no padding) on ``(N, H, W, C)``: the
+    windows that reach past the bottom / right edge average their in-image values only (timm's
+    ResNet-D downsampling, ``count_include_pad=False``)."""
+    _, h, w, _ = x.shape
+
+    def extra(size: int) -> int:  # how far the last ceil-mode window reaches past the edge
+        out = -(-(size - window) // stride) + 1
+        if (out - 1) * stride >= size:  # torch: the last window must start inside the input
+            out -= 1
+        return max((out - 1) * stride + window - size, 0)
+
+    pad = ((0, 0), (0, extra(h)), (0, extra(w)), (0, 0))
+    dims, strides = (1, window, window, 1), (1, stride, stride, 1)
+    s = lax.reduce_window(x, 0.0, lax.add, dims, strides, pad)
+    count = lax.reduce_window(jnp.ones((1, h, w, 1), x.dtype), 0.0, lax.add, dims, strides, pad)
+    return s / count
+
+
 def _adaptive_matrix(size: int, out: int) -> np.ndarray:
     """(out, size) averaging matrix of torch's adaptive pooling bins [floor(i*s/o), ceil((i+1)*s/o))."""
     m = np.zeros((out, size), np.float32)

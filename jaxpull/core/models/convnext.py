@@ -1,4 +1,5 @@
-"""torchvision's ConvNeXt: convnext_tiny, convnext_small, convnext_base, convnext_large.
+"""ConvNeXt: torchvision's convnext_tiny, convnext_small, convnext_base, convnext_large and timm's
+``timm/convnext_tiny``, ``timm/convnext_small``, ``timm/convnext_base``, ``timm/convnext_large``.
 
 A 4x4/4 "patchify" stem with LayerNorm, four stages of ConvNeXt blocks (depthwise 7x7 ->
 LayerNorm -> Linear 4x -> GELU -> Linear, scaled per channel by ``layer_scale``, plus the input)
@@ -17,6 +18,16 @@ blocks ``block_J`` and downsampling layers, alternating) and ``classifier.0`` / 
 inside a block, ``dwconv``, ``norm``, ``pwconv1``, ``pwconv2`` are torchvision's ``block.0``,
 ``block.2``, ``block.3``, ``block.5``. Any input of at least 32x32 pixels works (the stem and
 the downsamplings floor odd sizes as torch does).
+
+timm's ``ConvNeXt`` with its defaults (patch stem, ``conv_mlp=False``, kernel 7, layer scale,
+LayerNorm eps 1e-6, GELU, ``NormMlpClassifierHead`` without hidden layer) computes the same
+function with timm's names: ``stem.0`` / ``stem.1`` -> ``features_0``; ``stages.i.downsample.0``
+(LayerNorm2d) / ``.1`` (2x2/2 convolution) -> the downsampling layer before stage i; in a block
+``conv_dw``, ``norm``, ``mlp.fc1``, ``mlp.fc2``, ``gamma`` -> ``dwconv``, ``norm``, ``pwconv1``,
+``pwconv2``, ``layer_scale``; ``head.norm`` / ``head.fc`` -> ``classifier_0`` / ``classifier_2``.
+A timm ConvNeXt built without layer scale (``ls_init_value=None``) converts with layer scales of
+one. timm's GELU is its own module (``timm.layers.activations.GELU``, ``F.gelu``): the same exact
+GELU, ``rules.gelu`` here.
 """
 
 from __future__ import annotations
@@ -141,12 +152,28 @@ class ConvNeXt(nn.Module):
         return Dense(self.num_classes, name="classifier_2")(x)
 
 
-ARCHITECTURES = {arch: functools.partial(ConvNeXt, block_setting=setting) for arch, setting in SETTINGS.items()}
+# timm 1.0.31's convnext_* (depths, dims) give torchvision's block settings.
+TIMM_SETTINGS = {f"timm/{arch}": setting for arch, setting in SETTINGS.items()}
+# The pretrained_cfg of each name's default weights (timm 1.0.31, read once): input 224, bicubic,
+# ImageNet's mean and std; crop_pct 0.95 (tiny, small: in12k_ft_in1k) and 0.875 (base, large: fb_in22k_ft_in1k).
+TIMM_PREPROCESSING = {
+    "timm/convnext_tiny": Preprocessing(224, 235, "bicubic"),
+    "timm/convnext_small": Preprocessing(224, 235, "bicubic"),
+    "timm/convnext_base": Preprocessing(224, 256, "bicubic"),
+    "timm/convnext_large": Preprocessing(224, 256, "bicubic"),
+}
+
+ARCHITECTURES = {
+    arch: functools.partial(ConvNeXt, block_setting=setting) for arch, setting in {**SETTINGS, **TIMM_SETTINGS}.items()
+}
 
 
 def torch_config(module) -> dict:
-    """``{"block_setting": ...}`` read off a torchvision ``ConvNeXt`` whose stages differ from every
-    named model's (a small test model); ``{}`` for the named models' settings."""
+    """``{"block_setting": ...}`` read off a torchvision (or timm: :func:`timm_torch_config`)
+    ``ConvNeXt`` whose stages differ from every named model's (a small test model); ``{}`` for the
+    named models' settings."""
+    if type(module).__module__.startswith("timm."):
+        return timm_torch_config(module)
     setting, stages = [], list(module.features)[1:]
     for k, stage in enumerate(stages):
         if type(stage[0]).__name__ != "CNBlock":
@@ -154,6 +181,92 @@ def torch_config(module) -> dict:
         channels = int(stage[0].layer_scale.shape[0])
         after = stages[k + 1] if k + 1 < len(stages) else None
         setting.append((channels, None if after is None else int(after[1].out_channels), len(stage)))
+    setting = tuple(setting)
+    return {} if setting in SETTINGS.values() else {"block_setting": setting}
+
+
+def timm_torch_config(module) -> dict:
+    """``{"block_setting": ...}`` of a timm ``ConvNeXt`` of other sizes than the named models'
+    (``{}`` for theirs).
+
+    Raises:
+      ValueError: one line naming the first timm option this module does not compute (another
+        stem, ``conv_mlp``, kernel size, MLP ratio, GRN (ConvNeXt-V2), activation, norm or its
+        eps, dilation, ``head_norm_first``, a head hidden layer, another global pool).
+    """
+    from torch import nn as tnn
+    from timm.layers import LayerNorm, LayerNorm2d, Mlp
+    from timm.layers.activations import GELU
+
+    if type(module).__name__ != "ConvNeXt":
+        raise ValueError(f"timm's {type(module).__name__} is not a ConvNeXt jaxpull converts: use timm's convnext_*")
+
+    def need(ok: bool, what: str, fix: str):
+        if not ok:
+            raise ValueError(f"this timm ConvNeXt has {what}, which jaxpull's ConvNeXt does not compute: {fix}")
+
+    stem = module.stem
+    need(
+        len(stem) == 2 and stem[0].kernel_size == (4, 4) and stem[0].stride == (4, 4) and stem[0].bias is not None,
+        "another stem",
+        "use stem_type='patch', patch_size=4 and conv_bias=True",
+    )
+    need(isinstance(module.norm_pre, tnn.Identity), "head_norm_first=True", "use head_norm_first=False")
+    head = module.head
+    need(
+        type(head).__name__ == "NormMlpClassifierHead" and isinstance(head.pre_logits, tnn.Identity),
+        "a head hidden layer or another head",
+        "use head_hidden_size=None",
+    )
+    need(
+        head.global_pool.pool_type == "avg" and isinstance(head.fc, tnn.Linear),
+        "another global pool or no classifier",
+        "use global_pool='avg' and num_classes > 0",
+    )
+    setting = []
+    for k, stage in enumerate(module.stages):
+        if k > 0:
+            ds = stage.downsample
+            need(
+                isinstance(ds, tnn.Sequential) and ds[1].kernel_size == (2, 2) and ds[1].stride == (2, 2),
+                f"stage {k} without a 2x2/2 downsampling",
+                "use output_stride=32",
+            )
+        else:
+            need(
+                isinstance(stage.downsample, tnn.Identity), "a downsampling before stage 0", "use dims[0] for the stem"
+            )
+        for b in stage.blocks:
+            c = b.conv_dw.in_channels
+            need(not b.use_conv_mlp, "conv_mlp=True", "use conv_mlp=False")
+            need(
+                b.conv_dw.kernel_size == (7, 7) and b.conv_dw.padding == (3, 3) and b.conv_dw.dilation == (1, 1),
+                f"a {b.conv_dw.kernel_size} depthwise convolution",
+                "use kernel_sizes=7",
+            )
+            need(b.conv_dw.bias is not None, "convolutions without bias", "use conv_bias=True")
+            need(
+                type(b.mlp) is Mlp and b.mlp.fc1.out_features == 4 * c,
+                "another MLP (GRN or a ratio other than 4)",
+                "use use_grn=False, mlp_ratio=4",
+            )
+            need(
+                type(b.mlp.act) is GELU or (type(b.mlp.act) is tnn.GELU and b.mlp.act.approximate == "none"),
+                f"activation {type(b.mlp.act).__name__}",
+                "use act_layer='gelu'",
+            )
+            need(isinstance(b.shortcut, tnn.Identity), "a downsampling block shortcut", "use timm's convnext_* stages")
+        dims = int(stage.blocks[0].conv_dw.in_channels)
+        after = module.stages[k + 1] if k + 1 < len(module.stages) else None
+        setting.append((dims, None if after is None else int(after.downsample[1].out_channels), len(stage.blocks)))
+    norms = [
+        m for m in module.modules() if isinstance(m, tnn.LayerNorm) or type(m).__name__.endswith(("Norm", "Norm2d"))
+    ]
+    need(
+        all(type(m) in (LayerNorm, LayerNorm2d) and m.eps == LN_EPS and m.weight is not None for m in norms),
+        "another norm layer or eps",
+        f"use timm's default LayerNorm (eps {LN_EPS})",
+    )
     setting = tuple(setting)
     return {} if setting in SETTINGS.values() else {"block_setting": setting}
 
@@ -178,9 +291,46 @@ def _block(sd, prefix: str) -> dict:
     return p
 
 
+def _timm_block(sd, prefix: str) -> dict:
+    """A timm ``ConvNeXtBlock``: ``conv_dw``, ``norm``, ``mlp.fc1`` / ``fc2``, ``gamma`` (ones if absent)."""
+    p = {
+        "dwconv": sd.conv_bn(f"{prefix}.conv_dw", None),
+        "norm": _layer_norm(sd, f"{prefix}.norm"),
+        "pwconv1": sd.dense(f"{prefix}.mlp.fc1"),
+        "pwconv2": sd.dense(f"{prefix}.mlp.fc2"),
+    }
+    if sd.has(f"{prefix}.gamma"):
+        p["layer_scale"] = sd.get(f"{prefix}.gamma").reshape(-1).astype(np.float32)
+    elif "bias" in p["dwconv"]:  # built without layer scale (ls_init_value=None): the identity
+        p["layer_scale"] = np.ones_like(p["dwconv"]["bias"])
+    return p
+
+
+def _timm_layout(sd, block_setting: Tuple[StageSetting, ...]) -> dict:
+    """Map a timm ConvNeXt state_dict onto this module's parameter tree (see the module docstring)."""
+    p = {
+        "features_0": {"conv": sd.conv_bn("stem.0", None), "norm": _layer_norm(sd, "stem.1")},
+        "classifier_0": _layer_norm(sd, "head.norm"),
+        "classifier_2": sd.dense("head.fc"),
+    }
+    i = 1
+    for k, (_, out, depth) in enumerate(block_setting):
+        p[f"features_{i}"] = {f"block_{j}": _timm_block(sd, f"stages.{k}.blocks.{j}") for j in range(depth)}
+        i += 1
+        if out is not None:
+            p[f"features_{i}"] = {
+                "norm": _layer_norm(sd, f"stages.{k + 1}.downsample.0"),
+                "conv": sd.conv_bn(f"stages.{k + 1}.downsample.1", None),
+            }
+            i += 1
+    return p
+
+
 def torch_layout(arch: str, sd, block_setting: Optional[Tuple[StageSetting, ...]] = None) -> dict:
-    """Map a torchvision ConvNeXt state_dict onto this module's parameter tree."""
-    block_setting = SETTINGS[arch] if block_setting is None else block_setting
+    """Map a torchvision (or timm: ``timm/...``) ConvNeXt state_dict onto this module's parameter tree."""
+    block_setting = {**SETTINGS, **TIMM_SETTINGS}[arch] if block_setting is None else block_setting
+    if arch.startswith("timm/"):
+        return _timm_layout(sd, block_setting)
     p = {
         "features_0": {"conv": sd.conv_bn("features.0.0", None), "norm": _layer_norm(sd, "features.0.1")},
         "classifier_0": _layer_norm(sd, "classifier.0"),
@@ -199,7 +349,7 @@ def torch_layout(arch: str, sd, block_setting: Optional[Tuple[StageSetting, ...]
     return p
 
 
-CLASSIFIER = "classifier.2"  # the logits' layer in the state_dict: the number of classes is its weight's rows
+CLASSIFIER = {**{a: "classifier.2" for a in SETTINGS}, **{a: "head.fc" for a in TIMM_SETTINGS}}  # the logits' layer
 # ModelSpec.config options (a small test model's stages: torch_config)
 CONFIG_OPTIONS = {"block_setting": Tuple[Tuple[int, Optional[int], options.COUNT], ...]}
 
@@ -208,7 +358,7 @@ FAMILY = Family(
     architectures=ARCHITECTURES,
     torch_layout=torch_layout,
     max_pools=False,
-    preprocessing=PREPROCESSING,
+    preprocessing={**PREPROCESSING, **TIMM_PREPROCESSING},
     torch_config=torch_config,
     classifier=CLASSIFIER,
     config_options=CONFIG_OPTIONS,

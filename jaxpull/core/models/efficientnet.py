@@ -1,4 +1,5 @@
-"""torchvision's EfficientNet: efficientnet_b0 ... efficientnet_b7 and efficientnet_v2_s/_m/_l.
+"""EfficientNet: torchvision's efficientnet_b0 ... efficientnet_b7 and efficientnet_v2_s/_m/_l, and
+timm's ``timm/efficientnet_b0``.
 
 A SiLU network: a 3x3/2 stem, stages of MBConv blocks (1x1 expand -> kxk depthwise ->
 squeeze-excitation -> 1x1 linear projection, plus the input where the shape allows) and, in V2,
@@ -15,6 +16,21 @@ Module names follow torchvision's ``features.i.j`` (stage ``i``, block ``j``): `
 A ``Stage`` is one row of torchvision's ``MBConvConfig`` / ``FusedMBConvConfig`` table with the
 width and depth multipliers already applied; a model of other stages (the tests' small ones) is
 built with ``stages=`` (read off a torch module by ``torch_config``).
+
+timm's ``efficientnet_b0`` (``timm.models.efficientnet.EfficientNet``) computes torchvision's
+efficientnet_b0 with other names. Its padding is PyTorch's symmetric ``(k - 1) // 2`` at stride 1
+and ``((s - 1) + (k - 1)) // 2`` at stride 2, which for its odd kernels is the same number (the
+``tf_efficientnet_*`` models pad as TensorFlow's 'SAME' instead: refused). Its squeeze-excitation
+width is ``round(mid * 0.25 / expand_ratio)`` of the expanded width ``mid`` (SE ratio taken from
+the block's input, ``se_from_exp=False``), which for b0's channels (multiples of 8, ``mid = 6 *
+input``) is torchvision's ``max(1, input // 4)``; ``torch_config`` checks it on every block and
+refuses a model where the two differ. Its BatchNorm eps is 1e-5 and its activations are
+``nn.SiLU`` (inside ``BatchNormAct2d``), the SE gate ``sigmoid``. Keys: ``conv_stem`` / ``bn1`` ->
+``features_0``; the first stage's ``DepthwiseSeparableConv`` ``conv_dw`` / ``bn1``, ``se``,
+``conv_pw`` / ``bn2`` -> ``depthwise``, ``se``, ``project``; an ``InvertedResidual``'s
+``conv_pw`` / ``bn1``, ``conv_dw`` / ``bn2``, ``se``, ``conv_pwl`` / ``bn3`` -> ``expand``,
+``depthwise``, ``se``, ``project``; ``se.conv_reduce`` / ``conv_expand`` -> ``fc1`` / ``fc2``;
+``conv_head`` / ``bn2`` -> the head convolution; ``classifier`` -> ``classifier_1``.
 """
 
 from __future__ import annotations
@@ -161,6 +177,10 @@ PREPROCESSING = {
     "efficientnet_v2_m": Preprocessing(480, 480, "bilinear"),
     "efficientnet_v2_l": Preprocessing(480, 480, "bicubic"),
 }
+# timm's names whose module is one of CONFIGS' (timm 1.0.31); timm's eps may differ from torchvision's.
+TIMM_CONFIGS = {"timm/efficientnet_b0": CONFIGS["efficientnet_b0"]}
+# timm's pretrained_cfg of efficientnet_b0.ra_in1k (read once): 224, crop_pct 0.875, bicubic, ImageNet.
+PREPROCESSING["timm/efficientnet_b0"] = Preprocessing(224, 256, "bicubic")
 # The same transforms' normalisation where it is not ImageNet's: efficientnet_v2_l's weights take
 # mean = std = (0.5, 0.5, 0.5) (the converter records it in the file, as for EfficientNet-Lite0).
 INPUT_NORMALIZATION = {"efficientnet_v2_l": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))}
@@ -270,7 +290,7 @@ def _stage(row: Sequence) -> Stage:
 
 ARCHITECTURES = {
     arch: functools.partial(efficientnet, stages=stages, last_channel=last_channel)
-    for arch, (stages, last_channel, _) in CONFIGS.items()
+    for arch, (stages, last_channel, _) in {**CONFIGS, **TIMM_CONFIGS}.items()
 }
 
 
@@ -280,6 +300,8 @@ def torch_config(module) -> dict:
     as read off its modules (the expansion ratio as expanded / input channels)."""
     import torch
 
+    if type(module).__module__.startswith("timm."):
+        return timm_torch_config(module)
     if type(module).__name__ != "EfficientNet":
         raise ValueError(
             f"expected a torchvision EfficientNet, got {type(module).__name__}: "
@@ -315,6 +337,162 @@ def torch_config(module) -> dict:
     return {"stages": tuple(tuple(s) for s in stages), "last_channel": last_channel, "bn_eps": bn_eps}
 
 
+def timm_torch_config(module) -> dict:
+    """The builder options of a timm ``EfficientNet`` (``timm.models.efficientnet``): ``{}`` if it
+    has a named model's stages, head width and BatchNorm eps, otherwise ``stages``,
+    ``last_channel`` and ``bn_eps`` as read off its blocks (``DepthwiseSeparableConv`` -> an MBConv
+    of expansion 1, ``InvertedResidual`` -> an MBConv of expansion mid / input).
+
+    Raises:
+      ValueError: one line naming the first timm option this module does not compute (TF 'SAME'
+        padding, another block kind, activation, squeeze-excitation width or gate, an expansion
+        with a kernel, dilation, groups, ``noskip``, another global pool).
+    """
+    from torch import nn as tnn
+
+    def need(ok: bool, what: str, fix: str):
+        if not ok:
+            raise ValueError(f"this timm EfficientNet has {what}, which jaxpull's EfficientNet does not compute: {fix}")
+
+    if type(module).__name__ != "EfficientNet":
+        raise ValueError(
+            f"timm's {type(module).__name__} is not an EfficientNet jaxpull converts: use timm's efficientnet_b0"
+        )
+    convs = [m for m in module.modules() if isinstance(m, tnn.Conv2d)]
+    need(
+        all(type(c) is tnn.Conv2d for c in convs),
+        "TensorFlow 'SAME' padding (tf_* models)",
+        "use timm's efficientnet_* (PyTorch padding)",
+    )
+    need(
+        all(c.padding == ((c.kernel_size[0] - 1) // 2,) * 2 and c.dilation == (1, 1) for c in convs),
+        "other padding or dilation",
+        "use timm's efficientnet_* with output_stride 32",
+    )
+    acts = [
+        m.act for m in module.modules() if type(m).__name__ == "BatchNormAct2d" and not isinstance(m.act, tnn.Identity)
+    ]
+    need(all(type(a) is tnn.SiLU for a in acts), "an activation other than SiLU", "use act_layer='swish'")
+    norms = [m for m in module.modules() if isinstance(m, tnn.BatchNorm2d)]
+    eps = {m.eps for m in norms}
+    need(
+        len(eps) == 1 and all(type(m).__name__ == "BatchNormAct2d" for m in norms),
+        "several BatchNorm eps or norm layers",
+        "use one norm_layer",
+    )
+    need(
+        getattr(module.global_pool, "pool_type", None) == "avg" and isinstance(module.classifier, tnn.Linear),
+        "another global pool or classifier",
+        "use global_pool='avg' and num_classes > 0",
+    )
+    stem = module.conv_stem
+    need(stem.kernel_size == (3, 3) and stem.stride == (2, 2), "another stem convolution", "use a 3x3/2 stem")
+    stages = []
+    for stage in module.blocks:
+        kind = type(stage[0]).__name__
+        ratio = (
+            stage[0].conv_dw.out_channels / stage[0].conv_dw.in_channels if kind == "DepthwiseSeparableConv" else None
+        )
+        for b in stage:
+            need(
+                type(b).__name__ == kind and kind in ("DepthwiseSeparableConv", "InvertedResidual"),
+                f"{type(b).__name__} blocks",
+                "use DepthwiseSeparableConv and InvertedResidual blocks",
+            )
+            dw = b.conv_dw
+            need(
+                dw.groups == dw.in_channels == dw.out_channels,
+                "grouped (not depthwise) convolutions",
+                "use group_size=1",
+            )
+            need(
+                getattr(b, "conv_s2d", None) is None and isinstance(b.aa, tnn.Identity),
+                "space-to-depth or anti-aliasing",
+                "use a plain efficientnet_*",
+            )
+            ds = kind == "DepthwiseSeparableConv"
+            inp, out = (
+                (dw.in_channels, b.conv_pw.out_channels) if ds else (b.conv_pw.in_channels, b.conv_pwl.out_channels)
+            )
+            need(b.has_skip == (dw.stride == (1, 1) and inp == out), "noskip", "build it with noskip=False")
+            if ds:
+                need(
+                    not b.has_pw_act and b.conv_pw.kernel_size == (1, 1),
+                    "an activation or kernel after the pointwise convolution",
+                    "use pw_act=False",
+                )
+            else:
+                need(
+                    b.conv_pw.kernel_size == (1, 1) and b.conv_pwl.kernel_size == (1, 1),
+                    "an expansion or projection kernel other than 1x1",
+                    "use exp_kernel_size=1",
+                )
+                need(dw.in_channels != inp, "an InvertedResidual of expansion 1", "use a DepthwiseSeparableConv there")
+                ratio = ratio or dw.in_channels / inp
+            need(
+                make_divisible(inp * ratio) == dw.in_channels,
+                f"an expanded width {dw.in_channels} of {inp} channels that expansion {ratio:g} does not give",
+                "use one expansion ratio per stage and widths of multiples of 8",
+            )
+            se = b.se
+            need(
+                type(se).__name__ == "SqueezeExcite",
+                "no squeeze-excitation or another kind",
+                "use se_layer=SqueezeExcite",
+            )
+            need(
+                se.conv_reduce.out_channels == max(1, inp // 4),
+                f"an SE width {se.conv_reduce.out_channels} where jaxpull's is input // 4 = {max(1, inp // 4)}",
+                "use channels whose SE widths agree",
+            )
+            need(
+                type(se.act1) is tnn.SiLU and type(se.gate) is tnn.Sigmoid,
+                "another SE activation or gate",
+                "use SiLU and sigmoid",
+            )
+        first = stage[0]
+        inp = first.conv_dw.in_channels if kind == "DepthwiseSeparableConv" else first.conv_pw.in_channels
+        out = first.conv_pw.out_channels if kind == "DepthwiseSeparableConv" else first.conv_pwl.out_channels
+        stages.append(("MBConv", ratio, first.conv_dw.kernel_size[0], first.conv_dw.stride[0], inp, out, len(stage)))
+    head = module.conv_head.out_channels
+    last_channel = None if head == 4 * stages[-1][5] else head
+    bn_eps = eps.pop()
+    for named_stages, named_last, _ in TIMM_CONFIGS.values():
+        if (
+            tuple(map(tuple, stages)) == tuple(map(tuple, named_stages))
+            and last_channel == named_last
+            and bn_eps == 1e-5
+        ):
+            return {}
+    return {"stages": tuple(tuple(s) for s in stages), "last_channel": last_channel, "bn_eps": bn_eps}
+
+
+def _timm_layout(sd, stages: Tuple[Stage, ...], eps: float) -> dict:
+    """Map a timm EfficientNet state_dict onto this module's parameter tree (see the module docstring)."""
+    last = len(stages) + 1
+    p = {
+        "features_0": sd.conv_bn("conv_stem", "bn1", eps),
+        f"features_{last}": sd.conv_bn("conv_head", "bn2", eps),
+        "classifier_1": sd.dense("classifier"),
+    }
+    for i, s in enumerate(stages):
+        for j in range(s.num_layers):
+            b = f"blocks.{i}.{j}"
+            inp = s.input_channels if j == 0 else s.out_channels
+            block = {
+                "se": {"fc1": sd.conv_bn(f"{b}.se.conv_reduce", None), "fc2": sd.conv_bn(f"{b}.se.conv_expand", None)}
+            }
+            if make_divisible(inp * s.expand_ratio) != inp:  # InvertedResidual
+                block["expand"] = sd.conv_bn(f"{b}.conv_pw", f"{b}.bn1", eps)
+                block["depthwise"] = sd.conv_bn(f"{b}.conv_dw", f"{b}.bn2", eps)
+                block["project"] = sd.conv_bn(f"{b}.conv_pwl", f"{b}.bn3", eps)
+            else:  # DepthwiseSeparableConv
+                block["depthwise"] = sd.conv_bn(f"{b}.conv_dw", f"{b}.bn1", eps)
+                block["project"] = sd.conv_bn(f"{b}.conv_pw", f"{b}.bn2", eps)
+            p[f"features_{i + 1}_{j}"] = block
+    return p
+
+
 def torch_layout(
     arch: str,
     sd,
@@ -322,11 +500,13 @@ def torch_layout(
     last_channel: Optional[int] = None,
     bn_eps: Optional[float] = None,
 ) -> dict:
-    """Map a torchvision EfficientNet state_dict onto this module's parameter tree (``stages`` and
-    ``bn_eps``: a model of other sizes than ``arch``'s, see ``torch_config``)."""
-    named_stages, _, named_eps = CONFIGS[arch]
+    """Map a torchvision (or timm: ``timm/...``) EfficientNet state_dict onto this module's parameter
+    tree (``stages`` and ``bn_eps``: a model of other sizes than ``arch``'s, see ``torch_config``)."""
+    named_stages, _, named_eps = {**CONFIGS, **TIMM_CONFIGS}[arch]
     stages = named_stages if stages is None else tuple(_stage(s) for s in stages)
     eps = named_eps if bn_eps is None else bn_eps
+    if arch.startswith("timm/"):
+        return _timm_layout(sd, stages, eps)
     conv = lambda pre: sd.conv_bn(f"{pre}.0", f"{pre}.1", eps)  # Conv2dNormActivation
     last = len(stages) + 1
     p = {
@@ -353,7 +533,7 @@ def torch_layout(
     return p
 
 
-CLASSIFIER = "classifier.1"  # the logits' layer in the state_dict: the number of classes is its weight's rows
+CLASSIFIER = {a: "classifier" if a.startswith("timm/") else "classifier.1" for a in ARCHITECTURES}  # the logits' layer
 # ModelSpec.config options (a model of other sizes: torch_config); stage rows as ``Stage``
 CONFIG_OPTIONS = {
     "stages": Tuple[Tuple[Literal[BLOCKS], float, int, Literal[1, 2], int, int, options.COUNT], ...],

@@ -49,12 +49,14 @@ class Architecture(NamedTuple):
 @dataclasses.dataclass(frozen=True)
 class Family:
     """A family file's declaration (see the module docstring). Facts given once for the family, or
-    as a dict by architecture name (``preprocessing``, ``input_normalization``)."""
+    as a dict by architecture name (``classifier``: one per architecture; ``preprocessing``,
+    ``input_normalization``: the default for those not named): a file may hold torchvision's and
+    timm's layouts of one computation."""
 
     architectures: Mapping[str, Callable[..., nn.Module]]
     torch_layout: Callable
     max_pools: bool
-    classifier: str
+    classifier: Union[str, Mapping[str, str]]
     preprocessing: Union[Preprocessing, Mapping[str, Preprocessing]] = Preprocessing()
     transform_input: Optional[bool] = None
     auxiliary_keys: Optional[str] = None
@@ -76,11 +78,20 @@ class Family:
         )
         need(callable(self.torch_layout), "torch_layout", "a function")
         need(isinstance(self.max_pools, bool), "max_pools", "True or False")
-        need(isinstance(self.classifier, str) and len(self.classifier) > 0, "classifier", "a state_dict key prefix")
         need(isinstance(self.config_options, Mapping), "config_options", "a dict of option name -> type")
         by_arch = lambda v, kind: (
             isinstance(v, kind)
             or (isinstance(v, Mapping) and all(isinstance(x, kind) and k in self.architectures for k, x in v.items()))
+        )
+        need(
+            by_arch(self.classifier, str) and (not isinstance(self.classifier, str) or len(self.classifier) > 0),
+            "classifier",
+            "a state_dict key prefix or a dict of them by arch",
+        )
+        need(
+            isinstance(self.classifier, str) or set(self.classifier) == set(self.architectures),
+            "classifier",
+            "one key prefix for every architecture",
         )
         need(by_arch(self.preprocessing, Preprocessing), "preprocessing", "a Preprocessing or a dict of them by arch")
         need(self.transform_input in (None, True, False), "transform_input", "None, True or False")
@@ -107,7 +118,7 @@ class Family:
                 build,
                 self.torch_layout,
                 self.max_pools,
-                self.classifier,
+                of(self.classifier, arch, ""),
                 of(self.preprocessing, arch, Preprocessing()),
                 self.transform_input,
                 self.auxiliary_keys,

@@ -1,4 +1,6 @@
-"""torchvision's Swin Transformer: swin_t, swin_s, swin_b (V1) and swin_v2_t, swin_v2_s, swin_v2_b (V2).
+"""Swin Transformer: torchvision's swin_t, swin_s, swin_b (V1) and swin_v2_t, swin_v2_s, swin_v2_b (V2),
+and timm's ``timm/swin_tiny_patch4_window7_224``, ``timm/swin_small_patch4_window7_224``,
+``timm/swin_base_patch4_window7_224`` (V1).
 
 A 4x4/4 patch embedding (convolution + LayerNorm), stages of Swin blocks (shifted-window
 self-attention and a GELU MLP, each residual) with patch merging between stages, a final
@@ -23,13 +25,30 @@ functional softmax here; jaxpull applies the rule.
 
 Parameter names follow torchvision's keys (``features_1_0/attn/proj`` is ``features.1.0.attn.proj``),
 except that ``qkv`` is split into ``q``, ``k`` and ``v`` (the attention rule treats them apart).
+
+timm's ``SwinTransformer`` (:class:`TimmSwinTransformer`) computes V1's blocks, patch merging
+(the same channel order: timm's ``reshape(B, H/2, 2, W/2, 2, C).permute(0, 1, 3, 4, 2, 5)`` is
+torchvision's ``x0, x1, x2, x3`` = rows/columns (even, even), (odd, even), (even, odd), (odd,
+odd)), relative position index (the same formula) and shift mask (-100, computed on the padded
+map), with three differences: its patch merging sits at the start of stages 2, 3, 4 (the same
+sequence of layers); each block's window and shift are fixed by the feature size the model was
+built for (``img_size``): along an axis whose size ``r`` is at most the window, the window
+shrinks to ``r`` and the shift is 0, where torchvision keeps the window and pads; and a map whose
+size is no multiple of the window is rolled by the shift *before* it is zero-padded (torchvision:
+padded, then rolled). timm's model takes its ``img_size`` only (``strict_img_size``), and so does
+this module (``image_size``). Its keys: ``patch_embed.proj`` / ``norm`` -> ``features_0_0`` /
+``features_0_2``, ``layers.i.downsample`` -> ``features_{2i}``, ``layers.i.blocks.j`` ->
+``features_{2i+1}_{j}`` (``mlp.fc1`` / ``fc2`` -> ``mlp_0`` / ``mlp_3``), ``head.fc`` -> ``head``.
+Its attention rule is the same ``rules.attention`` (timm computes the softmax in
+``F.scaled_dot_product_attention`` or ``nn.Softmax``; the reference patches timm's
+``WindowAttention``, ``jaxpull_convert.timm_reference``).
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from typing import Tuple
+from typing import Annotated, Tuple
 
 import flax.linen as nn
 import jax
@@ -39,7 +58,7 @@ import numpy as np
 from jaxpull.core.rules import Rules
 from jaxpull.core.layers import Conv, Dense, LayerNorm, Projection
 from jaxpull.core.models import options
-from jaxpull.core.preprocessing import Preprocessing
+from jaxpull.core.preprocessing import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, Preprocessing
 from jaxpull.core.models.family import Family
 
 LN_EPS = 1e-5
@@ -161,6 +180,7 @@ class ShiftedWindowAttention(nn.Module):
     shift_size: Tuple[int, int]
     num_heads: int
     v2: bool = False
+    roll_first: bool = False  # timm: roll the map, then pad it; window and shift as given
 
     @nn.compact
     def __call__(self, x: jax.Array, rules: Rules) -> jax.Array:
@@ -168,8 +188,10 @@ class ShiftedWindowAttention(nn.Module):
         heads, (wh, ww) = self.num_heads, self.window_size
         pad_h, pad_w = -h % wh, -w % ww
         padded = (h + pad_h, w + pad_w)
-        # torchvision: no shift along an axis that one window covers
-        shift = tuple(0 if win >= size else s for win, size, s in zip(self.window_size, padded, self.shift_size))
+        if self.roll_first:
+            shift = tuple(self.shift_size)
+        else:  # torchvision: no shift along an axis that one window covers
+            shift = tuple(0 if win >= size else s for win, size, s in zip(self.window_size, padded, self.shift_size))
         if self.v2:  # the continuous position bias: an MLP of the window's constant coordinates
             coords = jnp.asarray(relative_coords_table(self.window_size))
             hidden = jax.nn.relu(Dense(CPB_HIDDEN, name="cpb_mlp_0")(coords))
@@ -185,8 +207,14 @@ class ShiftedWindowAttention(nn.Module):
             logit_scale = self.param("logit_scale", nn.initializers.constant(math.log(10.0)), (heads, 1, 1))
         mask = jnp.asarray(shift_mask(padded, self.window_size, shift)) if sum(shift) > 0 else None
 
+        def pad(t: jax.Array) -> jax.Array:
+            return jnp.pad(t, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)))
+
         def windows(t: jax.Array) -> jax.Array:
-            return window_partition(jnp.pad(t, ((0, 0), (0, pad_h), (0, pad_w), (0, 0))), self.window_size, shift)
+            if self.roll_first:  # timm: the unpadded map rolled, then padded, then cut
+                rolled = jnp.roll(t, (-shift[0], -shift[1]), axis=(1, 2)) if sum(shift) > 0 else t
+                return window_partition(pad(rolled), self.window_size, (0, 0))
+            return window_partition(pad(t), self.window_size, shift)
 
         def split_heads(t: jax.Array) -> jax.Array:  # (B*nW, N, C) -> (B*nW, heads, N, C / heads)
             return t.reshape(t.shape[0], t.shape[1], heads, c // heads).transpose(0, 2, 1, 3)
@@ -209,7 +237,11 @@ class ShiftedWindowAttention(nn.Module):
         q, q_bias = Projection(c, name="q")(tokens)
         k, k_bias = Projection(c, use_bias=not self.v2, name="k")(tokens)  # V2 has no key bias
         out = rules.attention(core, q, k, Dense(c, name="v")(tokens), q_bias, k_bias)
-        return window_reverse(Dense(c, name="proj")(out), (b,) + padded, self.window_size, shift)[:, :h, :w]
+        out = Dense(c, name="proj")(out)
+        if self.roll_first:
+            y = window_reverse(out, (b,) + padded, self.window_size, (0, 0))[:, :h, :w]
+            return jnp.roll(y, shift, axis=(1, 2)) if sum(shift) > 0 else y
+        return window_reverse(out, (b,) + padded, self.window_size, shift)[:, :h, :w]
 
 
 class SwinTransformerBlock(nn.Module):
@@ -220,11 +252,14 @@ class SwinTransformerBlock(nn.Module):
     shift_size: Tuple[int, int]
     mlp_ratio: float = 4.0
     v2: bool = False
+    roll_first: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, rules: Rules) -> jax.Array:
         dim = x.shape[-1]
-        attn = ShiftedWindowAttention(self.window_size, self.shift_size, self.num_heads, self.v2, name="attn")
+        attn = ShiftedWindowAttention(
+            self.window_size, self.shift_size, self.num_heads, self.v2, self.roll_first, name="attn"
+        )
         norm1, norm2 = LayerNorm(LN_EPS, name="norm1"), LayerNorm(LN_EPS, name="norm2")
 
         def mlp(y: jax.Array) -> jax.Array:  # torchvision's MLP: Linear, GELU, (Dropout), Linear, (Dropout)
@@ -292,7 +327,82 @@ class SwinTransformer(nn.Module):
         return Dense(self.num_classes, name="head")(jnp.mean(x, axis=(1, 2)))
 
 
-ARCHITECTURES = {arch: functools.partial(SwinTransformer, **settings) for arch, settings in SETTINGS.items()}
+class TimmSwinTransformer(nn.Module):
+    """timm's ``SwinTransformer`` (V1, see the module docstring): the parameters of
+    :class:`SwinTransformer`, each block's window and shift fixed as timm fixes them for
+    ``image_size``; ``(N, S, S, 3)`` -> ``(N, num_classes)``, S = image_size."""
+
+    patch_size: Tuple[int, int]
+    embed_dim: int
+    depths: Tuple[int, ...]
+    num_heads: Tuple[int, ...]
+    window_size: Tuple[int, int]
+    image_size: int = 224
+    mlp_ratio: float = 4.0
+    num_classes: int = 1000
+
+    @nn.compact
+    def __call__(self, x: jax.Array, rules: Rules) -> jax.Array:
+        s, (ph, pw) = self.image_size, self.patch_size
+        if ph != pw or s % ph:
+            raise ValueError(
+                f"patch_size {tuple(self.patch_size)} must be square and divide image_size {s}: "
+                "use timm's square patches and an image size that is a multiple of them"
+            )
+        if x.shape[1:3] != (s, s):
+            raise ValueError(
+                f"this Swin takes {s}x{s} images (timm fixes its windows for that size), got "
+                f"{x.shape[1]}x{x.shape[2]}: resize the images to {s}x{s}"
+            )
+        x = Conv(self.embed_dim, (ph, pw), ph, use_bias=True, name="features_0_0")(x)
+        x = LayerNorm(LN_EPS, name="features_0_2")(x, rules)
+        for i, (depth, heads) in enumerate(zip(self.depths, self.num_heads)):
+            if i > 0:
+                x = PatchMerging(False, name=f"features_{2 * i}")(x, rules)
+            window, shift = timm_window_and_shift(x.shape[1:3], tuple(self.window_size))
+            for j in range(depth):
+                x = SwinTransformerBlock(
+                    heads,
+                    window,
+                    (0, 0) if j % 2 == 0 else shift,
+                    self.mlp_ratio,
+                    False,
+                    True,
+                    name=f"features_{2 * i + 1}_{j}",
+                )(x, rules)
+        x = LayerNorm(LN_EPS, name="norm")(x, rules)
+        return Dense(self.num_classes, name="head")(jnp.mean(x, axis=(1, 2)))
+
+
+def timm_window_and_shift(size: Tuple[int, int], window: Tuple[int, int]) -> Tuple[Tuple[int, int], Tuple[int, int]]:
+    """timm's ``SwinTransformerBlock._calc_window_shift`` for a stage of feature ``size``: along an
+    axis of size at most the window, the window shrinks to the size and the shift is 0; otherwise
+    the window stays and shifted blocks shift by half of it."""
+    win = tuple(r if r <= w else w for r, w in zip(size, window))
+    shift = tuple(0 if r <= v else w // 2 for r, v, w in zip(size, win, window))
+    return win, shift
+
+
+# timm's swin_*_patch4_window7_224 (timm 1.0.31): torchvision's V1 sizes, 224 px.
+TIMM_SETTINGS = {
+    "timm/swin_tiny_patch4_window7_224": dict(
+        patch_size=(4, 4), window_size=(7, 7), embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24)
+    ),
+    "timm/swin_small_patch4_window7_224": dict(
+        patch_size=(4, 4), window_size=(7, 7), embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24)
+    ),
+    "timm/swin_base_patch4_window7_224": dict(
+        patch_size=(4, 4), window_size=(7, 7), embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32)
+    ),
+}
+# timm's pretrained_cfg of their default weights (ms_in1k, ms_in22k_ft_in1k; read once): 224,
+# crop_pct 0.9 (resize 248), bicubic, ImageNet's mean and std.
+PREPROCESSING.update({arch: Preprocessing(224, 248, "bicubic") for arch in TIMM_SETTINGS})
+
+ARCHITECTURES = {
+    **{arch: functools.partial(SwinTransformer, **settings) for arch, settings in SETTINGS.items()},
+    **{arch: functools.partial(TimmSwinTransformer, **settings) for arch, settings in TIMM_SETTINGS.items()},
+}
 
 
 # --------------------------------------------------------------------------------------
@@ -304,7 +414,10 @@ _OPTIONS = ("patch_size", "embed_dim", "depths", "num_heads", "window_size", "ml
 
 def torch_config(module) -> dict:
     """The size options of a torchvision ``SwinTransformer`` (``patch_size``, ``embed_dim``,
-    ``depths``, ``num_heads``, ``window_size``, ``mlp_ratio``); ``{}`` when they are a named model's."""
+    ``depths``, ``num_heads``, ``window_size``, ``mlp_ratio``); ``{}`` when they are a named model's.
+    A timm one: :func:`timm_torch_config`."""
+    if type(module).__module__.startswith("timm."):
+        return timm_torch_config(module)
     stages = [m for m in module.features if type(m).__name__ == "Sequential" and type(m[0]).__name__.startswith("Swin")]
     conv, attn = module.features[0][0], stages[0][0].attn
     mlp = stages[0][0].mlp
@@ -321,12 +434,81 @@ def torch_config(module) -> dict:
     return {} if config in named else config
 
 
+def timm_torch_config(module) -> dict:
+    """The size options of a timm ``SwinTransformer`` (those of :func:`torch_config` and
+    ``image_size``); ``{}`` when they are a named model's.
+
+    Raises:
+      ValueError: one line naming the first timm option this module does not compute (per-stage
+        windows, ``always_partition``, a dynamic image size or mask, ``head_dim``, no qkv bias,
+        widths that do not double, another MLP ratio per stage, activation, norm eps or global
+        pool, a non-square image).
+    """
+    from torch import nn as tnn
+
+    if type(module).__name__ != "SwinTransformer":
+        raise ValueError(f"timm's {type(module).__name__} is not a Swin jaxpull converts: use timm's swin_*")
+
+    def need(ok: bool, what: str, fix: str):
+        if not ok:
+            raise ValueError(f"this timm Swin has {what}, which jaxpull's Swin does not compute: {fix}")
+
+    need(not module.dynamic_img_size, "a dynamic image size", "build it with strict_img_size=True")
+    need(
+        module.global_pool == "avg" and isinstance(module.head.fc, tnn.Linear),
+        "another global pool or no classifier",
+        "use global_pool='avg' and num_classes > 0",
+    )
+    pe = module.patch_embed
+    need(isinstance(pe.norm, tnn.LayerNorm), "no patch-embedding norm", "use timm's default norm_layer")
+    (ih, iw), (ph, pw) = tuple(pe.img_size), tuple(pe.patch_size)
+    need(ih == iw and ph == pw, f"a non-square image {ih}x{iw} or patch {ph}x{pw}", "use square images and patches")
+    windows = getattr(module, "_ref_window_sizes", None)
+    if windows is None:  # timm before per-stage windows: the first block's window of the first stage
+        windows = [tuple(module.layers[0].blocks[0].attn.window_size)]
+    need(len(set(map(tuple, windows))) == 1, f"per-stage windows {list(windows)}", "use one window_size for all stages")
+    window = tuple(int(w) for w in windows[0])
+    dims, ratios = [], set()
+    for i, stage in enumerate(module.layers):
+        need(isinstance(stage.downsample, tnn.Identity) == (i == 0), "another downsampling", "use timm's stages")
+        for blk in stage.blocks:
+            dim = blk.norm1.normalized_shape[0]
+            need(
+                not blk.always_partition and not blk.dynamic_mask, "always_partition or dynamic_mask", "leave them off"
+            )
+            a = blk.attn
+            need(
+                a.qkv.out_features == 3 * dim and a.qkv.bias is not None, "head_dim or no qkv bias", "use the defaults"
+            )
+            need(
+                type(blk.mlp.act) is tnn.GELU and blk.mlp.act.approximate == "none", "another activation", "use nn.GELU"
+            )
+            ratios.add(blk.mlp.fc1.out_features / dim)
+        dims.append(int(stage.blocks[0].norm1.normalized_shape[0]))
+    need(all(d == dims[0] * 2**i for i, d in enumerate(dims)), f"widths {dims} that do not double", "use embed_dim")
+    need(len(ratios) == 1, f"MLP ratios {sorted(ratios)}", "use one mlp_ratio")
+    eps = {m.eps for m in module.modules() if isinstance(m, tnn.LayerNorm)}
+    need(eps == {LN_EPS}, f"LayerNorm eps {sorted(eps)}", f"use nn.LayerNorm (eps {LN_EPS})")
+    config = dict(
+        patch_size=(int(ph), int(pw)),
+        embed_dim=dims[0],
+        depths=tuple(len(s.blocks) for s in module.layers),
+        num_heads=tuple(int(s.blocks[0].attn.num_heads) for s in module.layers),
+        window_size=window,
+    )
+    config["mlp_ratio"] = float(ratios.pop())
+    named = [{**s, "mlp_ratio": 4.0} for s in TIMM_SETTINGS.values()]
+    if config in named and ih == 224:
+        return {}
+    return {**config, "image_size": int(ih)}
+
+
 def _layer_norm(sd, prefix: str) -> dict:
     w, b = sd.get(f"{prefix}.weight"), sd.get(f"{prefix}.bias")
     return {k: v.astype(np.float32) for k, v in (("scale", w), ("bias", b)) if v is not None}
 
 
-def _attention(sd, prefix: str, v2: bool) -> dict:
+def _attention(sd, prefix: str, v2: bool, index: bool = True) -> dict:
     """``attn``: ``qkv`` split into ``q``, ``k`` (V2: no bias), ``v``; ``proj``; the position bias."""
     w, b = sd.get(f"{prefix}.qkv.weight"), sd.get(f"{prefix}.qkv.bias")
     p = {"proj": sd.dense(f"{prefix}.proj")}
@@ -337,7 +519,8 @@ def _attention(sd, prefix: str, v2: bool) -> dict:
         if b is not None and not (v2 and name == "k"):  # torchvision zeroes V2's key bias in its forward
             part["bias"] = np.split(b, 3)[i].astype(np.float32)
         p[name] = part
-    sd.get(f"{prefix}.relative_position_index")  # a constant of the window size, recomputed here
+    if index:  # torchvision's buffer (a constant of the window size, recomputed here); timm's is not saved
+        sd.get(f"{prefix}.relative_position_index")
     if v2:
         sd.get(f"{prefix}.relative_coords_table")  # likewise
         logit_scale = sd.get(f"{prefix}.logit_scale")
@@ -353,8 +536,39 @@ def _attention(sd, prefix: str, v2: bool) -> dict:
     return p
 
 
+def _timm_layout(arch: str, sd, **config) -> dict:
+    """Map a timm SwinTransformer state_dict onto :class:`TimmSwinTransformer`'s parameter tree."""
+    depths = {**TIMM_SETTINGS[arch], **config}["depths"]
+    p = {
+        "features_0_0": sd.conv_bn("patch_embed.proj", None),
+        "features_0_2": _layer_norm(sd, "patch_embed.norm"),
+        "norm": _layer_norm(sd, "norm"),
+        "head": sd.dense("head.fc"),
+    }
+    for i, depth in enumerate(depths):
+        for j in range(depth):
+            pre = f"layers.{i}.blocks.{j}"
+            attn = _attention(sd, f"{pre}.attn", False, index=False)
+            p[f"features_{2 * i + 1}_{j}"] = {
+                "norm1": _layer_norm(sd, f"{pre}.norm1"),
+                "norm2": _layer_norm(sd, f"{pre}.norm2"),
+                "attn": attn,
+                "mlp_0": sd.dense(f"{pre}.mlp.fc1"),
+                "mlp_3": sd.dense(f"{pre}.mlp.fc2"),
+            }
+        if i > 0:
+            w = sd.get(f"layers.{i}.downsample.reduction.weight")
+            p[f"features_{2 * i}"] = {
+                "reduction": {} if w is None else {"kernel": w.T.astype(np.float32)},
+                "norm": _layer_norm(sd, f"layers.{i}.downsample.norm"),
+            }
+    return p
+
+
 def torch_layout(arch: str, sd, **config) -> dict:
-    """Map a torchvision SwinTransformer state_dict onto this module's parameter tree."""
+    """Map a torchvision (or timm: ``timm/...``) SwinTransformer state_dict onto this module's parameter tree."""
+    if arch.startswith("timm/"):
+        return _timm_layout(arch, sd, **config)
     settings = {**SETTINGS[arch], **config}
     v2 = settings.get("v2", False)
     p = {
@@ -382,7 +596,7 @@ def torch_layout(arch: str, sd, **config) -> dict:
     return p
 
 
-CLASSIFIER = "head"  # the logits' layer in the state_dict: the number of classes is its weight's rows
+CLASSIFIER = {a: "head.fc" if a.startswith("timm/") else "head" for a in ARCHITECTURES}  # the logits' layer
 # ModelSpec.config options (a model of other sizes: torch_config)
 CONFIG_OPTIONS = {
     "patch_size": Tuple[int, int],
@@ -391,6 +605,7 @@ CONFIG_OPTIONS = {
     "num_heads": Tuple[options.COUNT, ...],
     "window_size": Tuple[int, int],
     "mlp_ratio": float,
+    "image_size": Annotated[int, options.Range(MIN_IMAGE_SIZE, MAX_IMAGE_SIZE)],  # timm's Swin: a fixed size
 }
 
 
