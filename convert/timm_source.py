@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -131,12 +132,17 @@ def _first(name) -> str:
 def expected_shapes(arch: str, num_classes: int, config: Optional[Mapping[str, Any]] = None) -> Dict[str, tuple]:
     """The state_dict shapes of timm's model ``arch`` with ``num_classes`` classes and builder
     options ``config``, built on torch's meta device (no memory)."""
+    return dict(_expected_shapes(arch, num_classes, tuple(sorted(dict(config or {}).items()))))
+
+
+@functools.lru_cache(maxsize=32)
+def _expected_shapes(arch: str, num_classes: int, config: tuple) -> Tuple[Tuple[str, tuple], ...]:
     import torch
 
     timm = timm_or_error()
     with torch.device("meta"):
-        module = timm.create_model(timm_name(arch), pretrained=False, num_classes=num_classes, **dict(config or {}))
-    return {k: tuple(v.shape) for k, v in module.state_dict().items() if not k.endswith("num_batches_tracked")}
+        module = timm.create_model(timm_name(arch), pretrained=False, num_classes=num_classes, **dict(config))
+    return tuple((k, tuple(v.shape)) for k, v in module.state_dict().items() if not k.endswith("num_batches_tracked"))
 
 
 def _shape(a) -> tuple:

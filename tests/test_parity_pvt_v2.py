@@ -42,16 +42,17 @@ from jaxpull_convert import torch_reference as R
 # less codegen effort: each function runs once or twice, on small inputs (conftest.py)
 pytestmark = pytest.mark.quick_compile
 
-ARCHS = ["pvt_v2_b0", "pvt_v2_b1", "pvt_v2_b2", "pvt_v2_b3", "pvt_v2_b4", "pvt_v2_b5", "pvt_v2_b2_li"]
+# named as jaxpull names them (the test ids too: tests/test_parity.py checks that every name has a test)
+ARCHS = [f"timm/pvt_v2_{size}" for size in ("b0", "b1", "b2", "b3", "b4", "b5", "b2_li")]
 SMALL = dict(depths=(1, 1, 1, 1), embed_dims=(16, 32, 48, 64), num_heads=(1, 2, 3, 4), mlp_ratios=(2, 2, 2, 2))
 TARGETS = np.array([[1, 7], [3, 5]])
 SIZE = 64
 
 
 def test_every_model_is_registered():
-    assert {f"timm/{a}" for a in ARCHS} == {a for a in models.ARCHITECTURES if a.startswith("timm/pvt")}
+    assert set(ARCHS) == {a for a in models.ARCHITECTURES if a.startswith("timm/pvt")}
     for arch in ARCHS:
-        entry = models.get(f"timm/{arch}")
+        entry = models.get(arch)
         assert entry.preprocessing == jaxpull.core.preprocessing.Preprocessing(224, 248, "bicubic")
         assert not entry.max_pools
 
@@ -60,9 +61,9 @@ def test_every_model_is_registered():
 def test_torch_layout_gives_every_parameter_shape(arch):
     """timm's full-size state_dict (meta device) maps onto exactly the Flax parameters."""
     with torch.device("meta"):
-        tm = timm.create_model(arch)
+        tm = timm.create_model(arch.removeprefix("timm/"))
     assert pvt_v2.torch_config(tm) == {}
-    check_layout_shapes(f"timm/{arch}", tm)
+    check_layout_shapes(arch, tm)
 
 
 def _randomize(tm: torch.nn.Module, seed: int = 1) -> torch.nn.Module:
@@ -86,7 +87,7 @@ def small(linear: bool = False):
     """(timm model, converted jaxpull model): a small PVT-v2 (or its linear variant), randomised."""
     torch.manual_seed(0)
     tm = _randomize(PyramidVisionTransformerV2(**SMALL, linear=linear, num_classes=10))
-    return tm, jaxpull_convert.from_torch_module("timm/pvt_v2_b0", tm)
+    return tm, jaxpull_convert.from_torch_module("timm/pvt_v2_b2_li" if linear else "timm/pvt_v2_b0", tm)
 
 
 # The methods compared with timm, the first one's ascent too. Without a ReLU (the spatial-reduction
@@ -111,7 +112,7 @@ def test_presets_agree_without_a_relu():
 
 
 @pytest.mark.parametrize("linear", [False, True], ids=["sr", "linear"])
-def test_small_pvt_matches_timm(linear):
+def test_small_pvt_parity_with_timm(linear):
     """Logits, the presets' pullbacks, float64 vanilla gradients and the first method's ascent
     (semantic: no L2 ball; excitation: eps 100); on the spatial-reduction model also the tempered
     attention rule at t = 0.5 and the plain one, each against the torch reference."""
