@@ -125,7 +125,7 @@ def preprocessing(arch: str, cfg: Mapping[str, Any]) -> Tuple[Preprocessing, Tup
 
 
 def _first(name) -> str:
-    """A pretrained_cfg's ``classifier`` / ``first_conv``: a name, or the first of several (DeiT's two heads)."""
+    """A pretrained_cfg's ``first_conv``: a name, or the first of several."""
     return name[0] if isinstance(name, (tuple, list)) else name
 
 
@@ -158,9 +158,15 @@ def _differences(expected: Mapping[str, tuple], tensors: Mapping[str, np.ndarray
     return missing, unexpected, shaped
 
 
-def _num_classes(arch: str, cfg: Mapping[str, Any], tensors: Mapping[str, np.ndarray]) -> Optional[int]:
-    """Rows of the classifier's weight (timm's ``pretrained_cfg["classifier"]``), None without one."""
-    w = tensors.get(f"{_first(cfg['classifier'])}.weight")
+def _classifiers(cfg: Mapping[str, Any]) -> Tuple[str, ...]:
+    """timm's ``pretrained_cfg["classifier"]``: one layer's name, or several (DeiT's two heads)."""
+    c = cfg["classifier"]
+    return tuple(c) if isinstance(c, (tuple, list)) else (c,)
+
+
+def _num_classes(cfg: Mapping[str, Any], tensors: Mapping[str, np.ndarray]) -> Optional[int]:
+    """Rows of the (first) classifier's weight, None without one."""
+    w = tensors.get(f"{_classifiers(cfg)[0]}.weight")
     return None if w is None or np.ndim(w) < 2 else _shape(w)[0]
 
 
@@ -171,7 +177,7 @@ def identify(tensors: Mapping[str, np.ndarray], exclude: str = "") -> List[str]:
     for other in names():
         if other == exclude:
             continue
-        n = _num_classes(other, default_cfg(other), tensors)
+        n = _num_classes(default_cfg(other), tensors)
         if n is not None and not any(_differences(expected_shapes(other, n), tensors)):
             found.append(other)
     return found
@@ -190,8 +196,8 @@ def check_state_dict(arch: str, tensors: Mapping[str, np.ndarray], cfg: Mapping[
     """
     family = models.get(arch)
     name = timm_name(arch)
-    classifier, first_conv = _first(cfg["classifier"]), _first(cfg.get("first_conv") or "")
-    num_classes = _num_classes(arch, cfg, tensors)
+    classifiers, first_conv = _classifiers(cfg), _first(cfg.get("first_conv") or "")
+    num_classes = _num_classes(cfg, tensors)
     config: dict = {}
     if family.state_dict_config is not None:
         try:
@@ -201,9 +207,10 @@ def check_state_dict(arch: str, tensors: Mapping[str, np.ndarray], cfg: Mapping[
     missing, unexpected, shaped = _differences(expected_shapes(arch, num_classes or 1000, config), tensors)
     if not (missing or unexpected or shaped):
         return int(num_classes), config
-    if num_classes is None and set(missing) <= {f"{classifier}.weight", f"{classifier}.bias"} and not unexpected:
+    heads = {f"{c}.{p}" for c in classifiers for p in ("weight", "bias")}
+    if num_classes is None and set(missing) <= heads and not (unexpected or shaped):
         raise ConversionError(
-            f"the state_dict has no classifier ({classifier}.weight): a timm {name} built with num_classes=0 "
+            f"the state_dict has no classifier ({classifiers[0]}.weight): a timm {name} built with num_classes=0 "
             "is a feature extractor; jaxpull explains a classifier's logits"
         )
     if shaped == [f"{first_conv}.weight"] and not (missing or unexpected):
