@@ -5,7 +5,8 @@ loaded with ``weights_only=True``) into a ``jaxpull.Model``, checks its logits a
 model on the same input, and writes one ``.safetensors`` file only if they agree. Without torch,
 the checkpoints of the offline table (:mod:`jaxpull_convert.offline`) still convert: jaxpull's own
 restricted reader (:mod:`jaxpull_convert.pth`) reads them, and the logits are checked against the
-torch logits recorded for that file (:mod:`jaxpull_convert.fingerprint`).
+torch logits recorded for that file (:mod:`jaxpull_convert.fingerprint`). timm's models
+(``timm/<model name>``) convert through :mod:`jaxpull_convert.timm_source`, with torch and timm.
 """
 
 from jaxpull_convert.converter import (

@@ -105,7 +105,12 @@ def from_state_dict(
 def from_torch_module(arch: str, module: torch.nn.Module, class_names: Tuple[str, ...] = ()) -> Model:
     """Convert an in-memory torch model (e.g. ``torchvision.models.resnet50()``), with its
     ``transform_input`` where it has one (GoogLeNet, Inception-v3), and the sizes it was built
-    with where the family reads them (``torch_config``: e.g. a small ``VisionTransformer``)."""
+    with where the family reads them (``torch_config``: e.g. a small ``VisionTransformer``). A timm
+    model (``arch`` ``timm/<name>``) converts through :func:`jaxpull_convert.timm_source.from_module`."""
+    if arch.startswith("timm/"):  # timm's models: their source module does the rest
+        from jaxpull_convert import timm_source
+
+        return timm_source.from_module(arch, module, class_names)
     state_dict = module.state_dict()
     tensors = {k: v.detach().cpu().numpy() for k, v in state_dict.items()}
     family = models.get(arch)
@@ -184,9 +189,24 @@ def convert(
     weights, the family's defaults otherwise) and, for GoogLeNet and Inception-v3,
     ``transform_input`` (default: True, as torchvision's pretrained weights).
 
+    A timm architecture (``timm/<name>``) converts through :func:`jaxpull_convert.timm_source.convert`
+    (``weights``: timm's pretrained tag; neither ``weights`` nor ``state_dict``: timm's default weights).
+
     Returns:
       the metadata written, including the measured ``parity_max_abs`` / ``parity_max_rel``.
     """
+    if arch.startswith("timm/"):  # timm's models: their source module does the rest
+        from jaxpull_convert import timm_source
+
+        return timm_source.convert(
+            arch,
+            out,
+            weights=weights,
+            state_dict=state_dict,
+            image_size=image_size,
+            tolerance=tolerance,
+            transform_input=transform_input,
+        )
     models.get(arch)
     if (weights is None) == (state_dict is None):
         raise ConversionError("give exactly one of --weights NAME or --state-dict FILE")

@@ -47,10 +47,16 @@ OFFLINE_MODELS = OfflineModels()
 
 def add_convert_command(sub) -> None:
     """Add ``jaxpull convert`` to the subparsers ``sub`` of the ``jaxpull`` command line."""
-    p = sub.add_parser("convert", help="convert torchvision weights to a jaxpull .safetensors file")
-    p.add_argument("arch", help="torchvision architecture name, e.g. resnet50")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--weights", help="torchvision weights name, e.g. IMAGENET1K_V1 or DEFAULT (downloads)")
+    p = sub.add_parser("convert", help="convert torchvision or timm weights to a jaxpull .safetensors file")
+    p.add_argument(
+        "arch", help="torchvision architecture name, e.g. resnet50, or timm/<model name>, e.g. timm/pvt_v2_b1"
+    )
+    src = p.add_mutually_exclusive_group()  # one is required, except for timm/<name>: timm's default weights
+    src.add_argument(
+        "--weights",
+        help="torchvision weights name, e.g. IMAGENET1K_V1 or DEFAULT (downloads); for timm/<name> a pretrained tag, "
+        "e.g. in1k (default: timm's default weights, downloaded through timm)",
+    )
     src.add_argument(
         "--state-dict",
         help="a local state_dict file: torch.save(model.state_dict(), f) (.pth, read without running its code) "

@@ -29,12 +29,18 @@ def randomize_batchnorm(module, seed: int = 0) -> None:
 
 
 def random_torchvision_model(arch: str, num_classes: int = 1000, seed: int = 0):
-    """torchvision's ``arch``, randomly initialised (seeded), with random BatchNorm, in eval mode."""
+    """torchvision's ``arch`` (timm's for ``timm/<name>``), randomly initialised (seeded), with
+    random BatchNorm, in eval mode."""
     import torch
     import torchvision
 
     torch.manual_seed(seed)
-    tm = torchvision.models.get_model(arch, weights=None, num_classes=num_classes).eval()
+    if arch.startswith("timm/"):
+        import timm
+
+        tm = timm.create_model(arch[len("timm/") :], pretrained=False, num_classes=num_classes).eval()
+    else:
+        tm = torchvision.models.get_model(arch, weights=None, num_classes=num_classes).eval()
     randomize_batchnorm(tm, seed)
     return tm
 

@@ -14,7 +14,8 @@ GoogLeNet's and Inception-v3's functional ReLUs and Inception-v3's functional ma
 The current version's rules (docs/method.md, "The rules"): ``nn.GELU`` and ``nn.SiLU``
 swapped for gated forms, ``nn.LayerNorm`` (and ConvNeXt's ``LayerNorm2d``, a subclass) for one
 with detached statistics, ``nn.MultiheadAttention`` (ViT) for a hand-written attention with the
-tempered or value-only rule. Architectures whose attention is functional (Swin's
+tempered or value-only rule, timm's PVT-v2 ``pvt_v2.Attention`` for a hand-written spatial-reduction
+attention with the same rules. Architectures whose attention is functional (Swin's
 ``shifted_window_attention``, MaxViT's ``RelativePositionalMultiHeadAttention``) are patched by
 the functions in ``FAMILY_PATCHES``, keyed by the model's class name.
 """
@@ -312,8 +313,53 @@ def _swap_attention(child, rule):
     return None
 
 
+class RuledPVTAttention(nn.Module):
+    """timm's ``pvt_v2.Attention`` (PVT-v2's spatial-reduction attention) computed by hand, with the
+    attention rule: ``"value_only"`` (the attention weights held constant) or ``"tempered"`` at ``t``
+    (the query in-projection ``q`` and the key half of ``kv`` scaled by ``1 / t``, their biases not,
+    the scaling passed straight through). The keys' and values' reduction (``sr``, ``norm``; the
+    linear variant's ``pool`` and ``act``) runs through the module's own children, whose rules
+    :func:`gated` swaps in."""
+
+    def __init__(self, attn: nn.Module, attention: str, t: Optional[float]):
+        super().__init__()
+        self.attn, self.attention, self.t = attn, attention, t
+
+    def forward(self, x, feat_size):
+        m = self.attn
+        b, n, c = x.shape
+        h, w = feat_size
+        y = x
+        if m.pool is not None:  # the linear variant: 7x7 adaptive pool, 1x1 conv, LayerNorm, GELU
+            y = m.sr(m.pool(x.permute(0, 2, 1).reshape(b, c, h, w))).reshape(b, c, -1).permute(0, 2, 1)
+            y = m.act(m.norm(y))
+        elif m.sr is not None:
+            y = m.norm(m.sr(x.permute(0, 2, 1).reshape(b, c, h, w)).reshape(b, c, -1).permute(0, 2, 1))
+        wk, wv = m.kv.weight.chunk(2)
+        bq = m.q.bias
+        bk, bv = (None, None) if m.kv.bias is None else m.kv.bias.chunk(2)
+        q, k, v = F.linear(x, m.q.weight), F.linear(y, wk), F.linear(y, wv, bv)  # q, k without their biases
+        heads = lambda a: a.reshape(b, -1, m.num_heads, m.head_dim).transpose(1, 2)
+
+        def attend(q, k, v):
+            q = q if bq is None else q + bq
+            k = k if bk is None else k + bk
+            weights = attention_weights(heads(q) @ heads(k).transpose(-2, -1) * m.head_dim**-0.5, self.attention)
+            return (weights @ heads(v)).transpose(1, 2).reshape(b, n, c)
+
+        out = attend(q, k, v)
+        if self.attention == "tempered":
+            soft = attend(straight_through_scale(q, self.t), straight_through_scale(k, self.t), v)
+            out = soft - soft.detach() + out.detach()
+        return m.proj(out)
+
+
 def _swap_sr_attention(child, rule):
-    """PVT-v2's spatial-reduction attention (timm's ``pvt_v2.Attention``): none in torchvision's zoo."""
+    """PVT-v2's spatial-reduction attention (timm's ``pvt_v2.Attention``, recognised by its class
+    name and module: this file does not import timm)."""
+    kind = type(child)
+    if kind.__name__ == "Attention" and kind.__module__ == "timm.models.pvt_v2" and rule.mode != "plain":
+        return RuledPVTAttention(child, rule.mode, float(rule.temperature))
     return None
 
 

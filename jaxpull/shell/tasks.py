@@ -200,8 +200,8 @@ def demo(model_name: str, out: str, seed: int = 0, log: Log = print) -> Dict[str
     out = outputs.check_output(out, ".png")
     checks.seed(seed)
     paths = images.sample_paths()
-    x = images.load_images(paths)
     model = cache.resolve(model_name, log=log)
+    x = images.load_images(paths, **model.preprocessing.image_options)  # the sizes its weights expect
     names = [p.stem for p in paths]
     log(f"model {model.arch} ({model.metadata.get('source', 'unknown source')})")
     for line in targets.top5_lines(model, names, np.asarray(model(x))):

@@ -1,4 +1,4 @@
-"""Architectures: a plain dict from torchvision name to a Flax module builder and its facts.
+"""Architectures: a plain dict from torchvision name (timm's: ``timm/<model name>``) to a Flax module builder and its facts.
 
 Each family lives in its own file, which ends with one explicit ``FAMILY = Family(...)``
 declaration (:mod:`jaxpull.core.models.family`): its builders, how torchvision's state_dict maps
@@ -20,6 +20,7 @@ from jaxpull.core.models import (
     maxvit,
 )
 from jaxpull.core.models import mnasnet, mobilenet, mobilenet_v3, regnet, resnet, shufflenet, squeezenet, swin, vgg, vit
+from jaxpull.core.models import pvt_v2
 from jaxpull.core.models.family import Architecture, Family  # noqa: F401 (the family files' type)
 
 
@@ -42,6 +43,8 @@ ARCHITECTURES: Dict[str, Architecture] = {
     **maxvit.FAMILY.entries(),
     **vit.FAMILY.entries(),
     **swin.FAMILY.entries(),
+    # timm's architectures, named as on the Hugging Face hub: timm/<model name>
+    **pvt_v2.FAMILY.entries(),
 }
 
 
