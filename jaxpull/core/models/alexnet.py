@@ -7,7 +7,7 @@ import jax
 
 from jaxpull.core.rules import Rules
 from jaxpull.core.layers import Conv, Dense, adaptive_avg_pool, flatten_chw
-from jaxpull.core.models.family import Family
+from jaxpull.core.models.family import Family, GradCamLayer
 
 # (torchvision index, features, kernel, stride, padding, followed by a max-pool)
 FEATURES = (
@@ -51,4 +51,5 @@ FAMILY = Family(
     architectures=ARCHITECTURES,
     torch_layout=torch_layout,
     max_pools=True,
+    gradcam_layer=GradCamLayer("features.10"),  # the last convolution
 )

@@ -31,7 +31,7 @@ import numpy as np
 from jaxpull.core.rules import Rules
 from jaxpull.core.layers import Conv, Dense, LayerNorm, global_avg_pool
 from jaxpull.core.preprocessing import Preprocessing
-from jaxpull.core.models.family import Family
+from jaxpull.core.models.family import Family, GradCamLayer
 
 LN_EPS = 1e-6
 
@@ -204,4 +204,5 @@ FAMILY = Family(
     max_pools=False,
     preprocessing=PREPROCESSING,
     torch_config=torch_config,
+    gradcam_layer=GradCamLayer("features.-1"),  # the last stage
 )

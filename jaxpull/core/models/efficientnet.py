@@ -29,7 +29,7 @@ import jax
 from jaxpull.core.rules import Rules
 from jaxpull.core.layers import Conv, Dense, SqueezeExcitation, global_avg_pool
 from jaxpull.core.preprocessing import Preprocessing
-from jaxpull.core.models.family import Family
+from jaxpull.core.models.family import Family, GradCamLayer
 
 BLOCKS = ("MBConv", "FusedMBConv")
 
@@ -359,4 +359,5 @@ FAMILY = Family(
     preprocessing=PREPROCESSING,
     torch_config=torch_config,
     input_normalization=INPUT_NORMALIZATION,
+    gradcam_layer=GradCamLayer("features.-1", before_batchnorm=True),  # the last convolution (features[-1][0])
 )

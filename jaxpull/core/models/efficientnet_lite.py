@@ -13,7 +13,7 @@ import jax
 
 from jaxpull.core.rules import Rules
 from jaxpull.core.layers import Conv, Dense, global_avg_pool
-from jaxpull.core.models.family import Family
+from jaxpull.core.models.family import Family, GradCamLayer
 
 # (repeats, kernel, first stride, expansion, input channels, output channels): lite0's blocks_args
 STAGES = (
@@ -102,4 +102,5 @@ FAMILY = Family(
     torch_layout=torch_layout,
     max_pools=False,
     input_normalization=INPUT_NORMALIZATION,
+    gradcam_layer=GradCamLayer("conv_head", before_batchnorm=True),  # the last convolution
 )

@@ -35,7 +35,7 @@ import numpy as np
 from jaxpull.core.rules import Rules
 from jaxpull.core.layers import Affine, Conv, Dense, LayerNorm, Projection, SqueezeExcitation, avg_pool
 from jaxpull.core.preprocessing import Preprocessing
-from jaxpull.core.models.family import Family
+from jaxpull.core.models.family import Family, GradCamLayer
 
 BN_EPS = 1e-3  # torchvision's BatchNorm2d(eps=1e-3, momentum=0.01)
 LN_EPS = 1e-5  # nn.LayerNorm's default
@@ -382,4 +382,5 @@ FAMILY = Family(
     max_pools=False,
     preprocessing=PREPROCESSING,
     torch_config=torch_config,
+    gradcam_layer=GradCamLayer("blocks.-1"),  # the last block's feature map
 )

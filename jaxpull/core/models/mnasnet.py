@@ -21,7 +21,7 @@ import jax
 
 from jaxpull.core.rules import Rules
 from jaxpull.core.layers import Conv, Dense, global_avg_pool
-from jaxpull.core.models.family import Family
+from jaxpull.core.models.family import Family, GradCamLayer
 
 # (kernel, first stride, expansion, repeats) of the six stacks, torchvision's ``layers[8:14]``
 STACKS = ((3, 2, 3, 3), (5, 2, 3, 3), (5, 2, 6, 3), (3, 1, 6, 2), (5, 2, 6, 4), (3, 1, 6, 1))
@@ -129,4 +129,5 @@ FAMILY = Family(
     architectures=ARCHITECTURES,
     torch_layout=torch_layout,
     max_pools=False,
+    gradcam_layer=GradCamLayer("layers.14", before_batchnorm=True),  # the last convolution
 )

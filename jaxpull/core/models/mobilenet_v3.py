@@ -18,7 +18,7 @@ import jax
 from jaxpull.core.gates import hardsigmoid
 from jaxpull.core.rules import Rules
 from jaxpull.core.layers import Conv, Dense, SqueezeExcitation, global_avg_pool
-from jaxpull.core.models.family import Family
+from jaxpull.core.models.family import Family, GradCamLayer
 
 BN_EPS = 1e-3
 
@@ -150,4 +150,5 @@ FAMILY = Family(
     architectures=ARCHITECTURES,
     torch_layout=torch_layout,
     max_pools=False,
+    gradcam_layer=GradCamLayer("features.-1", before_batchnorm=True),  # the last convolution (features[-1][0])
 )

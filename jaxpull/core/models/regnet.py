@@ -23,7 +23,7 @@ import numpy as np
 
 from jaxpull.core.rules import Rules
 from jaxpull.core.layers import Conv, Dense, SqueezeExcitation, global_avg_pool
-from jaxpull.core.models.family import Family
+from jaxpull.core.models.family import Family, GradCamLayer
 
 
 class Stage(NamedTuple):
@@ -198,4 +198,5 @@ FAMILY = Family(
     architectures=ARCHITECTURES,
     torch_layout=torch_layout,
     max_pools=False,
+    gradcam_layer=GradCamLayer("block4"),  # trunk_output.block4: the last feature map
 )

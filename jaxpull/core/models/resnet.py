@@ -15,7 +15,7 @@ import jax
 
 from jaxpull.core.rules import Rules
 from jaxpull.core.layers import Conv, Dense, global_avg_pool
-from jaxpull.core.models.family import Family
+from jaxpull.core.models.family import Family, GradCamLayer
 
 
 class BasicBlock(nn.Module):
@@ -154,4 +154,8 @@ FAMILY = Family(
     architectures=ARCHITECTURES,
     torch_layout=torch_layout,
     max_pools=True,
+    # the paper's layer4[-1].conv3 (torch's convolution, before bn3); resnet18/34 blocks end in conv2
+    gradcam_layer={
+        a: GradCamLayer(f"layer4.-1.conv{3 if b.args[0] is Bottleneck else 2}", True) for a, b in ARCHITECTURES.items()
+    },
 )

@@ -387,4 +387,5 @@ FAMILY = Family(
     max_pools=False,
     preprocessing=PREPROCESSING,
     torch_config=torch_config,
+    gradcam_layer=None,  # tokens, not a feature map (the paper has no GradCAM layer for its transformer)
 )

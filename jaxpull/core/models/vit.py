@@ -297,4 +297,5 @@ FAMILY = Family(
     preprocessing=PREPROCESSING,
     torch_config=torch_config,
     state_dict_config=state_dict_config,
+    gradcam_layer=None,  # tokens, not a feature map (the paper has no GradCAM layer for its transformer)
 )
