@@ -240,6 +240,19 @@ def test_deeplift_equals_captum_and_adds_up(vgg, resnet):
     tm, model, x = resnet
     ref = captum(captum_attr.DeepLift, R.gated(tm, "semantic"), x, float64=False, baselines=zeros_like_input(x))
     check("PbDeepLift", "DeepLift on gated(semantic), resnet18", explainers.get("PbDeepLift")(model, x, T), ref)
+    # the paper's own DeepLift column: its evaluation first swaps every nn.ReLU / nn.MaxPool2d for a
+    # subclass (plain backward for the baselines), Captum's exact-type test then hooks none of them
+    swapped = copy.deepcopy(tm)
+    for m in swapped.modules():
+        if type(m) in (nn.ReLU, nn.MaxPool2d):
+            m.__class__ = type("Surrogate" + type(m).__name__, (type(m),), {})
+    ref = captum(captum_attr.DeepLift, swapped, x, baselines=zeros_like_input(x))
+    check(
+        "gradient_x_input",
+        "the paper's DeepLift: Captum on its swapped classes",
+        explainers.get("gradient_x_input")(model, x, T),
+        ref,
+    )
 
 
 class PaperSurrogateReLU(R.GatedReLU, nn.ReLU):

@@ -9,28 +9,23 @@ The paper's explainers (its code's ``lib/evaluator.py``), by their names there (
 Every one takes ``rules=`` (a preset's name or a :class:`jaxpull.Rules`) and flat rule overrides
 (``temperature=0.4``), so every X also runs under any rules; "Pullback-X" is X with the soft rules
 switched on (their ``PullbackWrapper``). The baselines default to ``rules="vanilla"`` (the exact
-gradient), the pullback forms to the paper's current rules, ``"semantic"``:
+gradient), the pullback forms to the paper's current rules, ``"semantic"`` (baseline / pullback form):
 
-===========================  ========================  ===================================================
-baseline (``"vanilla"``)     pullback form             settings (the paper's)
-===========================  ========================  ===================================================
-``Gradient``                 ``SoftPullback``          one gradient of the target logit, not normalised
-``GradientAscent``           ``PullbackAscent``        x_K - x0 of 5 steps x <- x + 20 g / ||g||_2, no
-                                                       L2 ball, **no clamping at all**
-``GradientAscentClipLast``   ``PullbackAscentClipLast``  the same, clamped to [-1, 1] after the last step
-                             ``PullbackAscentNoAlpha``  the same unclamped, steps x <- x + g (no alpha,
-                                                       no normalisation)
-``SmoothGrad``               ``SmoothPullback``        mean over 50 copies x + 0.15 N(0, 1)
-``FusionGrad``               ``FusionPullback``        SmoothGrad over 10 models with parameters times
-                                                       N(1, 0.1^2), 10 copies each
-``GradientShap``             ``PullbackShap``          Captum's GradientShap as Quantus calls it: zero
-                                                       baseline, 5 samples, stdevs 0
-``IntegratedGradients``      ``IntegratedPullbacks``   Captum's IG as Quantus calls it: zero baseline,
-                                                       10 steps, riemann_trapezoid
-``DeepLift``                 ``PbDeepLift``            Captum's DeepLift (rescale rule), zero baseline
-``GuidedGradCam``            ``GuidedPbCam``           Captum's GuidedGradCam; the layer: the family's
-                                                       (``layer=`` overrides it)
-===========================  ========================  ===================================================
+* ``Gradient`` / ``SoftPullback``: one gradient of the target logit, not normalised;
+* ``GradientAscent`` / ``PullbackAscent``: x_K - x0 of 5 steps x <- x + 20 g / ||g||_2, no L2 ball,
+  **no clamping at all**; ``GradientAscentClipLast`` / ``PullbackAscentClipLast``: the same, clamped
+  to [-1, 1] after the last step only; ``PullbackAscentNoAlpha``: unclamped steps x <- x + g (no
+  alpha, no normalisation);
+* ``SmoothGrad`` / ``SmoothPullback``: the mean over 50 copies x + 0.15 N(0, 1);
+* ``FusionGrad`` / ``FusionPullback``: SmoothGrad over 10 models whose parameters are multiplied by
+  N(1, 0.1^2) noise, 10 copies each;
+* ``GradientShap`` / ``PullbackShap``: Captum's GradientShap as Quantus calls it (zero baseline,
+  5 samples, stdevs 0);
+* ``IntegratedGradients`` / ``IntegratedPullbacks``: Captum's IG as Quantus calls it (zero
+  baseline, 10 steps, riemann_trapezoid);
+* ``DeepLift`` / ``PbDeepLift``: Captum's DeepLift (rescale rule), zero baseline;
+* ``GuidedGradCam`` / ``GuidedPbCam``: Captum's GuidedGradCam; the layer is the model family's
+  (``layer=`` overrides it).
 
 (:mod:`.attribution`, :mod:`.deeplift` and :mod:`.cam` define them and say where jaxpull and Captum
 differ; the zero baseline is mid-grey in [-1, 1].) The noise of the random ones is drawn from
