@@ -150,6 +150,19 @@ def test_the_registry_names_the_papers_explainers_and_their_pairs():
         explainers.get("GuidedGradCAM")
 
 
+def test_each_family_declares_its_gradcam_layer():
+    from jaxpull.core.models import resnet
+    from jaxpull.core.models.family import Family, GradCamLayer
+
+    get = jaxpull.core.models.get
+    assert get("resnet50").gradcam_layer == GradCamLayer("layer4.-1.conv3", before_batchnorm=True)  # the paper's
+    assert get("resnet34").gradcam_layer == GradCamLayer("layer4.-1.conv2", before_batchnorm=True)
+    assert get("vgg11_bn").gradcam_layer == GradCamLayer("avgpool")  # the paper's
+    assert get("vit_b_16").gradcam_layer is None and get("swin_t").gradcam_layer is None
+    with pytest.raises(TypeError, match="Family.gradcam_layer must be a GradCamLayer"):
+        Family(architectures=resnet.ARCHITECTURES, torch_layout=resnet.torch_layout, max_pools=True, gradcam_layer="fc")
+
+
 @quick
 def test_pullback_forms_are_their_baselines_under_semantic_rules(tiny_model):
     x = images(2, 32, seed=8)
@@ -201,6 +214,8 @@ def test_gradcam_bad_layers(tiny_model, monkeypatch):
         cam.guided_gradcam(tiny_model, x, [1], layer=cam.GradCamLayer("fc", before_batchnorm=True))
     with pytest.raises(ValueError, match="layer must be a module path"):
         cam.guided_gradcam(tiny_model, x, [1], layer=3)
+    with pytest.raises(ValueError, match="before_batchnorm must be True or False"):
+        cam.guided_gradcam(tiny_model, x, [1], layer=cam.GradCamLayer("layer4.1.conv2", "yes"))
     with pytest.raises(ValueError, match=r"GradCAM needs a layer with a spatial output \(N, h, w, C\); fc gives"):
         cam.guided_gradcam(tiny_model, x, [1], layer="fc")
     no_layer = jaxpull.core.models.get("resnet18")._replace(gradcam_layer=None)

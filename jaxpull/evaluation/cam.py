@@ -136,6 +136,8 @@ def resolve_layer(model: Model, layer: Union[None, str, GradCamLayer], image_hw:
         layer = GradCamLayer(layer)
     if not isinstance(layer, GradCamLayer) or not isinstance(layer.path, str) or not layer.path.strip():
         raise ValueError(f"layer must be a module path (a string) or a GradCamLayer, got {layer!r}")
+    if not isinstance(layer.before_batchnorm, (bool, np.bool_)):
+        raise ValueError(f"GradCamLayer.before_batchnorm must be True or False, got {layer.before_batchnorm!r}")
     leaves, tree = jax.tree.flatten(model.params)
     shapes = (tree, tuple((tuple(a.shape), jnp.dtype(a.dtype)) for a in leaves))
     calls = _module_calls(model.spec, shapes, *image_hw)
