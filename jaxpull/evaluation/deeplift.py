@@ -7,9 +7,10 @@ backward pass of every module whose type is one of its nonlinearities with a mul
 * ``nn.ReLU`` (also ``ELU``, ``Sigmoid``, ``Tanh``, ...): ``g * (f(x) - f(x0)) / (x - x0)``, ``x`` and
   ``x0`` the module's inputs for the image and for the baseline; where ``|x - x0| < 1e-10`` the
   module's ordinary gradient;
-* ``nn.MaxPool2d``: with ``y = pool(x)``, ``y0 = pool(x0)``, ``m = max(y, y0)``, the cotangent times
-  ``m - y0`` is put on the image's argmax of each window and times ``y - m`` on the baseline's argmax,
-  and the sum divided by ``x - x0`` (the ordinary max-pool gradient where ``|x - x0| < 1e-10``).
+* ``nn.MaxPool2d``: with ``y = pool(x)``, ``y0 = pool(x0)``, ``m = max(y, y0)``, the image's cotangent
+  times ``m - y0`` is put on the image's argmax of each window and the baseline's cotangent times
+  ``y - m`` on the baseline's argmax, and the sum divided by ``x - x0`` (the ordinary max-pool
+  gradient where ``|x - x0| < 1e-10``).
 
 The attribution is ``(x - x0)`` times the gradient this backward pass gives. Every other operation
 keeps its derivative; in particular Captum has no rule for ``nn.ReLU6``, ``nn.GELU``, ``nn.SiLU`` or
@@ -25,14 +26,21 @@ rules no ReLU or max-pool rule is plain, so PbDeepLift is ``(x - x0) * pullback`
 
 Where jaxpull and Captum differ, jaxpull is the one that satisfies DeepLift's summation property:
 
+* Captum hooks a tensor twice where an ``nn.ReLU``'s output goes straight into an ``nn.MaxPool2d``
+  (VGG, AlexNet, ResNet's stem): the ReLU's hook records the gradient before the max-pool's hook
+  replaces it (tensor hooks run in the order they were registered), so the ReLU's multiplier is
+  applied to the plain max-pool gradient and the max-pool multiplier is lost; its maps then do not
+  add up (a random VGG11 at 64 px: cosine 0.968 to jaxpull's, largest error 28%). With any module
+  between the two (a clone) Captum computes the rule, and equals jaxpull (tests/test_explainers_captum.py);
 * jaxpull applies the rule to every ReLU and max-pool, functional ones too (DenseNet's last ReLU,
   GoogLeNet's and Inception-v3's); Captum only to modules, and it rejects a module used twice
   (torchvision's ResNet blocks reuse one ``nn.ReLU``: Captum's DeepLift raises on ResNet);
 * Captum puts the max-pool's contributions back with ``max_unpool2d``, which keeps one of two
   contributions to the same input element (overlapping windows: ResNet's 3x3/2 stem pool);
   jaxpull adds them. With non-overlapping windows (VGG's 2x2/2) the two are the same;
-* Captum's max-pool fallback takes the first image's gradient for every image (``grad_input[0]``);
-  jaxpull each image's own (after a ReLU the fallback meets a zero multiplier, so this rarely shows);
+* Captum's max-pool fallback takes the first image's gradient for every row of the stacked batch
+  (``grad_input[0]``); jaxpull each row's own (after a rescaled ReLU the fallback meets a zero
+  multiplier, so this shows only when the ReLU before the max-pool has another rule);
 * ``nn.Sigmoid`` / ``nn.Tanh`` / ``nn.Softmax`` modules (the squeeze-excitation sigmoid of EfficientNet
   and RegNetY) get Captum's multiplier there and their exact gradient here.
 
