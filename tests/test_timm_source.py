@@ -149,7 +149,13 @@ def test_without_a_source_flag_timm_fetches_its_pretrained_weights(tmp_path, mon
     [
         (
             ("timm/pvt_v2_b9", "--state-dict", "b0"),
-            ("unknown timm architecture 'timm/pvt_v2_b9'", "jaxpull converts timm/", "timm/pvt_v2_b0, ", "timm/pvt_v2_b5", "timm/resnet50d"),
+            (
+                "unknown timm architecture 'timm/pvt_v2_b9'",
+                "jaxpull converts timm/",
+                "timm/pvt_v2_b0, ",
+                "timm/pvt_v2_b5",
+                "timm/resnet50d",
+            ),
         ),
         (
             ("timm/pvt_v2_b1", "--state-dict", "b0"),

@@ -1,91 +1,147 @@
-"""Explainers behind one signature, so that metrics can compare them on the same footing.
+"""Explainers behind one signature and one registry, so that metrics can compare them on the same footing.
 
 Every explainer is ``explainer(model, x, targets, **options) -> (N, K, H, W, 3)``: ``x`` images
-``(N, H, W, 3)`` in [-1, 1], ``targets`` ``(K,)`` or ``(N, K)`` class indices, one attribution
-map per (image, target), in input units. ``EXPLAINERS`` maps each name to its function:
+``(N, H, W, 3)`` in [-1, 1], ``targets`` ``(K,)`` or ``(N, K)`` class indices, one attribution map per
+(image, target), in input units, computed for all targets of an image together. ``get(name)`` returns
+one; ``EXPLAINERS`` maps every name to its function.
 
-=====================  ================================================================
-``pullback``           excitation pullback (the method; ``rules="excitation"`` by default)
-``pullback_ascent``    x_K - x0 of the paper's PGA along pullbacks (the preset's ascent)
-``gradient``           vanilla gradient of the target logit
-``gradient_ascent``    x_K - x0 of the same PGA along vanilla gradients
-``gradient_x_input``   gradient * x
-``smoothgrad``         mean gradient over n = 50 noisy copies, sigma = 0.15 (Smilkov et al.)
-``integrated_gradients``  path integral of the gradient from a zero baseline (Sundararajan et al.)
-``guided_backprop``    Guided Backprop's ReLU rule (Springenberg et al.), via the gate machinery
-``smoothgrad_pullback``  SmoothGrad of excitation pullbacks
-=====================  ================================================================
+The paper's explainers (its code's ``lib/evaluator.py``), by their names there (:data:`PAPER_EXPLAINERS`).
+Every one takes ``rules=`` (a preset's name or a :class:`jaxpull.Rules`) and flat rule overrides
+(``temperature=0.4``), so every X also runs under any rules; "Pullback-X" is X with the soft rules
+switched on (their ``PullbackWrapper``). The baselines default to ``rules="vanilla"`` (the exact
+gradient), the pullback forms to the paper's current rules, ``"semantic"`` (baseline / pullback form):
 
-and the explainers of the paper's current code (lib/evaluator.py), by their names there, with
-the ``"semantic"`` rules by default (any gate or ascent keyword beats the preset):
+* ``Gradient`` / ``SoftPullback``: one gradient of the target logit, not normalised;
+* ``GradientAscent`` / ``PullbackAscent``: x_K - x0 of 5 steps x <- x + 20 g / ||g||_2, no L2 ball,
+  **no clamping at all**; ``GradientAscentClipLast`` / ``PullbackAscentClipLast``: the same, clamped
+  to [-1, 1] after the last step only; ``PullbackAscentNoAlpha``: unclamped steps x <- x + g (no
+  alpha, no normalisation);
+* ``SmoothGrad`` / ``SmoothPullback``: the mean over 50 copies x + 0.15 N(0, 1);
+* ``FusionGrad`` / ``FusionPullback``: SmoothGrad over 10 models whose parameters are multiplied by
+  N(1, 0.1^2) noise, 10 copies each;
+* ``GradientShap`` / ``PullbackShap``: Captum's GradientShap as Quantus calls it (zero baseline,
+  5 samples, stdevs 0);
+* ``IntegratedGradients`` / ``IntegratedPullbacks``: Captum's IG as Quantus calls it (zero
+  baseline, 10 steps, riemann_trapezoid);
+* ``DeepLift`` / ``PbDeepLift``: Captum's DeepLift (rescale rule), zero baseline;
+* ``GuidedGradCam`` / ``GuidedPbCam``: Captum's GuidedGradCam; the layer is the model family's
+  (``layer=`` overrides it).
 
-==========================  ===========================================================
-``SoftPullback``            one gated gradient, no normalisation (``jaxpull.pullback``)
-``PullbackAscent``          x_K - x0 of the figure's ascent (5 steps, alpha 20, eps None)
-                            with **no clamping at all** (unlike ``pullback_ascent``)
-``PullbackAscentClipLast``  the same, clamped to [-1, 1] after the last step only
-``SmoothPullback``          SmoothGrad over pullbacks, n = 50, sigma = 0.15
-==========================  ===========================================================
+(:mod:`.attribution`, :mod:`.deeplift` and :mod:`.cam` define them and say where jaxpull and Captum
+differ; the zero baseline is mid-grey in [-1, 1].) The noise of the random ones is drawn from
+``seed``, so a call is reproducible.
 
-The noise of the SmoothGrad variants is drawn from ``seed``, so a call is reproducible.
+The names jaxpull had before (kept; some differ from the paper's namesakes):
+
+=========================  ================================================================
+``pullback``               excitation pullback (``rules="excitation"`` by default)
+``pullback_ascent``        x_K - x0 of the preset's ascent along pullbacks (clamped every step)
+``gradient``               the vanilla gradient (``Gradient``)
+``gradient_ascent``        x_K - x0 of the preset's ascent along vanilla gradients (clamped every
+                           step, eps 100: not the paper's ``GradientAscent``)
+``gradient_x_input``       gradient * x (what the paper's ``DeepLift`` column computed: its
+                           evaluation swaps every ReLU's class, and Captum's DeepLift then finds none)
+``smoothgrad``             ``SmoothGrad``
+``integrated_gradients``   ``IntegratedGradients`` (10 trapezoid steps, as Captum under Quantus)
+``guided_backprop``        Guided Backprop's ReLU rule (Springenberg et al.)
+``smoothgrad_pullback``    SmoothGrad of excitation pullbacks
+=========================  ================================================================
 """
 
 from __future__ import annotations
 
-import functools
-from typing import Callable, Dict
+from typing import Callable, Dict, Tuple
 
 import jax
-import jax.numpy as jnp
-from jax import lax
 
 from jaxpull.core import checks, settings
 from jaxpull.core import pullback as method
 from jaxpull.core.model import Model
 from jaxpull.core.rules import Rules
-from jaxpull.core.settings import VANILLA
+from jaxpull.evaluation import attribution, cam
+from jaxpull.evaluation.attribution import BASELINE_RULES, PULLBACK_RULES
+from jaxpull.evaluation.deeplift import deeplift
 
 Explainer = Callable[..., jax.Array]
 
-
-@functools.partial(jax.jit, static_argnames=("samples",))
-def noise_average_core(
-    model: Model, x: jax.Array, targets: jax.Array, rules: Rules, key: jax.Array, sigma: jax.Array, samples: int
-) -> jax.Array:
-    """Mean pullback (or gradient) over ``samples`` copies of ``x`` with N(0, sigma^2) noise.
-
-    ``(N, H, W, 3)``, ``(N, K)`` -> ``(N, K, H, W, 3)``. The samples run one after another
-    (``lax.scan``), so memory does not grow with their number.
-    """
-
-    def one(total, k):
-        noisy = x + sigma * jax.random.normal(k, x.shape, x.dtype)
-        return total + method.pullback_core(model, noisy, targets, rules), None
-
-    zero = jnp.zeros(targets.shape + x.shape[1:], x.dtype)
-    total, _ = lax.scan(one, zero, jax.random.split(key, samples))
-    return total / samples
+CURRENT_RULES = PULLBACK_RULES  # the paper's current rules (the name this module used before)
 
 
-@functools.partial(jax.jit, static_argnames=("steps",))
-def integrated_gradients_core(model: Model, x: jax.Array, targets: jax.Array, steps: int) -> jax.Array:
-    """Integrated Gradients from the zero baseline, midpoint rule with ``steps`` points.
+def _pullback_form(baseline: Explainer, name: str, doc: str) -> Explainer:
+    """``baseline`` with ``rules="semantic"`` by default (any ``rules=`` given still wins)."""
 
-    ``x * mean_{i} grad(x * (i + 1/2) / steps)``: ``(N, H, W, 3)``, ``(N, K)`` -> ``(N, K, H, W, 3)``.
-    """
+    def explainer(model: Model, x, targets, **options) -> jax.Array:
+        return baseline(model, x, targets, **{"rules": PULLBACK_RULES, **options})
 
-    def one(total, a):
-        return total + method.pullback_core(model, a * x, targets, VANILLA), None
-
-    alphas = (jnp.arange(steps, dtype=x.dtype) + 0.5) / steps
-    zero = jnp.zeros(targets.shape + x.shape[1:], x.dtype)
-    total, _ = lax.scan(one, zero, alphas)
-    return x[:, None] * total / steps
+    explainer.__name__ = explainer.__qualname__ = name
+    explainer.__doc__ = doc + f' ``{baseline.__name__}`` under the ``"semantic"`` rules: ``(N, K, H, W, 3)``.'
+    return explainer
 
 
-def _checked(model: Model, x, targets):
-    x = checks.images(x)
-    return x, checks.targets(targets, x.shape[0], model.num_classes)
+# --------------------------------------------------------------------------------------
+# The paper's ascents (lib/defaults.py's pga_kwargs_counterfactual and lib/evaluator.py's variants)
+# --------------------------------------------------------------------------------------
+
+# 5 steps, alpha 20, normalised steps, no L2 ball, margin 0, the target logit
+PAPER_ASCENT = settings.Ascent(steps=5, alpha=20.0, eps=None)
+_FIXED = {"clip": "its clamping", "alpha": "its step size", "normalize_step": "its step normalisation"}
+
+
+def _ascent_explainer(name: str, default_rules: str, doc: str, **fixed) -> Explainer:
+    """An explainer returning x_K - x0 of :data:`PAPER_ASCENT` with the settings ``fixed``."""
+    ascent = PAPER_ASCENT.replace(**fixed)
+
+    def explainer(model: Model, x, targets, *, rules=default_rules, **options) -> jax.Array:
+        for key in fixed:
+            if key in options:
+                raise ValueError(f"{name} fixes {_FIXED[key]}: drop {key}, or use pullback_ascent (which takes it)")
+        return method.ascent(model, x, targets, rules=rules, ascent=ascent, output="diff", **options)
+
+    explainer.__name__ = explainer.__qualname__ = name
+    explainer.__doc__ = doc + " ``rules`` and the other ascent settings (``steps``, ...) may be given."
+    return explainer
+
+
+pullback_ascent_no_clip = _ascent_explainer(
+    "PullbackAscent",
+    PULLBACK_RULES,
+    "PullbackAscent: x_K - x0 of 5 pullback steps x <- x + 20 g / ||g||_2, no ball, never clamped (x_K may "
+    "leave [-1, 1]): ``(N, K, H, W, 3)``.",
+    clip="none",
+)
+pullback_ascent_clip_last = _ascent_explainer(
+    "PullbackAscentClipLast",
+    PULLBACK_RULES,
+    "PullbackAscentClipLast: the unclamped ascent, x_K clamped to [-1 - margin, 1 + margin] after the "
+    "last step only; x_K - x0, ``(N, K, H, W, 3)``.",
+    clip="last",
+)
+pullback_ascent_no_alpha = _ascent_explainer(
+    "PullbackAscentNoAlpha",
+    PULLBACK_RULES,
+    "PullbackAscentNoAlpha: x_K - x0 of 5 unnormalised pullback steps x <- x + g, never clamped: ``(N, K, H, W, 3)``.",
+    clip="none",
+    alpha=1.0,
+    normalize_step=False,
+)
+paper_gradient_ascent = _ascent_explainer(
+    "GradientAscent",
+    BASELINE_RULES,
+    "GradientAscent: x_K - x0 of 5 gradient steps x <- x + 20 g / ||g||_2, no ball, never clamped: "
+    "``(N, K, H, W, 3)``.",
+    clip="none",
+)
+gradient_ascent_clip_last = _ascent_explainer(
+    "GradientAscentClipLast",
+    BASELINE_RULES,
+    "GradientAscentClipLast: the unclamped gradient ascent, clamped after the last step only: ``(N, K, H, W, 3)``.",
+    clip="last",
+)
+
+
+# --------------------------------------------------------------------------------------
+# The names jaxpull had before
+# --------------------------------------------------------------------------------------
 
 
 def pullback(model: Model, x, targets, **rules) -> jax.Array:
@@ -93,9 +149,7 @@ def pullback(model: Model, x, targets, **rules) -> jax.Array:
     return method.pullback(model, x, targets, **rules)
 
 
-def gradient(model: Model, x, targets) -> jax.Array:
-    """Vanilla gradient of each target logit: ``(N, K, H, W, 3)``."""
-    return method.pullback(model, x, targets, rules="vanilla")
+gradient = attribution.gradient
 
 
 def pullback_ascent(model: Model, x, targets, **options) -> jax.Array:
@@ -109,97 +163,77 @@ def gradient_ascent(model: Model, x, targets, *, rules: str = settings.DEFAULT_R
     return method.ascent(model, x, targets, rules="vanilla", ascent=rules, output="diff", **options)
 
 
-def gradient_x_input(model: Model, x, targets) -> jax.Array:
-    """Gradient times input: ``(N, K, H, W, 3)``."""
-    x, t = _checked(model, x, targets)
-    return method.pullback_core(model, x, t, VANILLA) * x[:, None]
+def gradient_x_input(model: Model, x, targets, *, rules=BASELINE_RULES, **overrides) -> jax.Array:
+    """Gradient (under ``rules``) times input: ``(N, K, H, W, 3)``."""
+    x, t, r = attribution.prepare(model, x, targets, rules, overrides)
+    return method.pullback_core(model, x, t, r) * x[:, None]
 
 
-def _smooth(model: Model, x, targets, rules: Rules, samples: int, sigma: float, seed: int) -> jax.Array:
-    x, t = _checked(model, x, targets)
-    samples = checks.count(samples, "samples")
-    sigma = checks.non_negative(sigma, "sigma")  # sigma 0: the plain mean of identical maps
-    key = jax.random.key(seed)
-    return noise_average_core(model, x, t, rules, key, jnp.asarray(sigma, jnp.float32), samples)
+smoothgrad = attribution.smoothgrad
+integrated_gradients = attribution.integrated_gradients
+guided_backprop = cam.guided_backprop
 
 
-def smoothgrad(model: Model, x, targets, *, samples: int = 50, sigma: float = 0.15, seed: int = 0) -> jax.Array:
-    """SmoothGrad: mean gradient over ``samples`` noisy copies (sigma in [-1, 1] units): ``(N, K, H, W, 3)``."""
-    return _smooth(model, x, targets, VANILLA, samples, sigma, seed)
-
-
-def smoothgrad_pullback(
-    model: Model,
-    x,
-    targets,
-    *,
-    samples: int = 50,
-    sigma: float = 0.15,
-    seed: int = 0,
-    rules=settings.DEFAULT_RULES,
-    **overrides,
-) -> jax.Array:
+def smoothgrad_pullback(model: Model, x, targets, *, rules=settings.DEFAULT_RULES, **options) -> jax.Array:
     """SmoothGrad of excitation pullbacks (``rules`` and overrides as ``jaxpull.pullback``): ``(N, K, H, W, 3)``."""
-    return _smooth(model, x, targets, settings.resolve(rules, **overrides), samples, sigma, seed)
+    return attribution.smoothgrad(model, x, targets, rules=rules, **options)
 
 
-def integrated_gradients(model: Model, x, targets, *, steps: int = 50) -> jax.Array:
-    """Integrated Gradients from a zero (grey) baseline, ``steps`` points: ``(N, K, H, W, 3)``."""
-    x, t = _checked(model, x, targets)
-    return integrated_gradients_core(model, x, t, checks.count(steps, "steps"))
-
-
-def guided_backprop(model: Model, x, targets) -> jax.Array:
-    """Guided Backprop: ReLU backward passes only positive gradients at active units: ``(N, K, H, W, 3)``."""
-    x, t = _checked(model, x, targets)
-    return method.pullback_core(model, x, t, settings.PRESETS["guided"].rules)
-
-
-# --------------------------------------------------------------------------------------
-# The paper's current explainers (lib/evaluator.py), "semantic" rules by default
-# --------------------------------------------------------------------------------------
-
-CURRENT_RULES = "semantic"
-
-
-def soft_pullback(model: Model, x, targets, *, rules=CURRENT_RULES, **overrides) -> jax.Array:
+def soft_pullback(model: Model, x, targets, *, rules=PULLBACK_RULES, **overrides) -> jax.Array:
     """SoftPullback: one gated gradient of each target logit, not normalised: ``(N, K, H, W, 3)``."""
-    return method.pullback(model, x, targets, rules=rules, **overrides)
+    return attribution.gradient(model, x, targets, rules=rules, **overrides)
 
 
-def _no_clip_option(options: dict, name: str) -> None:
-    if "clip" in options:
-        raise ValueError(f"{name} fixes its clamping: drop clip, or use pullback_ascent (which takes it)")
+smooth_pullback = _pullback_form(attribution.smoothgrad, "SmoothPullback", "SmoothPullback:")
+fusion_pullback = _pullback_form(attribution.fusiongrad, "FusionPullback", "FusionPullback:")
+pullback_shap = _pullback_form(attribution.gradient_shap, "PullbackShap", "PullbackShap:")
+integrated_pullbacks = _pullback_form(attribution.integrated_gradients, "IntegratedPullbacks", "IntegratedPullbacks:")
+pb_deeplift = _pullback_form(deeplift, "PbDeepLift", "PbDeepLift:")
+guided_pb_cam = _pullback_form(cam.guided_gradcam, "GuidedPbCam", "GuidedPbCam:")
 
 
-def pullback_ascent_no_clip(model: Model, x, targets, *, rules=CURRENT_RULES, **options) -> jax.Array:
-    """PullbackAscent: x_K - x0 of the preset's ascent (5 steps, alpha 20, eps None for
-    ``"semantic"``) with no clamping at all, so x_K may leave [-1, 1]: ``(N, K, H, W, 3)``."""
-    _no_clip_option(options, "PullbackAscent")
-    return method.ascent(model, x, targets, rules=rules, clip="none", output="diff", **options)
+# --------------------------------------------------------------------------------------
+# The registry
+# --------------------------------------------------------------------------------------
 
-
-def pullback_ascent_clip_last(model: Model, x, targets, *, rules=CURRENT_RULES, **options) -> jax.Array:
-    """PullbackAscentClipLast: the unclamped ascent, x_K clamped to [-1 - margin, 1 + margin]
-    after the last step only; returns x_K - x0, ``(N, K, H, W, 3)``."""
-    _no_clip_option(options, "PullbackAscentClipLast")
-    return method.ascent(model, x, targets, rules=rules, clip="last", output="diff", **options)
-
-
-def smooth_pullback(
-    model: Model,
-    x,
-    targets,
-    *,
-    samples: int = 50,
-    sigma: float = 0.15,
-    seed: int = 0,
-    rules=CURRENT_RULES,
-    **overrides,
-) -> jax.Array:
-    """SmoothPullback: mean pullback over ``samples`` noisy copies (sigma in [-1, 1] units): ``(N, K, H, W, 3)``."""
-    return _smooth(model, x, targets, settings.resolve(rules, **overrides), samples, sigma, seed)
-
+PAPER: Dict[str, Explainer] = {
+    "SoftPullback": soft_pullback,
+    "PullbackAscent": pullback_ascent_no_clip,
+    "PullbackAscentClipLast": pullback_ascent_clip_last,
+    "GradientAscent": paper_gradient_ascent,
+    "GradientAscentClipLast": gradient_ascent_clip_last,
+    "PullbackAscentNoAlpha": pullback_ascent_no_alpha,
+    "SmoothPullback": smooth_pullback,
+    "FusionPullback": fusion_pullback,
+    "SmoothGrad": attribution.smoothgrad,
+    "FusionGrad": attribution.fusiongrad,
+    "Gradient": attribution.gradient,
+    "PullbackShap": pullback_shap,
+    "GradientShap": attribution.gradient_shap,
+    "IntegratedPullbacks": integrated_pullbacks,
+    "IntegratedGradients": attribution.integrated_gradients,
+    "PbDeepLift": pb_deeplift,
+    "DeepLift": deeplift,
+    "GuidedGradCam": cam.guided_gradcam,
+    "GuidedPbCam": guided_pb_cam,
+}
+# The paper's explainers in its table's order (lib/evaluator.py's default_explainers, less its
+# PullbackAscentBis / PullbackAscent3 step-count ablations).
+PAPER_EXPLAINERS: Tuple[str, ...] = tuple(PAPER)
+# Each pullback form and the baseline it is compared with (the paper's paired differences).
+PAPER_PAIRS: Dict[str, str] = {
+    "SoftPullback": "Gradient",
+    "PullbackAscent": "GradientAscent",
+    "PullbackAscentClipLast": "GradientAscentClipLast",
+    "SmoothPullback": "SmoothGrad",
+    "FusionPullback": "FusionGrad",
+    "PullbackShap": "GradientShap",
+    "IntegratedPullbacks": "IntegratedGradients",
+    "PbDeepLift": "DeepLift",
+    "GuidedPbCam": "GuidedGradCam",
+}
+# The explainers that read a layer (``layer=``; the family's default where it declares one).
+NEED_LAYER: Tuple[str, ...] = ("GuidedGradCam", "GuidedPbCam")
 
 EXPLAINERS: Dict[str, Explainer] = {
     "pullback": pullback,
@@ -211,19 +245,21 @@ EXPLAINERS: Dict[str, Explainer] = {
     "integrated_gradients": integrated_gradients,
     "guided_backprop": guided_backprop,
     "smoothgrad_pullback": smoothgrad_pullback,
-    "SoftPullback": soft_pullback,
-    "PullbackAscent": pullback_ascent_no_clip,
-    "PullbackAscentClipLast": pullback_ascent_clip_last,
-    "SmoothPullback": smooth_pullback,
+    **PAPER,
 }
 
 
 # the explainers that follow a ``rules`` preset chosen by the caller (the CLI's --rules); the
-# paper's current explainers take ``rules`` too, but default to "semantic", their version's
+# paper's explainers take ``rules`` too, but default to their own ("vanilla" or "semantic")
 TAKE_RULES = ("pullback", "pullback_ascent", "gradient_ascent", "smoothgrad_pullback")
 
 
 def get(name: str) -> Explainer:
     """The explainer called ``name``; ValueError listing the choices if there is none."""
+    if not isinstance(name, str):
+        raise ValueError(f"unknown explainer {name!r}: use one of {', '.join(EXPLAINERS)}")
     checks.choice(name, tuple(EXPLAINERS), "explainer")
     return EXPLAINERS[name]
+
+
+__all__ = ["EXPLAINERS", "PAPER_EXPLAINERS", "PAPER_PAIRS", "NEED_LAYER", "get", "Rules"]

@@ -7,7 +7,7 @@ import jax
 
 from jaxpull.core.rules import Rules
 from jaxpull.core.layers import Conv, Dense, adaptive_avg_pool, flatten_chw
-from jaxpull.core.models.family import Family
+from jaxpull.core.models.family import Family, GradCamLayer
 
 # (torchvision index, features, kernel, stride, padding, followed by a max-pool)
 FEATURES = (
@@ -55,4 +55,5 @@ FAMILY = Family(
     torch_layout=torch_layout,
     max_pools=True,
     classifier=CLASSIFIER,
+    gradcam_layer=GradCamLayer("features.10"),  # the last convolution
 )

@@ -43,7 +43,7 @@ from jaxpull.core.rules import Rules
 from jaxpull.core.layers import Conv, Dense, LayerNorm, global_avg_pool
 from jaxpull.core.models import options
 from jaxpull.core.preprocessing import Preprocessing
-from jaxpull.core.models.family import Family
+from jaxpull.core.models.family import Family, GradCamLayer
 
 LN_EPS = 1e-6
 
@@ -362,4 +362,5 @@ FAMILY = Family(
     torch_config=torch_config,
     classifier=CLASSIFIER,
     config_options=CONFIG_OPTIONS,
+    gradcam_layer=GradCamLayer("features.-1"),  # the last stage
 )

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 
 from jaxpull.core.rules import Rules
 from jaxpull.core.layers import Affine, Conv, Dense, avg_pool, global_avg_pool
-from jaxpull.core.models.family import Family
+from jaxpull.core.models.family import Family, GradCamLayer
 
 
 class DenseLayer(nn.Module):
@@ -143,4 +143,5 @@ FAMILY = Family(
     max_pools=True,
     classifier=CLASSIFIER,
     legacy_keys=LEGACY_KEYS,
+    gradcam_layer=GradCamLayer("norm5"),  # features.norm5: the last feature map
 )

@@ -46,7 +46,7 @@ from jaxpull.core.rules import Rules
 from jaxpull.core.layers import Conv, Dense, SqueezeExcitation, global_avg_pool
 from jaxpull.core.models import options
 from jaxpull.core.preprocessing import Preprocessing
-from jaxpull.core.models.family import Family
+from jaxpull.core.models.family import Family, GradCamLayer
 
 BLOCKS = ("MBConv", "FusedMBConv")
 
@@ -551,4 +551,5 @@ FAMILY = Family(
     input_normalization=INPUT_NORMALIZATION,
     classifier=CLASSIFIER,
     config_options=CONFIG_OPTIONS,
+    gradcam_layer=GradCamLayer("features.-1", before_batchnorm=True),  # the last convolution (features[-1][0])
 )

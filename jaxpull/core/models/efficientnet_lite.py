@@ -13,7 +13,7 @@ import jax
 
 from jaxpull.core.rules import Rules
 from jaxpull.core.layers import Conv, Dense, global_avg_pool
-from jaxpull.core.models.family import Family
+from jaxpull.core.models.family import Family, GradCamLayer
 
 # (repeats, kernel, first stride, expansion, input channels, output channels): lite0's blocks_args
 STAGES = (
@@ -106,4 +106,5 @@ FAMILY = Family(
     max_pools=False,
     input_normalization=INPUT_NORMALIZATION,
     classifier=CLASSIFIER,
+    gradcam_layer=GradCamLayer("conv_head", before_batchnorm=True),  # the last convolution
 )

@@ -21,6 +21,22 @@ from jaxpull.core.preprocessing import Preprocessing
 Normalization = Tuple[Tuple[float, float, float], Tuple[float, float, float]]  # (mean, std) in [0, 1] pixels
 
 
+class GradCamLayer(NamedTuple):
+    """The layer a GradCAM-style explainer reads (``jaxpull.evaluation.cam``): the output of the module
+    at ``path``, a module path of jaxpull's parameter tree written torchvision-style (``"layer4.-1.conv3"``:
+    dots, or slashes, between names; a negative index counts from the last numbered child).
+
+    ``before_batchnorm``: the module is a convolution with a BatchNorm folded in (jaxpull folds every
+    eval-mode BatchNorm into the convolution before it), and the layer meant is torch's convolution
+    *before* that BatchNorm (the paper's ResNet layer ``layer4[-1].conv3``). GradCAM of it is GradCAM of
+    the folded output minus its bias: the BatchNorm's scale multiplies the activations and divides the
+    gradients, so it cancels, and torchvision's convolutions before a BatchNorm have no bias of their own.
+    """
+
+    path: str
+    before_batchnorm: bool = False
+
+
 class Architecture(NamedTuple):
     """One named architecture: its builder and its family's facts, resolved for it."""
 
@@ -39,6 +55,7 @@ class Architecture(NamedTuple):
     input_std: Tuple[float, float, float]
     legacy_keys: Optional[Tuple[str, str]]  # (regex, replacement) renaming old checkpoints' keys
     config_options: Mapping[str, Any]  # {builder option: type} a ModelSpec.config may set (options.py)
+    gradcam_layer: Optional[GradCamLayer] = None  # GradCAM's default layer; None: the family has none
 
     def check_config(self, arch: str, config: Mapping[str, Any]) -> Tuple[Tuple[str, Any], ...]:
         """``config`` as sorted ``(option, value)`` pairs; ValueError naming an option this family's
@@ -65,6 +82,7 @@ class Family:
     input_normalization: Union[Normalization, Mapping[str, Normalization]] = (IMAGENET_MEAN, IMAGENET_STD)
     legacy_keys: Optional[Tuple[str, str]] = None
     config_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    gradcam_layer: Union[None, GradCamLayer, Mapping[str, GradCamLayer]] = None
 
     def __post_init__(self):
         def need(ok: bool, name: str, what: str):
@@ -104,6 +122,11 @@ class Family:
             "legacy_keys",
             "(regex, replacement) or None",
         )
+        need(
+            self.gradcam_layer is None or by_arch(self.gradcam_layer, GradCamLayer),
+            "gradcam_layer",
+            "a GradCamLayer, a dict of them by arch, or None",
+        )
 
     def entries(self) -> Dict[str, Architecture]:
         """One :class:`Architecture` per name."""
@@ -128,5 +151,6 @@ class Family:
                 tuple(std),
                 self.legacy_keys,
                 self.config_options,
+                of(self.gradcam_layer, arch, None),
             )
         return out

@@ -25,7 +25,7 @@ import numpy as np
 from jaxpull.core.rules import Rules
 from jaxpull.core.layers import IMAGENET_MEAN, IMAGENET_STD, Conv, Dense, Padding, global_avg_pool
 from jaxpull.core.preprocessing import Preprocessing
-from jaxpull.core.models.family import Family
+from jaxpull.core.models.family import Family, GradCamLayer
 
 # What torchvision's pretrained weights (GoogLeNet_Weights.IMAGENET1K_V1) expect.
 PREPROCESSING = Preprocessing(crop_size=224, resize_size=256)
@@ -146,4 +146,5 @@ FAMILY = Family(
     transform_input=TRANSFORM_INPUT,
     auxiliary_keys=AUXILIARY_KEYS,
     classifier=CLASSIFIER,
+    gradcam_layer=GradCamLayer("inception5b"),  # the last feature map
 )

@@ -23,7 +23,7 @@ from jaxpull.core.rules import Rules
 from jaxpull.core.layers import Dense, avg_pool, global_avg_pool
 from jaxpull.core.models.googlenet import BasicConv2d, basic_convs, transform_input
 from jaxpull.core.preprocessing import Preprocessing
-from jaxpull.core.models.family import Family
+from jaxpull.core.models.family import Family, GradCamLayer
 
 # What torchvision's pretrained weights (Inception_V3_Weights.IMAGENET1K_V1) expect.
 PREPROCESSING = Preprocessing(crop_size=299, resize_size=342)
@@ -185,4 +185,5 @@ FAMILY = Family(
     transform_input=TRANSFORM_INPUT,
     auxiliary_keys=AUXILIARY_KEYS,
     classifier=CLASSIFIER,
+    gradcam_layer=GradCamLayer("Mixed_7c"),  # the last feature map
 )

@@ -38,6 +38,7 @@ from jaxpull.core.preprocessing import Preprocessing
 from jaxpull.core.models.family import Family
 from jaxpull.core.models import options
 from jaxpull.core.preprocessing import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE
+from jaxpull.core.models.family import GradCamLayer
 
 BN_EPS = 1e-3  # torchvision's BatchNorm2d(eps=1e-3, momentum=0.01)
 LN_EPS = 1e-5  # nn.LayerNorm's default
@@ -398,4 +399,5 @@ FAMILY = Family(
     torch_config=torch_config,
     classifier=CLASSIFIER,
     config_options=CONFIG_OPTIONS,
+    gradcam_layer=GradCamLayer("blocks.-1"),  # the last block's feature map
 )

@@ -26,7 +26,7 @@ import numpy as np
 
 from jaxpull.core.rules import Rules
 from jaxpull.core.layers import Conv, Dense, global_avg_pool
-from jaxpull.core.models.family import Family
+from jaxpull.core.models.family import Family, GradCamLayer
 
 # (kernel, first stride, expansion, repeats) of the six stacks, torchvision's ``layers[8:14]``
 STACKS = ((3, 2, 3, 3), (5, 2, 3, 3), (5, 2, 6, 3), (3, 1, 6, 2), (5, 2, 6, 4), (3, 1, 6, 1))
@@ -164,4 +164,5 @@ FAMILY = Family(
     state_dict_config=state_dict_config,
     classifier=CLASSIFIER,
     config_options=CONFIG_OPTIONS,
+    gradcam_layer=GradCamLayer("layers.14", before_batchnorm=True),  # the last convolution
 )

@@ -7,7 +7,7 @@ import jax
 
 from jaxpull.core.rules import Rules
 from jaxpull.core.layers import Conv, Dense, global_avg_pool
-from jaxpull.core.models.family import Family
+from jaxpull.core.models.family import Family, GradCamLayer
 
 # (expansion t, output channels c, repeats n, first stride s), as torchvision's table
 SETTINGS = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1))
@@ -89,4 +89,5 @@ FAMILY = Family(
     torch_layout=torch_layout,
     max_pools=False,
     classifier=CLASSIFIER,
+    gradcam_layer=GradCamLayer("features.18", before_batchnorm=True),  # the last convolution (features.18.0)
 )

@@ -18,7 +18,7 @@ import jax
 from jaxpull.core.gates import hardsigmoid
 from jaxpull.core.rules import Rules
 from jaxpull.core.layers import Conv, Dense, SqueezeExcitation, global_avg_pool
-from jaxpull.core.models.family import Family
+from jaxpull.core.models.family import Family, GradCamLayer
 
 BN_EPS = 1e-3
 
@@ -154,4 +154,5 @@ FAMILY = Family(
     torch_layout=torch_layout,
     max_pools=False,
     classifier=CLASSIFIER,
+    gradcam_layer=GradCamLayer("features.-1", before_batchnorm=True),  # the last convolution (features[-1][0])
 )

@@ -23,7 +23,7 @@ import numpy as np
 
 from jaxpull.core.rules import Rules
 from jaxpull.core.layers import Conv, Dense, SqueezeExcitation, global_avg_pool
-from jaxpull.core.models.family import Family
+from jaxpull.core.models.family import Family, GradCamLayer
 
 
 class Stage(NamedTuple):
@@ -202,4 +202,5 @@ FAMILY = Family(
     torch_layout=torch_layout,
     max_pools=False,
     classifier=CLASSIFIER,
+    gradcam_layer=GradCamLayer("block4"),  # trunk_output.block4: the last feature map
 )

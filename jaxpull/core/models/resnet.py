@@ -37,6 +37,7 @@ from jaxpull.core.layers import Conv, Dense, avg_pool_ceil, global_avg_pool
 from jaxpull.core.models import options
 from jaxpull.core.models.family import Family
 from jaxpull.core.preprocessing import Preprocessing
+from jaxpull.core.models.family import GradCamLayer
 
 
 class BasicBlock(nn.Module):
@@ -241,6 +242,11 @@ ARCHITECTURES = {
 }
 
 
+def _bottleneck(builder) -> bool:
+    """Whether a builder of ``ARCHITECTURES`` makes Bottleneck blocks (torchvision's or timm's)."""
+    return (builder.args and builder.args[0] is Bottleneck) or builder.keywords.get("block") == "bottleneck"
+
+
 def torch_config(module) -> dict:
     """The builder options of a timm ``ResNet`` (``timm.models.resnet``) beyond a named model's:
     ``{}`` for the named models' sizes, every :func:`timm_resnet` option otherwise (the tests'
@@ -369,4 +375,8 @@ FAMILY = Family(
     preprocessing=TIMM_PREPROCESSING,
     torch_config=torch_config,
     config_options=CONFIG_OPTIONS,
+    # the paper's layer4[-1].conv3 (torch's convolution, before bn3); resnet18/34 blocks end in conv2
+    gradcam_layer={
+        a: GradCamLayer(f"layer4.-1.conv{3 if _bottleneck(b) else 2}", True) for a, b in ARCHITECTURES.items()
+    },
 )

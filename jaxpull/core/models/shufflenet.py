@@ -20,7 +20,7 @@ import jax.numpy as jnp
 
 from jaxpull.core.rules import Rules
 from jaxpull.core.layers import Conv, Dense, global_avg_pool
-from jaxpull.core.models.family import Family
+from jaxpull.core.models.family import Family, GradCamLayer
 
 
 def channel_shuffle(x: jax.Array, groups: int) -> jax.Array:
@@ -105,4 +105,5 @@ FAMILY = Family(
     torch_layout=torch_layout,
     max_pools=True,
     classifier=CLASSIFIER,
+    gradcam_layer=GradCamLayer("conv5", before_batchnorm=True),  # the last convolution (conv5.0)
 )

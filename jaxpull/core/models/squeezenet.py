@@ -17,7 +17,7 @@ import jax.numpy as jnp
 
 from jaxpull.core.rules import Rules
 from jaxpull.core.layers import Conv, global_avg_pool
-from jaxpull.core.models.family import Family
+from jaxpull.core.models.family import Family, GradCamLayer
 
 # torchvision's ``features`` after the stem convolution, ReLU and first max-pool (indices 0-2):
 # "M" a 3x3/2 ceil-mode max-pool, (squeeze, expand1x1, expand3x3) a Fire module.
@@ -119,4 +119,5 @@ FAMILY = Family(
     torch_layout=torch_layout,
     max_pools=True,
     classifier=CLASSIFIER,
+    gradcam_layer=GradCamLayer("features.-1"),  # the last Fire module
 )

@@ -617,4 +617,5 @@ FAMILY = Family(
     torch_config=torch_config,
     classifier=CLASSIFIER,
     config_options=CONFIG_OPTIONS,
+    gradcam_layer=None,  # tokens, not a feature map (the paper has no GradCAM layer for its transformer)
 )

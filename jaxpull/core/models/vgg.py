@@ -15,7 +15,7 @@ import jax
 
 from jaxpull.core.rules import Rules
 from jaxpull.core.layers import Conv, Dense, adaptive_avg_pool, flatten_chw
-from jaxpull.core.models.family import Family
+from jaxpull.core.models.family import Family, GradCamLayer
 
 CONFIGS = {
     "A": (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"),
@@ -33,6 +33,15 @@ def feature_indices(config: Sequence[Union[int, str]], batch_norm: bool):
         index += 1 if v == "M" else (3 if batch_norm else 2)
 
 
+class AvgPool(nn.Module):
+    """torchvision's ``avgpool`` (adaptive average pooling to 7x7), a named module so that a layer
+    reader (GradCAM, ``flax.linen.intercept_methods``) can find it; it has no parameters."""
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return adaptive_avg_pool(x, (7, 7))
+
+
 class VGG(nn.Module):
     """torchvision ``VGG``: conv/ReLU stacks with 2x2 max-pools, 7x7 adaptive pool, 3 linears."""
 
@@ -47,7 +56,7 @@ class VGG(nn.Module):
                 x = rules.max_pool(x, 2, 2, 0)
             else:
                 x = rules.relu(Conv(v, 3, 1, 1, use_bias=True, name=f"features_{index}")(x))
-        x = flatten_chw(adaptive_avg_pool(x, (7, 7)))
+        x = flatten_chw(AvgPool(name="avgpool")(x))
         x = rules.relu(Dense(4096, name="classifier_0")(x))
         x = rules.relu(Dense(4096, name="classifier_3")(x))
         return Dense(self.num_classes, name="classifier_6")(x)
@@ -82,4 +91,5 @@ FAMILY = Family(
     torch_layout=torch_layout,
     max_pools=True,
     classifier=CLASSIFIER,
+    gradcam_layer=GradCamLayer("avgpool"),  # the paper's layer
 )

@@ -543,4 +543,5 @@ FAMILY = Family(
     input_normalization=INPUT_NORMALIZATION,
     classifier=CLASSIFIER,
     config_options=CONFIG_OPTIONS,
+    gradcam_layer=None,  # tokens, not a feature map (the paper has no GradCAM layer for its transformer)
 )
