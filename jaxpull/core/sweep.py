@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Iterable, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Iterable, List, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -299,7 +299,3 @@ def check_budget(memory_budget) -> float:
     if isinstance(memory_budget, bool) or not np.isfinite(value) or value <= 0:
         raise ValueError(f"memory budget must be a finite positive number of bytes (e.g. 2GB), got {memory_budget!r}")
     return value
-
-
-def as_tuple(shape) -> Tuple[int, ...]:
-    return tuple(int(s) for s in shape)

@@ -34,7 +34,7 @@ import json
 import os
 import secrets
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Iterable, List, Optional, Sequence
 
 import jax
 import numpy as np
@@ -217,7 +217,7 @@ def sweep(
         rule_settings=[r.settings() for r in rule_sets],
         ascent={n: s.get(ascent) for n, s in settings.ASCENT_SETTINGS.items()},
         format=FORMAT,
-    )
+    )  # the sweep's identity (with the images and weights: _fingerprint), recorded in its manifests
     group = distributed.current(timeout)
     if group.count > 1 and out is None:
         raise ValueError(
@@ -245,14 +245,8 @@ def sweep(
 
     if out is None:
         chunk = make_plan().chunk
-        results = {k: np.zeros(s, np.float32) for k, s in shapes.items()}
-        units = core.chunks(n, T, L, chunk)
-        run = runner(chunk)
-        for span in _bar(units, 0, chunk, group, progress):
-            results[next(iter(results))][span.image, span.temp, span.start : span.stop] = run(span)
-        if reduce == "alignment":
-            results["top_labels"] = labels[np.argsort(-results["alignment"], axis=-1)]
-        return results
+        units = _bar(core.chunks(n, T, L, chunk), 0, chunk, group, progress)
+        return _in_memory(runner(chunk), units, shapes, labels)
 
     store = SweepStore(out, _fingerprint(model, x, config), config, shapes, group.index, group.count)
     with output_lock(out, group.index):
@@ -273,6 +267,17 @@ def sweep(
         except Exception as e:
             failure = e
         return _finish(store, group, labels, failure)
+
+
+def _in_memory(run: _Runner, units: Iterable[Span], shapes: dict, labels: np.ndarray) -> Dict[str, np.ndarray]:
+    """Every unit of ``units`` (a progress bar over them) into arrays in memory (``out=None``)."""
+    results = {k: np.zeros(s, np.float32) for k, s in shapes.items()}
+    name = next(iter(results))
+    for span in units:
+        results[name][span.image, span.temp, span.start : span.stop] = run(span)
+    if "alignment" in results:
+        results["top_labels"] = labels[np.argsort(-results["alignment"], axis=-1)]
+    return results
 
 
 def _bar(todo: List[Span], done_before: int, chunk: int, group, progress: bool):
