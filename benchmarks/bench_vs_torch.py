@@ -9,8 +9,10 @@ device, and the memory columns are each library's peak GPU memory instead of pea
 
 Prints one row per case: compile time (JAX's first call minus a later one), run times (each side's
 best later call; ``--repeats R`` > 1 alternates R - 1 more calls of the two sides, so a slow spell of
-the machine hits both; K > 100: the only call, set-up and compile included), the
-torch/JAX time ratio (> 1: jaxpull is faster), the peak RSS increase during the case, and the
+the machine hits both; K > 100: the only call, set-up and compile included), the second anchor
+``torch.compile`` of the same gated model (its compile time, the first call minus its best later call,
+and its best later run time; ``--no-torch-compile`` leaves it out), the torch/JAX time ratios (> 1:
+jaxpull is faster; eager and compiled), the peak RSS increase during the case, and the
 achieved GFLOP/s (XLA's cost analysis of the computation) next to this machine's measured float32
 matmul peak, and the rate of XLA's "bytes accessed" (every fused kernel's operands and results,
 counted once per kernel) next to the measured bandwidth of an in-place elementwise kernel. Operands
@@ -186,6 +188,12 @@ def main() -> None:
         help="cuda: torch on the GPU (TF32 off), JAX at highest matmul precision",
     )
     parser.add_argument(
+        "--no-torch-compile",
+        dest="torch_compile",
+        action="store_false",
+        help="leave out the torch.compile column (it compiles for minutes on a CPU)",
+    )
+    parser.add_argument(
         "--dtype",
         default="float32",
         choices=["float32", "bfloat16"],
@@ -228,6 +236,10 @@ def main() -> None:
     gated = R.gated(tm, rules).to(device)
     for p in gated.parameters():
         p.requires_grad_(False)
+    # the second anchor: the same gated model under torch.compile (inductor), forward and backward. Shapes
+    # static (torch's default): dynamic=True fails to trace the reference's autograd.Functions in torch
+    # 2.14 (their temperatures are Python floats); a second batch size recompiles, within its compile time.
+    compiled = torch.compile(gated) if args.torch_compile else None
     rng = np.random.default_rng(0)
     x5 = rng.uniform(-1, 1, (5, args.size, args.size, 3)).astype(np.float32)
     x1 = x5[:1]
@@ -241,10 +253,11 @@ def main() -> None:
     )
     mem = "peak RSS" if args.device == "cpu" else "peak GPU memory"
     print(
-        f"| case | jax compile s | jax run s | torch run s | torch/jax | jax {mem} +MiB | torch {mem} +MiB "
+        f"| case | jax compile s | jax run s | torch run s | torch.compile compile s | torch.compile run s "
+        f"| torch/jax | torch.compile/jax | jax {mem} +MiB | torch {mem} +MiB "
         "| jax GFLOP/s (% of peak) | jax GB/s (% of bandwidth) |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
 
     def synced(fn):
         def run():
@@ -255,30 +268,41 @@ def main() -> None:
 
         return run
 
-    def row(name, jax_fn, torch_fn, work, repeats=1):
+    def row(name, jax_fn, torch_fn, work, repeats=1, compiled_fn=None):
+        """One case: jaxpull, eager torch and (``compiled_fn``) torch.compile, each its first and best later call."""
         torch_fn = synced(torch_fn)
         jf, jr, jm = timed(jax_fn, repeats, PeakJaxGPU if GPU else None)
         _, tr, tmem = timed(
             torch_fn, repeats, PeakTorchGPU if GPU else None
         )  # torch's first call (oneDNN set-up) is not counted either
+        cf = cr = float("nan")
+        if compiled_fn is not None:
+            compiled_fn = synced(compiled_fn)
+            cf, cr, _ = timed(compiled_fn, max(repeats, 1))  # the first call compiles (forward and backward)
         for _ in range(args.repeats - 1 if repeats else 0):  # alternating: drift in the machine's speed hits both
             jr = min(jr, timed(jax_fn, 0)[0])
             tr = min(tr, timed(torch_fn, 0)[0])
+            if compiled_fn is not None:
+                cr = min(cr, timed(compiled_fn, 0)[0])
         rate, traffic = work / jr / 1e9
+        compile_cells = (
+            "n/a | n/a | n/a" if compiled_fn is None else f"{max(cf - cr, 0):.1f} | {cr:.3f} | {cr / jr:.2f}"
+        )
+        c_compile, c_run, c_ratio = compile_cells.split(" | ")
         print(
-            f"| {name} | {max(jf - jr, 0):.1f} | {jr:.3f} | {tr:.3f} | {tr / jr:.2f} | {jm / 2**20:.0f} | "
-            f"{tmem / 2**20:.0f} | {rate:.0f} ({100 * rate / peak:.0f}%) | "
+            f"| {name} | {max(jf - jr, 0):.1f} | {jr:.3f} | {tr:.3f} | {c_compile} | {c_run} | {tr / jr:.2f} | "
+            f"{c_ratio} | {jm / 2**20:.0f} | {tmem / 2**20:.0f} | {rate:.0f} ({100 * rate / peak:.0f}%) | "
             f"{traffic:.1f} ({100 * traffic / bandwidth:.0f}%) |",
             flush=True,
         )
 
-    def torch_pullbacks(x, labels, batch):
+    def torch_pullbacks(x, labels, batch, net=gated):
         xt = torch.from_numpy(x).to(device)
         out = []
         for s in range(0, len(labels), batch):
             lab = torch.as_tensor(labels[s : s + batch], device=device)
             xb = xt.repeat(len(lab), 1, 1, 1).requires_grad_(True)
-            logits = gated(R.normalize(xb))
+            logits = net(R.normalize(xb))
             (g,) = torch.autograd.grad(logits.gather(1, lab[:, None]).sum(), xb)
             out.append(g)
         return torch.cat(out)
@@ -309,6 +333,9 @@ def main() -> None:
                 lambda: torch_pullbacks(x1, labels, args.torch_batch),
                 per,
                 repeats=1 if k <= args.chunk else 0,
+                compiled_fn=None
+                if compiled is None
+                else lambda: torch_pullbacks(x1, labels, args.torch_batch, compiled),
             )
             if args.dtype != "float32" and k <= 100:
                 a = np.asarray(jaxpull.pullback(model, x1, labels)).reshape(k, -1).astype(np.float64)
@@ -326,11 +353,13 @@ def main() -> None:
             jaxpull.resolve_ascent(args.rules, steps=1),
         )
         per_step = cost(pullback.ascent_core, *args_b)
+        eps = jaxpull.resolve_ascent(args.rules).eps
         row(
             "b) ascent 5 steps, 5 images x 10 labels",
             lambda: jaxpull.ascent(model, x5, targets, rules=args.rules),
-            lambda: R.ascent(gated, xt, tt, eps=jaxpull.resolve_ascent(args.rules).eps),
+            lambda: R.ascent(gated, xt, tt, eps=eps),
             5 * per_step,
+            compiled_fn=None if compiled is None else lambda: R.ascent(compiled, xt, tt, eps=eps),
         )
     if "c" in args.cases:
         ts = jnp.geomspace(0.01, 3.0, 16)
@@ -356,6 +385,8 @@ def main() -> None:
                 out.append(R.pullback(gated, torch.from_numpy(x1).to(device), torch.tensor([[207]], device=device)))
             return out
 
+        # no torch.compile column here: the reference keeps each temperature as a Python float in the
+        # module, so torch.compile would recompile for every temperature
         row("c) 16 temperatures, 1 image x 1 label", lambda: swept(ts), torch_sweep, work)
         before = swept_fn._cache_size()
         swept(ts * 1.5).block_until_ready()

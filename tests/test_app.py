@@ -9,12 +9,15 @@ It saves a screenshot to ``test-artifacts/app.png``.
 from __future__ import annotations
 
 import io
+import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -253,3 +256,90 @@ def test_app_command_bad_input(tmp_path):
 
     assert_one_line_error(run("app", "--port", "70000"), "--port 70000 is not a TCP port")
     assert_one_line_error(run_in_process("app", "--models", tmp_path / "none"), "models folder", "does not exist")
+
+
+def _wait_for(url: str, server: subprocess.Popen, log: Path, seconds: float = 180) -> None:
+    deadline = time.time() + seconds
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return
+        except OSError:
+            assert server.poll() is None, log.read_text()
+            assert time.time() < deadline, f"the app did not start within {seconds} s"
+            time.sleep(0.5)
+
+
+def _upload(url: str, name: str, data: bytes):
+    """POST one file to Gradio's upload route: (HTTP status, response text)."""
+    boundary = "jaxpull-test-boundary"
+    body = (
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="{name}"\r\n'
+            "Content-Type: application/octet-stream\r\n\r\n"
+        ).encode()
+        + data
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    request = urllib.request.Request(
+        url + "gradio_api/upload", data=body, headers={"Content-Type": f"multipart/form-data; boundary={boundary}"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=60) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def test_sigterm_removes_the_results_and_upload_copies_and_big_uploads_are_refused(cache, tmp_path):
+    """SIGTERM (what a service manager sends) cleans up as Ctrl-C does: the server's temporary folder
+    with the per-request results and Gradio's copies of the uploads goes; an upload above the stated
+    size is refused before it is stored."""
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    port = _free_port()
+    env = dict(os.environ, JAXPULL_CACHE=str(cache), TMPDIR=str(temp))
+    env.pop("GRADIO_TEMP_DIR", None)
+    log = tmp_path / "server.log"
+    with open(log, "w") as out:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "jaxpull.shell.cli", "app", "--port", str(port)], stdout=out, stderr=out, env=env
+        )
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        _wait_for(url, server, log)
+        folders = list(temp.glob("jaxpull-app-*"))
+        assert len(folders) == 1 and (folders[0] / "results").is_dir()
+        status, text = _upload(url, "small.png", b"\x89PNG not really")
+        assert status == 200, text
+        stored = Path(json.loads(text)[0])
+        assert stored.is_file() and folders[0] in stored.parents  # Gradio's copy, in the server's folder
+        status, text = _upload(url, "big.png", b"\0" * (ex.MAX_UPLOAD_BYTES + 1))
+        assert status == 413 and "maximum allowed size" in text, (status, text[:200])
+        assert len([p for p in folders[0].rglob("*") if p.is_file()]) == 1  # the big one was not kept
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=60)
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+    assert not folders[0].exists() and not stored.exists(), log.read_text()
+    assert [p.name for p in temp.iterdir() if p.name.startswith("jaxpull")] == []
+
+
+def test_uploads_above_the_limit_are_refused_in_one_line(tmp_path):
+    big = tmp_path / "big.png"
+    with open(big, "wb") as f:
+        f.truncate(ex.MAX_UPLOAD_BYTES + 1)  # sparse: nothing written
+    with pytest.raises(ValueError) as e:
+        ex.read_upload(str(big))
+    assert "more than this app takes (50 MB): upload a smaller file" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_results_that_are_not_finite_are_refused(explorer):
+    """An ascent whose relative steps overflow float32: no picture of NaN, a line naming the settings."""
+    bad = dict(steps=10, alpha=1e6, eps="", temperature=0.3, relative_alpha=True, clip="none")
+    with pytest.raises(ValueError) as e:
+        explorer.explain(None, "coffee", ex.DEFAULT_LABEL, None, "excitation pullback", **bad)
+    text = str(e.value)
+    assert "\n" not in text and "the excitation pullback ascent hold" in text and "relative_alpha=True" in text

@@ -160,7 +160,13 @@ def test_each_family_declares_its_gradcam_layer():
     assert get("vgg11_bn").gradcam_layer == GradCamLayer("avgpool")  # the paper's
     assert get("vit_b_16").gradcam_layer is None and get("swin_t").gradcam_layer is None
     with pytest.raises(TypeError, match="Family.gradcam_layer must be a GradCamLayer"):
-        Family(architectures=resnet.ARCHITECTURES, torch_layout=resnet.torch_layout, max_pools=True, gradcam_layer="fc")
+        Family(
+            architectures=resnet.ARCHITECTURES,
+            torch_layout=resnet.torch_layout,
+            max_pools=True,
+            classifier="fc",
+            gradcam_layer="fc",
+        )
 
 
 @quick

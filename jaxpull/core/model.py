@@ -8,6 +8,7 @@ parameters are traced, never baked into the compiled function as constants. Ever
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Any, Mapping, Tuple
 
@@ -145,7 +146,32 @@ class Model:
     def __call__(self, x) -> jax.Array:
         """Logits ``(N, num_classes)`` of images ``x`` ``(N, H, W, 3)`` in [-1, 1] (checked)."""
         x = checks.images(x)
-        return _logits(self, x)
+        with self.sized(x.shape):
+            return _logits(self, x)
+
+    def require_size(self, height: int, width: int) -> None:
+        """ValueError if this architecture cannot run on ``height`` x ``width`` images (a window
+        larger than its input somewhere, or a fixed-size model at another size); traced abstractly."""
+        x = jax.ShapeDtypeStruct((1, height, width, 3), jnp.float32)
+        try:
+            jax.eval_shape(lambda p, x: Model(p, self.spec).apply(x), self.params, x)
+        except (TypeError, ValueError) as e:
+            why = str(e).splitlines()[0] if isinstance(e, ValueError) else "a layer's output would be empty"
+            crop = self.preprocessing.crop_size
+            raise ValueError(
+                f"{self.arch} cannot run on {height}x{width} images ({why}): use larger images such as "
+                f"{crop}x{crop}, the size of its weights"
+            ) from None
+
+    @contextlib.contextmanager
+    def sized(self, shape):
+        """Run a computation on images of ``shape`` ``(N, H, W, 3)``: a shape error raised inside it
+        becomes :meth:`require_size`'s one-line ValueError when the size is the cause."""
+        try:
+            yield
+        except (TypeError, ValueError):
+            self.require_size(int(shape[1]), int(shape[2]))
+            raise
 
     def class_name(self, index: int) -> str:
         """The name of class ``index`` (its index as text if the model has no names)."""

@@ -60,7 +60,8 @@ def pullback(model: Model, x, targets, *, rules: Union[Rules, str] = DEFAULT_RUL
     t = checks.targets(targets, x.shape[0], model.num_classes)
     rule_set = resolve(rules, **overrides)
     scalars(rule_set)
-    return pullback_core(model, x, t, rule_set)
+    with model.sized(x.shape):
+        return pullback_core(model, x, t, rule_set)
 
 
 @jax.jit
@@ -109,7 +110,8 @@ def compare(model: Model, x, targets, methods: Mapping[str, Any] = COMPARISON) -
     rule_sets = resolve_methods(methods)
     for r in rule_sets.values():
         scalars(r)
-    logits, maps = compare_core(model, x, t, tuple(rule_sets.values()))
+    with model.sized(x.shape):
+        logits, maps = compare_core(model, x, t, tuple(rule_sets.values()))
     return Comparison(logits, dict(zip(rule_sets, maps)))
 
 
@@ -240,5 +242,6 @@ def ascent(
     checks.choice(output, OUTPUTS, "output")
     rule_set, settings = resolve_both(rules, ascent, **overrides)
     scalars(rule_set, settings)
-    result = ascent_core(model, x, t, rule_set, settings)
+    with model.sized(x.shape):
+        result = ascent_core(model, x, t, rule_set, settings)
     return result - x[:, None] if output == "diff" else result

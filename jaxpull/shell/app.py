@@ -2,16 +2,33 @@
 
 Needs the optional extra: ``pip install 'jaxpull[app]'``. Listens on loopback by default.
 Requests are queued one at a time (they share the CPU and the compiled functions); a bad
-request shows its one-line message in the page and the server keeps running.
+request shows its one-line message in the page and the server keeps running. Uploads above
+:data:`jaxpull.shell.explorer.MAX_UPLOAD_BYTES` are refused. The per-request results and Gradio's
+copies of the uploads go to a temporary folder of the server's own, removed when it stops, by
+Ctrl-C or by SIGTERM alike.
 """
 
 from __future__ import annotations
 
+import os
+import shutil
+import signal
+import tempfile
+from pathlib import Path
 from typing import Optional
 
 from jaxpull.core.settings import DEFAULT_RULES, PRESETS, SETTINGS
 from jaxpull.files import images
-from jaxpull.shell.explorer import DEFAULT_LABEL, FORM, METHODS, STRIP_TEMPERATURES, TOP1, Explorer, preset_form
+from jaxpull.shell.explorer import (
+    DEFAULT_LABEL,
+    FORM,
+    MAX_UPLOAD_BYTES,
+    METHODS,
+    STRIP_TEMPERATURES,
+    TOP1,
+    Explorer,
+    preset_form,
+)
 
 # The settings shown above the fold; every other one of FORM is in the "All settings" panel.
 PRIMARY = ("steps", "alpha", "eps", "temperature", "pool_temperature")
@@ -75,7 +92,11 @@ def build(explorer: Explorer):
             with gr.Column(scale=1):
                 # a plain file input: jaxpull opens the upload itself (jaxpull.shell.explorer.read_upload), so a
                 # file that is no image gets the app's one-line message, not Gradio's preprocessing error
-                upload = gr.File(label="Upload an image (JPEG, PNG, ...)", type="filepath", elem_id="upload")
+                upload = gr.File(
+                    label=f"Upload an image (JPEG, PNG, ...; at most {MAX_UPLOAD_BYTES // 2**20} MB)",
+                    type="filepath",
+                    elem_id="upload",
+                )
                 sample = gr.Dropdown(
                     samples, value=samples[0] if samples else None, label="...or a sample photo", elem_id="sample"
                 )
@@ -137,19 +158,48 @@ def build(explorer: Explorer):
     return page
 
 
+def _stop(signum, frame):
+    """SIGTERM: stop as Ctrl-C does (Gradio closes the server; ``serve`` removes its folders)."""
+    raise KeyboardInterrupt
+
+
 def serve(host: str = "127.0.0.1", port: int = 7860, models_dir: Optional[str] = None) -> None:
-    """Build the explorer and serve it until interrupted."""
-    explorer = Explorer(models_dir)
+    """Build the explorer and serve it until interrupted (Ctrl-C or SIGTERM alike).
+
+    Everything the server writes goes to one ``jaxpull-app-*`` temporary folder, removed when it
+    stops: the per-request results (``results/``) and Gradio's copies of the uploads
+    (``uploads/``, its ``GRADIO_TEMP_DIR``, unless the environment names another)."""
+    from jaxpull.shell.explorer import available_models
+
+    available_models(models_dir)  # a bad --models folder: one line, nothing made
+    root = Path(tempfile.mkdtemp(prefix="jaxpull-app-"))
+    set_temp = "GRADIO_TEMP_DIR" not in os.environ
+    previous = signal.signal(signal.SIGTERM, _stop)
     try:
+        (root / "results").mkdir()
+        explorer = Explorer(models_dir, output_dir=str(root / "results"))
+        if set_temp:
+            (root / "uploads").mkdir()
+            os.environ["GRADIO_TEMP_DIR"] = str(root / "uploads")  # read by Gradio when the page is built
         explorer.model(DEFAULT_LABEL)  # load (and on first use convert) before the page opens
         page = build(explorer)
         try:
-            page.launch(server_name=host, server_port=port, show_error=True, quiet=True, prevent_thread_lock=True)
+            page.launch(
+                server_name=host,
+                server_port=port,
+                show_error=True,
+                quiet=True,
+                prevent_thread_lock=True,
+                max_file_size=MAX_UPLOAD_BYTES,
+            )
         except OSError as e:
             if "empty port" in str(e):
                 raise OSError(f"port {port} on {host} is in use: choose another with --port") from None
             raise
         print(f"jaxpull app: http://{host}:{port} (Ctrl-C stops it)", flush=True)
-        page.block_thread()
+        page.block_thread()  # returns on KeyboardInterrupt (Ctrl-C, or SIGTERM through _stop)
     finally:
-        explorer.close()  # the per-request .npz files go with the server
+        signal.signal(signal.SIGTERM, previous)
+        shutil.rmtree(root, ignore_errors=True)
+        if set_temp:
+            os.environ.pop("GRADIO_TEMP_DIR", None)

@@ -68,8 +68,8 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def parse_bytes(text: str) -> float:
-    """``"2GB"``, ``"512MiB"``, ``"1e9"`` -> bytes."""
+def parse_bytes(text: str, flag: str = "--memory-budget") -> float:
+    """``"2GB"``, ``"512MiB"``, ``"1e9"`` -> bytes: a finite positive number, else a one-line ValueError."""
     t = text.strip().upper().replace("IB", "B")
     for suffix, scale in (("GB", 2**30), ("MB", 2**20), ("KB", 2**10), ("B", 1)):
         if t.endswith(suffix):
@@ -78,9 +78,12 @@ def parse_bytes(text: str) -> float:
     else:
         factor = 1
     try:
-        return float(t) * factor
+        value = float(t) * factor
     except ValueError:
-        raise ValueError(f"cannot read memory size {text!r}: use e.g. 2GB or 512MB") from None
+        raise ValueError(f"{flag}: cannot read memory size {text!r}: use e.g. 2GB or 512MB") from None
+    if not 0 < value < float("inf"):  # also false for NaN
+        raise ValueError(f"{flag} must be a finite positive size such as 2GB or 512MB, got {text!r}")
+    return value
 
 
 def parse_temperatures(text: str) -> list:
@@ -102,11 +105,27 @@ def parse_temperatures(text: str) -> list:
     return temperatures
 
 
+def _processes(args: argparse.Namespace):
+    """The distributed settings of ``sweep`` (checked), or None for one process: the flags, else
+    what ``jax.distributed.initialize()`` would detect (SLURM, Open MPI, Cloud TPU)."""
+    from jaxpull.shell import distributed
+
+    processes = distributed.Settings(args.coordinator, args.num_processes, args.process_id, args.distributed_timeout)
+    if processes.explicit or distributed.cluster_detected():
+        return processes
+    return None
+
+
 def _sweep(args: argparse.Namespace) -> int:
-    from jaxpull.shell import tasks
+    from jaxpull.shell import distributed, tasks
 
     given = _given(args)
     temperatures = None if args.temperatures is None else parse_temperatures(args.temperatures)
+    budget = parse_bytes(args.memory_budget)
+    processes = _processes(args)
+    if processes is not None and not distributed.is_worker():
+        # the sweep runs in a child that joins the runtime: its fatal errors become one line here
+        return distributed.supervise(args.argv, processes, args.out)
     tasks.sweep(
         args.model,
         args.images,
@@ -115,9 +134,10 @@ def _sweep(args: argparse.Namespace) -> int:
         temperatures=temperatures,
         method=args.method,
         reduce=args.reduce,
-        memory_budget=parse_bytes(args.memory_budget),
+        memory_budget=budget,
         chunk_size=args.chunk_size,
         rules=args.rules,
+        processes=processes,
         **given,
     )
     return 0
@@ -224,6 +244,26 @@ def _add_settings(p: argparse.ArgumentParser, skip=(), table=None) -> None:
             )
 
 
+def _add_distributed(p: argparse.ArgumentParser) -> None:
+    """``--coordinator HOST:PORT --num-processes N --process-id I``: several processes on JAX's
+    distributed runtime, the same command in each (without them: what jax.distributed detects)."""
+    from jaxpull.shell.distributed import DEFAULT_TIMEOUT
+
+    g = p.add_argument_group(
+        "several processes (JAX's distributed runtime; the same command in every process, --out on a shared filesystem)"
+    )
+    g.add_argument("--coordinator", metavar="HOST:PORT", help="address of process 0 and a free port there")
+    g.add_argument("--num-processes", type=int, metavar="N", help="number of processes")
+    g.add_argument("--process-id", type=int, metavar="I", help="this process: 0 to N-1 (0 runs the coordinator)")
+    g.add_argument(
+        "--distributed-timeout",
+        type=float,
+        default=DEFAULT_TIMEOUT,
+        metavar="SECONDS",
+        help=f"the longest wait for joining, the start-up checks and a silent process (default {DEFAULT_TIMEOUT})",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     parser = _Parser(prog="jaxpull", description="Excitation pullbacks for ReLU networks in JAX.")
@@ -264,8 +304,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reduce", choices=["maps", "norms", "alignment"], default="alignment")
     _add_settings(p, skip=("temperature",))
     p.add_argument("--memory-budget", default="2GB", help="device memory per chunk (default 2GB)")
-    p.add_argument("--chunk-size", type=int, default=None, help="labels per chunk (overrides the budget)")
+    p.add_argument(
+        "--chunk-size",
+        type=int,
+        default=None,
+        help="labels per chunk, at most the number of labels (overrides the budget)",
+    )
     p.add_argument("--out", required=True, help="output directory (resumed if it holds the same sweep)")
+    _add_distributed(p)
     p.set_defaults(run=_sweep)
 
     p = sub.add_parser("evaluate", help="score explainers with faithfulness metrics; markdown + CSV report")

@@ -30,6 +30,7 @@ from jaxpull.core.rules import Rules
 from jaxpull.core.settings import DEFAULT_RULES, SETTINGS, Ascent
 from jaxpull.files import cache, images, outputs
 from jaxpull.shell.figures import normalize_cell
+from jaxpull.shell.finite import changed_settings, require_finite
 
 DEFAULT_LABEL = f"{cache.DEFAULT_MODEL} (offline default)"
 TOP1 = "top-1 of the image"
@@ -40,6 +41,8 @@ MAX_STEPS = 100
 MAX_SIDE = 2048
 # The per-request .npz files kept in the output folder (older ones are deleted).
 KEEP_ARRAYS = 20
+# The largest upload accepted (the page refuses larger ones before they arrive; read_upload too).
+MAX_UPLOAD_BYTES = 50 * 2**20
 
 
 def available_models(models_dir: Optional[str]) -> Dict[str, str]:
@@ -63,6 +66,12 @@ def read_upload(path: str, preprocessing: Preprocessing = Preprocessing()) -> Tu
     """
     if not path or not Path(path).is_file():
         raise ValueError("the upload is missing on the server: upload the image again")
+    size = Path(path).stat().st_size
+    if size > MAX_UPLOAD_BYTES:
+        raise ValueError(
+            f"the upload is {size / 2**20:.0f} MB, more than this app takes ({MAX_UPLOAD_BYTES // 2**20} MB): "
+            "upload a smaller file"
+        )
     try:
         with warnings.catch_warnings(), Image.open(path) as probe:  # reads the header only
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # handled by open_image
@@ -259,6 +268,7 @@ class Explorer:
             xk = np.asarray(
                 pullback.ascent_core(model, jnp.asarray(x), jnp.array([[label]], jnp.int32), rule_set, s.ascent)
             )[0, 0]
+            require_finite(xk, f"the {m} ascent", changed_settings(s.rules, s.ascent, rules))
             key = "pullback" if m == "excitation pullback" else "vanilla"
             arrays[f"{key}_xk"], arrays[f"{key}_diff"] = xk, xk - x[0]
             tiles = [images.to_pixels(x[0]), images.to_pixels(xk), (normalize_cell(xk - x[0]) * 255).astype(np.uint8)]
@@ -300,6 +310,7 @@ class Explorer:
         label = self.target(model, target, np.asarray(model(x))[0])
         start = time.perf_counter()
         diffs = np.asarray(strip_core(model, jnp.asarray(x), jnp.array([[label]], jnp.int32), many, s.ascent))
+        require_finite(diffs, "the temperature strip", changed_settings(s.rules, s.ascent, rules))
         seconds = time.perf_counter() - start
         tiles = [
             _caption((normalize_cell(d) * 255).astype(np.uint8), f"t = {t:g}") for d, t in zip(diffs, temperatures)

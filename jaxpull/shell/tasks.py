@@ -16,6 +16,7 @@ import numpy as np
 from jaxpull.core import checks, models, settings, targets
 from jaxpull.core.model import Model
 from jaxpull.core.settings import PRESETS
+from jaxpull.shell.finite import changed_settings, require_finite
 
 Log = Callable[[str], None]
 
@@ -104,6 +105,9 @@ def explain(
         log(line)
     methods = ["pullback", "vanilla"] if method == "both" else [method]
     results = explain_images(model, x, target_ids, methods, dict(rules=rules, **given), progress)
+    suspects = changed_settings(rule_set, ascent, rules if isinstance(rules, str) else None)
+    for m, d in results.items():  # no figure of NaN: name the settings instead
+        require_finite(d, f"the {m} ascent differences", suspects)
     titles = [[figures.short_name(model.class_name(int(t))) for t in row] for row in target_ids]
     figures.explanation_figure(x, {HEADINGS[m]: d for m, d in results.items()}, titles, out)
     log(f"wrote {out}")
@@ -224,14 +228,52 @@ def sweep(
     chunk_size: Optional[int] = None,
     rules: str = settings.DEFAULT_RULES,
     log: Log = print,
+    processes=None,
     **given,
 ) -> Dict[str, np.ndarray]:
     """``jaxpull sweep``: :func:`jaxpull.shell.sweep.sweep` over image files and a label spec
-    (:func:`jaxpull.core.targets.parse_labels`), logging each image's most aligned labels."""
+    (:func:`jaxpull.core.targets.parse_labels`), logging each image's most aligned labels.
+
+    ``processes``: a :class:`jaxpull.shell.distributed.Settings` to join JAX's distributed runtime
+    first (after every setting is checked, before the model loads), or None for one process.
+    """
+    from jaxpull.core import sweep as core_sweep
+    from jaxpull.shell import distributed
+
+    settings.resolve_both(rules, **given)  # every setting checked before any work
+    core_sweep.check_budget(memory_budget)
+    if chunk_size is not None:
+        core_sweep.chunk_for_size(chunk_size, 1, 1)
+
+    def work() -> Dict[str, np.ndarray]:
+        return _sweep_files(
+            model_name,
+            image_paths,
+            out,
+            labels,
+            temperatures,
+            method,
+            reduce,
+            memory_budget,
+            chunk_size,
+            rules,
+            log,
+            given,
+        )
+
+    if processes is not None:
+        return distributed.joined(processes, out, work)
+    return work()
+
+
+def _sweep_files(
+    model_name, image_paths, out, labels, temperatures, method, reduce, memory_budget, chunk_size, rules, log, given
+) -> Dict[str, np.ndarray]:
+    import jax
+
     from jaxpull.files import cache, images
     from jaxpull.shell import sweep as sweeps
 
-    settings.resolve_both(rules, **given)  # every setting checked before any work
     model = cache.resolve(model_name, log=log)
     x = images.load_images(image_paths, **model.preprocessing.image_options)
     note_unused_pool_settings(given, model)
@@ -248,8 +290,10 @@ def sweep(
         rules=rules,
         **given,
     )
+    if jax.process_index() != 0:  # process 0 speaks for a distributed sweep
+        return result
     log(f"wrote {', '.join(f'{k}.npy {tuple(v.shape)}' for k, v in result.items())} to {out}")
-    if "top_labels" in result:
+    if "top_labels" in result:  # finite: the sweep refuses non-finite alignments
         shown = [settings.resolve(rules).relu.temperature] if temperatures is None else temperatures
         for name, row in zip(image_paths, result["top_labels"]):
             for t, top in zip(shown, row):
