@@ -279,6 +279,20 @@ def convert(
             config,
             checkpoint.metadata,
         )
+    return checked_save(torch_model, model, out, metadata, image_size, tolerance)
+
+
+def checked_save(
+    torch_model, model: Model, out, metadata: dict, image_size: int, tolerance: float, reference: str = "torch"
+) -> dict:
+    """Write ``model`` to ``out`` with ``metadata`` only if its logits agree with ``torch_model``'s
+    (``reference``: what that model is, for the messages) on two random ``image_size`` images within
+    ``tolerance``; the measured errors join the metadata, which is returned.
+
+    Raises:
+      ConversionError (one line, nothing written): the model cannot run on that size, or disagrees.
+    """
+    arch = model.arch
     try:
         err = logit_parity(torch_model, model, image_size=image_size)
     except (RuntimeError, ValueError, TypeError, AssertionError) as e:  # torchvision asserts some input sizes
@@ -290,13 +304,14 @@ def convert(
         ) from None
     if not err["max_rel"] <= tolerance:
         raise ConversionError(
-            f"converted {arch} disagrees with torch: max |logit error| {err['max_abs']:.3g} "
+            f"converted {arch} disagrees with {reference}: max |logit error| {err['max_abs']:.3g} "
             f"(relative {err['max_rel']:.3g} > tolerance {tolerance:g}); no file written"
         )
     metadata.update(
         parity_max_abs=f"{err['max_abs']:.3e}",
         parity_max_rel=f"{err['max_rel']:.3e}",
-        parity_check=f"2 random images {image_size}x{image_size} in [-1, 1], tolerance {tolerance:g} relative",
+        parity_check=f"{reference}'s model, 2 random images {image_size}x{image_size} in [-1, 1], "
+        f"tolerance {tolerance:g} relative",
     )
     model_file.save(Model(model.params, model.spec), out, metadata)
     return metadata

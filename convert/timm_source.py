@@ -37,7 +37,7 @@ import jaxpull
 from jaxpull.core import models
 from jaxpull.core.model import Model
 from jaxpull.core.preprocessing import INTERPOLATIONS, Preprocessing
-from jaxpull.files import model_file, outputs
+from jaxpull.files import outputs
 from jaxpull_convert import converter, offline, sources
 from jaxpull_convert.converter import ConversionError
 from jaxpull_convert.state_dict import unwrap, unwrap_note
@@ -391,22 +391,4 @@ def convert(
     model = _spec_with_cfg(model, arch, cfg)
     if module is None:
         module = torch_model(arch, tensors, num_classes, config)
-    try:
-        err = converter.logit_parity(module, model, image_size=image_size)
-    except (RuntimeError, ValueError, TypeError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConversionError(
-            f"{arch} cannot run on {image_size}x{image_size} images ({first}): use a larger --image-size such as 224"
-        ) from None
-    if not err["max_rel"] <= tolerance:
-        raise ConversionError(
-            f"converted {arch} disagrees with timm: max |logit error| {err['max_abs']:.3g} "
-            f"(relative {err['max_rel']:.3g} > tolerance {tolerance:g}); no file written"
-        )
-    metadata.update(
-        parity_max_abs=f"{err['max_abs']:.3e}",
-        parity_max_rel=f"{err['max_rel']:.3e}",
-        parity_check=f"timm's model, 2 random images {image_size}x{image_size} in [-1, 1], tolerance {tolerance:g} relative",
-    )
-    model_file.save(model, out, metadata)
-    return metadata
+    return converter.checked_save(module, model, out, metadata, image_size, tolerance, reference="timm")
