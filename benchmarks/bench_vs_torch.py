@@ -218,9 +218,9 @@ def main() -> None:
 
     import jaxpull
     import jaxpull_convert
-    from jaxpull_convert import torch_reference as R
     from jaxpull.core import pullback
     from jaxpull.shell import sweep as S
+    from jaxpull_convert import torch_reference as R
 
     torch.manual_seed(0)
     if args.arch == "efficientnet_lite0":  # not torchvision's: the package's real weights

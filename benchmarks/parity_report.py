@@ -19,8 +19,7 @@ def main() -> None:
 
     import jaxpull
     import jaxpull.core.models
-    from jaxpull_convert import torch_reference as R
-    from jaxpull_convert import from_torch_module
+    from jaxpull_convert import from_torch_module, torch_reference as R
     from jaxpull_convert.testing import map_errors, random_images, random_torchvision_model
 
     parser = argparse.ArgumentParser()

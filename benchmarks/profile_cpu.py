@@ -25,8 +25,8 @@ from __future__ import annotations
 import argparse
 import collections
 import time
-from unittest import mock
 from typing import Callable, Dict, List, NamedTuple, Sequence, Tuple
+from unittest import mock
 
 import jax
 import jax.numpy as jnp

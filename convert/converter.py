@@ -12,10 +12,10 @@ if TYPE_CHECKING:  # torch is imported where a function needs it: converting kno
 import numpy as np
 
 import jaxpull
-from jaxpull.files import model_file, outputs
 from jaxpull.core import models
 from jaxpull.core.model import Model, ModelSpec
 from jaxpull.core.preprocessing import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, Preprocessing
+from jaxpull.files import model_file, outputs
 from jaxpull_convert import fingerprint, offline, sources
 from jaxpull_convert.state_dict import Checkpoint, StateDict, plain_metadata, unwrap, unwrap_note
 

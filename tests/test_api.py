@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 import jaxpull
-from jaxpull.core import pullback
 from conftest import images, torch_and_jax
+from jaxpull.core import pullback
 
 
 @pytest.fixture(scope="module")

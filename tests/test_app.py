@@ -222,7 +222,7 @@ def test_app_in_a_real_browser(cache, tmp_path):
             page.locator("#result img").wait_for(timeout=60_000)
             text = page.locator("#top5").inner_text()
             # the page's top-1 probability is the library's, for the default model on this photo
-            from jaxpull.files import images, cache
+            from jaxpull.files import cache, images
 
             model = cache.resolve(cache.DEFAULT_MODEL, log=lambda m: None)
             logits = np.asarray(

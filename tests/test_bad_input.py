@@ -23,11 +23,11 @@ import pytest
 from PIL import Image
 
 import jaxpull
-from jaxpull.shell import sweep
-from jaxpull.evaluation import pipeline, explainers, metrics
-from jaxpull.files import images, outputs
 from conftest import torch_and_jax
 from helpers import assert_one_line_error, run_in_process
+from jaxpull.evaluation import explainers, metrics, pipeline
+from jaxpull.files import images, outputs
+from jaxpull.shell import sweep
 
 # less codegen effort: each function runs once or twice, on small inputs (conftest.py)
 pytestmark = pytest.mark.quick_compile

@@ -197,8 +197,8 @@ def test_demo_runs_offline_without_torch_and_caches_the_model(tmp_path):
     assert width >= 7 * 224 and height >= 15 * 224, (width, height)
     cached = tmp_path / "cache" / "mobilenet_v2.safetensors"
     assert cached.is_file() and not list((tmp_path / "cache").glob("*.part"))
-    from jaxpull.shell import cli
     from jaxpull.files import cache
+    from jaxpull.shell import cli
 
     os.environ["JAXPULL_CACHE"] = str(tmp_path / "cache")
     try:

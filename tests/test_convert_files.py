@@ -19,10 +19,10 @@ import torchvision
 
 import jaxpull
 import jaxpull_convert
+from helpers import LOGIT_REL, assert_one_line_error, run_in_process
 from jaxpull.core import models, preprocessing
 from jaxpull_convert import checkpoint, offline, pth, sources
 from jaxpull_convert.testing import randomize_batchnorm
-from helpers import LOGIT_REL, assert_one_line_error, run_in_process
 
 # less codegen effort: each converted model's forward is compiled once and run once (conftest.py)
 pytestmark = pytest.mark.quick_compile

@@ -6,13 +6,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import images
 
 import jaxpull
 import jaxpull.core.models
+from conftest import images
 from jaxpull.core import pullback, settings
-from jaxpull.evaluation import cam, explainers
 from jaxpull.core.rules import ReLU
+from jaxpull.evaluation import cam, explainers
 
 # Less codegen effort for the tests that compile about thirty explainers for a tiny model and run each
 # once or twice (conftest.py); they come first, together, so that their compiled functions are shared.

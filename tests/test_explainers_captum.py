@@ -20,10 +20,10 @@ import jax
 import numpy as np
 import pytest
 import torch
-from conftest import images, torch_and_jax
-from helpers import map_errors
 from torch import nn
 
+from conftest import images, torch_and_jax
+from helpers import map_errors
 from jaxpull.core.models.family import GradCamLayer
 from jaxpull.evaluation import attribution, cam, explainers
 from jaxpull_convert import torch_reference as R

@@ -17,11 +17,11 @@ import numpy as np
 import pytest
 import torch
 
-import jaxpull
-from jaxpull_convert import torch_reference as R
 import conftest
+import jaxpull
 from conftest import images, torch_and_jax
 from helpers import assert_logits_close, assert_maps_close
+from jaxpull_convert import torch_reference as R
 
 pytestmark = pytest.mark.large_models  # one architecture per test: release it after each
 

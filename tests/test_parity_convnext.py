@@ -21,6 +21,7 @@
 from __future__ import annotations
 
 import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -42,10 +43,10 @@ from helpers import (
     map_errors,
     measure_parity,
 )
-from jaxpull.files import model_file
-from jaxpull.core.settings import VANILLA
 from jaxpull.core.model import ModelSpec
 from jaxpull.core.models import convnext
+from jaxpull.core.settings import VANILLA
+from jaxpull.files import model_file
 from jaxpull_convert import torch_reference as R
 
 # less codegen effort: each function runs once or twice, on small inputs (conftest.py)

@@ -26,11 +26,11 @@ from torchvision.models.efficientnet import EfficientNet, FusedMBConvConfig, MBC
 
 import jaxpull
 import jaxpull_convert
-from jaxpull_convert import torch_reference as R
 from conftest import images, randomize_batchnorm
-from helpers import REL_ERR_MAX, assert_logits_close, check_parity, check_layout_shapes, map_errors
-from jaxpull.files import model_file
+from helpers import REL_ERR_MAX, assert_logits_close, check_layout_shapes, check_parity, map_errors
 from jaxpull.core.models import efficientnet
+from jaxpull.files import model_file
+from jaxpull_convert import torch_reference as R
 
 # less codegen effort: each function runs once or twice, on small inputs (conftest.py)
 pytestmark = pytest.mark.quick_compile

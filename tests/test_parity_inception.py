@@ -22,12 +22,12 @@ import torchvision
 
 import jaxpull
 import jaxpull_convert
-from jaxpull_convert import torch_reference as R
 from conftest import images, randomize_batchnorm
 from helpers import assert_logits_close, assert_maps_close, check_parity
 from jaxpull.core import models
-from jaxpull.core.rules import MaxPool
 from jaxpull.core.preprocessing import Preprocessing
+from jaxpull.core.rules import MaxPool
+from jaxpull_convert import torch_reference as R
 
 PLAIN_POOL = MaxPool(mode="plain")
 

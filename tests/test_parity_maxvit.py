@@ -28,11 +28,10 @@ import jaxpull
 import jaxpull_convert
 from conftest import images, randomize_batchnorm
 from helpers import COSINE_MIN, PARITY_METHODS, REL_ERR_MAX, check_parity, map_errors
-from jaxpull.files import model_file
-from jaxpull.core.settings import VANILLA
 from jaxpull.core.model import ModelSpec
 from jaxpull.core.models import maxvit
-from jaxpull.core.settings import resolve
+from jaxpull.core.settings import VANILLA, resolve
+from jaxpull.files import model_file
 from jaxpull_convert import torch_reference as R
 from jaxpull_convert.state_dict import StateDict
 

@@ -19,13 +19,12 @@ import torch
 
 import jaxpull
 import jaxpull_convert
-from jaxpull_convert import torch_reference as R
 from conftest import images, torch_and_jax
 from helpers import REL_ERR_MAX, check_parity
-from jaxpull.core.rules.max_pool import pool_output_size
 from jaxpull.core.layers import IMAGENET_MEAN, IMAGENET_STD
 from jaxpull.core.models import squeezenet
-from jaxpull_convert import sources
+from jaxpull.core.rules.max_pool import pool_output_size
+from jaxpull_convert import sources, torch_reference as R
 
 # one architecture per test: release it after each; compiled with less codegen effort (conftest.py)
 pytestmark = [pytest.mark.large_models, pytest.mark.quick_compile]

@@ -30,16 +30,16 @@ import numpy as np
 import pytest
 import timm
 import torch
+from timm.models._efficientnet_builder import decode_arch_def
 from timm.models.convnext import ConvNeXt
 from timm.models.efficientnet import EfficientNet
-from timm.models._efficientnet_builder import decode_arch_def
 from timm.models.resnet import BasicBlock, ResNet
 from timm.models.swin_transformer import SwinTransformer
 
 import jaxpull
 import jaxpull.core.models
 import jaxpull_convert
-from helpers import check_layout_shapes, map_errors, measure_parity, assert_parity
+from helpers import assert_parity, check_layout_shapes, map_errors, measure_parity
 from jaxpull.core.models import convnext, efficientnet, resnet, swin, vit
 from jaxpull.core.settings import resolve
 from jaxpull_convert import torch_reference as R

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import ast
 import importlib
-import tomllib
 from pathlib import Path
 
-from jaxpull import plugins
+import tomllib
+
 from helpers import assert_one_line_error, run_in_process
+from jaxpull import plugins
 
 ROOT = Path(__file__).resolve().parent.parent
 CONVERTER = "jaxpull_convert"

@@ -10,9 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from jaxpull.core.rules import MaxPool, max_pool as pools
 from jaxpull_convert import torch_reference as R
-from jaxpull.core.rules import MaxPool
-from jaxpull.core.rules import max_pool as pools
 
 PLAIN = MaxPool(mode="plain")
 

@@ -18,8 +18,8 @@ import pytest
 import torch
 
 import jaxpull
-from jaxpull_convert import fingerprint, offline, pth, sources
 from helpers import run
+from jaxpull_convert import fingerprint, offline, pth, sources
 
 # less codegen effort: each function runs once or twice, on small inputs (conftest.py)
 pytestmark = pytest.mark.quick_compile

@@ -9,12 +9,11 @@ import torch
 
 import jaxpull
 import jaxpull_convert
-from jaxpull_convert import torch_reference as R
 from conftest import torch_and_jax
 from helpers import assert_logits_close, assert_maps_close
-from jaxpull.files import images
 from jaxpull.core.models import efficientnet_lite
-from jaxpull_convert import sources
+from jaxpull.files import images
+from jaxpull_convert import sources, torch_reference as R
 
 PHOTOS = ["grace_hopper", "chelsea", "coffee", "rocket", "astronaut"]
 

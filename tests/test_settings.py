@@ -12,8 +12,7 @@ import jaxpull
 from conftest import images
 from jaxpull.core import pullback, settings
 from jaxpull.core.rules import Attention, MaxPool, ReLU, Rules
-from jaxpull.shell import cli, tasks
-from jaxpull.shell import sweep as S
+from jaxpull.shell import cli, sweep as S, tasks
 
 X = images(1, 32, seed=3)
 NAN, INF = float("nan"), float("inf")

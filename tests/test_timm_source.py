@@ -27,8 +27,7 @@ from helpers import assert_logits_close, assert_one_line_error, run_in_process
 from jaxpull.core import models
 from jaxpull.core.layers import IMAGENET_MEAN, IMAGENET_STD
 from jaxpull.core.preprocessing import Preprocessing
-from jaxpull_convert import timm_source
-from jaxpull_convert import torch_reference as R
+from jaxpull_convert import timm_source, torch_reference as R
 
 # less codegen effort: each conversion compiles its forward once and runs it once (conftest.py)
 pytestmark = pytest.mark.quick_compile

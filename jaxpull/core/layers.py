@@ -18,8 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxpull.core.rules import Rules
 from jaxpull.core.lowering import cpu_conv, depthwise_conv
+from jaxpull.core.rules import Rules
 
 Padding = Union[int, Tuple[Tuple[int, int], Tuple[int, int]], str]
 

@@ -18,10 +18,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxpull.core import checks, models
-from jaxpull.core.rules import Rules
-from jaxpull.core.settings import VANILLA
 from jaxpull.core.layers import COMPUTE_DTYPES, IMAGENET_MEAN, IMAGENET_STD, to_model_input
 from jaxpull.core.preprocessing import Preprocessing
+from jaxpull.core.rules import Rules
+from jaxpull.core.settings import VANILLA
 
 Params = Mapping[str, Any]
 

@@ -21,8 +21,17 @@ from typing import Any, Dict, Mapping, NamedTuple, Optional, Tuple, Union
 import jax
 import numpy as np
 
-from jaxpull.core.rules import SETTINGS as RULE_SETTINGS
-from jaxpull.core.rules import GELU, Attention, Hardswish, LayerNorm, MaxPool, ReLU, Rules, SiLU
+from jaxpull.core.rules import (
+    GELU,
+    SETTINGS as RULE_SETTINGS,
+    Attention,
+    Hardswish,
+    LayerNorm,
+    MaxPool,
+    ReLU,
+    Rules,
+    SiLU,
+)
 from jaxpull.core.rules.base import Setting, Validated, choice, flag, number, validated
 
 LOSSES = {

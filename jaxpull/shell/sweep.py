@@ -39,8 +39,7 @@ from typing import Dict, Iterable, List, Optional, Sequence
 import jax
 import numpy as np
 
-from jaxpull.core import checks, settings
-from jaxpull.core import sweep as core
+from jaxpull.core import checks, settings, sweep as core
 from jaxpull.core.model import Model
 from jaxpull.core.sweep import METHODS, REDUCTIONS, Plan, Span, unit  # noqa: F401  (``unit``: the kernel, patched by tests)
 from jaxpull.files import sweep_store

@@ -18,11 +18,19 @@ from jaxpull.core.models import (
     googlenet,
     inception,
     maxvit,
+    mnasnet,
+    mobilenet,
+    mobilenet_v3,
+    pvt_v2,
+    regnet,
+    resnet,
+    shufflenet,
+    squeezenet,
+    swin,
+    vgg,
+    vit,
 )
-from jaxpull.core.models import mnasnet, mobilenet, mobilenet_v3, regnet, resnet, shufflenet, squeezenet, swin, vgg, vit
-from jaxpull.core.models import pvt_v2
 from jaxpull.core.models.family import Architecture, Family  # noqa: F401 (the family files' type)
-
 
 ARCHITECTURES: Dict[str, Architecture] = {
     **resnet.FAMILY.entries(),

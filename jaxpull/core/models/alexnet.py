@@ -5,9 +5,9 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 
-from jaxpull.core.rules import Rules
 from jaxpull.core.layers import Conv, Dense, adaptive_avg_pool, flatten_chw
 from jaxpull.core.models.family import Family, GradCamLayer
+from jaxpull.core.rules import Rules
 
 # (torchvision index, features, kernel, stride, padding, followed by a max-pool)
 FEATURES = (

@@ -39,11 +39,11 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from jaxpull.core.rules import Rules
 from jaxpull.core.layers import Conv, Dense, LayerNorm, global_avg_pool
 from jaxpull.core.models import options
-from jaxpull.core.preprocessing import Preprocessing
 from jaxpull.core.models.family import Family, GradCamLayer
+from jaxpull.core.preprocessing import Preprocessing
+from jaxpull.core.rules import Rules
 
 LN_EPS = 1e-6
 
@@ -194,9 +194,9 @@ def timm_torch_config(module) -> dict:
         stem, ``conv_mlp``, kernel size, MLP ratio, GRN (ConvNeXt-V2), activation, norm or its
         eps, dilation, ``head_norm_first``, a head hidden layer, another global pool).
     """
-    from torch import nn as tnn
     from timm.layers import LayerNorm, LayerNorm2d, Mlp
     from timm.layers.activations import GELU
+    from torch import nn as tnn
 
     if type(module).__name__ != "ConvNeXt":
         raise ValueError(f"timm's {type(module).__name__} is not a ConvNeXt jaxpull converts: use timm's convnext_*")

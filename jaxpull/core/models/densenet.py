@@ -17,9 +17,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxpull.core.rules import Rules
 from jaxpull.core.layers import Affine, Conv, Dense, avg_pool, global_avg_pool
 from jaxpull.core.models.family import Family, GradCamLayer
+from jaxpull.core.rules import Rules
 
 
 class DenseLayer(nn.Module):

@@ -42,11 +42,11 @@ from typing import Annotated, Literal, NamedTuple, Optional, Sequence, Tuple
 import flax.linen as nn
 import jax
 
-from jaxpull.core.rules import Rules
 from jaxpull.core.layers import Conv, Dense, SqueezeExcitation, global_avg_pool
 from jaxpull.core.models import options
-from jaxpull.core.preprocessing import Preprocessing
 from jaxpull.core.models.family import Family, GradCamLayer
+from jaxpull.core.preprocessing import Preprocessing
+from jaxpull.core.rules import Rules
 
 BLOCKS = ("MBConv", "FusedMBConv")
 

@@ -11,9 +11,9 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 
-from jaxpull.core.rules import Rules
 from jaxpull.core.layers import Conv, Dense, global_avg_pool
 from jaxpull.core.models.family import Family, GradCamLayer
+from jaxpull.core.rules import Rules
 
 # (repeats, kernel, first stride, expansion, input channels, output channels): lite0's blocks_args
 STAGES = (

@@ -22,10 +22,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxpull.core.rules import Rules
 from jaxpull.core.layers import IMAGENET_MEAN, IMAGENET_STD, Conv, Dense, Padding, global_avg_pool
-from jaxpull.core.preprocessing import Preprocessing
 from jaxpull.core.models.family import Family, GradCamLayer
+from jaxpull.core.preprocessing import Preprocessing
+from jaxpull.core.rules import Rules
 
 # What torchvision's pretrained weights (GoogLeNet_Weights.IMAGENET1K_V1) expect.
 PREPROCESSING = Preprocessing(crop_size=224, resize_size=256)

@@ -19,11 +19,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxpull.core.rules import Rules
 from jaxpull.core.layers import Dense, avg_pool, global_avg_pool
+from jaxpull.core.models.family import Family, GradCamLayer
 from jaxpull.core.models.googlenet import BasicConv2d, basic_convs, transform_input
 from jaxpull.core.preprocessing import Preprocessing
-from jaxpull.core.models.family import Family, GradCamLayer
+from jaxpull.core.rules import Rules
 
 # What torchvision's pretrained weights (Inception_V3_Weights.IMAGENET1K_V1) expect.
 PREPROCESSING = Preprocessing(crop_size=299, resize_size=342)

@@ -32,13 +32,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxpull.core.rules import Rules
 from jaxpull.core.layers import Affine, Conv, Dense, LayerNorm, Projection, SqueezeExcitation, avg_pool
-from jaxpull.core.preprocessing import Preprocessing
-from jaxpull.core.models.family import Family
 from jaxpull.core.models import options
-from jaxpull.core.preprocessing import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE
-from jaxpull.core.models.family import GradCamLayer
+from jaxpull.core.models.family import Family, GradCamLayer
+from jaxpull.core.preprocessing import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, Preprocessing
+from jaxpull.core.rules import Rules
 
 BN_EPS = 1e-3  # torchvision's BatchNorm2d(eps=1e-3, momentum=0.01)
 LN_EPS = 1e-5  # nn.LayerNorm's default

@@ -24,9 +24,9 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from jaxpull.core.rules import Rules
 from jaxpull.core.layers import Conv, Dense, global_avg_pool
 from jaxpull.core.models.family import Family, GradCamLayer
+from jaxpull.core.rules import Rules
 
 # (kernel, first stride, expansion, repeats) of the six stacks, torchvision's ``layers[8:14]``
 STACKS = ((3, 2, 3, 3), (5, 2, 3, 3), (5, 2, 6, 3), (3, 1, 6, 2), (5, 2, 6, 4), (3, 1, 6, 1))

@@ -16,9 +16,9 @@ import flax.linen as nn
 import jax
 
 from jaxpull.core.gates import hardsigmoid
-from jaxpull.core.rules import Rules
 from jaxpull.core.layers import Conv, Dense, SqueezeExcitation, global_avg_pool
 from jaxpull.core.models.family import Family, GradCamLayer
+from jaxpull.core.rules import Rules
 
 BN_EPS = 1e-3
 

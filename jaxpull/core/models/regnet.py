@@ -21,9 +21,9 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from jaxpull.core.rules import Rules
 from jaxpull.core.layers import Conv, Dense, SqueezeExcitation, global_avg_pool
 from jaxpull.core.models.family import Family, GradCamLayer
+from jaxpull.core.rules import Rules
 
 
 class Stage(NamedTuple):

@@ -32,12 +32,11 @@ from typing import Literal, Sequence, Tuple
 import flax.linen as nn
 import jax
 
-from jaxpull.core.rules import Rules
 from jaxpull.core.layers import Conv, Dense, avg_pool_ceil, global_avg_pool
 from jaxpull.core.models import options
-from jaxpull.core.models.family import Family
+from jaxpull.core.models.family import Family, GradCamLayer
 from jaxpull.core.preprocessing import Preprocessing
-from jaxpull.core.models.family import GradCamLayer
+from jaxpull.core.rules import Rules
 
 
 class BasicBlock(nn.Module):

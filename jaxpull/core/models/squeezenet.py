@@ -15,9 +15,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxpull.core.rules import Rules
 from jaxpull.core.layers import Conv, global_avg_pool
 from jaxpull.core.models.family import Family, GradCamLayer
+from jaxpull.core.rules import Rules
 
 # torchvision's ``features`` after the stem convolution, ReLU and first max-pool (indices 0-2):
 # "M" a 3x3/2 ceil-mode max-pool, (squeeze, expand1x1, expand3x3) a Fire module.

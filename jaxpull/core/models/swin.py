@@ -55,11 +55,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxpull.core.rules import Rules
 from jaxpull.core.layers import Conv, Dense, LayerNorm, Projection
 from jaxpull.core.models import options
-from jaxpull.core.preprocessing import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, Preprocessing
 from jaxpull.core.models.family import Family
+from jaxpull.core.preprocessing import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, Preprocessing
+from jaxpull.core.rules import Rules
 
 LN_EPS = 1e-5
 MASK = -100.0  # torchvision's score for token pairs that the cyclic shift brought together

@@ -13,9 +13,9 @@ from typing import Sequence, Union
 import flax.linen as nn
 import jax
 
-from jaxpull.core.rules import Rules
 from jaxpull.core.layers import Conv, Dense, adaptive_avg_pool, flatten_chw
 from jaxpull.core.models.family import Family, GradCamLayer
+from jaxpull.core.rules import Rules
 
 CONFIGS = {
     "A": (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"),

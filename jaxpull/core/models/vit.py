@@ -56,12 +56,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxpull.core.rules import Rules
 from jaxpull.core.layers import Conv, Dense, LayerNorm, Projection
-from jaxpull.core.preprocessing import Preprocessing
-from jaxpull.core.models.family import Family
 from jaxpull.core.models import options
-from jaxpull.core.preprocessing import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE
+from jaxpull.core.models.family import Family
+from jaxpull.core.preprocessing import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, Preprocessing
+from jaxpull.core.rules import Rules
 
 LN_EPS = 1e-6  # torchvision's norm_layer: partial(nn.LayerNorm, eps=1e-6)
 DEFAULT_IMAGE_SIZE = 224  # torchvision's _vision_transformer without weights
