@@ -25,7 +25,8 @@ from __future__ import annotations
 import argparse
 import collections
 import time
-from typing import Callable, Dict, List, NamedTuple, Sequence, Tuple
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
 from unittest import mock
 
 import jax
@@ -35,7 +36,7 @@ from jax import lax
 
 from jaxpull.core import layers, lowering
 
-Pad = Tuple[Tuple[int, int], Tuple[int, int]]
+Pad = tuple[tuple[int, int], tuple[int, int]]
 ConvFn = Callable[[jax.Array, jax.Array, int, Pad], jax.Array]
 
 
@@ -51,7 +52,7 @@ class Shape(NamedTuple):
     stride: int
     pad: Pad
 
-    def out_hw(self) -> Tuple[int, int]:
+    def out_hw(self) -> tuple[int, int]:
         ho = (self.h + sum(self.pad[0]) - self.kh) // self.stride + 1
         wo = (self.w + sum(self.pad[1]) - self.kw) // self.stride + 1
         return ho, wo
@@ -86,7 +87,7 @@ def conv_auto(x: jax.Array, kernel: jax.Array, stride: int, pad: Pad) -> jax.Arr
     return (lowering.cpu_conv(kernel.shape, stride, pad) or conv_lax)(x, kernel, stride, pad)
 
 
-VARIANTS: Dict[str, ConvFn] = {
+VARIANTS: dict[str, ConvFn] = {
     "lax": conv_lax,
     "im2col": lowering.conv_im2col,
     "taps": conv_taps,
@@ -95,13 +96,13 @@ VARIANTS: Dict[str, ConvFn] = {
 }
 
 
-def conv_shapes(arch: str, size: int) -> "collections.Counter[Shape]":
+def conv_shapes(arch: str, size: int) -> collections.Counter[Shape]:
     """The groups = 1 convolutions of torchvision's ``arch`` at ``size`` px, with their counts."""
     import torch
     import torchvision
 
     model = torchvision.models.get_model(arch).eval()
-    found: "collections.Counter[Shape]" = collections.Counter()
+    found: collections.Counter[Shape] = collections.Counter()
 
     def hook(module, inputs, _):
         if module.groups == 1:
@@ -143,7 +144,7 @@ def call_seconds(fn: Callable, args: Sequence[jax.Array]) -> float:
     return time.perf_counter() - t0
 
 
-def interleaved(fns: Dict[str, Callable], args: Sequence[jax.Array], repeats: int) -> Dict[str, float]:
+def interleaved(fns: dict[str, Callable], args: Sequence[jax.Array], repeats: int) -> dict[str, float]:
     """Best-of-``repeats`` seconds of each function, the functions taking turns in every round."""
     for fn in fns.values():
         jax.block_until_ready(fn(*args))
@@ -161,7 +162,7 @@ def matmul_peak_gflops(n: int = 2048) -> float:
     return 2 * n**3 / min(interleaved({"dot": f}, [a], 5).values()) / 1e9
 
 
-def case_args(shape: Shape, mode: str, k: int, batch: int) -> List[jax.Array]:
+def case_args(shape: Shape, mode: str, k: int, batch: int) -> list[jax.Array]:
     """Random inputs of ``pullback_fn`` (mode ``"vjp"``) or ``ascent_fn`` (``"fwdbwd"``)."""
     rng = np.random.default_rng(0)
     ho, wo = shape.out_hw()
@@ -172,7 +173,7 @@ def case_args(shape: Shape, mode: str, k: int, batch: int) -> List[jax.Array]:
     return [jnp.asarray(a, jnp.float32) for a in (x, kernel, dy)]
 
 
-def profile(shapes: "collections.Counter[Shape]", mode: str, k: int, batch: int, repeats: int, peak: float) -> None:
+def profile(shapes: collections.Counter[Shape], mode: str, k: int, batch: int, repeats: int, peak: float) -> None:
     """Print one table row per shape and each variant's seconds summed over the network."""
     make = pullback_fn if mode == "vjp" else ascent_fn
     n = k if mode == "vjp" else batch

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import struct
 import zipfile
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping, Optional
 
 import numpy as np
 
@@ -44,7 +44,7 @@ def _is_text(head: bytes) -> bool:
     return True
 
 
-def _what_zip_is(path: Path) -> Optional[str]:
+def _what_zip_is(path: Path) -> str | None:
     """What a zip file is when it is not a ``torch.save`` archive (None if it is one)."""
     try:
         with zipfile.ZipFile(path) as z:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, Optional, Tuple
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # torch is imported where a function needs it: converting known weights does not
     import torch
@@ -41,12 +42,12 @@ def from_state_dict(
     arch: str,
     tensors: Mapping[str, np.ndarray],
     *,
-    class_names: Tuple[str, ...] = (),
-    metadata: Optional[Mapping[str, str]] = None,
-    transform_input: Optional[bool] = None,
-    preprocessing: Optional[Preprocessing] = None,
-    config: Optional[Mapping[str, Any]] = None,
-    torch_metadata: Optional[Mapping[str, Mapping[str, Any]]] = None,
+    class_names: tuple[str, ...] = (),
+    metadata: Mapping[str, str] | None = None,
+    transform_input: bool | None = None,
+    preprocessing: Preprocessing | None = None,
+    config: Mapping[str, Any] | None = None,
+    torch_metadata: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> Model:
     """Map a torch state_dict (numpy arrays) onto ``arch``'s Flax parameters.
 
@@ -102,7 +103,7 @@ def from_state_dict(
     return Model.from_numpy(params, spec)
 
 
-def from_torch_module(arch: str, module: torch.nn.Module, class_names: Tuple[str, ...] = ()) -> Model:
+def from_torch_module(arch: str, module: torch.nn.Module, class_names: tuple[str, ...] = ()) -> Model:
     """Convert an in-memory torch model (e.g. ``torchvision.models.resnet50()``), with its
     ``transform_input`` where it has one (GoogLeNet, Inception-v3), and the sizes it was built
     with where the family reads them (``torch_config``: e.g. a small ``VisionTransformer``). A timm
@@ -150,7 +151,7 @@ def logit_parity(
     return {"max_abs": max_abs, "max_rel": max_abs / max(1.0, scale), "scale": scale}
 
 
-def _fingerprint_check(arch: str, model: Model, sha256: Optional[str], tolerance: float) -> dict:
+def _fingerprint_check(arch: str, model: Model, sha256: str | None, tolerance: float) -> dict:
     """Without torch: compare ``model`` with the committed torch logits of its checkpoint."""
     record = fingerprint.lookup(sha256) if sha256 else None
     if record is None or record["arch"] != arch:
@@ -175,11 +176,11 @@ def convert(
     arch: str,
     out: os.PathLike,
     *,
-    weights: Optional[str] = None,
-    state_dict: Optional[os.PathLike] = None,
+    weights: str | None = None,
+    state_dict: os.PathLike | None = None,
     image_size: int = 224,
     tolerance: float = LOGIT_TOLERANCE,
-    transform_input: Optional[bool] = None,
+    transform_input: bool | None = None,
 ) -> dict:
     """Convert ``arch`` from a torchvision weights name or a state_dict file; write ``out``.
 

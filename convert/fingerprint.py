@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Dict, Optional
 
 import numpy as np
 
@@ -65,12 +64,12 @@ def error(logits: np.ndarray, record: dict) -> dict:
     return {"max_abs": max_abs, "max_rel": max_abs / max(1.0, scale), "scale": scale}
 
 
-def load_all() -> Dict[str, dict]:
+def load_all() -> dict[str, dict]:
     """sha256 -> record, from the committed file."""
     return json.loads(FILE.read_text())["checkpoints"]
 
 
-def lookup(sha256: str) -> Optional[dict]:
+def lookup(sha256: str) -> dict | None:
     """The record of the checkpoint with this sha256, or None."""
     return load_all().get(sha256)
 

@@ -12,7 +12,6 @@ import hashlib
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Tuple
 
 from jaxpull.core.layers import IMAGENET_MEAN, IMAGENET_STD
 from jaxpull.core.models import efficientnet_lite
@@ -25,14 +24,14 @@ class OfflineSource:
 
     arch: str
     weights: str  # torchvision's full name ("MobileNet_V2_Weights.IMAGENET1K_V1"), or the package's
-    names: Tuple[str, ...]  # what ``--weights`` accepts for it
+    names: tuple[str, ...]  # what ``--weights`` accepts for it
     package: str  # the pip name; installed with --no-deps where its metadata pins old versions
     module: str  # its import name (located, never imported)
     file: str  # relative to the module's directory
     sha256: str
-    input_mean: Tuple[float, float, float]  # normalisation the weights were trained with, [0, 1] pixels
-    input_std: Tuple[float, float, float]
-    class_names: Tuple[str, ...]
+    input_mean: tuple[float, float, float]  # normalisation the weights were trained with, [0, 1] pixels
+    input_std: tuple[float, float, float]
+    class_names: tuple[str, ...]
     trained: str  # one line: data and recipe
     install: str  # the pip command that installs it
     torchvision: bool  # whether these are torchvision's weights (else torchvision has none for arch)
@@ -76,7 +75,7 @@ OFFLINE = (
 )
 
 
-def find(arch: str, name: str) -> Optional[OfflineSource]:
+def find(arch: str, name: str) -> OfflineSource | None:
     """The table's row for ``arch`` and a ``--weights`` name, or None."""
     for src in OFFLINE:
         if src.arch == arch and name in src.names:
@@ -84,7 +83,7 @@ def find(arch: str, name: str) -> Optional[OfflineSource]:
     return None
 
 
-def for_arch(arch: str) -> Tuple[OfflineSource, ...]:
+def for_arch(arch: str) -> tuple[OfflineSource, ...]:
     """Every row for ``arch``."""
     return tuple(s for s in OFFLINE if s.arch == arch)
 
@@ -98,7 +97,7 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def locate(src: OfflineSource) -> Optional[Path]:
+def locate(src: OfflineSource) -> Path | None:
     """The installed file of ``src`` with its sha256 checked, or None if the package is not installed.
 
     Raises:

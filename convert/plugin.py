@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
-from typing import Callable, Tuple
+from collections.abc import Callable
 
 from jaxpull_convert import offline
 from jaxpull_convert.converter import convert
@@ -21,7 +21,7 @@ from jaxpull_convert.converter import convert
 class OfflineModels:
     """The offline table's architectures (their ``DEFAULT`` row), converted on first use."""
 
-    def names(self) -> Tuple[str, ...]:
+    def names(self) -> tuple[str, ...]:
         return tuple(dict.fromkeys(src.arch for src in offline.OFFLINE if "DEFAULT" in src.names))
 
     def convert(self, name: str, out: os.PathLike, log: Callable[[str], None]) -> None:

@@ -24,8 +24,9 @@ import pickle
 import re
 import struct
 import zipfile
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any
 
 import numpy as np
 
@@ -90,13 +91,13 @@ class _Storage:
 
     def __init__(self, name: str, key: str, numel: int):
         self.name, self.key, self.numel = name, key, int(numel)
-        self.data: Optional[np.ndarray] = None
+        self.data: np.ndarray | None = None
 
 
 class _TensorRef:
     """What ``_rebuild_tensor_v2`` returns here: a strided view to materialise later."""
 
-    def __init__(self, storage: _Storage, offset: int, size: Tuple[int, ...], stride: Tuple[int, ...]):
+    def __init__(self, storage: _Storage, offset: int, size: tuple[int, ...], stride: tuple[int, ...]):
         self.storage, self.offset, self.size, self.stride = storage, int(offset), tuple(size), tuple(stride)
 
 
@@ -124,7 +125,7 @@ def _allowed(module: str, name: str):
 class _Unpickler(pickle.Unpickler):
     """Allows only tensor rebuilds, storage types and OrderedDict; records every storage."""
 
-    def __init__(self, stream: io.BytesIO, storages: Dict[str, _Storage]):
+    def __init__(self, stream: io.BytesIO, storages: dict[str, _Storage]):
         super().__init__(stream)
         self.storages = storages
 
@@ -168,7 +169,7 @@ class _View(_Storage):
         self.root, self.start = root, offset
 
 
-def _unpickle(stream: io.BytesIO, storages: Dict[str, _Storage]) -> Any:
+def _unpickle(stream: io.BytesIO, storages: dict[str, _Storage]) -> Any:
     """One pickle from ``stream`` (which is left just past its STOP)."""
     try:
         return _Unpickler(stream, storages).load()
@@ -234,7 +235,7 @@ def _read_zip(path: Path) -> Any:
         prefix = pkl[0][: -len("data.pkl")]
         if f"{prefix}byteorder" in names and z.read(f"{prefix}byteorder").strip() != b"little":
             raise PthError("the file stores big-endian tensors, which this reader does not support")
-        storages: Dict[str, _Storage] = {}
+        storages: dict[str, _Storage] = {}
         obj = _unpickle(io.BytesIO(z.read(pkl[0])), storages)
         for key, st in storages.items():
             member = f"{prefix}data/{key}"
@@ -247,7 +248,7 @@ def _read_zip(path: Path) -> Any:
 def _read_legacy(data: bytes) -> Any:
     """The legacy format: magic, version, system info, the object, the storage keys, then storages."""
     f = io.BytesIO(data)
-    storages: Dict[str, _Storage] = {}
+    storages: dict[str, _Storage] = {}
     if data[:2] != b"\x80\x02" or _unpickle(f, storages) != LEGACY_MAGIC:
         raise PthError("not a PyTorch file (neither a zip archive nor the legacy format)")
     _unpickle(f, storages)  # protocol version

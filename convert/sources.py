@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import collections
 import re
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Mapping, Optional, Tuple
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # torch is imported where a function needs it: converting known weights does not
     import torch
@@ -31,12 +32,12 @@ def torch_or_none():
     return torch
 
 
-def input_mean(arch: str) -> Tuple[float, float, float]:
+def input_mean(arch: str) -> tuple[float, float, float]:
     """Per-channel mean, in [0, 1] pixel units, that ``arch``'s weights were trained with."""
     return models.get(arch).input_mean
 
 
-def input_std(arch: str) -> Tuple[float, float, float]:
+def input_std(arch: str) -> tuple[float, float, float]:
     """Per-channel std, in [0, 1] pixel units, that ``arch``'s weights were trained with."""
     return models.get(arch).input_std
 
@@ -63,7 +64,7 @@ def efficientnet_lite0_torch(num_classes: int = 1000, image_size: int = 224) -> 
     return EfficientNet.from_name("efficientnet-lite0", num_classes=num_classes, image_size=image_size)
 
 
-def default_class_names(num_classes: int) -> Tuple[str, ...]:
+def default_class_names(num_classes: int) -> tuple[str, ...]:
     """ImageNet's class names (torchvision's list, jaxpull's copy) for a 1000-class model, else none."""
     return IMAGENET_CLASSES if num_classes == 1000 else ()
 
@@ -80,8 +81,8 @@ def torch_model(
     num_classes: int,
     image_size: int = 224,
     transform_input: bool = False,
-    config: Optional[Mapping] = None,
-    metadata: Optional[Mapping[str, Mapping]] = None,
+    config: Mapping | None = None,
+    metadata: Mapping[str, Mapping] | None = None,
 ) -> torch.nn.Module:
     """The reference torch model for ``arch`` with ``tensors`` loaded (legacy keys renamed;
     GoogLeNet's and Inception-v3's training-only auxiliary heads left out, ``transform_input`` set).

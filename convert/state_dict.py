@@ -13,8 +13,9 @@ and unused keys so that the converter can raise one error naming them all.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from types import MappingProxyType
-from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Tuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -33,11 +34,11 @@ class Checkpoint(NamedTuple):
     has none (a ``.safetensors`` file, a dict built by hand).
     """
 
-    tensors: Dict[str, np.ndarray]
+    tensors: dict[str, np.ndarray]
     metadata: Mapping[str, Mapping[str, Any]] = MappingProxyType({})
 
 
-def plain_metadata(raw: Any) -> Dict[str, Dict[str, Any]]:
+def plain_metadata(raw: Any) -> dict[str, dict[str, Any]]:
     """torch's ``_metadata`` reduced to what it may hold: module prefix (a string) -> entries whose
     values are numbers, strings or booleans (anything else in the file is dropped)."""
     if not isinstance(raw, Mapping):
@@ -50,7 +51,7 @@ def plain_metadata(raw: Any) -> Dict[str, Dict[str, Any]]:
     }
 
 
-def unwrap(checkpoint: Checkpoint) -> Tuple[Checkpoint, str]:
+def unwrap(checkpoint: Checkpoint) -> tuple[Checkpoint, str]:
     """``(checkpoint without the wrapper prefix, the prefix removed)``: while every key starts with
     one of ``WRAPPER_PREFIXES`` (nested wrappers: ``_orig_mod.module.``), it is removed from the
     keys and from the metadata's module prefixes; ``""`` if none was."""
@@ -79,12 +80,12 @@ def unwrap_note(removed: str) -> str:
 class StateDict:
     """A state_dict reader for the architectures' ``torch_layout`` functions."""
 
-    def __init__(self, tensors: Mapping[str, np.ndarray], metadata: Optional[Mapping[str, Mapping]] = None):
-        self.tensors: Dict[str, np.ndarray] = {k: np.asarray(v) for k, v in tensors.items()}
-        self.metadata: Dict[str, Mapping] = dict(metadata or {})  # torch's _metadata (see Checkpoint)
+    def __init__(self, tensors: Mapping[str, np.ndarray], metadata: Mapping[str, Mapping] | None = None):
+        self.tensors: dict[str, np.ndarray] = {k: np.asarray(v) for k, v in tensors.items()}
+        self.metadata: dict[str, Mapping] = dict(metadata or {})  # torch's _metadata (see Checkpoint)
         self.used: set = set()
-        self.missing: List[str] = []
-        self.ignored: List[str] = []  # keys dropped on purpose (see ``ignore``)
+        self.missing: list[str] = []
+        self.ignored: list[str] = []  # keys dropped on purpose (see ``ignore``)
 
     def has(self, key: str) -> bool:
         return key in self.tensors
@@ -94,7 +95,7 @@ class StateDict:
         rx = re.compile(pattern)
         self.tensors = {rx.sub(replacement, k): v for k, v in self.tensors.items()}
 
-    def ignore(self, pattern: str) -> List[str]:
+    def ignore(self, pattern: str) -> list[str]:
         """Drop the keys matching the regex ``pattern`` on purpose (training-only heads such as
         GoogLeNet's ``aux1``): recorded in ``ignored``, neither used nor reported as unexpected."""
         rx = re.compile(pattern)
@@ -104,12 +105,12 @@ class StateDict:
         self.ignored += dropped
         return dropped
 
-    def get(self, key: str) -> Optional[np.ndarray]:
+    def get(self, key: str) -> np.ndarray | None:
         """The tensor at ``key`` as float64, or None (and ``key`` recorded as missing)."""
         value = self.stored(key)
         return None if value is None else value.astype(np.float64)
 
-    def stored(self, key: str) -> Optional[np.ndarray]:
+    def stored(self, key: str) -> np.ndarray | None:
         """The tensor at ``key`` in its stored dtype, or None (and ``key`` recorded as missing): for
         layouts that only move values (a float32 result is the same as through float64, without
         the float64 copy: VGG's 100M-parameter classifier)."""
@@ -127,7 +128,7 @@ class StateDict:
         scale = w / np.sqrt(var + eps)
         return scale, b - mean * scale
 
-    def conv_bn(self, conv: str, bn: Optional[str], eps: float = 1e-5) -> dict:
+    def conv_bn(self, conv: str, bn: str | None, eps: float = 1e-5) -> dict:
         """A convolution (OIHW -> HWIO) with the eval-mode BatchNorm ``bn`` (if any) folded in
         (in float64; without one the values are only moved)."""
         read = self.get if bn is not None else self.stored
@@ -164,6 +165,6 @@ class StateDict:
         scale, shift = folded
         return {"scale": scale.astype(np.float32), "bias": shift.astype(np.float32)}
 
-    def unused(self) -> List[str]:
+    def unused(self) -> list[str]:
         """Keys no layout rule read (``num_batches_tracked`` excepted)."""
         return [k for k in self.tensors if k not in self.used and not IGNORED.search(k)]

@@ -8,8 +8,6 @@ that a parity test exercises the folded BatchNorm too.
 
 from __future__ import annotations
 
-from typing import Tuple
-
 import numpy as np
 
 
@@ -56,7 +54,7 @@ def as_numpy(a) -> np.ndarray:
     return a.detach().cpu().numpy() if hasattr(a, "detach") else np.asarray(a)
 
 
-def map_errors(got, ref) -> Tuple[float, float]:
+def map_errors(got, ref) -> tuple[float, float]:
     """(min cosine over maps, max abs error / max |ref|) for ``(N, K, ...)`` stacks of maps.
 
     Two maps that are both exactly zero agree (cosine 1: a ReLU before the logit can zero a

@@ -20,8 +20,6 @@ are torch modules the general swap reaches (``nn.ReLU``, ``nn.SiLU`` inside ``Ba
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -75,11 +73,11 @@ class RuledWindowAttention(nn.Module):
         w = R.attention_weights(scores, self.attention)
         return m.proj((w @ v).transpose(1, 2).reshape(b, n, -1))
 
-    def forward(self, x, mask: Optional[torch.Tensor] = None):
+    def forward(self, x, mask: torch.Tensor | None = None):
         return R.tempered(lambda q, k, v: self._attend(mask, q, k, v), x, x, x, self.attention, self.t)
 
 
-def swap(child: nn.Module, rules) -> Optional[nn.Module]:
+def swap(child: nn.Module, rules) -> nn.Module | None:
     """The module replacing one of timm's own layers under jaxpull ``rules``, or None to keep it."""
     from timm.layers import Attention
     from timm.layers.activations import GELU, GELUTanh

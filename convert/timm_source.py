@@ -28,8 +28,9 @@ import json
 import logging
 import math
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Tuple
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -57,7 +58,7 @@ def is_timm(arch: str) -> bool:
     return isinstance(arch, str) and arch.startswith(PREFIX)
 
 
-def names() -> Tuple[str, ...]:
+def names() -> tuple[str, ...]:
     """Every timm architecture jaxpull converts (``timm/<model name>``), sorted."""
     return tuple(sorted(a for a in models.ARCHITECTURES if is_timm(a)))
 
@@ -79,12 +80,12 @@ def timm_or_error():
     return timm
 
 
-def _cfg_dict(cfg) -> Dict[str, Any]:
+def _cfg_dict(cfg) -> dict[str, Any]:
     """A timm ``PretrainedCfg`` (or the dict a model's ``pretrained_cfg`` is) as a dict."""
     return dict(cfg) if isinstance(cfg, Mapping) else dataclasses.asdict(cfg)
 
 
-def default_cfg(arch: str) -> Dict[str, Any]:
+def default_cfg(arch: str) -> dict[str, Any]:
     """timm's ``pretrained_cfg`` of ``arch``'s default weights (no download)."""
     timm = timm_or_error()
     cfg = timm.models.get_pretrained_cfg(timm_name(arch))
@@ -93,7 +94,7 @@ def default_cfg(arch: str) -> Dict[str, Any]:
     return _cfg_dict(cfg)
 
 
-def preprocessing(arch: str, cfg: Mapping[str, Any]) -> Tuple[Preprocessing, Tuple[float, ...], Tuple[float, ...]]:
+def preprocessing(arch: str, cfg: Mapping[str, Any]) -> tuple[Preprocessing, tuple[float, ...], tuple[float, ...]]:
     """``(Preprocessing, mean, std)`` of a timm ``pretrained_cfg``: the crop side is the input size,
     the short side resized to ``floor(size / crop_pct)``, centre crop, its interpolation; mean and
     std in [0, 1] pixel units.
@@ -130,14 +131,14 @@ def _first(name) -> str:
     return name[0] if isinstance(name, (tuple, list)) else name
 
 
-def expected_shapes(arch: str, num_classes: int, config: Optional[Mapping[str, Any]] = None) -> Dict[str, tuple]:
+def expected_shapes(arch: str, num_classes: int, config: Mapping[str, Any] | None = None) -> dict[str, tuple]:
     """The state_dict shapes of timm's model ``arch`` with ``num_classes`` classes and builder
     options ``config``, built on torch's meta device (no memory)."""
     return dict(_expected_shapes(arch, num_classes, tuple(sorted(dict(config or {}).items()))))
 
 
 @functools.lru_cache(maxsize=32)
-def _expected_shapes(arch: str, num_classes: int, config: tuple) -> Tuple[Tuple[str, tuple], ...]:
+def _expected_shapes(arch: str, num_classes: int, config: tuple) -> tuple[tuple[str, tuple], ...]:
     import torch
 
     timm = timm_or_error()
@@ -150,7 +151,7 @@ def _shape(a) -> tuple:
     return tuple(int(d) for d in np.shape(a))
 
 
-def _differences(expected: Mapping[str, tuple], tensors: Mapping[str, np.ndarray]) -> Tuple[list, list, list]:
+def _differences(expected: Mapping[str, tuple], tensors: Mapping[str, np.ndarray]) -> tuple[list, list, list]:
     """(missing keys, unexpected keys, keys of other shapes) of ``tensors`` against ``expected``."""
     given = {k: _shape(v) for k, v in tensors.items() if not k.endswith("num_batches_tracked")}
     missing = [k for k in expected if k not in given]
@@ -159,19 +160,19 @@ def _differences(expected: Mapping[str, tuple], tensors: Mapping[str, np.ndarray
     return missing, unexpected, shaped
 
 
-def _classifiers(cfg: Mapping[str, Any]) -> Tuple[str, ...]:
+def _classifiers(cfg: Mapping[str, Any]) -> tuple[str, ...]:
     """timm's ``pretrained_cfg["classifier"]``: one layer's name, or several (DeiT's two heads)."""
     c = cfg["classifier"]
     return tuple(c) if isinstance(c, (tuple, list)) else (c,)
 
 
-def _num_classes(cfg: Mapping[str, Any], tensors: Mapping[str, np.ndarray]) -> Optional[int]:
+def _num_classes(cfg: Mapping[str, Any], tensors: Mapping[str, np.ndarray]) -> int | None:
     """Rows of the (first) classifier's weight, None without one."""
     w = tensors.get(f"{_classifiers(cfg)[0]}.weight")
     return None if w is None or np.ndim(w) < 2 else _shape(w)[0]
 
 
-def identify(tensors: Mapping[str, np.ndarray], exclude: str = "") -> List[str]:
+def identify(tensors: Mapping[str, np.ndarray], exclude: str = "") -> list[str]:
     """The timm architectures jaxpull converts whose state_dict ``tensors`` is (keys and shapes, any
     number of classes)."""
     found = []
@@ -184,7 +185,7 @@ def identify(tensors: Mapping[str, np.ndarray], exclude: str = "") -> List[str]:
     return found
 
 
-def check_state_dict(arch: str, tensors: Mapping[str, np.ndarray], cfg: Mapping[str, Any]) -> Tuple[int, dict]:
+def check_state_dict(arch: str, tensors: Mapping[str, np.ndarray], cfg: Mapping[str, Any]) -> tuple[int, dict]:
     """``(num_classes, config)`` of a state_dict of timm's ``arch``, checked against timm's own model.
 
     ``config``: builder options the family reads off the state_dict (its ``state_dict_config``),
@@ -238,7 +239,7 @@ def check_state_dict(arch: str, tensors: Mapping[str, np.ndarray], cfg: Mapping[
     raise ConversionError(f"the state_dict is not timm's {name}: tensors {'; '.join(parts)}; {hint}")
 
 
-def resolve_tag(arch: str, weights: Optional[str]) -> str:
+def resolve_tag(arch: str, weights: str | None) -> str:
     """timm's pretrained tag for ``--weights`` (None or ``DEFAULT``: timm's default; a tag such as
     ``in1k``, or ``<model name>.<tag>``); ConversionError listing the tags otherwise."""
     timm = timm_or_error()
@@ -265,7 +266,7 @@ def _quiet(*loggers: str):
             logger.setLevel(level)
 
 
-def pretrained(arch: str, tag: str) -> "torch.nn.Module":
+def pretrained(arch: str, tag: str) -> torch.nn.Module:
     """timm's model ``arch`` with its pretrained weights ``tag`` (downloaded through the Hugging
     Face hub, or from its local cache), in eval mode.
 
@@ -287,8 +288,8 @@ def pretrained(arch: str, tag: str) -> "torch.nn.Module":
 
 
 def torch_model(
-    arch: str, tensors: Mapping[str, np.ndarray], num_classes: int, config: Optional[Mapping[str, Any]] = None
-) -> "torch.nn.Module":
+    arch: str, tensors: Mapping[str, np.ndarray], num_classes: int, config: Mapping[str, Any] | None = None
+) -> torch.nn.Module:
     """timm's model ``arch`` (``config``: builder options) with ``tensors`` loaded, in eval mode."""
     import torch
 
@@ -309,7 +310,7 @@ def _record(cfg: Mapping[str, Any]) -> str:
     return json.dumps({k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items() if k in CFG_FIELDS})
 
 
-def from_module(arch: str, module: "torch.nn.Module", class_names: Tuple[str, ...] = ()) -> Model:
+def from_module(arch: str, module: torch.nn.Module, class_names: tuple[str, ...] = ()) -> Model:
     """Convert an in-memory timm model (e.g. ``timm.create_model("pvt_v2_b0")``): its sizes where the
     family reads them (``torch_config``), the preprocessing and normalisation of its ``pretrained_cfg``."""
     timm_name(arch)
@@ -327,11 +328,11 @@ def convert(
     arch: str,
     out: os.PathLike,
     *,
-    weights: Optional[str] = None,
-    state_dict: Optional[os.PathLike] = None,
+    weights: str | None = None,
+    state_dict: os.PathLike | None = None,
     image_size: int = 224,
     tolerance: float = converter.LOGIT_TOLERANCE,
-    transform_input: Optional[bool] = None,
+    transform_input: bool | None = None,
 ) -> dict:
     """``jaxpull convert timm/<name>``: timm's pretrained weights (``weights``: a tag, default timm's
     default) or a state_dict file, checked against timm's model of that name, converted, checked

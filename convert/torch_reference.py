@@ -25,7 +25,6 @@ from __future__ import annotations
 import copy
 import functools
 import math
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -204,7 +203,7 @@ def attention_weights(scores, attention: str):
     return w.detach() if attention == "value_only" else w
 
 
-def tempered(attend, query, key, value, attention: str, t: Optional[float]):
+def tempered(attend, query, key, value, attention: str, t: float | None):
     """The attention rule around ``attend(query, key, value)`` (inputs before the in-projection):
     under "tempered" the forward is exact and the backward that of ``attend(query / t, key / t,
     value)`` with the scaling passed straight through."""
@@ -219,7 +218,7 @@ class RuledMultiheadAttention(nn.Module):
     """``nn.MultiheadAttention`` (batch_first, no masks: torchvision ViT) computed by hand, with
     the attention rule ("tempered" at ``t`` or "value_only")."""
 
-    def __init__(self, mha: nn.MultiheadAttention, attention: str, t: Optional[float]):
+    def __init__(self, mha: nn.MultiheadAttention, attention: str, t: float | None):
         super().__init__()
         assert mha.batch_first and mha._qkv_same_embed_dim and mha.in_proj_bias is not None
         self.mha, self.attention, self.t = mha, attention, t
@@ -261,7 +260,7 @@ class SurrogateMaxPool(nn.Module):
 FAMILY_PATCHES = {}
 
 
-def relu_module(rule, six: bool = False) -> Optional[nn.Module]:
+def relu_module(rule, six: bool = False) -> nn.Module | None:
     """The torch module of a jaxpull ReLU rule (None: the plain derivative, keep torch's own)."""
     if rule.mode == "gate":
         return GatedReLU(float(rule.temperature), rule.gate, six=six)
@@ -270,7 +269,7 @@ def relu_module(rule, six: bool = False) -> Optional[nn.Module]:
     return None
 
 
-def max_pool_module(rule, pool: nn.MaxPool2d) -> Optional[nn.Module]:
+def max_pool_module(rule, pool: nn.MaxPool2d) -> nn.Module | None:
     """The torch module of a jaxpull max-pool rule around ``pool`` (None: keep it)."""
     if rule.mode == "plain":
         return None
@@ -321,7 +320,7 @@ class RuledPVTAttention(nn.Module):
     linear variant's ``pool`` and ``act``) runs through the module's own children, whose rules
     :func:`gated` swaps in."""
 
-    def __init__(self, attn: nn.Module, attention: str, t: Optional[float]):
+    def __init__(self, attn: nn.Module, attention: str, t: float | None):
         super().__init__()
         self.attn, self.attention, self.t = attn, attention, t
 
@@ -507,7 +506,7 @@ def ascent(
     return x.detach().view(n, k, *x_nhwc.shape[1:])
 
 
-def _maxvit_attention(m, attention: str, t: Optional[float], x):
+def _maxvit_attention(m, attention: str, t: float | None, x):
     """torchvision MaxViT's ``RelativePositionalMultiHeadAttention.forward`` (``x`` ``(B, G, P, D)``)
     by hand, its functional softmax through :func:`attention_weights` and the whole layer
     (``to_qkv`` included; the relative position bias added unscaled) through :func:`tempered`."""
@@ -594,7 +593,7 @@ def _swin_attend(m, relative_position_bias, attention: str, query, key, value):
         attn_mask = attn_mask.view(pad_H // window_size[0], window_size[0], pad_W // window_size[1], window_size[1])
         attn_mask = attn_mask.permute(0, 2, 1, 3).reshape(num_windows, window_size[0] * window_size[1])
         attn_mask = attn_mask.unsqueeze(1) - attn_mask.unsqueeze(2)
-        attn_mask = attn_mask.masked_fill(attn_mask != 0, float(-100.0)).masked_fill(attn_mask == 0, float(0.0))
+        attn_mask = attn_mask.masked_fill(attn_mask != 0, -100.0).masked_fill(attn_mask == 0, 0.0)
         attn = attn.view(B, num_windows, num_heads, n, n) + attn_mask.unsqueeze(1).unsqueeze(0)
         attn = attn.view(-1, num_heads, n, n)
     attn = attention_weights(attn, attention)
@@ -607,7 +606,7 @@ def _swin_attend(m, relative_position_bias, attention: str, query, key, value):
     return x[:, :H, :W, :].contiguous()
 
 
-def _swin_attention(m, attention: str, t: Optional[float], x):
+def _swin_attention(m, attention: str, t: float | None, x):
     bias = m.get_relative_position_bias()
     return tempered(functools.partial(_swin_attend, m, bias, attention), x, x, x, attention, t)
 

@@ -14,13 +14,13 @@ in pyproject.toml), and jaxpull looks up what is installed.
 from __future__ import annotations
 
 from importlib import metadata
-from typing import Any, List, Tuple
+from typing import Any
 
 OFFLINE_MODELS = "jaxpull.offline_models"
 COMMANDS = "jaxpull.commands"
 
 
-def load(group: str) -> List[Tuple[str, Any]]:
+def load(group: str) -> list[tuple[str, Any]]:
     """``(name, object)`` of every entry point of ``group``, in name order, each loaded once (an
     entry point seen twice, e.g. from an editable install and a wheel, is loaded once).
 

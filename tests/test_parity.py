@@ -132,7 +132,7 @@ FOLLOW_UP = ["resnet18", "vgg11_bn", "densenet121"]
 FOLLOW_UP_GATES = dict(temperature=0.6, pool_temperature=0.2, gate="normal_cdf", max_pool="detached")
 
 
-@functools.lru_cache(maxsize=None)  # a few hundred kB per arch
+@functools.cache  # a few hundred kB per arch
 def compared(arch: str) -> dict:
     """The logits and every check's maps of ``arch`` on ``images(2, 64)`` for TARGETS, from one
     ``jaxpull.compare`` call (one compiled function, computed by whichever test asks first)."""

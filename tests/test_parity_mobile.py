@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import functools
-from typing import Optional
 
 import numpy as np
 import pytest
@@ -67,7 +66,7 @@ def squeezenet_pool_sizes(version: str, size: int):
     return out
 
 
-def check_model(arch: str, ascent: Optional[float]):
+def check_model(arch: str, ascent: float | None):
     """Every check on ``arch``; ``ascent``: also the ascent, with this relative tolerance."""
     tm, model = randomized(arch)
     size = SIZES.get(arch, 64)

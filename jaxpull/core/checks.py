@@ -5,7 +5,7 @@ Checks run on concrete values only; inside ``jax.jit`` / ``jax.vmap`` tracers pa
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -206,7 +206,7 @@ def count(value, name: str) -> int:
     return int(value)
 
 
-def temperature(value, name: str = "temperature") -> Optional[jax.Array]:
+def temperature(value, name: str = "temperature") -> jax.Array | None:
     """A positive temperature (scalar or array, for vmapped sweeps), or None."""
     if value is None:
         return None

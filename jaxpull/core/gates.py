@@ -15,7 +15,7 @@ themselves (what each layer kind's backward is, its settings and presets) live i
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp

@@ -10,7 +10,7 @@ where there is one (``Conv`` with ``use_bias=True``), and stores the rest as ``A
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence, Tuple, Union
+from collections.abc import Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -21,7 +21,7 @@ from jax import lax
 from jaxpull.core.lowering import cpu_conv, depthwise_conv
 from jaxpull.core.rules import Rules
 
-Padding = Union[int, Tuple[Tuple[int, int], Tuple[int, int]], str]
+Padding = int | tuple[tuple[int, int], tuple[int, int]] | str
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -50,7 +50,7 @@ def to_model_input(x: jax.Array, mean: Sequence[float], std: Sequence[float]) ->
     return ((x + 1) / 2 - mean) / std
 
 
-def same_padding(size: int, kernel: int, stride: int) -> Tuple[int, int]:
+def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
     """TensorFlow 'SAME' padding for one spatial axis: (before, after), extra on the after side."""
     out = -(-size // stride)
     total = max((out - 1) * stride + kernel - size, 0)
@@ -62,12 +62,12 @@ class Conv(nn.Module):
     (TensorFlow's). ``kernel_size`` is ``k`` or ``(kh, kw)`` (Inception-v3's 1x7 and 7x1)."""
 
     features: int
-    kernel_size: Union[int, Tuple[int, int]]
+    kernel_size: int | tuple[int, int]
     stride: int = 1
     padding: Padding = 0
     groups: int = 1
     use_bias: bool = False
-    dtype: Optional[jnp.dtype] = None  # operand dtype; None: the kernel's (float32, or bfloat16 after Model.astype)
+    dtype: jnp.dtype | None = None  # operand dtype; None: the kernel's (float32, or bfloat16 after Model.astype)
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -141,7 +141,7 @@ class Projection(nn.Module):
     use_bias: bool = True
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> Tuple[jax.Array, Optional[jax.Array]]:
+    def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array | None]:
         kernel = self.param("kernel", nn.initializers.lecun_normal(), (x.shape[-1], self.features))
         bias = self.param("bias", nn.initializers.zeros, (self.features,)) if self.use_bias else None
         return matmul(x, kernel), bias
@@ -213,7 +213,7 @@ def _adaptive_matrix(size: int, out: int) -> np.ndarray:
     return m
 
 
-def adaptive_avg_pool(x: jax.Array, output_size: Tuple[int, int]) -> jax.Array:
+def adaptive_avg_pool(x: jax.Array, output_size: tuple[int, int]) -> jax.Array:
     """``torch.nn.AdaptiveAvgPool2d(output_size)`` on ``(N, H, W, C)`` -> ``(N, oh, ow, C)``."""
     n, h, w, c = x.shape
     oh, ow = output_size

@@ -9,14 +9,14 @@ exactly what ``lax.conv_general_dilated`` (or the identity) computes, up to floa
 from __future__ import annotations
 
 import functools
-from typing import Callable, List, Optional, Tuple
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
 
-def shifted_views(x: jax.Array, kernel_hw: Tuple[int, int], stride: int, pad) -> List[jax.Array]:
+def shifted_views(x: jax.Array, kernel_hw: tuple[int, int], stride: int, pad) -> list[jax.Array]:
     """The kh*kw strided views of padded ``x`` that a convolution's taps read, in (i, j) order:
     ``x`` ``(N, H, W, C)`` -> kh*kw arrays ``(N, Ho, Wo, C)``; view (i, j) meets ``kernel[i, j]``."""
     kh, kw = kernel_hw
@@ -67,7 +67,7 @@ def fence_cotangent_on_cpu(y: jax.Array, source: jax.Array) -> jax.Array:
     return materialised_cotangent(y, lax.stop_gradient(source.reshape(-1)[0]).astype(jnp.float32))
 
 
-def _tap_sum(views: List[jax.Array], kernel: jax.Array) -> jax.Array:
+def _tap_sum(views: list[jax.Array], kernel: jax.Array) -> jax.Array:
     """``sum_ij views[ij] * kernel[i, j]`` in float32: views ``(N, Ho, Wo, C)``, kernel ``(kh, kw, 1, C)``."""
     out = jnp.zeros(views[0].shape, jnp.float32)
     for view, w in zip(views, kernel.reshape(len(views), -1)):
@@ -75,7 +75,7 @@ def _tap_sum(views: List[jax.Array], kernel: jax.Array) -> jax.Array:
     return out
 
 
-def scatter_views(g: jax.Array, weights: jax.Array, stride: int, pad, in_hw: Tuple[int, int]) -> jax.Array:
+def scatter_views(g: jax.Array, weights: jax.Array, stride: int, pad, in_hw: tuple[int, int]) -> jax.Array:
     """The transpose of :func:`shifted_views` with weighted taps: ``sum_ij`` of ``g * weights_ij``
     put back where view (i, j) was read (``pad`` and ``in_hw``: the views' padding and the input's
     height and width). ``g`` ``(N, Ho, Wo, C)`` -> ``(N, H, W, C)`` float32.
@@ -240,13 +240,13 @@ def _dense_conv_bwd(stride, pad, residuals, g):
 dense_conv.defvjp(_dense_conv_fwd, _dense_conv_bwd)
 
 
-def dense_conv_on_cpu(kernel_shape: Tuple[int, ...], pad) -> bool:
+def dense_conv_on_cpu(kernel_shape: tuple[int, ...], pad) -> bool:
     """Whether XLA:CPU runs a dense convolution as :func:`dense_conv` (GPU / TPU keep autodiff's
     convolution, fast there): padding of at most ``k - 1`` per side, so the gradient's is >= 0."""
     return all(0 <= lo <= k - 1 and 0 <= hi <= k - 1 for k, (lo, hi) in zip(kernel_shape[:2], pad))
 
 
-def im2col_on_cpu(kernel_shape: Tuple[int, ...], stride: int) -> bool:
+def im2col_on_cpu(kernel_shape: tuple[int, ...], stride: int) -> bool:
     """Whether XLA:CPU runs a dense convolution faster as :func:`conv_im2col`: every 1x1 one (its
     input gradient at ResNet-50's shapes, batch 100: 1.1-4.3x faster than ``lax.conv``) and the
     strided kxk ones past the stem (1.1-1.4x). Stride-1 kxk ones and the 3-channel stem stay
@@ -264,8 +264,8 @@ TINY_OUTPUT = 4  # output pixels (H * W) at or below which every convolution is 
 
 
 def cpu_conv(
-    kernel_shape: Tuple[int, ...], stride: int, pad, out_hw: Tuple[int, int] = (TINY_OUTPUT + 1, 1)
-) -> Optional[Callable[..., jax.Array]]:
+    kernel_shape: tuple[int, ...], stride: int, pad, out_hw: tuple[int, int] = (TINY_OUTPUT + 1, 1)
+) -> Callable[..., jax.Array] | None:
     """The XLA:CPU lowering of a dense (groups = 1) convolution: :func:`conv_im2col` where
     :func:`im2col_on_cpu` or the output ``out_hw`` has at most :data:`TINY_OUTPUT` pixels, else
     :func:`dense_conv` where :func:`dense_conv_on_cpu`, else None (``lax.conv`` with autodiff's

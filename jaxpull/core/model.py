@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from typing import Any, Mapping, Tuple
+from collections.abc import Mapping
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -42,13 +43,13 @@ class ModelSpec:
 
     arch: str
     num_classes: int = 1000
-    input_mean: Tuple[float, float, float] = IMAGENET_MEAN
-    input_std: Tuple[float, float, float] = IMAGENET_STD
-    class_names: Tuple[str, ...] = dataclasses.field(default=(), compare=False, hash=False)
+    input_mean: tuple[float, float, float] = IMAGENET_MEAN
+    input_std: tuple[float, float, float] = IMAGENET_STD
+    class_names: tuple[str, ...] = dataclasses.field(default=(), compare=False, hash=False)
     metadata: Mapping[str, str] = dataclasses.field(default_factory=dict, compare=False, hash=False)
     transform_input: bool = False
     preprocessing: Preprocessing = dataclasses.field(default=Preprocessing(), compare=False, hash=False)
-    config: Tuple[Tuple[str, Any], ...] = ()
+    config: tuple[tuple[str, Any], ...] = ()
 
     def __post_init__(self):
         # the builder options checked against the family's declaration, as sorted pairs (lists as tuples)
@@ -80,7 +81,7 @@ class Model:
         return cls(children[0], spec)
 
     @classmethod
-    def from_numpy(cls, params: Params, spec: ModelSpec) -> "Model":
+    def from_numpy(cls, params: Params, spec: ModelSpec) -> Model:
         """A model whose parameters are device copies of ``params`` (numpy arrays).
 
         ``jax.device_put``, not ``jnp.asarray``: with jax 0.10 the latter compiles a small
@@ -99,7 +100,7 @@ class Model:
         return self.spec.num_classes
 
     @property
-    def class_names(self) -> Tuple[str, ...]:
+    def class_names(self) -> tuple[str, ...]:
         return self.spec.class_names
 
     @property
@@ -126,7 +127,7 @@ class Model:
         kernels = [leaf.dtype for path, leaf in jax.tree_util.tree_leaves_with_path(self.params) if _is_kernel(path)]
         return jnp.dtype(kernels[0] if kernels else jnp.float32).name
 
-    def astype(self, dtype: str) -> "Model":
+    def astype(self, dtype: str) -> Model:
         """The same model computing its convolutions and dense layers with ``dtype`` operands.
 
         The kernels are cast to ``dtype`` (every layer takes its operands in its kernel's dtype and

@@ -10,7 +10,8 @@ they were recorded get the defaults.
 from __future__ import annotations
 
 import numbers
-from typing import Dict, Mapping, NamedTuple
+from collections.abc import Mapping
+from typing import NamedTuple
 
 INTERPOLATIONS = ("bilinear", "bicubic")
 # Every image size in pixels, the converter's parity check and a model file's crop and resize
@@ -27,7 +28,7 @@ class Preprocessing(NamedTuple):
     resize_size: int = 256
     interpolation: str = "bilinear"
 
-    def check(self) -> "Preprocessing":
+    def check(self) -> Preprocessing:
         """Return ``self``; ValueError naming the bad value otherwise."""
         for name in ("crop_size", "resize_size"):
             value = getattr(self, name)
@@ -48,7 +49,7 @@ class Preprocessing(NamedTuple):
             raise ValueError(f"unknown interpolation {self.interpolation!r}: use one of {', '.join(INTERPOLATIONS)}")
         return self
 
-    def to_metadata(self) -> Dict[str, str]:
+    def to_metadata(self) -> dict[str, str]:
         """The file metadata entries (strings)."""
         return {
             "crop_size": str(self.crop_size),
@@ -57,7 +58,7 @@ class Preprocessing(NamedTuple):
         }
 
     @classmethod
-    def from_metadata(cls, meta: Mapping[str, str]) -> "Preprocessing":
+    def from_metadata(cls, meta: Mapping[str, str]) -> Preprocessing:
         """Read the entries of :meth:`to_metadata` (defaults where absent); ValueError if malformed."""
         default = cls()
         try:
@@ -71,6 +72,6 @@ class Preprocessing(NamedTuple):
         return cls(crop, resize, meta.get("interpolation", default.interpolation)).check()
 
     @property
-    def image_options(self) -> Dict[str, object]:
+    def image_options(self) -> dict[str, object]:
         """Keyword arguments of ``jaxpull.files.images.load_image(s)``: ``size``, ``resize``, ``interpolation``."""
         return {"size": self.crop_size, "resize": self.resize_size, "interpolation": self.interpolation}

@@ -7,7 +7,8 @@ arguments: a new temperature, label, step size or step count does not recompile.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Mapping, NamedTuple, Tuple, Union
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -40,7 +41,7 @@ def pullback_core(model: Model, x: jax.Array, targets: jax.Array, rules: Rules) 
     return jnp.swapaxes(grads, 0, 1)
 
 
-def pullback(model: Model, x, targets, *, rules: Union[Rules, str] = DEFAULT_RULES, **overrides) -> jax.Array:
+def pullback(model: Model, x, targets, *, rules: Rules | str = DEFAULT_RULES, **overrides) -> jax.Array:
     """Excitation pullbacks: the gradient of each target logit w.r.t. the input under the rules.
 
     Args:
@@ -66,8 +67,8 @@ def pullback(model: Model, x, targets, *, rules: Union[Rules, str] = DEFAULT_RUL
 
 @jax.jit
 def compare_core(
-    model: Model, x: jax.Array, targets: jax.Array, rule_sets: Tuple[Rules, ...]
-) -> Tuple[jax.Array, Tuple[jax.Array, ...]]:
+    model: Model, x: jax.Array, targets: jax.Array, rule_sets: tuple[Rules, ...]
+) -> tuple[jax.Array, tuple[jax.Array, ...]]:
     """Logits ``(N, C)`` and :func:`pullback_core` under each of ``rule_sets``, in one compiled call.
 
     The rules differ only in the backward pass, so the forward passes are the same computation
@@ -84,7 +85,7 @@ class Comparison(NamedTuple):
     pullbacks ``(N, K, H, W, 3)`` in the order the methods were given."""
 
     logits: jax.Array
-    maps: Dict[str, jax.Array]
+    maps: dict[str, jax.Array]
 
 
 def compare(model: Model, x, targets, methods: Mapping[str, Any] = COMPARISON) -> Comparison:
@@ -134,7 +135,7 @@ def _self_explain_loss(logits: jax.Array, t: jax.Array) -> jax.Array:
     return 0.5 * jnp.sum(logits**2, axis=1)
 
 
-LOSS_FUNCTIONS: Dict[str, Callable[[jax.Array, jax.Array], jax.Array]] = {
+LOSS_FUNCTIONS: dict[str, Callable[[jax.Array, jax.Array], jax.Array]] = {
     "logit": _logit_loss,
     "cross_entropy": _cross_entropy_loss,
     "self_explain": _self_explain_loss,
@@ -215,8 +216,8 @@ def ascent(
     x,
     targets,
     *,
-    rules: Union[Rules, str] = DEFAULT_RULES,
-    ascent: Union[Ascent, str, None] = None,
+    rules: Rules | str = DEFAULT_RULES,
+    ascent: Ascent | str | None = None,
     output: str = "image",
     **overrides,
 ) -> jax.Array:

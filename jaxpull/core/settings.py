@@ -16,7 +16,8 @@ app's controls and the sweep's manifest are generated from :data:`SETTINGS`.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Dict, Mapping, NamedTuple, Optional, Tuple, Union
+from collections.abc import Mapping
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -64,7 +65,7 @@ class Ascent(Validated):
 
     steps: int = number(5, "ascent steps", low=1, high=MAX_STEPS, integer=True)
     alpha: float = number(20.0, "ascent step size", high=MAX_STEP)
-    eps: Optional[float] = number(
+    eps: float | None = number(
         100.0, "L2 ball radius around the image (none: no projection)", high=MAX_STEP, optional=True
     )
     margin: float = number(0.0, "slack of the clamp box [-1 - margin, 1 + margin]", low=0.0, high=MAX_STEP)
@@ -99,7 +100,7 @@ _PLAIN = Rules(
     sr_attention=Attention(mode="plain"),
 )
 
-PRESETS: Dict[str, Preset] = {
+PRESETS: dict[str, Preset] = {
     p.name: p
     for p in (
         Preset(
@@ -129,10 +130,10 @@ DEFAULT_RULES = "excitation"
 VANILLA: Rules = PRESETS["vanilla"].rules
 
 
-ASCENT_SETTINGS: Dict[str, Setting] = {f.name: Setting(f.name, "ascent", f.name, f) for f in dataclasses.fields(Ascent)}
+ASCENT_SETTINGS: dict[str, Setting] = {f.name: Setting(f.name, "ascent", f.name, f) for f in dataclasses.fields(Ascent)}
 # Every flat setting, rules first: the one table the keyword overrides, the command line's flags, the
 # app's controls and the sweep's manifest are generated from.
-SETTINGS: Dict[str, Setting] = {
+SETTINGS: dict[str, Setting] = {
     **RULE_SETTINGS,
     **ASCENT_SETTINGS,
 }
@@ -154,7 +155,7 @@ def _check_known(overrides: Mapping[str, Any], allowed: Mapping[str, Setting]) -
         raise ValueError(f"unknown setting(s) {', '.join(unknown)}: use {', '.join(allowed)}{hint}")
 
 
-def resolve(rules: Union[Rules, str] = DEFAULT_RULES, **overrides) -> Rules:
+def resolve(rules: Rules | str = DEFAULT_RULES, **overrides) -> Rules:
     """The rules to use: the preset named ``rules`` (or the composite given), with the flat rule
     settings ``overrides`` (``temperature=0.4``, ``gelu="plain"``, ...) replacing its values, each checked.
 
@@ -171,7 +172,7 @@ def resolve(rules: Union[Rules, str] = DEFAULT_RULES, **overrides) -> Rules:
     return base.replace(**overrides) if overrides else base
 
 
-def scalars(rules: Rules, ascent: Optional[Ascent] = None) -> None:
+def scalars(rules: Rules, ascent: Ascent | None = None) -> None:
     """ValueError if a concrete number of ``rules`` (or ``ascent``) is an array: one call computes one
     rule set. Inside ``jax.vmap`` the numbers are tracers (one slice each) and pass."""
     for owner, table in ((rules, RULE_SETTINGS), (ascent, ASCENT_SETTINGS)):
@@ -187,9 +188,7 @@ def scalars(rules: Rules, ascent: Optional[Ascent] = None) -> None:
                 )
 
 
-def resolve_ascent(
-    rules: Union[Rules, str] = DEFAULT_RULES, ascent: Union[Ascent, str, None] = None, **overrides
-) -> Ascent:
+def resolve_ascent(rules: Rules | str = DEFAULT_RULES, ascent: Ascent | str | None = None, **overrides) -> Ascent:
     """The ascent to use: ``ascent`` (an :class:`Ascent`, or a preset's name), else the ascent of the
     preset named ``rules`` (the default preset's for a composite), with the flat ascent settings
     ``overrides`` (``steps=10``, ``eps=None``, ...) replacing its values, each checked."""
@@ -203,7 +202,7 @@ def resolve_ascent(
     return dataclasses.replace(base, **{k: ASCENT_SETTINGS[k].check(v) for k, v in overrides.items()})
 
 
-def split(settings: Mapping[str, Any]) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+def split(settings: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """Flat settings split into (rule settings, ascent settings); ValueError for unknown names."""
     _check_known(settings, SETTINGS)
     rule = {k: v for k, v in settings.items() if k in RULE_SETTINGS}
@@ -211,17 +210,17 @@ def split(settings: Mapping[str, Any]) -> Tuple[Dict[str, Any], Dict[str, Any]]:
 
 
 def resolve_both(
-    rules: Union[Rules, str] = DEFAULT_RULES, ascent: Union[Ascent, str, None] = None, **settings
-) -> Tuple[Rules, Ascent]:
+    rules: Rules | str = DEFAULT_RULES, ascent: Ascent | str | None = None, **settings
+) -> tuple[Rules, Ascent]:
     """:func:`resolve` and :func:`resolve_ascent` from one set of flat settings (rule and ascent names)."""
     rule, asc = split(settings)
     return resolve(rules, **rule), resolve_ascent(rules, ascent, **asc)
 
 
-def record(rules: Rules, ascent: Optional[Ascent] = None, name: Optional[str] = None) -> Dict[str, Any]:
+def record(rules: Rules, ascent: Ascent | None = None, name: str | None = None) -> dict[str, Any]:
     """Every setting's value, JSON-able (what a saved result and a sweep's manifest store), with the
     preset's name when the composite was resolved from one."""
-    out: Dict[str, Any] = {"rules": name} if name is not None else {}
+    out: dict[str, Any] = {"rules": name} if name is not None else {}
     out.update(rules.settings())
     if ascent is not None:
         out.update({n: s.get(ascent) for n, s in ASCENT_SETTINGS.items()})
@@ -229,14 +228,14 @@ def record(rules: Rules, ascent: Optional[Ascent] = None, name: Optional[str] = 
 
 
 # The paper's comparison (its figure's rows): method name -> the rules of each.
-COMPARISON: Dict[str, Dict[str, Any]] = {
+COMPARISON: dict[str, dict[str, Any]] = {
     "excitation": dict(rules="excitation"),
     "semantic": dict(rules="semantic"),
     "vanilla gradient": dict(rules="vanilla"),
 }
 
 
-def resolve_methods(methods: Mapping[str, Any]) -> Dict[str, Rules]:
+def resolve_methods(methods: Mapping[str, Any]) -> dict[str, Rules]:
     """Rules per method: ``methods`` maps a name to a :class:`Rules`, a preset's name, or a dict of
     ``rules`` and flat rule settings. Checks that there is at least one method."""
     if not isinstance(methods, Mapping) or not methods:

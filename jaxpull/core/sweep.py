@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Iterable, List, NamedTuple, Optional, Sequence
+from collections.abc import Iterable, Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -82,7 +83,7 @@ class Span(NamedTuple):
         return self.stop - self.start
 
 
-def chunks(n: int, t: int, num_labels: int, chunk: int) -> List[Span]:
+def chunks(n: int, t: int, num_labels: int, chunk: int) -> list[Span]:
     """The grid cut into units of ``chunk`` labels, in order: image, temperature, labels."""
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1, got {chunk}")
@@ -94,7 +95,7 @@ def chunks(n: int, t: int, num_labels: int, chunk: int) -> List[Span]:
     ]
 
 
-def share(units: Sequence[Span], index: int, count: int) -> List[Span]:
+def share(units: Sequence[Span], index: int, count: int) -> list[Span]:
     """Process ``index``'s units out of ``count``: a contiguous block, as even as the units allow.
 
     Depends only on the units (hence on the chunk), never on what is done, so processes that
@@ -105,7 +106,7 @@ def share(units: Sequence[Span], index: int, count: int) -> List[Span]:
     return list(units[lo:hi])
 
 
-def missing(span: Span, done: Iterable[Span]) -> List[Span]:
+def missing(span: Span, done: Iterable[Span]) -> list[Span]:
     """The parts of ``span`` no span of ``done`` covers (done spans of other rows are ignored)."""
     covered = np.zeros(span.size, bool)
     for d in done:
@@ -121,7 +122,7 @@ def missing(span: Span, done: Iterable[Span]) -> List[Span]:
     return out
 
 
-def gaps(n: int, t: int, num_labels: int, done: Iterable[Span]) -> List[Span]:
+def gaps(n: int, t: int, num_labels: int, done: Iterable[Span]) -> list[Span]:
     """The label positions of the whole grid that ``done`` leaves uncovered (empty: complete)."""
     done = list(done)
     return [g for i in range(n) for k in range(t) for g in missing(Span(i, k, 0, num_labels), done)]
@@ -138,7 +139,7 @@ def padded_labels(labels: np.ndarray, span: Span, width: int) -> np.ndarray:
 # --------------------------------------------------------------------------------------
 
 
-def mesh(devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
+def mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
     """A one-axis mesh ``("labels",)`` over ``devices`` (default: this process's local devices)."""
     devices = list(devices) if devices is not None else jax.local_devices()
     return Mesh(np.array(devices), ("labels",))
@@ -185,7 +186,7 @@ def _nbytes(s) -> int:
     return int(np.prod(s.shape, dtype=np.int64)) * np.dtype(s.dtype).itemsize
 
 
-def residuals(model: Model, image_shape: Sequence[int], batch: int, rules: Rules) -> List[jax.ShapeDtypeStruct]:
+def residuals(model: Model, image_shape: Sequence[int], batch: int, rules: Rules) -> list[jax.ShapeDtypeStruct]:
     """The shapes of what a backward pass keeps from the forward pass of ``batch`` images: the
     residuals of ``jax.vjp`` of the forward under ``rules``, from ``jax.eval_shape`` (no compile;
     parameters the backward reads, e.g. convolution kernels, are among them)."""
@@ -273,7 +274,7 @@ def plan(
     ascent: Ascent,
     *,
     memory_budget: float,
-    chunk_size: Optional[int],
+    chunk_size: int | None,
     num_labels: int,
     m: Mesh,
 ) -> Plan:

@@ -6,8 +6,6 @@ notebook and the app alike, so each rule is written once.
 
 from __future__ import annotations
 
-from typing import List, Tuple
-
 import numpy as np
 
 from jaxpull.core import checks
@@ -37,7 +35,7 @@ def resolve_targets(model: Model, logits: np.ndarray, spec: str) -> np.ndarray:
     return np.stack(columns, axis=1).astype(np.int32)
 
 
-def parse_labels(spec: str, model: Model) -> List[int]:
+def parse_labels(spec: str, model: Model) -> list[int]:
     """``"all"``, a range ``"0-99"``, or a comma list of indices, class names and ranges -> indices."""
     if spec.strip().lower() == "all":
         return list(range(model.num_classes))
@@ -53,7 +51,7 @@ def parse_labels(spec: str, model: Model) -> List[int]:
     return labels
 
 
-def paper_layout(logits: np.ndarray, seed: int = 0) -> Tuple[np.ndarray, List[int]]:
+def paper_layout(logits: np.ndarray, seed: int = 0) -> tuple[np.ndarray, list[int]]:
     """The paper's figure columns for ``N`` images: each image's own top-1 label once, then one
     random other label, shared by every row.
 
@@ -68,7 +66,7 @@ def paper_layout(logits: np.ndarray, seed: int = 0) -> Tuple[np.ndarray, List[in
     return np.array(own + extra, np.int32), [own.index(i) for i in top1]
 
 
-def top5_lines(model: Model, names: List[str], logits: np.ndarray) -> List[str]:
+def top5_lines(model: Model, names: list[str], logits: np.ndarray) -> list[str]:
     """``"name: tabby (281) 38.2%; ..."`` per image: its five most probable labels."""
     probs = np.exp(logits - logits.max(1, keepdims=True))
     probs /= probs.sum(1, keepdims=True)

@@ -14,8 +14,8 @@ writes are atomic: a refused conversion leaves no entry.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Union
 
 from jaxpull import plugins
 from jaxpull.core.model import Model
@@ -61,7 +61,7 @@ def _convert_offline(name: str, provider, cached: Path, log: Callable[[str], Non
     return _load_cached(cached)
 
 
-def resolve(name_or_path: Union[str, os.PathLike], log: Callable[[str], None] = print) -> Model:
+def resolve(name_or_path: str | os.PathLike, log: Callable[[str], None] = print) -> Model:
     """A model from a ``.safetensors`` path, or by architecture name from the cache.
 
     A ``Path`` (any ``os.PathLike``), a string ending in ``.safetensors`` or naming an existing

@@ -29,8 +29,8 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Dict, List, Sequence, Tuple, Union
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -108,7 +108,7 @@ def _to_8bit(image: Image.Image) -> Image.Image:
     return Image.fromarray(np.round(a / unit).astype(np.uint8), "L")
 
 
-def open_image(path: Union[str, os.PathLike]) -> Image.Image:
+def open_image(path: str | os.PathLike) -> Image.Image:
     """Decode an image file within the size limits of the module docstring (PIL errors propagate).
 
     Raises:
@@ -131,7 +131,7 @@ def open_image(path: Union[str, os.PathLike]) -> Image.Image:
 
 
 def load_image(
-    path: Union[str, os.PathLike], size: int = SIZE, resize: int = RESIZE, interpolation: str = "bilinear"
+    path: str | os.PathLike, size: int = SIZE, resize: int = RESIZE, interpolation: str = "bilinear"
 ) -> np.ndarray:
     """Read one image file -> ``(size, size, 3)`` in [-1, 1] (see ``preprocess``); ValueError
     naming the file if unreadable."""
@@ -151,7 +151,7 @@ def load_image(
 
 
 def load_images(
-    paths: Sequence[Union[str, os.PathLike]], size: int = SIZE, resize: int = RESIZE, interpolation: str = "bilinear"
+    paths: Sequence[str | os.PathLike], size: int = SIZE, resize: int = RESIZE, interpolation: str = "bilinear"
 ) -> np.ndarray:
     """Several image files -> ``(N, size, size, 3)`` in [-1, 1] (defaults: the paper's 224 / 256)."""
     if not paths:
@@ -159,7 +159,7 @@ def load_images(
     return np.stack([load_image(p, size, resize, interpolation) for p in paths])
 
 
-def sample_images() -> Dict[str, Path]:
+def sample_images() -> dict[str, Path]:
     """Real photos shipped inside installed packages (no download): name -> file path.
 
     matplotlib's ``grace_hopper.jpg`` and scikit-image's chelsea, coffee, rocket and astronaut,
@@ -179,7 +179,7 @@ def sample_images() -> Dict[str, Path]:
     return found
 
 
-def _matplotlib_photos(files: Sequence[Tuple[str, str]]) -> Dict[str, Path]:
+def _matplotlib_photos(files: Sequence[tuple[str, str]]) -> dict[str, Path]:
     """name -> path of those of matplotlib's ``sample_data`` ``files`` that are installed."""
     try:
         import matplotlib
@@ -189,7 +189,7 @@ def _matplotlib_photos(files: Sequence[Tuple[str, str]]) -> Dict[str, Path]:
     return {name: p for name, p in paths.items() if p.is_file()}
 
 
-def _skimage_photos(files: Sequence[Tuple[str, str]]) -> Dict[str, Path]:
+def _skimage_photos(files: Sequence[tuple[str, str]]) -> dict[str, Path]:
     """name -> path of those of scikit-image's data ``files`` that are installed."""
     try:
         import skimage.data
@@ -215,7 +215,7 @@ _MORE_PHOTOS = (
 )
 
 
-def _package_photos() -> Dict[str, Path]:
+def _package_photos() -> dict[str, Path]:
     """matplotlib's photo of a tea pack and scikit-learn's ``load_sample_images`` (china, flower),
     where those packages are installed."""
     found = _matplotlib_photos((("tea_pack", "Minduka_Present_Blue_Pack.png"),))
@@ -228,13 +228,13 @@ def _package_photos() -> Dict[str, Path]:
     return found
 
 
-def evaluation_photos() -> Dict[str, Path]:
+def evaluation_photos() -> dict[str, Path]:
     """Every real photo found in installed packages: the sample photos, eight more of
     scikit-image's photographs, matplotlib's tea pack, scikit-learn's china and flower (name -> path)."""
     return {**sample_images(), **_skimage_photos(_MORE_PHOTOS), **_package_photos()}
 
 
-def sample_paths(names: Sequence[str] = ()) -> List[Path]:
+def sample_paths(names: Sequence[str] = ()) -> list[Path]:
     """Paths of the named sample photos (all if none named); ValueError if one is not available."""
     available = sample_images()
     if not available:

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping, Union
 
 import jax
 import numpy as np
@@ -25,7 +25,7 @@ from jaxpull.core.preprocessing import Preprocessing
 from jaxpull.files.outputs import atomic_write
 
 FORMAT = "jaxpull/1"
-PathLike = Union[str, os.PathLike]
+PathLike = str | os.PathLike
 
 
 class ModelFileError(ValueError):

@@ -11,15 +11,15 @@ import glob
 import os
 import re
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping, Optional, Union
 
 import numpy as np
 
-PathLike = Union[str, os.PathLike]
+PathLike = str | os.PathLike
 
 
-def check_output(path: PathLike, suffix: Optional[str] = None, what: str = "output") -> Path:
+def check_output(path: PathLike, suffix: str | None = None, what: str = "output") -> Path:
     """Fail before any compute if ``path`` cannot be written; return it as a Path.
 
     One check for every writer (CLI commands, conversion, the app): the suffix, an existing

@@ -22,8 +22,8 @@ import fcntl
 import json
 import re
 import shutil
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Dict, Iterator, List, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -57,7 +57,7 @@ def unit_name(span: Span) -> str:
 # The lock
 # --------------------------------------------------------------------------------------
 
-_HELD: Dict[Path, list] = {}  # lock file -> [handle, depth]: re-entrant within a process
+_HELD: dict[Path, list] = {}  # lock file -> [handle, depth]: re-entrant within a process
 
 
 @contextlib.contextmanager
@@ -115,7 +115,7 @@ def output_lock(out, index: int = 0) -> Iterator[Path]:
         handle.close()  # releases the lock
 
 
-def remove_if_only_locks(out: Path, own: Optional[Path] = None) -> bool:
+def remove_if_only_locks(out: Path, own: Path | None = None) -> bool:
     """Remove the directory ``out`` if it holds nothing but lock and probe files and no other process
     holds one of the locks (``own``: the lock the caller holds); whether it did."""
     out = Path(out)
@@ -201,7 +201,7 @@ class SweepStore:
         self.index, self.count = index, count
         self.units = self.out / UNITS
         self.manifest_path = self.out / process_manifest_name(index, count)
-        self.written: List[str] = []
+        self.written: list[str] = []
 
     # ---- state ---------------------------------------------------------------------------
 
@@ -237,7 +237,7 @@ class SweepStore:
         path = self.out / MANIFEST
         return path.is_file() and read_manifest(path).get("complete", False)
 
-    def done(self) -> List[Span]:
+    def done(self) -> list[Span]:
         """The spans of the unit files in the directory (finished by any process, any chunk)."""
         if not self.units.is_dir():
             return []
@@ -344,7 +344,7 @@ class SweepStore:
 
     # ---- reading -------------------------------------------------------------------------
 
-    def results(self) -> Dict[str, np.ndarray]:
+    def results(self) -> dict[str, np.ndarray]:
         """The finished sweep's arrays, memory-mapped read-only: name -> ``np.memmap``.
 
         Raises ValueError if a result file is missing or of the wrong shape."""
@@ -371,7 +371,7 @@ class SweepStore:
         """Leave ``token`` in ``.probe.I``: the other processes read it to check they share the directory."""
         (self.out / f".probe.{self.index}").write_text(token)
 
-    def read_probe(self, index: int) -> Optional[str]:
+    def read_probe(self, index: int) -> str | None:
         try:
             return (self.out / f".probe.{index}").read_text()
         except OSError:

@@ -15,7 +15,6 @@ import shutil
 import signal
 import tempfile
 from pathlib import Path
-from typing import Optional
 
 from jaxpull.core.settings import DEFAULT_RULES, PRESETS, SETTINGS
 from jaxpull.files import images
@@ -163,7 +162,7 @@ def _stop(signum, frame):
     raise KeyboardInterrupt
 
 
-def serve(host: str = "127.0.0.1", port: int = 7860, models_dir: Optional[str] = None) -> None:
+def serve(host: str = "127.0.0.1", port: int = 7860, models_dir: str | None = None) -> None:
     """Build the explorer and serve it until interrupted (Ctrl-C or SIGTERM alike).
 
     Everything the server writes goes to one ``jaxpull-app-*`` temporary folder, removed when it

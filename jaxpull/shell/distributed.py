@@ -26,8 +26,8 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence
 
 DEFAULT_TIMEOUT = 120  # seconds: joining, the start-up checks, and the heartbeats
 WORKER_ENV = "JAXPULL_DISTRIBUTED_WORKER"
@@ -38,9 +38,9 @@ class Settings:
     """How this process joins: ``coordinator`` ``HOST:PORT``, ``num_processes``, ``process_id``
     (all None: what ``jax.distributed.initialize()`` detects, e.g. under SLURM), ``timeout`` seconds."""
 
-    coordinator: Optional[str] = None
-    num_processes: Optional[int] = None
-    process_id: Optional[int] = None
+    coordinator: str | None = None
+    num_processes: int | None = None
+    process_id: int | None = None
     timeout: float = DEFAULT_TIMEOUT
 
     def __post_init__(self):
@@ -116,14 +116,14 @@ class Group:
     index = 0
     count = 1
 
-    def gather(self, stage: str, value: str, timeout: Optional[float]) -> List[str]:
+    def gather(self, stage: str, value: str, timeout: float | None) -> list[str]:
         """Every process's ``value`` for ``stage``, in process order (waits for all)."""
         return [value]
 
     def post_error(self, message: str) -> None:
         """Tell the other processes this one stopped (they stop after their current unit)."""
 
-    def error(self) -> Optional[str]:
+    def error(self) -> str | None:
         """A message another process posted with :meth:`post_error`, if any."""
         return None
 
@@ -146,7 +146,7 @@ class RuntimeGroup(Group):
         RuntimeGroup._calls += 1
         self.prefix = f"jaxpull/sweep{RuntimeGroup._calls}"
 
-    def gather(self, stage: str, value: str, timeout: Optional[float]) -> List[str]:
+    def gather(self, stage: str, value: str, timeout: float | None) -> list[str]:
         from jax.errors import JaxRuntimeError
 
         self.client.key_value_set(f"{self.prefix}/{stage}/{self.index}", value)
@@ -176,7 +176,7 @@ class RuntimeGroup(Group):
         except Exception:  # another process posted first
             pass
 
-    def error(self) -> Optional[str]:
+    def error(self) -> str | None:
         from jax.errors import JaxRuntimeError
 
         try:
@@ -250,7 +250,7 @@ def explain_fatal(text: str, settings: Settings) -> str:
     return f"the distributed runtime stopped this process ({status}): {resume}"
 
 
-def supervise(argv: Sequence[str], settings: Settings, out: Optional[str], err=None) -> int:
+def supervise(argv: Sequence[str], settings: Settings, out: str | None, err=None) -> int:
     """Run ``jaxpull ARGV`` in a child process that joins the runtime; its output passes through
     (the runtime's log lines are held back) and a fatal error of the runtime becomes one line
     ``jaxpull: error: ...``. Returns the exit status (2 for any error). An output directory the
@@ -265,7 +265,7 @@ def supervise(argv: Sequence[str], settings: Settings, out: Optional[str], err=N
         env=env,
         preexec_fn=_set_parent_death_signal,
     )
-    held: List[str] = []
+    held: list[str] = []
     said = threading.Event()  # the child printed its own one-line error
 
     def pump() -> None:
@@ -325,7 +325,7 @@ def is_worker() -> bool:
     return os.environ.get(WORKER_ENV) == "1"
 
 
-def joined(settings: Settings, out: Optional[str], then: Callable[[], object]):
+def joined(settings: Settings, out: str | None, then: Callable[[], object]):
     """In the child: take this process's lock on ``out`` (so a second process with the same id is
     refused before it can disturb the runtime), join the runtime, and run ``then`` holding it."""
     from jaxpull.files.sweep_store import output_lock

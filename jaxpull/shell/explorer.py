@@ -15,8 +15,9 @@ import tempfile
 import threading
 import time
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -45,7 +46,7 @@ KEEP_ARRAYS = 20
 MAX_UPLOAD_BYTES = 50 * 2**20
 
 
-def available_models(models_dir: Optional[str]) -> Dict[str, str]:
+def available_models(models_dir: str | None) -> dict[str, str]:
     """Display name -> model source: the offline default plus every ``*.safetensors`` in ``models_dir``."""
     found = {DEFAULT_LABEL: cache.DEFAULT_MODEL}
     if models_dir:
@@ -57,7 +58,7 @@ def available_models(models_dir: Optional[str]) -> Dict[str, str]:
     return found
 
 
-def read_upload(path: str, preprocessing: Preprocessing = Preprocessing()) -> Tuple[np.ndarray, str]:
+def read_upload(path: str, preprocessing: Preprocessing = Preprocessing()) -> tuple[np.ndarray, str]:
     """An uploaded file -> ``(S, S, 3)`` in [-1, 1] (S the model's crop size, 224 by default) and a
     note (non-empty if it was shrunk).
 
@@ -141,7 +142,7 @@ def form_value(name: str, value):
     return value
 
 
-def preset_form(name: str) -> Dict[str, object]:
+def preset_form(name: str) -> dict[str, object]:
     """Every form field's value in the preset ``name`` (what the page shows when it is chosen)."""
     p = settings.preset(name)
     return {n: s.get(p.ascent if s.part == "ascent" else getattr(p.rules, s.part)) for n, s in SETTINGS.items()}
@@ -157,9 +158,9 @@ def _caption(tile: np.ndarray, text: str) -> np.ndarray:
 class Explorer:
     """The explorer's state (models by display name, loaded lazily and kept) and its handlers."""
 
-    def __init__(self, models_dir: Optional[str] = None, output_dir: Optional[str] = None):
+    def __init__(self, models_dir: str | None = None, output_dir: str | None = None):
         self.models = available_models(models_dir)
-        self._loaded: Dict[str, Model] = {}
+        self._loaded: dict[str, Model] = {}
         self._lock = threading.Lock()
         self._output_dir = Path(output_dir) if output_dir else None
 
@@ -183,7 +184,7 @@ class Explorer:
             shutil.rmtree(owned, ignore_errors=True)
             self._owned = self._output_dir = None
 
-    def _save_arrays(self, path: Path, arrays: Dict[str, np.ndarray]) -> None:
+    def _save_arrays(self, path: Path, arrays: dict[str, np.ndarray]) -> None:
         outputs.save_arrays(path, arrays)
         saved = sorted(path.parent.glob("jaxpull_*.npz"), key=lambda f: f.stat().st_mtime_ns)
         for old in saved[:-KEEP_ARRAYS]:
@@ -203,7 +204,7 @@ class Explorer:
                 self._loaded[name] = cache.resolve(source, log=lambda msg: None)
             return self._loaded[name]
 
-    def class_choices(self, name: str) -> List[str]:
+    def class_choices(self, name: str) -> list[str]:
         """``["top-1 of the image", "0: tench", ...]`` for the searchable target list."""
         m = self.model(name)
         return [TOP1] + [f"{i}: {m.class_name(i)}" for i in range(m.num_classes)]
@@ -213,8 +214,8 @@ class Explorer:
         return models.get(self.model(name).arch).max_pools
 
     def image(
-        self, upload: Optional[str], sample: Optional[str], preprocessing: Preprocessing = Preprocessing()
-    ) -> Tuple[np.ndarray, str]:
+        self, upload: str | None, sample: str | None, preprocessing: Preprocessing = Preprocessing()
+    ) -> tuple[np.ndarray, str]:
         """The input ``(1, S, S, 3)`` (S: ``preprocessing.crop_size``, the model's) and a note: the
         upload if there is one, else the sample photo."""
         if upload:
@@ -224,7 +225,7 @@ class Explorer:
             raise ValueError("no image: upload one or pick a sample photo")
         return images.load_image(images.sample_paths([sample])[0], **preprocessing.image_options)[None], ""
 
-    def target(self, model: Model, choice: Optional[str], logits: np.ndarray) -> int:
+    def target(self, model: Model, choice: str | None, logits: np.ndarray) -> int:
         """The target index from the list's entry (``"207: golden retriever"``), a name, or top-1."""
         if not choice or choice == TOP1:
             return int(np.argmax(logits))
@@ -242,7 +243,7 @@ class Explorer:
 
     # ---- requests ------------------------------------------------------------------------
 
-    def top5(self, model: Model, logits: np.ndarray) -> Dict[str, float]:
+    def top5(self, model: Model, logits: np.ndarray) -> dict[str, float]:
         """``{"tiger cat (282)": 0.38, ...}`` for the five most probable classes."""
         p = np.exp(logits - logits.max())
         p /= p.sum()

@@ -7,7 +7,7 @@ titled with the target's class name. Needs matplotlib (``pip install 'jaxpull[de
 from __future__ import annotations
 
 import os
-from typing import Mapping, Optional, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -79,7 +79,7 @@ def comparison_figure(
     image_names: Sequence[str],
     path: os.PathLike,
     *,
-    own_columns: Sequence[Optional[int]] = (),
+    own_columns: Sequence[int | None] = (),
     title: str = "",
     caption: str = "",
 ) -> None:

@@ -8,7 +8,8 @@ that differ from the preset's.
 
 from __future__ import annotations
 
-from typing import Any, List, Mapping, Optional
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
@@ -25,8 +26,8 @@ def _same(a: Any, b: Any) -> bool:
 
 
 def changed_settings(
-    rules: Rules, ascent: Optional[Ascent], preset: Optional[str], extra: Mapping[str, Any] = ()
-) -> List[str]:
+    rules: Rules, ascent: Ascent | None, preset: str | None, extra: Mapping[str, Any] = ()
+) -> list[str]:
     """``["attention_temperature=1e-30", ...]``: the settings of ``rules`` and ``ascent`` that differ
     from the preset named ``preset`` (every number setting for a composite of one's own), and ``extra``."""
     mine = settings.record(rules, ascent)
@@ -49,7 +50,7 @@ def _show(v: Any) -> str:
     return str(v)
 
 
-def require_finite(values, what: str, suspects: List[str]) -> None:
+def require_finite(values, what: str, suspects: list[str]) -> None:
     """ValueError naming ``suspects`` (settings) if ``values`` holds a NaN or an infinity."""
     a = np.asarray(values)
     if np.isfinite(a).all():

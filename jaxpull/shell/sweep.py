@@ -33,8 +33,8 @@ import hashlib
 import json
 import os
 import secrets
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Sequence
 
 import jax
 import numpy as np
@@ -57,10 +57,10 @@ def plan(
     reduce: str = "maps",
     *,
     memory_budget: float = 2 * 2**30,
-    chunk_size: Optional[int] = None,
+    chunk_size: int | None = None,
     num_labels: int = 1000,
-    devices: Optional[Sequence[jax.Device]] = None,
-    ascent: Optional[settings.Ascent] = None,
+    devices: Sequence[jax.Device] | None = None,
+    ascent: settings.Ascent | None = None,
     rules=settings.DEFAULT_RULES,
 ) -> Plan:
     """The labels per unit of a sweep (:func:`jaxpull.core.sweep.plan`), from a preset's name or
@@ -138,19 +138,19 @@ def sweep(
     model: Model,
     x,
     labels: Sequence[int],
-    temperatures: Optional[Sequence[Optional[float]]] = None,
+    temperatures: Sequence[float | None] | None = None,
     *,
     method: str = "pullback",
     reduce: str = "maps",
-    out: Optional[os.PathLike] = None,
+    out: os.PathLike | None = None,
     memory_budget: float = 2 * 2**30,
-    chunk_size: Optional[int] = None,
+    chunk_size: int | None = None,
     rules=settings.DEFAULT_RULES,
     progress: bool = True,
-    devices: Optional[Sequence[jax.Device]] = None,
+    devices: Sequence[jax.Device] | None = None,
     timeout: float = distributed.DEFAULT_TIMEOUT,
     **overrides,
-) -> Dict[str, np.ndarray]:
+) -> dict[str, np.ndarray]:
     """Run ``method`` for every image x temperature x label, in memory-bounded chunks.
 
     Args:
@@ -198,7 +198,7 @@ def sweep(
     shapes = core.result_shapes(reduce, n, T, L, x.shape[1:])
     preset = rules if isinstance(rules, str) else None
 
-    def describe(k: int) -> List[str]:
+    def describe(k: int) -> list[str]:
         """The settings to blame for non-finite results under temperature ``k``."""
         return changed_settings(
             base if temperatures[k] is None else rule_sets[k], ascent if method == "ascent" else None, preset
@@ -268,7 +268,7 @@ def sweep(
         return _finish(store, group, labels, failure)
 
 
-def _in_memory(run: _Runner, units: Iterable[Span], shapes: dict, labels: np.ndarray) -> Dict[str, np.ndarray]:
+def _in_memory(run: _Runner, units: Iterable[Span], shapes: dict, labels: np.ndarray) -> dict[str, np.ndarray]:
     """Every unit of ``units`` (a progress bar over them) into arrays in memory (``out=None``)."""
     results = {k: np.zeros(s, np.float32) for k, s in shapes.items()}
     name = next(iter(results))
@@ -279,7 +279,7 @@ def _in_memory(run: _Runner, units: Iterable[Span], shapes: dict, labels: np.nda
     return results
 
 
-def _bar(todo: List[Span], done_before: int, chunk: int, group, progress: bool):
+def _bar(todo: list[Span], done_before: int, chunk: int, group, progress: bool):
     """The progress bar over ``todo``, the units (or parts of units) left to compute."""
     from tqdm import tqdm
 
@@ -289,7 +289,7 @@ def _bar(todo: List[Span], done_before: int, chunk: int, group, progress: bool):
     return tqdm(todo, desc=desc, unit="unit", disable=not progress)
 
 
-def _start(store: SweepStore, make_plan, group, timeout: float) -> Optional[int]:
+def _start(store: SweepStore, make_plan, group, timeout: float) -> int | None:
     """Check the directory and agree on the chunk (None: the sweep is complete).
 
     One process: the checks raise as they are. Several: every process checks and writes a probe
@@ -333,7 +333,7 @@ def _start(store: SweepStore, make_plan, group, timeout: float) -> Optional[int]
     return None if hello[0]["complete"] else int(hello[0]["chunk"])
 
 
-def _finish(store: SweepStore, group, labels: np.ndarray, failure: Optional[Exception]):
+def _finish(store: SweepStore, group, labels: np.ndarray, failure: Exception | None):
     """After this process's units: wait for the others, let process 0 write the result, return it."""
     if group.count > 1:
         status = f"process {group.index} of {group.count}: {failure}" if failure is not None else ""
@@ -363,7 +363,7 @@ def _finish(store: SweepStore, group, labels: np.ndarray, failure: Optional[Exce
     return store.results()
 
 
-def read(out) -> Dict[str, np.ndarray]:
+def read(out) -> dict[str, np.ndarray]:
     """The result arrays of a finished sweep directory ``out``, memory-mapped read-only."""
     out = Path(out)
     manifest = sweep_store.read_manifest(out / MANIFEST)

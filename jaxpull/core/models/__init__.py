@@ -7,8 +7,6 @@ onto its parameter tree (``torch_layout``) and its facts. Nothing here imports t
 
 from __future__ import annotations
 
-from typing import Dict
-
 from jaxpull.core.models import (
     alexnet,
     convnext,
@@ -32,7 +30,7 @@ from jaxpull.core.models import (
 )
 from jaxpull.core.models.family import Architecture, Family  # noqa: F401 (the family files' type)
 
-ARCHITECTURES: Dict[str, Architecture] = {
+ARCHITECTURES: dict[str, Architecture] = {
     **resnet.FAMILY.entries(),
     **vgg.FAMILY.entries(),
     **densenet.FAMILY.entries(),

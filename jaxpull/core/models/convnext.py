@@ -33,7 +33,6 @@ GELU, ``rules.gelu`` here.
 from __future__ import annotations
 
 import functools
-from typing import Optional, Tuple
 
 import flax.linen as nn
 import jax
@@ -49,7 +48,7 @@ LN_EPS = 1e-6
 
 # A stage: torchvision's CNBlockConfig (input channels, output channels of the downsampling
 # after it or None, number of blocks).
-StageSetting = Tuple[int, Optional[int], int]
+StageSetting = tuple[int, int | None, int]
 
 # torchvision's block_setting of each model
 SETTINGS = {
@@ -83,7 +82,7 @@ class CNBlock(nn.Module):
         return x + layer_scale * y
 
 
-def min_image_size(block_setting: Tuple[StageSetting, ...]) -> int:
+def min_image_size(block_setting: tuple[StageSetting, ...]) -> int:
     """The smallest input side ConvNeXt takes: 4 (stem) times 2 per downsampling layer."""
     return 4 * 2 ** sum(out is not None for _, out, _ in block_setting)
 
@@ -129,7 +128,7 @@ class ConvNeXt(nn.Module):
     channels or None, blocks)`` triples.
     """
 
-    block_setting: Tuple[StageSetting, ...]
+    block_setting: tuple[StageSetting, ...]
     num_classes: int = 1000
 
     @nn.compact
@@ -306,7 +305,7 @@ def _timm_block(sd, prefix: str) -> dict:
     return p
 
 
-def _timm_layout(sd, block_setting: Tuple[StageSetting, ...]) -> dict:
+def _timm_layout(sd, block_setting: tuple[StageSetting, ...]) -> dict:
     """Map a timm ConvNeXt state_dict onto this module's parameter tree (see the module docstring)."""
     p = {
         "features_0": {"conv": sd.conv_bn("stem.0", None), "norm": _layer_norm(sd, "stem.1")},
@@ -326,7 +325,7 @@ def _timm_layout(sd, block_setting: Tuple[StageSetting, ...]) -> dict:
     return p
 
 
-def torch_layout(arch: str, sd, block_setting: Optional[Tuple[StageSetting, ...]] = None) -> dict:
+def torch_layout(arch: str, sd, block_setting: tuple[StageSetting, ...] | None = None) -> dict:
     """Map a torchvision (or timm: ``timm/...``) ConvNeXt state_dict onto this module's parameter tree."""
     block_setting = {**SETTINGS, **TIMM_SETTINGS}[arch] if block_setting is None else block_setting
     if arch.startswith("timm/"):
@@ -351,7 +350,7 @@ def torch_layout(arch: str, sd, block_setting: Optional[Tuple[StageSetting, ...]
 
 CLASSIFIER = {**{a: "classifier.2" for a in SETTINGS}, **{a: "head.fc" for a in TIMM_SETTINGS}}  # the logits' layer
 # ModelSpec.config options (a small test model's stages: torch_config)
-CONFIG_OPTIONS = {"block_setting": Tuple[Tuple[int, Optional[int], options.COUNT], ...]}
+CONFIG_OPTIONS = {"block_setting": tuple[tuple[int, int | None, options.COUNT], ...]}
 
 
 FAMILY = Family(

@@ -11,7 +11,7 @@ that last gate hard. jaxpull follows the theory (every gate soft); see the READM
 from __future__ import annotations
 
 import functools
-from typing import Sequence
+from collections.abc import Sequence
 
 import flax.linen as nn
 import jax

@@ -37,7 +37,8 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Annotated, Literal, NamedTuple, Optional, Sequence, Tuple
+from collections.abc import Sequence
+from typing import Annotated, Literal, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -98,7 +99,7 @@ def fused(
     return Stage("FusedMBConv", expand_ratio, kernel, stride, input_channels, out_channels, num_layers)
 
 
-def _b(width_mult: float, depth_mult: float) -> Tuple[Stage, ...]:
+def _b(width_mult: float, depth_mult: float) -> tuple[Stage, ...]:
     """The stages of efficientnet_b*: torchvision's ``_efficientnet_conf`` table."""
     conf = functools.partial(mbconv, width_mult=width_mult, depth_mult=depth_mult)
     return (
@@ -237,8 +238,8 @@ class EfficientNet(nn.Module):
     Any input size works (fully convolutional up to the global average pool).
     """
 
-    stages: Tuple[Stage, ...]
-    last_channel: Optional[int] = None  # None: 4x the last stage's width
+    stages: tuple[Stage, ...]
+    last_channel: int | None = None  # None: 4x the last stage's width
     num_classes: int = 1000
 
     @nn.compact
@@ -265,8 +266,8 @@ class EfficientNet(nn.Module):
 
 def efficientnet(
     stages: Sequence[Sequence],
-    last_channel: Optional[int] = None,
-    bn_eps: Optional[float] = None,
+    last_channel: int | None = None,
+    bn_eps: float | None = None,
     num_classes: int = 1000,
 ) -> EfficientNet:
     """The module of ``stages`` (rows of ``Stage`` fields). ``bn_eps`` is the converter's (folded
@@ -467,7 +468,7 @@ def timm_torch_config(module) -> dict:
     return {"stages": tuple(tuple(s) for s in stages), "last_channel": last_channel, "bn_eps": bn_eps}
 
 
-def _timm_layout(sd, stages: Tuple[Stage, ...], eps: float) -> dict:
+def _timm_layout(sd, stages: tuple[Stage, ...], eps: float) -> dict:
     """Map a timm EfficientNet state_dict onto this module's parameter tree (see the module docstring)."""
     last = len(stages) + 1
     p = {
@@ -496,9 +497,9 @@ def _timm_layout(sd, stages: Tuple[Stage, ...], eps: float) -> dict:
 def torch_layout(
     arch: str,
     sd,
-    stages: Optional[Sequence[Sequence]] = None,
-    last_channel: Optional[int] = None,
-    bn_eps: Optional[float] = None,
+    stages: Sequence[Sequence] | None = None,
+    last_channel: int | None = None,
+    bn_eps: float | None = None,
 ) -> dict:
     """Map a torchvision (or timm: ``timm/...``) EfficientNet state_dict onto this module's parameter
     tree (``stages`` and ``bn_eps``: a model of other sizes than ``arch``'s, see ``torch_config``)."""
@@ -536,8 +537,8 @@ def torch_layout(
 CLASSIFIER = {a: "classifier" if a.startswith("timm/") else "classifier.1" for a in ARCHITECTURES}  # the logits' layer
 # ModelSpec.config options (a model of other sizes: torch_config); stage rows as ``Stage``
 CONFIG_OPTIONS = {
-    "stages": Tuple[Tuple[Literal[BLOCKS], float, int, Literal[1, 2], int, int, options.COUNT], ...],
-    "last_channel": Optional[int],
+    "stages": tuple[tuple[Literal[BLOCKS], float, int, Literal[1, 2], int, int, options.COUNT], ...],
+    "last_channel": int | None,
     "bn_eps": Annotated[float, options.Range(0, 1)],
 }
 

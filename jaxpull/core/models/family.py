@@ -10,7 +10,8 @@ kind a ``TypeError`` naming the field). :func:`jaxpull.core.models.get` returns 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Dict, Mapping, NamedTuple, Optional, Tuple, Union
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 
@@ -18,7 +19,7 @@ from jaxpull.core.layers import IMAGENET_MEAN, IMAGENET_STD
 from jaxpull.core.models import options
 from jaxpull.core.preprocessing import Preprocessing
 
-Normalization = Tuple[Tuple[float, float, float], Tuple[float, float, float]]  # (mean, std) in [0, 1] pixels
+Normalization = tuple[tuple[float, float, float], tuple[float, float, float]]  # (mean, std) in [0, 1] pixels
 
 
 class GradCamLayer(NamedTuple):
@@ -47,17 +48,17 @@ class Architecture(NamedTuple):
     # the number of classes is its weight's first dimension, read by name
     classifier: str
     preprocessing: Preprocessing  # the resize / crop its weights expect
-    transform_input: Optional[bool]  # torchvision's option for those weights; None: no such option
-    auxiliary_keys: Optional[str]  # regex of training-only state_dict keys, dropped
-    torch_config: Optional[Callable]  # (torch module) -> {builder option: value} of other sizes
-    state_dict_config: Optional[Callable]  # (arch, tensors) -> {builder option: value} a state_dict fixes
-    input_mean: Tuple[float, float, float]
-    input_std: Tuple[float, float, float]
-    legacy_keys: Optional[Tuple[str, str]]  # (regex, replacement) renaming old checkpoints' keys
+    transform_input: bool | None  # torchvision's option for those weights; None: no such option
+    auxiliary_keys: str | None  # regex of training-only state_dict keys, dropped
+    torch_config: Callable | None  # (torch module) -> {builder option: value} of other sizes
+    state_dict_config: Callable | None  # (arch, tensors) -> {builder option: value} a state_dict fixes
+    input_mean: tuple[float, float, float]
+    input_std: tuple[float, float, float]
+    legacy_keys: tuple[str, str] | None  # (regex, replacement) renaming old checkpoints' keys
     config_options: Mapping[str, Any]  # {builder option: type} a ModelSpec.config may set (options.py)
-    gradcam_layer: Optional[GradCamLayer] = None  # GradCAM's default layer; None: the family has none
+    gradcam_layer: GradCamLayer | None = None  # GradCAM's default layer; None: the family has none
 
-    def check_config(self, arch: str, config: Mapping[str, Any]) -> Tuple[Tuple[str, Any], ...]:
+    def check_config(self, arch: str, config: Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:
         """``config`` as sorted ``(option, value)`` pairs; ValueError naming an option this family's
         builder does not take or a value of the wrong type or range."""
         return options.check(arch, config, self.config_options)
@@ -73,16 +74,16 @@ class Family:
     architectures: Mapping[str, Callable[..., nn.Module]]
     torch_layout: Callable
     max_pools: bool
-    classifier: Union[str, Mapping[str, str]]
-    preprocessing: Union[Preprocessing, Mapping[str, Preprocessing]] = Preprocessing()
-    transform_input: Optional[bool] = None
-    auxiliary_keys: Optional[str] = None
-    torch_config: Optional[Callable] = None
-    state_dict_config: Optional[Callable] = None
-    input_normalization: Union[Normalization, Mapping[str, Normalization]] = (IMAGENET_MEAN, IMAGENET_STD)
-    legacy_keys: Optional[Tuple[str, str]] = None
+    classifier: str | Mapping[str, str]
+    preprocessing: Preprocessing | Mapping[str, Preprocessing] = Preprocessing()
+    transform_input: bool | None = None
+    auxiliary_keys: str | None = None
+    torch_config: Callable | None = None
+    state_dict_config: Callable | None = None
+    input_normalization: Normalization | Mapping[str, Normalization] = (IMAGENET_MEAN, IMAGENET_STD)
+    legacy_keys: tuple[str, str] | None = None
     config_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
-    gradcam_layer: Union[None, GradCamLayer, Mapping[str, GradCamLayer]] = None
+    gradcam_layer: None | GradCamLayer | Mapping[str, GradCamLayer] = None
 
     def __post_init__(self):
         def need(ok: bool, name: str, what: str):
@@ -128,7 +129,7 @@ class Family:
             "a GradCamLayer, a dict of them by arch, or None",
         )
 
-    def entries(self) -> Dict[str, Architecture]:
+    def entries(self) -> dict[str, Architecture]:
         """One :class:`Architecture` per name."""
 
         def of(value, arch: str, default):

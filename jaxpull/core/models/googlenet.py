@@ -15,7 +15,6 @@ first, computed as torchvision computes it (``transform_input`` below).
 from __future__ import annotations
 
 import re
-from typing import Union
 
 import flax.linen as nn
 import jax
@@ -50,7 +49,7 @@ class BasicConv2d(nn.Module):
     """Convolution without bias, BatchNorm (eps 0.001, folded in as the bias), ReLU."""
 
     features: int
-    kernel_size: Union[int, tuple]
+    kernel_size: int | tuple
     stride: int = 1
     padding: Padding = 0
 

@@ -25,7 +25,7 @@ torchvision ``MaxVit``'s sizes (the tests').
 
 from __future__ import annotations
 
-from typing import Annotated, Optional, Tuple
+from typing import Annotated
 
 import flax.linen as nn
 import jax
@@ -64,7 +64,7 @@ def _conv_output(size: int) -> int:
     return (size - 1) // 2 + 1
 
 
-def grid_sizes(image_size: int, n_blocks: int) -> Tuple[int, ...]:
+def grid_sizes(image_size: int, n_blocks: int) -> tuple[int, ...]:
     """The feature-map side inside each block (after the stem's and each block's stride 2)."""
     sizes, size = [], _conv_output(image_size)
     for _ in range(n_blocks):
@@ -210,11 +210,11 @@ class MaxVit(nn.Module):
     image_size: int
     stem_channels: int
     partition_size: int
-    block_channels: Tuple[int, ...]
-    block_layers: Tuple[int, ...]
+    block_channels: tuple[int, ...]
+    block_layers: tuple[int, ...]
     head_dim: int
     num_classes: int = 1000
-    arch: Optional[str] = None  # for messages
+    arch: str | None = None  # for messages
 
     def check(self, x: jax.Array) -> None:
         """ValueError unless ``x`` is ``(N, image_size, image_size, 3)`` and the sizes partition."""
@@ -383,8 +383,8 @@ CONFIG_OPTIONS = {
     "image_size": Annotated[int, options.Range(MIN_IMAGE_SIZE, MAX_IMAGE_SIZE)],
     "stem_channels": int,
     "partition_size": int,
-    "block_channels": Tuple[int, ...],
-    "block_layers": Tuple[options.COUNT, ...],
+    "block_channels": tuple[int, ...],
+    "block_layers": tuple[options.COUNT, ...],
     "head_dim": int,
 }
 

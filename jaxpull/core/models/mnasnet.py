@@ -18,7 +18,8 @@ alpha 1.0 both versions are the same network.
 from __future__ import annotations
 
 import functools
-from typing import Literal, Mapping, Optional, Tuple
+from collections.abc import Mapping
+from typing import Literal
 
 import flax.linen as nn
 import jax
@@ -40,7 +41,7 @@ def _round_to_multiple_of(val: float, divisor: int, round_up_bias: float = 0.9) 
     return new_val if new_val >= round_up_bias * val else new_val + divisor
 
 
-def get_depths(alpha: float) -> Tuple[int, ...]:
+def get_depths(alpha: float) -> tuple[int, ...]:
     """The eight channel depths of ``alpha``'s network (torchvision's ``_get_depths``)."""
     return tuple(_round_to_multiple_of(d * alpha, 8) for d in DEPTHS)
 
@@ -111,7 +112,7 @@ ARCHITECTURES = {
 }
 
 
-def state_dict_config(arch: str, tensors: Mapping[str, np.ndarray], metadata: Optional[Mapping] = None) -> dict:
+def state_dict_config(arch: str, tensors: Mapping[str, np.ndarray], metadata: Mapping | None = None) -> dict:
     """``{"version": 1}`` for a version-1 state_dict, ``{}`` for version 2: the version torch's
     ``_metadata`` records for the model, or where there is none, the one the stem's width
     (``layers.0.weight``) shows.

@@ -10,7 +10,6 @@ epsilon 1e-3 here, folded into each convolution); ``classifier_0``/``_3`` its li
 from __future__ import annotations
 
 import functools
-from typing import Optional
 
 import flax.linen as nn
 import jax
@@ -59,7 +58,7 @@ SETTINGS = {
 LAST_CHANNEL = {"mobilenet_v3_large": 1280, "mobilenet_v3_small": 1024}
 
 
-def make_divisible(v: float, divisor: int = 8, min_value: Optional[int] = None) -> int:
+def make_divisible(v: float, divisor: int = 8, min_value: int | None = None) -> int:
     """torchvision's ``_make_divisible``: round to a multiple of ``divisor``, never below 90%."""
     min_value = divisor if min_value is None else min_value
     new_v = max(min_value, int(v + divisor / 2) // divisor * divisor)

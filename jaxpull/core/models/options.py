@@ -5,8 +5,8 @@ A family file declares the options its builder takes beyond the number of classe
 
 - ``int`` / ``float``: a whole number in [1, ``WIDTH``] / a finite number in (0, ``WIDTH``];
   ``Annotated[int, Range(lo, hi)]`` (or ``float``) for other bounds (``COUNT``: layers and heads);
-- ``str``, ``bool``, ``Literal[...]`` (one of the listed values), ``Optional[X]``;
-- ``Tuple[X, ...]`` (any length >= 1) and ``Tuple[X, Y, Z]`` (exactly those), lists accepted.
+- ``str``, ``bool``, ``Literal[...]`` (one of the listed values), ``X | None`` (or ``Optional[X]``);
+- ``tuple[X, ...]`` (any length >= 1) and ``tuple[X, Y, Z]`` (exactly those), lists accepted.
 
 A model file records its config as JSON; ``check`` refuses any option the family does not
 declare and any value of the wrong type or out of its range, with one line naming the option,
@@ -16,8 +16,10 @@ before a module is built from it (a ViT of 10**9 layers, a string where a width 
 from __future__ import annotations
 
 import math
+import types
 import typing
-from typing import Annotated, Any, Mapping, NamedTuple, Tuple
+from collections.abc import Mapping
+from typing import Annotated, Any, NamedTuple
 
 
 class Range(NamedTuple):
@@ -39,11 +41,11 @@ def _check(value: Any, kind: Any, where: str) -> Any:
     if origin is Annotated:
         kind, bounds = args[0], args[1]
         origin, args = typing.get_origin(kind), typing.get_args(kind)
-    if origin is typing.Union:
+    if origin is typing.Union or origin is types.UnionType:  # Optional[X], and X | None (its py310 spelling)
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _check(value, inner[0] if len(inner) == 1 else typing.Union[tuple(inner)], where)
+        return _check(value, inner[0] if len(inner) == 1 else typing.Union[tuple(inner)], where)  # noqa: UP007 (a Union of types only known at run time)
     if origin is typing.Literal:
         if not any(value == a and type(value) is type(a) for a in args):  # 1.0 or True is not 1
             raise ValueError(f"{where} is {value!r}, not one of {', '.join(map(repr, args))}")
@@ -75,7 +77,7 @@ def _check(value: Any, kind: Any, where: str) -> Any:
     raise TypeError(f"{where}: unsupported option type {kind!r} in a family's CONFIG_OPTIONS")
 
 
-def check(arch: str, config: Mapping[str, Any], declared: Mapping[str, Any]) -> Tuple[Tuple[str, Any], ...]:
+def check(arch: str, config: Mapping[str, Any], declared: Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:
     """``config`` checked against ``declared`` (a family's ``CONFIG_OPTIONS``), as sorted
     ``(name, value)`` pairs with lists made tuples; ValueError naming the first bad option."""
     unknown = sorted(set(config) - set(declared))

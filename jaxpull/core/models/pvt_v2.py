@@ -39,7 +39,7 @@ pretrained weights expect 224x224, resized as timm's ``pretrained_cfg`` says (``
 from __future__ import annotations
 
 import functools
-from typing import Mapping, Optional, Tuple
+from collections.abc import Mapping
 
 import flax.linen as nn
 import jax
@@ -81,7 +81,7 @@ OPTIONS = dict(
 PREPROCESSING = Preprocessing(224, 248, "bicubic")
 
 
-def grid_sizes(size: int) -> Tuple[int, int, int, int]:
+def grid_sizes(size: int) -> tuple[int, int, int, int]:
     """The token grid's side in each stage for an input side of ``size`` pixels."""
     sizes = [(size + 2 * 3 - 7) // 4 + 1]  # patch_embed: 7x7, stride 4, padding 3
     for _ in range(3):
@@ -89,7 +89,7 @@ def grid_sizes(size: int) -> Tuple[int, int, int, int]:
     return tuple(sizes)
 
 
-def min_image_size(sr_ratios: Tuple[int, ...], linear: bool = False) -> int:
+def min_image_size(sr_ratios: tuple[int, ...], linear: bool = False) -> int:
     """The smallest input side whose every stage has at least ``sr_ratio`` tokens a side (the
     spatial reduction's convolution needs one window; the linear variant pools adaptively)."""
     size = 1
@@ -193,11 +193,11 @@ class PyramidVisionTransformerV2(nn.Module):
     """timm ``PyramidVisionTransformerV2`` (global average pooling): ``(N, H, W, 3)`` normalised
     images, H and W at least :func:`min_image_size` -> logits ``(N, num_classes)``."""
 
-    depths: Tuple[int, ...]
-    embed_dims: Tuple[int, ...]
-    num_heads: Tuple[int, ...]
-    sr_ratios: Tuple[int, ...] = (8, 4, 2, 1)
-    mlp_ratios: Tuple[float, ...] = (8.0, 8.0, 4.0, 4.0)
+    depths: tuple[int, ...]
+    embed_dims: tuple[int, ...]
+    num_heads: tuple[int, ...]
+    sr_ratios: tuple[int, ...] = (8, 4, 2, 1)
+    mlp_ratios: tuple[float, ...] = (8.0, 8.0, 4.0, 4.0)
     linear: bool = False
     qkv_bias: bool = True
     num_classes: int = 1000
@@ -331,9 +331,7 @@ def torch_layout(arch: str, sd, **config) -> dict:
     return p
 
 
-def state_dict_config(
-    arch: str, tensors: Mapping[str, np.ndarray], metadata: Optional[Mapping] = None
-) -> Optional[dict]:
+def state_dict_config(arch: str, tensors: Mapping[str, np.ndarray], metadata: Mapping | None = None) -> dict | None:
     """``{"qkv_bias": False}`` for a state_dict of a PVT-v2 built without the query / key-value
     biases (timm's ``qkv_bias=False``), else ``{}``: every other size is the named architecture's."""
     q = [k for k in tensors if k.endswith(".attn.q.weight")]
@@ -343,11 +341,11 @@ def state_dict_config(
 CLASSIFIER = "head"  # the logits' layer in the state_dict: the number of classes is its weight's rows
 # ModelSpec.config: the options of a module of other sizes (torch_config) or without qkv biases (state_dict_config)
 CONFIG_OPTIONS = {
-    "depths": Tuple[options.COUNT, ...],
-    "embed_dims": Tuple[int, ...],
-    "num_heads": Tuple[options.COUNT, ...],
-    "sr_ratios": Tuple[int, ...],
-    "mlp_ratios": Tuple[float, ...],
+    "depths": tuple[options.COUNT, ...],
+    "embed_dims": tuple[int, ...],
+    "num_heads": tuple[options.COUNT, ...],
+    "sr_ratios": tuple[int, ...],
+    "mlp_ratios": tuple[float, ...],
     "linear": bool,
     "qkv_bias": bool,
 }

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import NamedTuple, Optional, Tuple
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax
@@ -43,7 +43,7 @@ def _make_divisible(v: float, divisor: int) -> int:
 
 def block_params(
     depth: int, w_0: int, w_a: float, w_m: float, group_width: int, bottleneck_multiplier: float = 1.0
-) -> Tuple[Stage, ...]:
+) -> tuple[Stage, ...]:
     """The stages of a RegNet, as torchvision's ``BlockParams.from_init_params`` computes them.
 
     Block widths ``w_0 + w_a * i`` are quantised in log space (base ``w_m``) and to multiples
@@ -78,7 +78,7 @@ class BottleneckTransform(nn.Module):
     stride: int
     group_width: int
     bottleneck_multiplier: float
-    se_ratio: Optional[float]
+    se_ratio: float | None
 
     @nn.compact
     def __call__(self, x: jax.Array, rules: Rules) -> jax.Array:
@@ -99,7 +99,7 @@ class ResBottleneckBlock(nn.Module):
     stride: int
     group_width: int
     bottleneck_multiplier: float
-    se_ratio: Optional[float]
+    se_ratio: float | None
 
     @nn.compact
     def __call__(self, x: jax.Array, rules: Rules) -> jax.Array:
@@ -116,7 +116,7 @@ class AnyStage(nn.Module):
 
     stage: Stage
     stage_index: int
-    se_ratio: Optional[float]
+    se_ratio: float | None
 
     @nn.compact
     def __call__(self, x: jax.Array, rules: Rules) -> jax.Array:
@@ -136,8 +136,8 @@ class AnyStage(nn.Module):
 class RegNet(nn.Module):
     """torchvision ``RegNet``: 3x3/2 stem (32 channels), four stages, global average pool, ``fc``."""
 
-    stages: Tuple[Stage, ...]
-    se_ratio: Optional[float] = None
+    stages: tuple[Stage, ...]
+    se_ratio: float | None = None
     stem_width: int = 32
     num_classes: int = 1000
 
@@ -149,7 +149,7 @@ class RegNet(nn.Module):
         return Dense(self.num_classes, name="fc")(global_avg_pool(x))
 
 
-def _regnet(depth: int, w_0: int, w_a: float, w_m: float, group_width: int, se_ratio: Optional[float] = None):
+def _regnet(depth: int, w_0: int, w_a: float, w_m: float, group_width: int, se_ratio: float | None = None):
     return functools.partial(RegNet, block_params(depth, w_0, w_a, w_m, group_width), se_ratio)
 
 

@@ -27,7 +27,8 @@ The rules: every ReLU (the stem's three too) is ``rules.relu`` and the stem's 3x
 from __future__ import annotations
 
 import functools
-from typing import Literal, Sequence, Tuple
+from collections.abc import Sequence
+from typing import Literal
 
 import flax.linen as nn
 import jax
@@ -355,11 +356,11 @@ def torch_layout(arch: str, sd, **config) -> dict:
 # ModelSpec.config: timm_resnet's options of a timm model of other sizes (torch_config)
 CONFIG_OPTIONS = {
     "block": Literal["basic", "bottleneck"],
-    "stage_sizes": Tuple[options.COUNT, ...],
+    "stage_sizes": tuple[options.COUNT, ...],
     "deep_stem": bool,
     "stem_width": int,
     "avg_down": bool,
-    "channels": Tuple[int, ...],
+    "channels": tuple[int, ...],
     "groups": int,
     "width_per_group": int,
 }

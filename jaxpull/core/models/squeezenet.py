@@ -9,7 +9,7 @@ convolution (dropout is the identity in eval mode).
 from __future__ import annotations
 
 import functools
-from typing import Sequence, Tuple, Union
+from collections.abc import Sequence
 
 import flax.linen as nn
 import jax
@@ -70,7 +70,7 @@ class Fire(nn.Module):
         )
 
 
-def feature_indices(features: Sequence[Union[str, Tuple[int, int, int]]]):
+def feature_indices(features: Sequence[str | tuple[int, int, int]]):
     """Yield ``(torchvision index, entry)`` for the entries of ``features`` after the stem."""
     for offset, v in enumerate(features):
         yield 3 + offset, v

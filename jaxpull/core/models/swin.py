@@ -48,7 +48,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Annotated, Tuple
+from typing import Annotated
 
 import flax.linen as nn
 import jax
@@ -94,7 +94,7 @@ PREPROCESSING = {
 # --------------------------------------------------------------------------------------
 
 
-def relative_position_index(window: Tuple[int, int]) -> np.ndarray:
+def relative_position_index(window: tuple[int, int]) -> np.ndarray:
     """``(Wh*Ww * Wh*Ww,)``: each token pair's row of the bias table (torchvision's buffer)."""
     wh, ww = window
     coords = np.stack(np.meshgrid(np.arange(wh), np.arange(ww), indexing="ij")).reshape(2, -1)
@@ -102,7 +102,7 @@ def relative_position_index(window: Tuple[int, int]) -> np.ndarray:
     return ((rel[..., 0] + wh - 1) * (2 * ww - 1) + rel[..., 1] + ww - 1).reshape(-1)
 
 
-def relative_coords_table(window: Tuple[int, int]) -> np.ndarray:
+def relative_coords_table(window: tuple[int, int]) -> np.ndarray:
     """``(1, 2Wh-1, 2Ww-1, 2)``: V2's log-spaced relative coordinates (float32, as torch computes)."""
     wh, ww = window
     h = np.arange(-(wh - 1), wh, dtype=np.float32)
@@ -114,7 +114,7 @@ def relative_coords_table(window: Tuple[int, int]) -> np.ndarray:
     return (np.sign(table) * np.log2(np.abs(table) + np.float32(1)) / np.float32(3)).astype(np.float32)
 
 
-def shift_mask(padded: Tuple[int, int], window: Tuple[int, int], shift: Tuple[int, int]) -> np.ndarray:
+def shift_mask(padded: tuple[int, int], window: tuple[int, int], shift: tuple[int, int]) -> np.ndarray:
     """``(num_windows, N, N)``: 0 for token pairs of the same region of the shifted map, -100 else."""
     (ph, pw), (wh, ww), (sh, sw) = padded, window, shift
     regions = np.zeros((ph, pw), np.float32)
@@ -127,7 +127,7 @@ def shift_mask(padded: Tuple[int, int], window: Tuple[int, int], shift: Tuple[in
     return np.where(regions[:, None, :] - regions[:, :, None] != 0, MASK, 0.0).astype(np.float32)
 
 
-def relative_position_bias(table: jax.Array, window: Tuple[int, int], v2: bool) -> jax.Array:
+def relative_position_bias(table: jax.Array, window: tuple[int, int], v2: bool) -> jax.Array:
     """``(1, heads, N, N)`` from a ``((2Wh-1)(2Ww-1), heads)`` table: its entries (V1), or
     ``16 * sigmoid`` of them (V2, whose table is ``cpb_mlp`` of :func:`relative_coords_table`)."""
     n = window[0] * window[1]
@@ -146,7 +146,7 @@ def l2_normalize(t: jax.Array) -> jax.Array:
 # --------------------------------------------------------------------------------------
 
 
-def window_partition(x: jax.Array, window: Tuple[int, int], shift: Tuple[int, int]) -> jax.Array:
+def window_partition(x: jax.Array, window: tuple[int, int], shift: tuple[int, int]) -> jax.Array:
     """``(B, H, W, C)`` (padded to window multiples) -> ``(B * nW, Wh*Ww, C)``, rolled by ``-shift``."""
     b, h, w, c = x.shape
     wh, ww = window
@@ -157,7 +157,7 @@ def window_partition(x: jax.Array, window: Tuple[int, int], shift: Tuple[int, in
 
 
 def window_reverse(
-    x: jax.Array, shape: Tuple[int, int, int], window: Tuple[int, int], shift: Tuple[int, int]
+    x: jax.Array, shape: tuple[int, int, int], window: tuple[int, int], shift: tuple[int, int]
 ) -> jax.Array:
     """Inverse of :func:`window_partition`: ``(B * nW, Wh*Ww, C)`` -> ``(B, H, W, C)``."""
     b, h, w = shape
@@ -176,8 +176,8 @@ def window_reverse(
 class ShiftedWindowAttention(nn.Module):
     """torchvision's ``ShiftedWindowAttention`` (V1) / ``ShiftedWindowAttentionV2`` on ``(B, H, W, C)``."""
 
-    window_size: Tuple[int, int]
-    shift_size: Tuple[int, int]
+    window_size: tuple[int, int]
+    shift_size: tuple[int, int]
     num_heads: int
     v2: bool = False
     roll_first: bool = False  # timm: roll the map, then pad it; window and shift as given
@@ -248,8 +248,8 @@ class SwinTransformerBlock(nn.Module):
     """V1: ``x + attn(norm1(x))``, then ``x + mlp(norm2(x))``; V2: ``x + norm1(attn(x))``, ``x + norm2(mlp(x))``."""
 
     num_heads: int
-    window_size: Tuple[int, int]
-    shift_size: Tuple[int, int]
+    window_size: tuple[int, int]
+    shift_size: tuple[int, int]
     mlp_ratio: float = 4.0
     v2: bool = False
     roll_first: bool = False
@@ -294,11 +294,11 @@ class SwinTransformer(nn.Module):
     ``__call__``: ``(N, H, W, 3)`` normalised images (any size of at least one patch) -> ``(N, num_classes)``.
     """
 
-    patch_size: Tuple[int, int]
+    patch_size: tuple[int, int]
     embed_dim: int
-    depths: Tuple[int, ...]
-    num_heads: Tuple[int, ...]
-    window_size: Tuple[int, int]
+    depths: tuple[int, ...]
+    num_heads: tuple[int, ...]
+    window_size: tuple[int, int]
     v2: bool = False
     mlp_ratio: float = 4.0
     num_classes: int = 1000
@@ -332,11 +332,11 @@ class TimmSwinTransformer(nn.Module):
     :class:`SwinTransformer`, each block's window and shift fixed as timm fixes them for
     ``image_size``; ``(N, S, S, 3)`` -> ``(N, num_classes)``, S = image_size."""
 
-    patch_size: Tuple[int, int]
+    patch_size: tuple[int, int]
     embed_dim: int
-    depths: Tuple[int, ...]
-    num_heads: Tuple[int, ...]
-    window_size: Tuple[int, int]
+    depths: tuple[int, ...]
+    num_heads: tuple[int, ...]
+    window_size: tuple[int, int]
     image_size: int = 224
     mlp_ratio: float = 4.0
     num_classes: int = 1000
@@ -374,7 +374,7 @@ class TimmSwinTransformer(nn.Module):
         return Dense(self.num_classes, name="head")(jnp.mean(x, axis=(1, 2)))
 
 
-def timm_window_and_shift(size: Tuple[int, int], window: Tuple[int, int]) -> Tuple[Tuple[int, int], Tuple[int, int]]:
+def timm_window_and_shift(size: tuple[int, int], window: tuple[int, int]) -> tuple[tuple[int, int], tuple[int, int]]:
     """timm's ``SwinTransformerBlock._calc_window_shift`` for a stage of feature ``size``: along an
     axis of size at most the window, the window shrinks to the size and the shift is 0; otherwise
     the window stays and shifted blocks shift by half of it."""
@@ -599,11 +599,11 @@ def torch_layout(arch: str, sd, **config) -> dict:
 CLASSIFIER = {a: "head.fc" if a.startswith("timm/") else "head" for a in ARCHITECTURES}  # the logits' layer
 # ModelSpec.config options (a model of other sizes: torch_config)
 CONFIG_OPTIONS = {
-    "patch_size": Tuple[int, int],
+    "patch_size": tuple[int, int],
     "embed_dim": int,
-    "depths": Tuple[options.COUNT, ...],
-    "num_heads": Tuple[options.COUNT, ...],
-    "window_size": Tuple[int, int],
+    "depths": tuple[options.COUNT, ...],
+    "num_heads": tuple[options.COUNT, ...],
+    "window_size": tuple[int, int],
     "mlp_ratio": float,
     "image_size": Annotated[int, options.Range(MIN_IMAGE_SIZE, MAX_IMAGE_SIZE)],  # timm's Swin: a fixed size
 }

@@ -8,7 +8,7 @@ linear layers. Dropout is the identity in eval mode.
 from __future__ import annotations
 
 import functools
-from typing import Sequence, Union
+from collections.abc import Sequence
 
 import flax.linen as nn
 import jax
@@ -25,7 +25,7 @@ CONFIGS = {
 }
 
 
-def feature_indices(config: Sequence[Union[int, str]], batch_norm: bool):
+def feature_indices(config: Sequence[int | str], batch_norm: bool):
     """Yield ``(torchvision index, entry)`` for each entry of ``features``."""
     index = 0
     for v in config:
@@ -45,7 +45,7 @@ class AvgPool(nn.Module):
 class VGG(nn.Module):
     """torchvision ``VGG``: conv/ReLU stacks with 2x2 max-pools, 7x7 adaptive pool, 3 linears."""
 
-    config: Sequence[Union[int, str]]
+    config: Sequence[int | str]
     batch_norm: bool = False
     num_classes: int = 1000
 

@@ -49,7 +49,8 @@ norm, pre-norm, ...) are refused by ``torch_config`` with a one-line error namin
 from __future__ import annotations
 
 import functools
-from typing import Annotated, Mapping, Optional
+from collections.abc import Mapping
+from typing import Annotated
 
 import flax.linen as nn
 import jax
@@ -185,7 +186,7 @@ class VisionTransformer(nn.Module):
     mlp_dim: int
     image_size: int = DEFAULT_IMAGE_SIZE
     num_classes: int = 1000
-    representation_size: Optional[int] = None
+    representation_size: int | None = None
     distilled: bool = False  # DeiT's distillation token and second head (timm's VisionTransformerDistilled)
 
     @nn.compact
@@ -370,7 +371,7 @@ def timm_torch_config(module) -> dict:
     return config
 
 
-def state_dict_config(arch: str, tensors: Mapping[str, np.ndarray], metadata: Optional[Mapping] = None) -> dict:
+def state_dict_config(arch: str, tensors: Mapping[str, np.ndarray], metadata: Mapping | None = None) -> dict:
     """The builder options a state_dict of ``arch``'s layer sizes fixes beyond them: ``image_size``
     (from the position embeddings' length, when not 224) and ``representation_size``
     (``heads.pre_logits``). E.g. ``{"image_size": 518}`` for vit_h_14's DEFAULT (SWAG E2E) weights.
@@ -528,7 +529,7 @@ CONFIG_OPTIONS = {
     "hidden_dim": int,
     "mlp_dim": int,
     "image_size": Annotated[int, options.Range(MIN_IMAGE_SIZE, MAX_IMAGE_SIZE)],
-    "representation_size": Optional[int],
+    "representation_size": int | None,
 }
 
 

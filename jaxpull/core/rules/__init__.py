@@ -32,7 +32,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Dict, Mapping, Tuple
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import numpy as np
@@ -81,12 +82,12 @@ class Rules(Rule):
     attention: Attention = _part(Attention, "multi-head self-attention (ViT, Swin, MaxViT)")
     sr_attention: Attention = _part(Attention, "spatial-reduction attention (PVT-v2)", mode="value_only")
 
-    def replace(self, **settings) -> "Rules":
+    def replace(self, **settings) -> Rules:
         """A copy with flat settings changed (``temperature=0.4``, ``gelu="plain"``; see
         :data:`SETTINGS`), each checked with its name in the error; or whole rule objects by field
         (``relu=ReLU(...)``)."""
-        parts: Dict[str, Any] = {}
-        changes: Dict[str, Dict[str, Any]] = {}
+        parts: dict[str, Any] = {}
+        changes: dict[str, dict[str, Any]] = {}
         for name, value in settings.items():
             if name in RULE_FIELDS and isinstance(value, Rule):
                 parts[name] = value
@@ -99,24 +100,24 @@ class Rules(Rule):
             parts[part] = dataclasses.replace(parts.get(part, getattr(self, part)), **attrs)
         return dataclasses.replace(self, **parts)
 
-    def settings(self) -> Dict[str, Any]:
+    def settings(self) -> dict[str, Any]:
         """Every flat setting's value, JSON-able (numbers as floats or lists): what a record stores."""
         return {name: s.get(getattr(self, s.part)) for name, s in SETTINGS.items()}
 
-    def batch_axes(self) -> "Rules":
+    def batch_axes(self) -> Rules:
         """``jax.vmap``'s ``in_axes`` for this composite: 0 for the numbers given as 1-D arrays, None
         for the scalars. ``jax.vmap(f, in_axes=(rules.batch_axes(),))(rules)`` maps ``f`` over them."""
         return jax.tree.map(lambda v: 0 if np.ndim(v) == 1 else None, self)
 
 
-RULE_FIELDS: Tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Rules))
+RULE_FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Rules))
 
 
-def settings_table(composite=None) -> Dict[str, Setting]:
+def settings_table(composite=None) -> dict[str, Setting]:
     """Flat setting name -> :class:`Setting` of every field of every rule in ``composite`` (a class
     like :class:`Rules`; default :class:`Rules`). Names: a rule's mode is called as its field in the
     composite, another of its fields ``{field}_{name}``, unless the composite's field renames it."""
-    table: Dict[str, Setting] = {}
+    table: dict[str, Setting] = {}
     parts = dataclasses.fields(composite or Rules)
     classes = [getattr(part.default_factory, "func", part.default_factory) for part in parts]
     for part, cls in zip(parts, classes):
@@ -130,7 +131,7 @@ def settings_table(composite=None) -> Dict[str, Setting]:
 
 
 # Flat setting name -> Setting, in the composite's order: the one table every surface is generated from.
-SETTINGS: Dict[str, Setting] = settings_table()
+SETTINGS: dict[str, Setting] = settings_table()
 
 __all__ = [
     "Rules",

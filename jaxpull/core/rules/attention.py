@@ -16,7 +16,7 @@ one preset can treat two kinds differently, as the paper's code does.
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import jax
 from jax import lax
@@ -57,8 +57,8 @@ class Attention(Rule):
         q: jax.Array,
         k: jax.Array,
         v: jax.Array,
-        q_bias: Optional[jax.Array] = None,
-        k_bias: Optional[jax.Array] = None,
+        q_bias: jax.Array | None = None,
+        k_bias: jax.Array | None = None,
     ) -> jax.Array:
         """The rule around an attention layer, given its in-projections.
 
@@ -80,7 +80,7 @@ class Attention(Rule):
           ``core``'s output (before the out-projection).
         """
 
-        def biased(a: jax.Array, bias: Optional[jax.Array]) -> jax.Array:
+        def biased(a: jax.Array, bias: jax.Array | None) -> jax.Array:
             return a if bias is None else a + bias
 
         exact = core(biased(q, q_bias), biased(k, k_bias), v)

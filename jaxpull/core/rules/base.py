@@ -19,7 +19,8 @@ value): the command line's flags, the app's controls and ``docs/method.md``'s ta
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Dict, Iterator, Mapping, NamedTuple, Optional, Tuple
+from collections.abc import Iterator, Mapping
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -74,7 +75,7 @@ class SettingError(ValueError):
     """A setting's value out of its range: one line naming the setting, what it takes and what it got,
     spelled as the API takes it (``str``) or as the command line does (:meth:`as_flag`)."""
 
-    def __init__(self, name: str, body: str, note: str = "", plain_mode: Optional[str] = None):
+    def __init__(self, name: str, body: str, note: str = "", plain_mode: str | None = None):
         self.name, self.body, self.note, self.plain_mode = name, body, note, plain_mode
         super().__init__(self.render())
 
@@ -103,7 +104,7 @@ def check_number(
     hint: str = "",
     integer: bool = False,
     optional: bool = False,
-    plain_mode: Optional[str] = None,
+    plain_mode: str | None = None,
 ):
     """``value`` if it is a number (or array of numbers) in ``[low, high]`` as float32 computes it,
     else a one-line :class:`SettingError` naming ``name`` and the range (and, with ``plain_mode``, the
@@ -253,13 +254,13 @@ def _same(a, b) -> bool:
     return a == b
 
 
-def field_docs(cls) -> Iterator[Tuple[str, dataclasses.Field]]:
+def field_docs(cls) -> Iterator[tuple[str, dataclasses.Field]]:
     """``(name, field)`` of each field of a rule class, in declaration order."""
     for f in dataclasses.fields(cls):
         yield f.name, f
 
 
-def as_float(value) -> Optional[Any]:
+def as_float(value) -> Any | None:
     """A number field's value for a record (JSON): a float, or a list for an array; None stays None."""
     if value is None:
         return None
@@ -267,7 +268,7 @@ def as_float(value) -> Optional[Any]:
     return float(a) if a.ndim == 0 else a.tolist()
 
 
-def defaults(cls) -> Dict[str, Any]:
+def defaults(cls) -> dict[str, Any]:
     """Every field's default of a rule class."""
     return {f.name: f.default for f in dataclasses.fields(cls)}
 
@@ -288,7 +289,7 @@ class Setting(NamedTuple):
         return kind(self.field)
 
     @property
-    def choices(self) -> Tuple[str, ...]:
+    def choices(self) -> tuple[str, ...]:
         return tuple(self.field.metadata.get("choices", ()))
 
     @property

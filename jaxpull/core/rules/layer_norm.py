@@ -11,7 +11,6 @@ Forward: ``torch.nn.LayerNorm`` over the last axis (biased variance), exactly; C
 from __future__ import annotations
 
 import functools
-from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -56,7 +55,7 @@ class LayerNorm(Rule):
         "LayerNorm backward",
     )
 
-    def __call__(self, x: jax.Array, scale: Optional[jax.Array], bias: Optional[jax.Array], eps: float) -> jax.Array:
+    def __call__(self, x: jax.Array, scale: jax.Array | None, bias: jax.Array | None, eps: float) -> jax.Array:
         """``(x - mean) / sqrt(var + eps) * scale + bias`` over the last axis of ``(..., C)`` (scale,
         bias ``(C,)`` or None); same shape as ``x``."""
         y = _normalize(x, eps, self.mode == "detached")

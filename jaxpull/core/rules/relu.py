@@ -17,7 +17,6 @@ smallest normal float32 is raised to it, where the gate already is the step.
 from __future__ import annotations
 
 import functools
-from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -26,8 +25,8 @@ from jaxpull.core import gates
 from jaxpull.core.rules.base import Rule, check_choice, choice, number, validated
 
 
-@functools.lru_cache(maxsize=None)
-def _units(max_value: Optional[float]):
+@functools.cache
+def _units(max_value: float | None):
     """``(plain, guided, soft)`` units of ReLU (``max_value`` None) or of ReLU clipped at ``max_value``."""
     if max_value is None:
         forward = lambda z: jnp.maximum(z, 0)
@@ -60,7 +59,7 @@ class ReLU(Rule):
     temperature: float = number(0.6, "ReLU gate temperature t", plain_hint=True)
     gate: str = choice("normal_cdf", gates.GATE_SHAPES, "the ReLU gate's smooth step s")
 
-    def __call__(self, z: jax.Array, max_value: Optional[float] = None) -> jax.Array:
+    def __call__(self, z: jax.Array, max_value: float | None = None) -> jax.Array:
         """``max(z, 0)`` (or ``clip(z, 0, max_value)``) with this backward; same shape and dtype as ``z``."""
         if max_value is not None and max_value != 6:
             raise ValueError(f"max_value must be None (ReLU) or 6 (ReLU6), got {max_value!r}")
