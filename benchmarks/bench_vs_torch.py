@@ -315,9 +315,9 @@ def main() -> None:
                 k / chunk
             )
             if k <= args.chunk:
-                jax_fn = lambda: jaxpull.pullback(model, x1, labels, rules=args.rules)
+                jax_fn = lambda labels=labels: jaxpull.pullback(model, x1, labels, rules=args.rules)
             else:  # bounded memory: chunks of --chunk labels, maps streamed to host
-                jax_fn = lambda: S.sweep(
+                jax_fn = lambda labels=labels: S.sweep(
                     model,
                     x1,
                     labels,
@@ -330,12 +330,12 @@ def main() -> None:
             row(
                 f"a) {args.rules} pullback K={k}",
                 jax_fn,
-                lambda: torch_pullbacks(x1, labels, args.torch_batch),
+                lambda labels=labels: torch_pullbacks(x1, labels, args.torch_batch),
                 per,
                 repeats=1 if k <= args.chunk else 0,
                 compiled_fn=None
                 if compiled is None
-                else lambda: torch_pullbacks(x1, labels, args.torch_batch, compiled),
+                else lambda labels=labels: torch_pullbacks(x1, labels, args.torch_batch, compiled),
             )
             if args.dtype != "float32" and k <= 100:
                 a = np.asarray(jaxpull.pullback(model, x1, labels)).reshape(k, -1).astype(np.float64)

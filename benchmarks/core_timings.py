@@ -59,8 +59,10 @@ def main() -> None:
     for k in [int(v) for v in args.ks.split(",")]:
         targets = np.arange(k)
         ways = {
-            "shared": lambda: jaxpull.pullback(model, x, targets),
-            "separate": lambda: separate_gradients(model, jnp.asarray(x), jnp.asarray(targets[None]), rules),
+            "shared": lambda targets=targets: jaxpull.pullback(model, x, targets),
+            "separate": lambda targets=targets: separate_gradients(
+                model, jnp.asarray(x), jnp.asarray(targets[None]), rules
+            ),
         }
         for name, fn in ways.items():
             first, run, _ = timed(fn, repeats=3)

@@ -76,7 +76,7 @@ def conv_taps(x: jax.Array, kernel: jax.Array, stride: int, pad: Pad) -> jax.Arr
     """The sum over the kh*kw taps of ``view_ij @ kernel[i, j]`` (``lowering.shifted_views``)."""
     views = lowering.shifted_views(x, kernel.shape[:2], stride, pad)
     out = 0.0
-    for v, w in zip(views, kernel.reshape(-1, *kernel.shape[2:])):
+    for v, w in zip(views, kernel.reshape(-1, *kernel.shape[2:]), strict=True):
         out = out + jnp.einsum("nhwc,cd->nhwd", v, w, preferred_element_type=jnp.float32)
     return out
 

@@ -52,7 +52,9 @@ def error(logits: np.ndarray, record: dict) -> dict:
     """
     logits = np.asarray(logits, np.float64)
     diffs = []
-    for row, top, mean, std, proj in zip(logits, record["top"], record["mean"], record["std"], record["projection"]):
+    for row, top, mean, std, proj in zip(
+        logits, record["top"], record["mean"], record["std"], record["projection"], strict=True
+    ):
         diffs += [abs(row[i] - v) for i, v in top]
         diffs += [
             abs(row.mean() - mean),

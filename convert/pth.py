@@ -200,7 +200,11 @@ def _materialise(obj: Any) -> Any:
         n = len(base)
         if any(d < 0 for d in obj.size) or any(s < 0 for s in obj.stride) or len(obj.size) != len(obj.stride):
             raise PthError("a tensor has a negative size or stride")
-        last = obj.offset + sum((d - 1) * s for d, s in zip(obj.size, obj.stride)) if all(obj.size) else obj.offset - 1
+        last = (
+            obj.offset + sum((d - 1) * s for d, s in zip(obj.size, obj.stride, strict=True))
+            if all(obj.size)
+            else obj.offset - 1
+        )
         if obj.offset < 0 or last >= n:
             raise PthError(f"a tensor reaches past the end of storage {st.key}: the file is corrupt")
         if int(np.prod(obj.size, dtype=np.float64)) > n:  # also bounds memory: no blow-up from a tiny storage

@@ -42,7 +42,7 @@ class RuledAttention(nn.Module):
         weights = m.qkv.weight.chunk(3)
         biases = (None,) * 3 if m.qkv.bias is None else m.qkv.bias.chunk(3)
         split = lambda a: a.reshape(b, n, m.num_heads, m.head_dim).transpose(1, 2)
-        q, k, v = (split(F.linear(a, w, bias)) for a, w, bias in zip((query, key, value), weights, biases))
+        q, k, v = (split(F.linear(a, w, bias)) for a, w, bias in zip((query, key, value), weights, biases, strict=True))
         w = R.attention_weights((q * m.scale) @ k.transpose(-2, -1), self.attention)
         return m.proj((w @ v).transpose(1, 2).reshape(b, n, -1))
 
@@ -64,7 +64,7 @@ class RuledWindowAttention(nn.Module):
         weights = m.qkv.weight.chunk(3)
         biases = (None,) * 3 if m.qkv.bias is None else m.qkv.bias.chunk(3)
         split = lambda a: a.reshape(b, n, m.num_heads, -1).transpose(1, 2)
-        q, k, v = (split(F.linear(a, w, bias)) for a, w, bias in zip((query, key, value), weights, biases))
+        q, k, v = (split(F.linear(a, w, bias)) for a, w, bias in zip((query, key, value), weights, biases, strict=True))
         scores = (q * m.scale) @ k.transpose(-2, -1) + m._get_rel_pos_bias()
         if mask is not None:
             windows = mask.shape[0]

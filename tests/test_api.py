@@ -138,7 +138,7 @@ def test_converted_file_round_trips(model, tmp_path):
     jaxpull.save(model, path)
     loaded = jaxpull.load(path)
     assert loaded.arch == "resnet18" and loaded.num_classes == 10
-    for a, b in zip(jax.tree_util.tree_leaves(model.params), jax.tree_util.tree_leaves(loaded.params)):
+    for a, b in zip(jax.tree_util.tree_leaves(model.params), jax.tree_util.tree_leaves(loaded.params), strict=True):
         np.testing.assert_array_equal(a, b)
     np.testing.assert_array_equal(model(X), loaded(X))
     assert not list(tmp_path.glob("*.part"))

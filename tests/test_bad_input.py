@@ -147,7 +147,7 @@ def entry_points(model, tmp_path):
         "gradient_ascent": dict(steps=1),
     }
     for name, fn in explainers.EXPLAINERS.items():
-        eps[f"explainers.{name}"] = (lambda fn, o: lambda x, t, a: fn(model, x, k_targets(t), **o))(
+        eps[f"explainers.{name}"] = (lambda f, o: lambda x, t, a: f(model, x, k_targets(t), **o))(
             fn, options.get(name, {})
         )
     return eps

@@ -302,8 +302,8 @@ def test_in_process_runner_reports_what_a_process_would(monkeypatch):
     from jaxpull.shell import cli
 
     def warns_then_fails(argv):
-        warnings.warn("stray", FutureWarning)
-        warnings.warn("hidden by default", DeprecationWarning)
+        warnings.warn("stray", FutureWarning, stacklevel=2)
+        warnings.warn("hidden by default", DeprecationWarning, stacklevel=2)
         print("jaxpull: error: boom", file=sys.stderr)
         return 2
 

@@ -343,7 +343,7 @@ def test_fusiongrad_equals_the_papers_loop_with_the_same_draws(resnet):
         assert abs(ratio.mean() - 1) < 0.01 and abs(ratio.std() - 0.1) < 0.01  # each parameter times N(1, 0.1^2)
         torch_copy = copy.deepcopy(tm)
         _load_folded(torch_copy, noisy.params)
-        for s, n in enumerate(np.asarray(attribution.gaussian_draws(input_keys[i], samples, x.shape, 0.15))):
+        for n in np.asarray(attribution.gaussian_draws(input_keys[i], samples, x.shape, 0.15)):
             maps.append(captum(captum_attr.Saliency, torch_copy, x + n, abs=False))
     got = explainers.get("FusionGrad")(model, x, T, parameter_samples=psamples, samples=samples, seed=seed)
     check("FusionGrad", "2 x 2 draws, parameter sigma 0.1, input sigma 0.15", got, np.mean(maps, axis=0))

@@ -62,7 +62,9 @@ def test_guided_backprop_passes_positive_gradients_at_active_units_only():
     g = jnp.asarray(np.linspace(-1, 1, Z.size), jnp.float32)
     for unit, active in ((relu, Z > 0), (relu6, (Z > 0) & (Z < 6))):
         np.testing.assert_array_equal(unit(Z, guided), unit(Z, PLAIN_RELU))
-        np.testing.assert_array_equal(grad_of(lambda z: unit(z, guided), Z, g), jnp.where(active & (g > 0), g, 0.0))
+        np.testing.assert_array_equal(
+            grad_of(lambda z, unit=unit: unit(z, guided), Z, g), jnp.where(active & (g > 0), g, 0.0)
+        )
 
 
 @pytest.mark.parametrize("gate", gates.GATE_SHAPES)
@@ -70,11 +72,11 @@ def test_guided_backprop_passes_positive_gradients_at_active_units_only():
 def test_temperature_to_zero_gives_the_vanilla_gradient_and_never_nan(gate, unit):
     z = jnp.array([-2.0, -1e-3, 1e-3, 2.0, 5.0, 7.0])  # away from the kinks, where the limit is defined
     for t in (1e-5, 1e-12, 1e-30):
-        g = grad_of(lambda z: unit(z, ReLU(temperature=t, gate=gate)), z)
+        g = grad_of(lambda z, t=t: unit(z, ReLU(temperature=t, gate=gate)), z)
         np.testing.assert_array_equal(g, grad_of(lambda z: unit(z, PLAIN_RELU), z))
     # at a kink the soft gate is 0.5 (sigmoid(0) = Phi(0)); no temperature gives NaN
     for t in (1e-45, 1e-30, 1.0, 1e30):
-        g = grad_of(lambda z: unit(z, ReLU(temperature=t, gate=gate)), jnp.array([0.0, 6.0, -0.0]))
+        g = grad_of(lambda z, t=t: unit(z, ReLU(temperature=t, gate=gate)), jnp.array([0.0, 6.0, -0.0]))
         assert np.all(np.isfinite(g))
 
 
@@ -120,7 +122,7 @@ def test_max_pool_temperature_to_zero_gives_the_hard_gradient_and_never_nan(mode
     hard = grad_of(lambda x: PLAIN_POOL(x, 3, 2, 0), x)
     for t in (1e-4, 1e-30, 1e-38, 1e-45):
         soft = MaxPool(mode=mode, temperature=t)
-        np.testing.assert_array_equal(grad_of(lambda x: soft(x, 3, 2, 0), x), hard)
+        np.testing.assert_array_equal(grad_of(lambda x, soft=soft: soft(x, 3, 2, 0), x), hard)
     huge = MaxPool(mode=mode, temperature=1e30)
     assert np.all(np.isfinite(grad_of(lambda x: huge(x, 3, 2, 0), x)))
 
@@ -137,7 +139,7 @@ def test_vmap_over_temperatures():
     ts = np.array([0.1, 0.3, 1.0], np.float32)
     many = jax.vmap(lambda rule: grad_of(lambda z: relu(z, rule), Z))(ReLU(temperature=ts))
     for i, t in enumerate(ts):
-        np.testing.assert_array_equal(many[i], grad_of(lambda z: relu(z, ReLU(temperature=t)), Z))
+        np.testing.assert_array_equal(many[i], grad_of(lambda z, t=t: relu(z, ReLU(temperature=t)), Z))
 
 
 def test_bad_rule_values_are_errors_when_the_rule_is_built():
@@ -165,7 +167,7 @@ def test_hardswish_forward_and_vanilla_derivative_match_torch():
     y.sum().backward()
     for rule in (PLAIN_HARDSWISH, PRESETS["guided"].rules.hardswish):  # Guided Backprop keeps the plain derivative
         np.testing.assert_allclose(rule(ZH), y.detach().numpy(), rtol=3e-7, atol=0)
-        grad = grad_of(lambda z: rule(z), ZH)
+        grad = grad_of(lambda z, rule=rule: rule(z), ZH)
         np.testing.assert_allclose(grad, zt.grad.numpy(), rtol=3e-7, atol=0)
         np.testing.assert_array_equal(grad[:2], [0, 0])  # z = -5, -3
         np.testing.assert_array_equal(grad[-3:], [1, 1, 1])  # z = 3, 3.001, 8
@@ -192,10 +194,10 @@ def test_hardswish_temperature_to_zero_is_the_step_at_zero_and_never_nan():
     *not* Hardswish's vanilla derivative (z / 3 + 1/2 on (-3, 3)): the gate is held constant."""
     z = jnp.array([-4.0, -2.0, -1e-3, 1e-3, 2.0, 4.0])
     for t in (1e-5, 1e-12, 1e-30):
-        g = grad_of(lambda z: Hardswish(temperature=t)(z), z)
+        g = grad_of(lambda z, t=t: Hardswish(temperature=t)(z), z)
         np.testing.assert_array_equal(g, [0, 0, 0, 1, 1, 1])
     for t in (1e-45, 1e-30, 1.0, 1e30):
-        g = grad_of(lambda z: Hardswish(temperature=t)(z), jnp.array([0.0, -0.0, 3.0, -3.0]))
+        g = grad_of(lambda z, t=t: Hardswish(temperature=t)(z), jnp.array([0.0, -0.0, 3.0, -3.0]))
         assert np.all(np.isfinite(g))
         assert g[0] == g[1] == 0.5
 

@@ -54,7 +54,7 @@ def assert_same_as_lax(ours, groups, x, kernel, stride, pad):
     g = jnp.asarray(RNG.standard_normal(jax.eval_shape(reference, x, kernel).shape), jnp.float32)
     want = jax.jit(value_and_vjps, static_argnums=0)(reference, x, kernel, g)
     got = jax.jit(value_and_vjps, static_argnums=0)(lambda x, w: ours(x, w, stride, pad), x, kernel, g)
-    for a, b in zip(got, want):
+    for a, b in zip(got, want, strict=True):
         close(a, b)
 
 

@@ -70,9 +70,9 @@ def test_mosaics_put_two_target_tiles_and_two_other_classes():
     classes = np.array([0, 1, 2, 0])  # class 0 has two images
     m = metrics.make_mosaics(images, classes, 9, seed=1)
     assert m.images.shape == (9, 8, 8, 3) and m.quadrants.sum(1).tolist() == [2] * 9
-    for img, target, quad, src in zip(m.images, m.targets, m.quadrants, m.sources):
+    for img, target, quad, src in zip(m.images, m.targets, m.quadrants, m.sources, strict=True):
         tiles = [img[:4, :4], img[:4, 4:], img[4:, :4], img[4:, 4:]]
-        for tile, s in zip(tiles, src):
+        for tile, s in zip(tiles, src, strict=True):
             assert np.allclose(tile, colors[s])  # each 4x4 tile is its source image shrunk
         assert (classes[src[quad]] == target).all()
         others = classes[src[~quad]]

@@ -466,7 +466,7 @@ def test_paper_mosaics_follow_the_papers_draws_and_torch_resizing():
     # the original Focus paper's variant: two different images of the target class
     pairs = np.array([3, 1, 3, 5, 1, 5, 5, 3])  # every class has two images or more
     m2 = mosaics.make_paper_mosaics(images, pairs, 20, tile=8, distinct_images=True)
-    for q, src, target in zip(m2.quadrants, m2.sources, m2.targets):
+    for q, src, target in zip(m2.quadrants, m2.sources, m2.targets, strict=True):
         assert src[q][0] != src[q][1] and (pairs[src[q]] == target).all() and (pairs[src[~q]] != target).all()
 
 

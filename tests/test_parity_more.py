@@ -93,7 +93,9 @@ def test_regnet_stages_are_torchvisions(arch):
     bp = _torchvision_block_params(arch)
     build = jaxpull.core.models.get(arch).build
     stages, se_ratio = build.args
-    assert [tuple(s) for s in stages] == list(zip(bp.widths, bp.depths, bp.group_widths, bp.bottleneck_multipliers))
+    assert [tuple(s) for s in stages] == list(
+        zip(bp.widths, bp.depths, bp.group_widths, bp.bottleneck_multipliers, strict=True)
+    )
     assert bp.strides == [2] * len(stages) and se_ratio == bp.se_ratio
 
 

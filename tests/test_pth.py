@@ -213,7 +213,7 @@ def test_committed_fingerprints_match_torch(arch):
     assert np.allclose([v for t in committed["top"] for _, v in t], [v for t in fresh["top"] for _, v in t], atol=1e-4)
     # and the record is sharp: a slightly different model is caught
     shifted = np.zeros((2, 1000))
-    for row, top in zip(shifted, committed["top"]):
+    for row, top in zip(shifted, committed["top"], strict=True):
         for i, v in top:
             row[i] = v * 1.01
     assert fingerprint.error(shifted, committed)["max_rel"] > 1e-3

@@ -50,7 +50,7 @@ def test_logits_and_top5_on_real_photos_match_pytorch(lite0, photos):
     with torch.no_grad():
         ref = tm(lite_norm(torch.from_numpy(photos))).numpy()
     assert_logits_close(got, ref)
-    for g, r in zip(got, ref):
+    for g, r in zip(got, ref, strict=True):
         assert list(np.argsort(-g)[:5]) == list(np.argsort(-r)[:5])
     # a real ImageNet model: the espresso photo is an espresso, confidently
     coffee = got[PHOTOS.index("coffee")]

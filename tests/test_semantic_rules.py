@@ -104,9 +104,9 @@ def test_temperatures_are_traced_vmap_and_one_compile():
     pairs = [(0.5, 1.6), (1.0, 0.3), (2.0, 1.0)]
     per_t = [grads(jnp.float32(a), jnp.float32(b)) for a, b in pairs]
     assert len(traces) == 1  # three temperatures, one trace (and one compile)
-    for (a, b), got in zip(pairs, per_t):
+    for (a, b), got in zip(pairs, per_t, strict=True):
         np.testing.assert_allclose(got, G * ndtr(Z / a) + G * jax.nn.sigmoid(Z / b), rtol=1e-6, atol=1e-6)
-    batched = jax.vmap(grads)(*(jnp.asarray(v, jnp.float32) for v in zip(*pairs)))
+    batched = jax.vmap(grads)(*(jnp.asarray(v, jnp.float32) for v in zip(*pairs, strict=True)))
     np.testing.assert_allclose(batched, jnp.stack(per_t), rtol=1e-6, atol=1e-7)
 
 
@@ -233,7 +233,7 @@ def test_tempered_attention_at_t1_is_the_plain_gradient_and_value_only_stops_que
     plain_out, plain = attention_grads(mha, Attention(mode="plain"))
     out, tempered = attention_grads(mha, Attention(mode="tempered", temperature=1.0))
     np.testing.assert_array_equal(out, plain_out)
-    for a, b in zip(tempered, plain):
+    for a, b in zip(tempered, plain, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     out, held = attention_grads(mha, Attention(mode="value_only"))
     np.testing.assert_array_equal(out, plain_out)
@@ -256,7 +256,7 @@ def test_attention_rules_match_the_torch_reference(mha, rule, t, self_attention)
     with torch.no_grad():
         exact, _ = mha(*(inputs * 3 if self_attention else inputs), need_weights=False)
     np.testing.assert_allclose(out, exact.numpy(), rtol=1e-5, atol=1e-5)  # forward: torch's own module
-    for a, b in zip(grads, inputs):
+    for a, b in zip(grads, inputs, strict=True):
         expected = np.zeros(b.shape) if b.grad is None else b.grad.numpy()  # value_only: no path to query, key
         assert np.abs(np.asarray(a) - expected).max() <= 1e-5 * max(1.0, np.abs(expected).max()), rule
     if rule == "tempered":  # at t = 0.5 the rule acts

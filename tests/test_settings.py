@@ -241,7 +241,7 @@ def test_app_strip_uses_the_pool_temperature(tiny_model, tmp_path):
     picture, _ = explorer.strip(None, "chelsea", "r18", "0: tench", temperatures=ts, pool_temperature=0.05, **form)
     tiles = picture[18:].reshape(224, 2, 224, 3).transpose(1, 0, 2, 3).astype(int)
     x, _ = explorer.image(None, "chelsea")
-    for tile, t in zip(tiles, ts):
+    for tile, t in zip(tiles, ts, strict=True):
         d = np.asarray(jaxpull.ascent(tiny_model, x, [0], steps=1, temperature=t, pool_temperature=0.05, output="diff"))
         assert np.abs(tile - (normalize_cell(d[0, 0]) * 255).astype(np.uint8)).max() <= 1
     other, _ = explorer.strip(None, "chelsea", "r18", "0: tench", temperatures=ts, pool_temperature=3.0, **form)

@@ -41,7 +41,7 @@ def _b0(**options) -> torch.nn.Module:
     tm = timm.create_model("pvt_v2_b0", **options).eval()
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
-        for name, p in tm.named_parameters():
+        for _name, p in tm.named_parameters():
             if p.ndim == 1:
                 p.add_(0.2 * torch.randn(p.shape, generator=g))
     return tm

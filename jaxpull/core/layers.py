@@ -84,7 +84,8 @@ class Conv(nn.Module):
         dtype = kernel.dtype if self.dtype is None else jnp.dtype(self.dtype)
         on_cpu = jax.default_backend() == "cpu"
         out_hw = tuple(
-            (size + lo + hi - k) // self.stride + 1 for size, (lo, hi), k in zip(x.shape[1:3], pad, (kh, kw))
+            (size + lo + hi - k) // self.stride + 1
+            for size, (lo, hi), k in zip(x.shape[1:3], pad, (kh, kw), strict=True)
         )
         lowered = cpu_conv(kernel.shape, self.stride, pad, out_hw) if self.groups == 1 and on_cpu else None
         if self.groups > 1 and self.groups == x.shape[-1] == self.features:

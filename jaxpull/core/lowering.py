@@ -70,7 +70,7 @@ def fence_cotangent_on_cpu(y: jax.Array, source: jax.Array) -> jax.Array:
 def _tap_sum(views: list[jax.Array], kernel: jax.Array) -> jax.Array:
     """``sum_ij views[ij] * kernel[i, j]`` in float32: views ``(N, Ho, Wo, C)``, kernel ``(kh, kw, 1, C)``."""
     out = jnp.zeros(views[0].shape, jnp.float32)
-    for view, w in zip(views, kernel.reshape(len(views), -1)):
+    for view, w in zip(views, kernel.reshape(len(views), -1), strict=True):
         out = out + view.astype(jnp.float32) * w.astype(jnp.float32)
     return out
 
@@ -231,7 +231,7 @@ def _dense_conv_bwd(stride, pad, residuals, g):
         dx = _strided_input_gradient(g.astype(kernel.dtype), kernel, stride, pad, x.shape[1:3])
     else:
         flipped = jnp.flip(kernel, (0, 1)).swapaxes(2, 3)  # (kh, kw, Cout, Cin)
-        pads = tuple((k - 1 - lo, k - 1 - hi) for k, (lo, hi) in zip(kernel.shape[:2], pad))
+        pads = tuple((k - 1 - lo, k - 1 - hi) for k, (lo, hi) in zip(kernel.shape[:2], pad, strict=True))
         dx = _dense_conv(g.astype(kernel.dtype), flipped, 1, pads)
     dk = jax.vjp(lambda k: _dense_conv(x, k, stride, pad), kernel)[1](g)[0]
     return dx.astype(x.dtype), dk
@@ -243,7 +243,7 @@ dense_conv.defvjp(_dense_conv_fwd, _dense_conv_bwd)
 def dense_conv_on_cpu(kernel_shape: tuple[int, ...], pad) -> bool:
     """Whether XLA:CPU runs a dense convolution as :func:`dense_conv` (GPU / TPU keep autodiff's
     convolution, fast there): padding of at most ``k - 1`` per side, so the gradient's is >= 0."""
-    return all(0 <= lo <= k - 1 and 0 <= hi <= k - 1 for k, (lo, hi) in zip(kernel_shape[:2], pad))
+    return all(0 <= lo <= k - 1 and 0 <= hi <= k - 1 for k, (lo, hi) in zip(kernel_shape[:2], pad, strict=True))
 
 
 def im2col_on_cpu(kernel_shape: tuple[int, ...], stride: int) -> bool:

@@ -113,7 +113,7 @@ def compare(model: Model, x, targets, methods: Mapping[str, Any] = COMPARISON) -
         scalars(r)
     with model.sized(x.shape):
         logits, maps = compare_core(model, x, t, tuple(rule_sets.values()))
-    return Comparison(logits, dict(zip(rule_sets, maps)))
+    return Comparison(logits, dict(zip(rule_sets, maps, strict=True)))
 
 
 # --------------------------------------------------------------------------------------

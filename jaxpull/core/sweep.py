@@ -212,7 +212,7 @@ def footprint(model: Model, image_shape: Sequence[int], method: str, rules: Rule
     one, two = residuals(model, image_shape, 1, rules), residuals(model, image_shape, 2, rules)
     params = sum(_nbytes(p) for p in jax.tree_util.tree_leaves(model.params))
     if len(one) == len(two):
-        grows = [a for a, b in zip(one, two) if _nbytes(b) == 2 * _nbytes(a) and _nbytes(a) > 0]
+        grows = [a for a, b in zip(one, two, strict=True) if _nbytes(b) == 2 * _nbytes(a) and _nbytes(a) > 0]
     else:  # the structure changed with the batch (it does not for the families here): count all
         grows = [a for a in one if a.shape and a.shape[0] == 1]
     per_image = sum(_nbytes(a) for a in grows)

@@ -72,5 +72,5 @@ def top5_lines(model: Model, names: list[str], logits: np.ndarray) -> list[str]:
     probs /= probs.sum(1, keepdims=True)
     return [
         f"{name}: " + "; ".join(f"{model.class_name(i)} ({i}) {p[i]:.1%}" for i in np.argsort(-p)[:5])
-        for name, p in zip(names, probs)
+        for name, p in zip(names, probs, strict=True)
     ]

@@ -140,10 +140,12 @@ def build(explorer: Explorer):
         rules.change(preset_values, rules, form)
 
         def explain(upload, sample, model, target, method, rules, *values):
-            return explorer.explain(upload, sample, model, target, method, rules, **dict(zip(FORM, values)))
+            return explorer.explain(
+                upload, sample, model, target, method, rules, **dict(zip(FORM, values, strict=True))
+            )
 
         def strip_handler(upload, sample, model, target, rules, *values):
-            return explorer.strip(upload, sample, model, target, rules, **dict(zip(FORM, values)))
+            return explorer.strip(upload, sample, model, target, rules, **dict(zip(FORM, values, strict=True)))
 
         inputs = [upload, sample, model, target]
         run.click(

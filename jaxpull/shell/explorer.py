@@ -274,7 +274,7 @@ class Explorer:
             arrays[f"{key}_xk"], arrays[f"{key}_diff"] = xk, xk - x[0]
             tiles = [images.to_pixels(x[0]), images.to_pixels(xk), (normalize_cell(xk - x[0]) * 255).astype(np.uint8)]
             captions = ["clean x0", f"{m}: x_K", "x_K - x0 (normalised)"]
-            rows.append(np.concatenate([_caption(tile, c) for tile, c in zip(tiles, captions)], axis=1))
+            rows.append(np.concatenate([_caption(tile, c) for tile, c in zip(tiles, captions, strict=True)], axis=1))
         seconds = time.perf_counter() - start
         path = self.output_dir / f"jaxpull_{label}_{int(time.time() * 1000)}.npz"
         self._save_arrays(path, arrays)
@@ -314,7 +314,8 @@ class Explorer:
         require_finite(diffs, "the temperature strip", changed_settings(s.rules, s.ascent, rules))
         seconds = time.perf_counter() - start
         tiles = [
-            _caption((normalize_cell(d) * 255).astype(np.uint8), f"t = {t:g}") for d, t in zip(diffs, temperatures)
+            _caption((normalize_cell(d) * 255).astype(np.uint8), f"t = {t:g}")
+            for d, t in zip(diffs, temperatures, strict=True)
         ]
         summary = f"{len(temperatures)} temperatures in one vmapped call: {seconds:.2f} s"
         return np.concatenate(tiles, axis=1), "; ".join(filter(None, [note, summary]))

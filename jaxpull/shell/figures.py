@@ -64,7 +64,7 @@ def explanation_figure(
     cell = 1.6
     fig = plt.figure(figsize=(len(panels) * (k + 1) * cell, n * cell * 1.12 + 0.5))
     subfigs = fig.subfigures(1, len(panels), squeeze=False, wspace=0.02)[0]
-    for sub, (heading, diffs) in zip(subfigs, panels.items()):
+    for sub, (heading, diffs) in zip(subfigs, panels.items(), strict=True):
         _draw_grid(sub, images, np.asarray(diffs), titles, heading)
     try:
         atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=dpi))

@@ -238,7 +238,7 @@ class MaxVit(nn.Module):
         self.check(x)
         x = rules.gelu(Conv(self.stem_channels, 3, 2, 1, use_bias=True, name="stem_0")(x))
         x = Conv(self.stem_channels, 3, 1, 1, use_bias=True, name="stem_1")(x)
-        for i, (channels, n_layers) in enumerate(zip(self.block_channels, self.block_layers)):
+        for i, (channels, n_layers) in enumerate(zip(self.block_channels, self.block_layers, strict=True)):
             x = MaxVitBlock(channels, n_layers, self.head_dim, self.partition_size, name=f"blocks_{i}")(x, rules)
         x = LayerNorm(LN_EPS, name="classifier_2")(jnp.mean(x, axis=(1, 2)), rules)
         x = jnp.tanh(Dense(x.shape[-1], name="classifier_3")(x))

@@ -57,7 +57,7 @@ def _check(value: Any, kind: Any, where: str) -> Any:
             return tuple(_check(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
         if len(value) != len(args):
             raise ValueError(f"{where} has {len(value)} entries, not {len(args)}")
-        return tuple(_check(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+        return tuple(_check(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True)))
     if kind is int:
         lo, hi = bounds or (1, WIDTH)
         if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:

@@ -93,7 +93,8 @@ def min_image_size(sr_ratios: tuple[int, ...], linear: bool = False) -> int:
     """The smallest input side whose every stage has at least ``sr_ratio`` tokens a side (the
     spatial reduction's convolution needs one window; the linear variant pools adaptively)."""
     size = 1
-    while any(g < (1 if linear else r) for g, r in zip(grid_sizes(size), sr_ratios)):
+    # strict=False: grid_sizes gives four stages' grids, a model of fewer stages checks its first ones
+    while any(g < (1 if linear else r) for g, r in zip(grid_sizes(size), sr_ratios, strict=False)):
         size += 1
     return size
 

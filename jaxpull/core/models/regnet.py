@@ -62,7 +62,7 @@ def block_params(
     # a new stage starts wherever the block width changes
     starts = [i for i in range(depth) if i == 0 or block_widths[i] != block_widths[i - 1]] + [depth]
     stages = []
-    for lo, hi in zip(starts[:-1], starts[1:]):
+    for lo, hi in zip(starts[:-1], starts[1:], strict=True):
         width = int(block_widths[lo])
         w_bot = int(width * bottleneck_multiplier)
         g = min(group_width, w_bot)

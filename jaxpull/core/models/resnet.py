@@ -147,7 +147,7 @@ class ResNet(nn.Module):
             x = rules.relu(Conv(64, 7, 2, 3, use_bias=True, name="conv1")(x))
             inplanes = 64
         x = rules.max_pool(x, 3, 2, 1)
-        for i, (n, planes) in enumerate(zip(self.stage_sizes, self.channels)):
+        for i, (n, planes) in enumerate(zip(self.stage_sizes, self.channels, strict=True)):
             stride = 1 if i == 0 else 2
             downsample = stride != 1 or inplanes != planes * self.block.expansion
             x = Stage(
@@ -299,7 +299,8 @@ def torch_config(module) -> dict:
     width = int(blocks[0].conv2.out_channels)
     width_per_group = width * 64 // (channels[0] * groups) if bottleneck else 64
     if bottleneck and any(
-        int(c * (width_per_group / 64.0)) * groups != s[0].conv2.out_channels for c, s in zip(channels, stages)
+        int(c * (width_per_group / 64.0)) * groups != s[0].conv2.out_channels
+        for c, s in zip(channels, stages, strict=True)
     ):
         refuse("bottleneck widths no base_width reproduces", "use a whole-number base_width")
     options = dict(

@@ -66,7 +66,8 @@ class ShuffleNetV2(nn.Module):
     def __call__(self, x: jax.Array, rules: Rules) -> jax.Array:
         x = rules.relu(Conv(self.stages_out_channels[0], 3, 2, 1, use_bias=True, name="conv1")(x))
         x = rules.max_pool(x, 3, 2, 1)
-        for i, (repeats, oup) in enumerate(zip(self.stages_repeats, self.stages_out_channels[1:])):
+        # strict=False: stages_out_channels ends with conv5's width, after the stages' widths
+        for i, (repeats, oup) in enumerate(zip(self.stages_repeats, self.stages_out_channels[1:], strict=False)):
             for j in range(repeats):
                 x = InvertedResidual(oup, 2 if j == 0 else 1, name=f"stage{i + 2}_{j}")(x, rules)
         x = rules.relu(Conv(self.stages_out_channels[-1], 1, use_bias=True, name="conv5")(x))

@@ -191,7 +191,9 @@ class ShiftedWindowAttention(nn.Module):
         if self.roll_first:
             shift = tuple(self.shift_size)
         else:  # torchvision: no shift along an axis that one window covers
-            shift = tuple(0 if win >= size else s for win, size, s in zip(self.window_size, padded, self.shift_size))
+            shift = tuple(
+                0 if win >= size else s for win, size, s in zip(self.window_size, padded, self.shift_size, strict=True)
+            )
         if self.v2:  # the continuous position bias: an MLP of the window's constant coordinates
             coords = jnp.asarray(relative_coords_table(self.window_size))
             hidden = jax.nn.relu(Dense(CPB_HIDDEN, name="cpb_mlp_0")(coords))
@@ -315,7 +317,7 @@ class SwinTransformer(nn.Module):
             )
         x = Conv(self.embed_dim, (ph, pw), ph, use_bias=True, name="features_0_0")(x)
         x = LayerNorm(LN_EPS, name="features_0_2")(x, rules)
-        for i, (depth, heads) in enumerate(zip(self.depths, self.num_heads)):
+        for i, (depth, heads) in enumerate(zip(self.depths, self.num_heads, strict=True)):
             for j in range(depth):
                 shift = (0, 0) if j % 2 == 0 else tuple(w // 2 for w in self.window_size)
                 x = SwinTransformerBlock(
@@ -356,7 +358,7 @@ class TimmSwinTransformer(nn.Module):
             )
         x = Conv(self.embed_dim, (ph, pw), ph, use_bias=True, name="features_0_0")(x)
         x = LayerNorm(LN_EPS, name="features_0_2")(x, rules)
-        for i, (depth, heads) in enumerate(zip(self.depths, self.num_heads)):
+        for i, (depth, heads) in enumerate(zip(self.depths, self.num_heads, strict=True)):
             if i > 0:
                 x = PatchMerging(False, name=f"features_{2 * i}")(x, rules)
             window, shift = timm_window_and_shift(x.shape[1:3], tuple(self.window_size))
@@ -378,8 +380,8 @@ def timm_window_and_shift(size: tuple[int, int], window: tuple[int, int]) -> tup
     """timm's ``SwinTransformerBlock._calc_window_shift`` for a stage of feature ``size``: along an
     axis of size at most the window, the window shrinks to the size and the shift is 0; otherwise
     the window stays and shifted blocks shift by half of it."""
-    win = tuple(r if r <= w else w for r, w in zip(size, window))
-    shift = tuple(0 if r <= v else w // 2 for r, v, w in zip(size, win, window))
+    win = tuple(r if r <= w else w for r, w in zip(size, window, strict=True))
+    shift = tuple(0 if r <= v else w // 2 for r, v, w in zip(size, win, window, strict=True))
     return win, shift
 
 

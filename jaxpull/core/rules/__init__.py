@@ -120,7 +120,7 @@ def settings_table(composite=None) -> dict[str, Setting]:
     table: dict[str, Setting] = {}
     parts = dataclasses.fields(composite or Rules)
     classes = [getattr(part.default_factory, "func", part.default_factory) for part in parts]
-    for part, cls in zip(parts, classes):
+    for part, cls in zip(parts, classes, strict=True):
         names = part.metadata["names"]
         label = part.metadata["doc"] if classes.count(cls) > 1 else ""
         for f in dataclasses.fields(cls):

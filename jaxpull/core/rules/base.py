@@ -221,9 +221,9 @@ def validated(cls):
 
     def unflatten(aux, leaves):
         obj = object.__new__(cls)  # no checks: leaves may be tracers, axis numbers or None here
-        for n, v in zip(children, leaves):
+        for n, v in zip(children, leaves, strict=True):
             object.__setattr__(obj, n, v)
-        for n, v in zip(static, aux):
+        for n, v in zip(static, aux, strict=True):
             object.__setattr__(obj, n, v)
         return obj
 
