@@ -40,19 +40,19 @@ import numpy as np
 
 from jaxpull.core.rules.activations import GELU, Hardswish, SiLU
 from jaxpull.core.rules.attention import Attention
-from jaxpull.core.rules.base import Rule, Setting, validated
+from jaxpull.core.rules.base import Rule, Setting, rule_class, validated
 from jaxpull.core.rules.layer_norm import LayerNorm
 from jaxpull.core.rules.max_pool import MaxPool
 from jaxpull.core.rules.relu import ReLU
 
 
-def _part(cls, doc: str, names: Mapping[str, str] = (), **defaults):
+def _part(cls, doc: str, names: Mapping[str, str] | None = None, **defaults):
     """A field of :class:`Rules`: a rule object of ``cls`` (default: ``cls(**defaults)``).
 
     ``names``: the flat setting names of the rule's fields where they are not the automatic ones
     (the mode is called as the field, another field ``{field}_{name}``)."""
     return dataclasses.field(
-        default_factory=functools.partial(cls, **defaults), metadata=dict(doc=doc, names=dict(names))
+        default_factory=functools.partial(cls, **defaults), metadata=dict(doc=doc, names=dict(names or {}))
     )
 
 
@@ -119,7 +119,7 @@ def settings_table(composite=None) -> dict[str, Setting]:
     composite, another of its fields ``{field}_{name}``, unless the composite's field renames it."""
     table: dict[str, Setting] = {}
     parts = dataclasses.fields(composite or Rules)
-    classes = [getattr(part.default_factory, "func", part.default_factory) for part in parts]
+    classes = [rule_class(part) for part in parts]
     for part, cls in zip(parts, classes, strict=True):
         names = part.metadata["names"]
         label = part.metadata["doc"] if classes.count(cls) > 1 else ""

@@ -19,11 +19,17 @@ value): the command line's flags, the app's controls and ``docs/method.md``'s ta
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator, Mapping
-from typing import Any, NamedTuple
+import sys
+from collections.abc import Collection, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple, TypeVar
 
 import jax
 import numpy as np
+
+if sys.version_info >= (3, 11):
+    from typing import dataclass_transform
+else:  # Python 3.10: the backport (a dependency of flax)
+    from typing_extensions import dataclass_transform
 
 # The largest float32 (numbers above it become inf in the float32 computation).
 FLOAT32_MAX = float(np.finfo(np.float32).max)
@@ -163,8 +169,9 @@ def check_field(field: dataclasses.Field, value, name: str, mode_name: str = "mo
     raise AssertionError(k)
 
 
-def check_choice(value, name: str, choices: Mapping[str, str]) -> str:
-    """``value`` if it is one of ``choices``, else a one-line ValueError listing them."""
+def check_choice(value, name: str, choices: Collection[str]) -> str:
+    """``value`` if it is one of ``choices`` (names, or a mapping name -> meaning), else a one-line
+    ValueError listing them."""
     if not isinstance(value, str) or value not in choices:
         raise ValueError(f"unknown {name} {value!r}: use one of {', '.join(choices)}")
     return value
@@ -172,6 +179,9 @@ def check_choice(value, name: str, choices: Mapping[str, str]) -> str:
 
 class Validated:
     """Base of the classes the :func:`validated` decorator makes (the rules, their composite, the ascent)."""
+
+    if TYPE_CHECKING:  # for the type checker: every subclass is made a dataclass by the decorator
+        __dataclass_fields__: ClassVar[dict[str, dataclasses.Field[Any]]]
 
     def _validate(self) -> None:
         """Checks across fields (after each field is checked); subclasses override."""
@@ -192,10 +202,19 @@ class Rule(Validated):
     """Base of the rule classes and of the :class:`~jaxpull.core.rules.Rules` composite."""
 
 
-def validated(cls):
+V = TypeVar("V", bound=Validated)
+
+
+@dataclass_transform(frozen_default=True)  # the type checker's view of what the decorator makes: a frozen dataclass
+def validated(cls: type[V]) -> type[V]:
     """Make ``cls`` (a subclass of :class:`Validated` with annotated fields) a frozen, validated dataclass
     registered as a JAX pytree: :func:`number` fields and nested objects are children, :func:`choice`
     and :func:`flag` fields are static."""
+    return _validated(cls)
+
+
+def _validated(cls):
+    # Untyped on purpose: it sets the class's __post_init__, __eq__ and __hash__, which a type checker does not model.
     label = cls.__name__
 
     def __post_init__(self):
@@ -204,7 +223,7 @@ def validated(cls):
             name = f"{label}.{f.name}"
             if kind(f) != "rule":
                 value = check_field(f, value, name)
-            elif not isinstance(value, getattr(f.default_factory, "func", f.default_factory)):
+            elif not isinstance(value, rule_class(f)):
                 raise ValueError(f"{name} must be a {f.type} rule object, got {value!r}")
             object.__setattr__(self, f.name, value)
         self._validate()
@@ -240,6 +259,13 @@ def validated(cls):
     cls.__eq__ = __eq__
     cls.__hash__ = None  # numbers may be arrays: a rule is not a dictionary key (jit takes it as a pytree)
     return cls
+
+
+def rule_class(field: dataclasses.Field) -> type:
+    """The rule class of a composite's rule field: its default factory, or the class that factory's
+    ``functools.partial`` builds."""
+    factory: Any = field.default_factory
+    return getattr(factory, "func", factory)
 
 
 def _leaf(value):
