@@ -11,6 +11,7 @@ where there is one (``Conv`` with ``use_bias=True``), and stores the rest as ``A
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import cast
 
 import flax.linen as nn
 import jax
@@ -21,7 +22,8 @@ from jax import lax
 from jaxpull.core.lowering import cpu_conv, depthwise_conv
 from jaxpull.core.rules import Rules
 
-Padding = int | tuple[tuple[int, int], tuple[int, int]] | str
+Pad = tuple[tuple[int, int], tuple[int, int]]  # ((top, bottom), (left, right))
+Padding = int | Pad | str
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -45,9 +47,8 @@ def to_model_input(x: jax.Array, mean: Sequence[float], std: Sequence[float]) ->
     Returns:
       ``(N, H, W, 3)`` normalised per channel.
     """
-    mean = jnp.asarray(mean, x.dtype)
-    std = jnp.asarray(std, x.dtype)
-    return ((x + 1) / 2 - mean) / std
+    m, s = jnp.asarray(mean, x.dtype), jnp.asarray(std, x.dtype)
+    return ((x + 1) / 2 - m) / s
 
 
 def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
@@ -80,7 +81,8 @@ class Conv(nn.Module):
         elif isinstance(self.padding, int):
             pad = ((self.padding, self.padding), (self.padding, self.padding))
         else:
-            pad = tuple(map(tuple, self.padding))  # hashable: dense_conv takes it as a static argument
+            # hashable: dense_conv takes it as a static argument (here the padding is the pairs, not a str)
+            pad = cast(Pad, tuple(map(tuple, self.padding)))
         dtype = kernel.dtype if self.dtype is None else jnp.dtype(self.dtype)
         on_cpu = jax.default_backend() == "cpu"
         out_hw = tuple(

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from jax import lax
 
 
-def shifted_views(x: jax.Array, kernel_hw: tuple[int, int], stride: int, pad) -> list[jax.Array]:
+def shifted_views(x: jax.Array, kernel_hw: tuple[int, ...], stride: int, pad) -> list[jax.Array]:
     """The kh*kw strided views of padded ``x`` that a convolution's taps read, in (i, j) order:
     ``x`` ``(N, H, W, C)`` -> kh*kw arrays ``(N, Ho, Wo, C)``; view (i, j) meets ``kernel[i, j]``."""
     kh, kw = kernel_hw
@@ -264,7 +264,7 @@ TINY_OUTPUT = 4  # output pixels (H * W) at or below which every convolution is 
 
 
 def cpu_conv(
-    kernel_shape: tuple[int, ...], stride: int, pad, out_hw: tuple[int, int] = (TINY_OUTPUT + 1, 1)
+    kernel_shape: tuple[int, ...], stride: int, pad, out_hw: tuple[int, ...] = (TINY_OUTPUT + 1, 1)
 ) -> Callable[..., jax.Array] | None:
     """The XLA:CPU lowering of a dense (groups = 1) convolution: :func:`conv_im2col` where
     :func:`im2col_on_cpu` or the output ``out_hw`` has at most :data:`TINY_OUTPUT` pixels, else

@@ -119,7 +119,8 @@ class Model:
         (no input checks).
         """
         x = to_model_input(x, self.spec.input_mean, self.spec.input_std)
-        return self.spec.module().apply({"params": self.params}, x, rules)
+        # flax types apply() for its mutable= form as well (output, state): without it, the output alone
+        return self.spec.module().apply({"params": self.params}, x, rules)  # type: ignore[return-value]
 
     @property
     def compute_dtype(self) -> str:

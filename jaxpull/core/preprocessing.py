@@ -35,7 +35,7 @@ class Preprocessing(NamedTuple):
             if (
                 isinstance(value, bool)
                 or not isinstance(value, numbers.Integral)
-                or not MIN_IMAGE_SIZE <= value <= MAX_IMAGE_SIZE
+                or not MIN_IMAGE_SIZE <= int(value) <= MAX_IMAGE_SIZE
             ):
                 raise ValueError(
                     f"{name} must be a whole number of pixels in [{MIN_IMAGE_SIZE}, {MAX_IMAGE_SIZE}], got {value!r}"

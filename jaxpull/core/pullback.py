@@ -147,7 +147,7 @@ class _NoState(NamedTuple):
 
 
 def normalized_step(
-    alpha: jax.Array, relative: bool = False, normalize: bool = True
+    alpha: float | jax.Array, relative: bool = False, normalize: bool = True
 ) -> optax.GradientTransformationExtraArgs:
     """The PGA step as an optax transform: ``g -> alpha * g / ||g||_2`` (per image).
 

@@ -22,7 +22,7 @@ def resolve_targets(model: Model, logits: np.ndarray, spec: str) -> np.ndarray:
     items = [s.strip() for s in spec.split(",") if s.strip()]
     if not items:
         raise ValueError("--targets is empty: give labels such as 0,goldfish,top3")
-    columns = []
+    columns: list[np.ndarray] = []
     order = np.argsort(-logits, axis=1)
     for item in items:
         if item.lower().startswith("top") and item[3:].isdigit():
@@ -39,7 +39,7 @@ def parse_labels(spec: str, model: Model) -> list[int]:
     """``"all"``, a range ``"0-99"``, or a comma list of indices, class names and ranges -> indices."""
     if spec.strip().lower() == "all":
         return list(range(model.num_classes))
-    labels = []
+    labels: list[int] = []
     for item in (s.strip() for s in spec.split(",") if s.strip()):
         lo, sep, hi = item.partition("-")
         if sep and lo.isdigit() and hi.isdigit():

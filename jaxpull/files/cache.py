@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from jaxpull import plugins
 from jaxpull.core.model import Model
@@ -31,7 +32,7 @@ def cache_dir() -> Path:
 
 def _providers() -> dict:
     """Architecture name -> the installed offline provider that converts it on first use."""
-    found = {}
+    found: dict[str, Any] = {}
     for _, provider in plugins.load(plugins.OFFLINE_MODELS):
         for name in provider.names():
             found.setdefault(name, provider)

@@ -32,7 +32,7 @@ class ModelFileError(ValueError):
     """A converted-model file that cannot be used; the message says why and what to do."""
 
 
-def save(model: Model, path: PathLike, extra_metadata: Mapping[str, str] = ()) -> None:
+def save(model: Model, path: PathLike, extra_metadata: Mapping[str, str] | None = None) -> None:
     """Write ``model`` to ``path`` (``.safetensors``), atomically."""
     from safetensors.numpy import save_file
 
@@ -40,7 +40,7 @@ def save(model: Model, path: PathLike, extra_metadata: Mapping[str, str] = ()) -
     flat = traverse_util.flatten_dict(jax.device_get(model.params), sep="/")
     tensors = {k: np.ascontiguousarray(np.asarray(v, np.float32)) for k, v in flat.items()}
     meta = dict(spec.metadata)
-    meta.update(dict(extra_metadata))
+    meta.update(dict(extra_metadata or {}))
     meta.update(
         format=FORMAT,
         arch=spec.arch,
@@ -114,7 +114,7 @@ def _spec_from_metadata(meta: Mapping[str, str]) -> ModelSpec:
     if not text.strip().isdigit() or int(text) < 1:
         raise ValueError(f"num_classes {text!r} is not a whole number >= 1")
     num_classes = int(text)
-    stats = {}
+    stats: dict[str, tuple[float, float, float]] = {}
     for name in ("input_mean", "input_std"):
         value = json.loads(meta[name])
         if (
@@ -123,7 +123,7 @@ def _spec_from_metadata(meta: Mapping[str, str]) -> ModelSpec:
             or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v) for v in value)
         ):
             raise ValueError(f"{name} {meta[name]!r} is not three finite numbers")
-        stats[name] = tuple(float(v) for v in value)
+        stats[name] = (float(value[0]), float(value[1]), float(value[2]))
     if min(stats["input_std"]) <= 0:
         raise ValueError(f"input_std {meta['input_std']!r} must be positive (it divides the input)")
     names = json.loads(meta.get("class_names", "[]"))

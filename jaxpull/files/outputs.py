@@ -121,6 +121,6 @@ def save_arrays(path: PathLike, arrays: Mapping[str, np.ndarray]) -> None:
 
     def write(tmp):
         with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to the temporary name
-            np.savez(f, **arrays)
+            np.savez(f, **arrays)  # type: ignore[arg-type]  # numpy's stubs: a key could be allow_pickle (a bool)
 
     atomic_write(path, write)

@@ -180,8 +180,8 @@ def torch_config(module) -> dict:
         channels = int(stage[0].layer_scale.shape[0])
         after = stages[k + 1] if k + 1 < len(stages) else None
         setting.append((channels, None if after is None else int(after[1].out_channels), len(stage)))
-    setting = tuple(setting)
-    return {} if setting in SETTINGS.values() else {"block_setting": setting}
+    block_setting = tuple(setting)
+    return {} if block_setting in SETTINGS.values() else {"block_setting": block_setting}
 
 
 def timm_torch_config(module) -> dict:
@@ -266,8 +266,8 @@ def timm_torch_config(module) -> dict:
         "another norm layer or eps",
         f"use timm's default LayerNorm (eps {LN_EPS})",
     )
-    setting = tuple(setting)
-    return {} if setting in SETTINGS.values() else {"block_setting": setting}
+    block_setting = tuple(setting)
+    return {} if block_setting in SETTINGS.values() else {"block_setting": block_setting}
 
 
 def _layer_norm(sd, prefix: str) -> dict:

@@ -38,7 +38,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Sequence
-from typing import Annotated, Literal, NamedTuple
+from typing import Annotated, Literal, NamedTuple, get_args
 
 import flax.linen as nn
 import jax
@@ -49,7 +49,8 @@ from jaxpull.core.models.family import Family, GradCamLayer
 from jaxpull.core.preprocessing import Preprocessing
 from jaxpull.core.rules import Rules
 
-BLOCKS = ("MBConv", "FusedMBConv")
+Block = Literal["MBConv", "FusedMBConv"]  # a stage's kind (Stage.block)
+BLOCKS: tuple[str, ...] = get_args(Block)
 
 
 class Stage(NamedTuple):
@@ -273,10 +274,10 @@ def efficientnet(
     """The module of ``stages`` (rows of ``Stage`` fields). ``bn_eps`` is the converter's (folded
     into the weights by ``torch_layout``), not the module's: accepted and ignored here."""
     del bn_eps
-    stages = tuple(_stage(s) for s in stages)
-    if not stages:
+    rows = tuple(_stage(s) for s in stages)
+    if not rows:
         raise ValueError("an EfficientNet needs at least one stage: pass stages=[(block, expand_ratio, kernel, ...)]")
-    return EfficientNet(stages, last_channel, num_classes)
+    return EfficientNet(rows, last_channel, num_classes)
 
 
 def _stage(row: Sequence) -> Stage:
@@ -537,7 +538,7 @@ def torch_layout(
 CLASSIFIER = {a: "classifier" if a.startswith("timm/") else "classifier.1" for a in ARCHITECTURES}  # the logits' layer
 # ModelSpec.config options (a model of other sizes: torch_config); stage rows as ``Stage``
 CONFIG_OPTIONS = {
-    "stages": tuple[tuple[Literal[BLOCKS], float, int, Literal[1, 2], int, int, options.COUNT], ...],
+    "stages": tuple[tuple[Block, float, int, Literal[1, 2], int, int, options.COUNT], ...],
     "last_channel": int | None,
     "bn_eps": Annotated[float, options.Range(0, 1)],
 }

@@ -121,6 +121,7 @@ class RelativePositionalMultiHeadAttention(nn.Module):
 
         # to_qkv: one Linear(C, 3 C) whose thirds are the query, key and value projections
         qkv, qkv_bias = Projection(3 * c, name="to_qkv")(x)
+        assert qkv_bias is not None  # use_bias: to_qkv has one
         (q, k, v), (q_bias, k_bias, v_bias) = jnp.split(qkv, 3, axis=-1), jnp.split(qkv_bias, 3)
         out = rules.attention(core, q, k, v + v_bias, q_bias, k_bias)
         return Dense(c, name="merge")(out)

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Mapping
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -61,7 +62,7 @@ LINEAR_POOL = 7  # the linear variant's adaptive pooling of the keys and values:
 _B = dict(sr_ratios=(8, 4, 2, 1), mlp_ratios=(8.0, 8.0, 4.0, 4.0), num_heads=(1, 2, 5, 8))
 _WIDE = dict(_B, embed_dims=(64, 128, 320, 512))
 # timm's pvt_v2_* builders (timm 1.0): depths, widths, heads, spatial reductions, MLP ratios.
-SETTINGS = {
+SETTINGS: dict[str, dict[str, Any]] = {
     "timm/pvt_v2_b0": dict(_B, depths=(2, 2, 2, 2), embed_dims=(32, 64, 160, 256)),
     "timm/pvt_v2_b1": dict(_WIDE, depths=(2, 2, 2, 2)),
     "timm/pvt_v2_b2": dict(_WIDE, depths=(3, 4, 6, 3)),
@@ -81,8 +82,8 @@ OPTIONS = dict(
 PREPROCESSING = Preprocessing(224, 248, "bicubic")
 
 
-def grid_sizes(size: int) -> tuple[int, int, int, int]:
-    """The token grid's side in each stage for an input side of ``size`` pixels."""
+def grid_sizes(size: int) -> tuple[int, ...]:
+    """The token grid's side in each of the four stages for an input side of ``size`` pixels."""
     sizes = [(size + 2 * 3 - 7) // 4 + 1]  # patch_embed: 7x7, stride 4, padding 3
     for _ in range(3):
         sizes.append((sizes[-1] + 2 * 1 - 3) // 2 + 1)  # downsample: 3x3, stride 2, padding 1

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from typing import Literal
+from typing import Any, Literal, NoReturn
 
 import flax.linen as nn
 import jax
@@ -97,7 +97,7 @@ def _shortcut(x: jax.Array, features: int, stride: int, avg_down: bool) -> jax.A
 class Stage(nn.Module):
     """torchvision's ``layerN``: a sequence of blocks named ``0``, ``1``, ..."""
 
-    block: type
+    block: type[BasicBlock | Bottleneck]
     planes: int
     blocks: int
     stride: int
@@ -125,7 +125,7 @@ class ResNet(nn.Module):
     """torchvision ``ResNet``: stem, four stages, global average pool, ``fc``. With ``deep_stem``
     and ``avg_down``, timm's ResNet-D; ``channels``: the stages' widths (timm's option)."""
 
-    block: type
+    block: type[BasicBlock | Bottleneck]
     stage_sizes: Sequence[int]
     groups: int = 1
     width_per_group: int = 64
@@ -165,7 +165,7 @@ class ResNet(nn.Module):
         return Dense(self.num_classes, name="fc")(global_avg_pool(x))
 
 
-BLOCKS = {"basic": BasicBlock, "bottleneck": Bottleneck}
+BLOCKS: dict[str, type[BasicBlock | Bottleneck]] = {"basic": BasicBlock, "bottleneck": Bottleneck}
 
 
 def timm_resnet(
@@ -201,7 +201,7 @@ def timm_resnet(
 
 # timm's builders (timm 1.0 ``resnet*``): block, layers, and the ResNet-D options.
 _D = dict(deep_stem=True, stem_width=32, avg_down=True)
-TIMM_SETTINGS = {
+TIMM_SETTINGS: dict[str, dict[str, Any]] = {
     "timm/resnet18": dict(block="basic", stage_sizes=(2, 2, 2, 2)),
     "timm/resnet34": dict(block="basic", stage_sizes=(3, 4, 6, 3)),
     "timm/resnet50": dict(block="bottleneck", stage_sizes=(3, 4, 6, 3)),
@@ -261,10 +261,10 @@ def torch_config(module) -> dict:
         return {}
     from torch import nn as tnn
 
-    def refuse(what: str, fix: str):
+    def refuse(what: str, fix: str) -> NoReturn:
         raise ValueError(f"this timm ResNet has {what}, which jaxpull's ResNet does not compute: {fix}")
 
-    stages = [getattr(module, f"layer{i}", None) for i in range(1, 6)]
+    stages: list[Any] = [getattr(module, f"layer{i}", None) for i in range(1, 6)]  # torch modules
     if any(s is None for s in stages[:4]) or stages[4] is not None:
         refuse("another number of stages than 4", "use timm's resnet* layout (layer1 ... layer4)")
     stages = stages[:4]

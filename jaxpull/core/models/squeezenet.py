@@ -21,7 +21,7 @@ from jaxpull.core.rules import Rules
 
 # torchvision's ``features`` after the stem convolution, ReLU and first max-pool (indices 0-2):
 # "M" a 3x3/2 ceil-mode max-pool, (squeeze, expand1x1, expand3x3) a Fire module.
-FEATURES = {
+FEATURES: dict[str, tuple[str | tuple[int, int, int], ...]] = {
     "1_0": (
         (16, 64, 64),
         (16, 64, 64),

@@ -48,7 +48,8 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Annotated
+from collections.abc import Callable
+from typing import Annotated, Any
 
 import flax.linen as nn
 import jax
@@ -66,9 +67,9 @@ MASK = -100.0  # torchvision's score for token pairs that the cyclic shift broug
 CPB_HIDDEN = 512  # width of V2's continuous position bias MLP
 
 # torchvision's builders: patch_size, embed_dim, depths, num_heads, window_size (V2: plus its blocks).
-_V1 = dict(patch_size=(4, 4), window_size=(7, 7))
-_V2 = dict(patch_size=(4, 4), window_size=(8, 8), v2=True)
-SETTINGS = {
+_V1: dict[str, Any] = dict(patch_size=(4, 4), window_size=(7, 7))
+_V2: dict[str, Any] = dict(patch_size=(4, 4), window_size=(8, 8), v2=True)
+SETTINGS: dict[str, dict[str, Any]] = {
     "swin_t": dict(_V1, embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24)),
     "swin_s": dict(_V1, embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24)),
     "swin_b": dict(_V1, embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32)),
@@ -92,9 +93,10 @@ PREPROCESSING = {
 # --------------------------------------------------------------------------------------
 # Constants of a window: relative position index, V2's coordinate table, the shift mask
 # --------------------------------------------------------------------------------------
+# Windows and shifts are (height, width) pairs, typed tuple[int, ...]: they arrive as tuple(...) of a config's lists.
 
 
-def relative_position_index(window: tuple[int, int]) -> np.ndarray:
+def relative_position_index(window: tuple[int, ...]) -> np.ndarray:
     """``(Wh*Ww * Wh*Ww,)``: each token pair's row of the bias table (torchvision's buffer)."""
     wh, ww = window
     coords = np.stack(np.meshgrid(np.arange(wh), np.arange(ww), indexing="ij")).reshape(2, -1)
@@ -102,7 +104,7 @@ def relative_position_index(window: tuple[int, int]) -> np.ndarray:
     return ((rel[..., 0] + wh - 1) * (2 * ww - 1) + rel[..., 1] + ww - 1).reshape(-1)
 
 
-def relative_coords_table(window: tuple[int, int]) -> np.ndarray:
+def relative_coords_table(window: tuple[int, ...]) -> np.ndarray:
     """``(1, 2Wh-1, 2Ww-1, 2)``: V2's log-spaced relative coordinates (float32, as torch computes)."""
     wh, ww = window
     h = np.arange(-(wh - 1), wh, dtype=np.float32)
@@ -114,7 +116,7 @@ def relative_coords_table(window: tuple[int, int]) -> np.ndarray:
     return (np.sign(table) * np.log2(np.abs(table) + np.float32(1)) / np.float32(3)).astype(np.float32)
 
 
-def shift_mask(padded: tuple[int, int], window: tuple[int, int], shift: tuple[int, int]) -> np.ndarray:
+def shift_mask(padded: tuple[int, int], window: tuple[int, ...], shift: tuple[int, ...]) -> np.ndarray:
     """``(num_windows, N, N)``: 0 for token pairs of the same region of the shifted map, -100 else."""
     (ph, pw), (wh, ww), (sh, sw) = padded, window, shift
     regions = np.zeros((ph, pw), np.float32)
@@ -127,7 +129,7 @@ def shift_mask(padded: tuple[int, int], window: tuple[int, int], shift: tuple[in
     return np.where(regions[:, None, :] - regions[:, :, None] != 0, MASK, 0.0).astype(np.float32)
 
 
-def relative_position_bias(table: jax.Array, window: tuple[int, int], v2: bool) -> jax.Array:
+def relative_position_bias(table: jax.Array, window: tuple[int, ...], v2: bool) -> jax.Array:
     """``(1, heads, N, N)`` from a ``((2Wh-1)(2Ww-1), heads)`` table: its entries (V1), or
     ``16 * sigmoid`` of them (V2, whose table is ``cpb_mlp`` of :func:`relative_coords_table`)."""
     n = window[0] * window[1]
@@ -146,7 +148,7 @@ def l2_normalize(t: jax.Array) -> jax.Array:
 # --------------------------------------------------------------------------------------
 
 
-def window_partition(x: jax.Array, window: tuple[int, int], shift: tuple[int, int]) -> jax.Array:
+def window_partition(x: jax.Array, window: tuple[int, ...], shift: tuple[int, ...]) -> jax.Array:
     """``(B, H, W, C)`` (padded to window multiples) -> ``(B * nW, Wh*Ww, C)``, rolled by ``-shift``."""
     b, h, w, c = x.shape
     wh, ww = window
@@ -157,7 +159,7 @@ def window_partition(x: jax.Array, window: tuple[int, int], shift: tuple[int, in
 
 
 def window_reverse(
-    x: jax.Array, shape: tuple[int, int, int], window: tuple[int, int], shift: tuple[int, int]
+    x: jax.Array, shape: tuple[int, int, int], window: tuple[int, ...], shift: tuple[int, ...]
 ) -> jax.Array:
     """Inverse of :func:`window_partition`: ``(B * nW, Wh*Ww, C)`` -> ``(B, H, W, C)``."""
     b, h, w = shape
@@ -176,8 +178,8 @@ def window_reverse(
 class ShiftedWindowAttention(nn.Module):
     """torchvision's ``ShiftedWindowAttention`` (V1) / ``ShiftedWindowAttentionV2`` on ``(B, H, W, C)``."""
 
-    window_size: tuple[int, int]
-    shift_size: tuple[int, int]
+    window_size: tuple[int, ...]  # (height, width), as are the shift's
+    shift_size: tuple[int, ...]
     num_heads: int
     v2: bool = False
     roll_first: bool = False  # timm: roll the map, then pad it; window and shift as given
@@ -250,8 +252,8 @@ class SwinTransformerBlock(nn.Module):
     """V1: ``x + attn(norm1(x))``, then ``x + mlp(norm2(x))``; V2: ``x + norm1(attn(x))``, ``x + norm2(mlp(x))``."""
 
     num_heads: int
-    window_size: tuple[int, int]
-    shift_size: tuple[int, int]
+    window_size: tuple[int, ...]  # (height, width), as are the shift's
+    shift_size: tuple[int, ...]
     mlp_ratio: float = 4.0
     v2: bool = False
     roll_first: bool = False
@@ -376,7 +378,7 @@ class TimmSwinTransformer(nn.Module):
         return Dense(self.num_classes, name="head")(jnp.mean(x, axis=(1, 2)))
 
 
-def timm_window_and_shift(size: tuple[int, int], window: tuple[int, int]) -> tuple[tuple[int, int], tuple[int, int]]:
+def timm_window_and_shift(size: tuple[int, ...], window: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """timm's ``SwinTransformerBlock._calc_window_shift`` for a stage of feature ``size``: along an
     axis of size at most the window, the window shrinks to the size and the shift is 0; otherwise
     the window stays and shifted blocks shift by half of it."""
@@ -386,7 +388,7 @@ def timm_window_and_shift(size: tuple[int, int], window: tuple[int, int]) -> tup
 
 
 # timm's swin_*_patch4_window7_224 (timm 1.0.31): torchvision's V1 sizes, 224 px.
-TIMM_SETTINGS = {
+TIMM_SETTINGS: dict[str, dict[str, Any]] = {
     "timm/swin_tiny_patch4_window7_224": dict(
         patch_size=(4, 4), window_size=(7, 7), embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24)
     ),
@@ -401,7 +403,7 @@ TIMM_SETTINGS = {
 # crop_pct 0.9 (resize 248), bicubic, ImageNet's mean and std.
 PREPROCESSING.update({arch: Preprocessing(224, 248, "bicubic") for arch in TIMM_SETTINGS})
 
-ARCHITECTURES = {
+ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
     **{arch: functools.partial(SwinTransformer, **settings) for arch, settings in SETTINGS.items()},
     **{arch: functools.partial(TimmSwinTransformer, **settings) for arch, settings in TIMM_SETTINGS.items()},
 }

@@ -50,7 +50,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Mapping
-from typing import Annotated
+from typing import Annotated, Any
 
 import flax.linen as nn
 import jax
@@ -67,7 +67,7 @@ LN_EPS = 1e-6  # torchvision's norm_layer: partial(nn.LayerNorm, eps=1e-6)
 DEFAULT_IMAGE_SIZE = 224  # torchvision's _vision_transformer without weights
 
 # torchvision's vit_* builders: patch size, depth, heads, width, MLP width.
-SETTINGS = {
+SETTINGS: dict[str, dict[str, Any]] = {
     "vit_b_16": dict(patch_size=16, num_layers=12, num_heads=12, hidden_dim=768, mlp_dim=3072),
     "vit_b_32": dict(patch_size=32, num_layers=12, num_heads=12, hidden_dim=768, mlp_dim=3072),
     "vit_l_16": dict(patch_size=16, num_layers=24, num_heads=16, hidden_dim=1024, mlp_dim=4096),
@@ -89,7 +89,7 @@ PREPROCESSING = {
 }
 
 # timm's vit_* and deit_* builders (timm 1.0.31): the same sizes as SETTINGS' (mlp_ratio 4).
-_TIMM_SIZES = {
+_TIMM_SIZES: dict[str, dict[str, Any]] = {
     "tiny": dict(patch_size=16, num_layers=12, num_heads=3, hidden_dim=192, mlp_dim=768),
     "small": dict(patch_size=16, num_layers=12, num_heads=6, hidden_dim=384, mlp_dim=1536),
     "base": dict(patch_size=16, num_layers=12, num_heads=12, hidden_dim=768, mlp_dim=3072),
