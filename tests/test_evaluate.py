@@ -19,6 +19,8 @@ from conftest import images
 from helpers import assert_one_line_error, run, run_in_process
 
 from jaxpull.evaluation import imagesource, pipeline, runner
+from jaxpull.evaluation import protocol as protocols
+from jaxpull.evaluation.imagesource import ArraySource
 from jaxpull.evaluation.imagenet_wnids import WNIDS
 
 # less codegen effort: every function compiles once and runs on a few 32-pixel images (conftest.py)
@@ -177,6 +179,18 @@ def test_evaluate_report(small_model):
         pipeline.evaluate(small_model, x, metric_names=["accuracy"])
     with pytest.raises(ValueError, match="options given for explainers not chosen"):
         pipeline.evaluate(small_model, x, explainer_names=["gradient"], options={"pullback": {"temperature": 1.0}})
+    with pytest.raises(ValueError, match=r"explainer gradient: does not take the option 'steps' \(given: steps\)"):
+        pipeline.evaluate(small_model, x, explainer_names=["gradient"], options={"gradient": {"steps": 3}})
+    # an explainer that cannot run: an error naming it, or with drop_unavailable (the command's
+    # default list) left out and named in the report
+    bad = protocols.ExplainerSpec("pullback", "pullback", {"temperature": -1.0})
+    good = protocols.ExplainerSpec("gradient", "gradient", {})
+    with pytest.raises(ValueError, match="explainer pullback: temperature must be"):
+        pipeline.run_evaluation(small_model, ArraySource(x), None, [good, bad], metric_names=["faithfulness"])
+    kept = pipeline.run_evaluation(
+        small_model, ArraySource(x), None, [good, bad], metric_names=["faithfulness"], drop_unavailable=True
+    )
+    assert list(kept.scores["faithfulness"]) == ["gradient"] and "temperature" in kept.settings["dropped"]["pullback"]
 
 
 def test_a_killed_run_resumes_where_it_stopped(small_model, tmp_path, monkeypatch):
@@ -252,7 +266,6 @@ def test_evaluate_command(model_file, class_folder, tmp_path):
 def test_mosaics_use_the_labels_the_run_scores(model_file, class_folder, tmp_path):
     """With top-1 labels, the Focus mosaics' targets are top-1 labels, not folder positions (issue 33)."""
     from jaxpull.files import cache
-    from jaxpull.evaluation import protocol as protocols
 
     model = cache.resolve(str(model_file))
     paths, folders = imagesource.find_images([class_folder])

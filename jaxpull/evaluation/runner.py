@@ -126,10 +126,13 @@ def check_explainers(
     t = np.zeros(shape[0], np.int64)
     for spec in specs:
         fn = spec.map_function(model)
+        reason = ""
         try:
             out = jax.eval_shape(lambda x: fn(x, t), x)
             if tuple(out.shape) != tuple(shape):
                 raise ValueError(f"gives maps of shape {tuple(out.shape)}, not the images' {tuple(shape)}")
+        except (jax.errors.JAXTypeError, jax.errors.JAXIndexError):
+            pass  # an explainer that needs concrete values: its checks run when it runs
         except TypeError as e:
             if "keyword argument" not in str(e):
                 raise
@@ -137,10 +140,6 @@ def check_explainers(
             reason = f"does not take the option {word!r} (given: {', '.join(spec.options) or 'none'})"
         except ValueError as e:
             reason = str(e)
-        except jax.errors.JAXTypeError:  # an explainer that needs concrete values: checked when it runs
-            reason = ""
-        else:
-            reason = ""
         if not reason:
             kept.append(spec)
         elif drop:
