@@ -163,7 +163,7 @@ def test_the_papers_metrics_are_wired_as_their_functions(small_model):  # noqa: 
         ),
         "faithfulness_estimate": faithfulness.faithfulness_estimate(m, x, labels, a, 64, batch_size=chunk),
         "monotonicity_correlation": faithfulness.monotonicity_correlation(
-            m, x, labels, a, key("monotonicity_correlation"), 64, samples=2
+            m, x, labels, a, key("monotonicity_correlation"), 64, samples=2, batch_size=chunk
         ),
         "max_sensitivity": metrics.max_sensitivity(explain, x, labels, a, key("max_sensitivity"), 0.02, 2),
         "random_logit": metrics.random_logit_paper(m, explain, x, labels, a, 10, 42, batch_size=3),

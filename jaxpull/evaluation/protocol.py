@@ -143,7 +143,7 @@ def _monotonicity(
             high,
             abs=abs,
             eps=eps,
-            batch_size=PERTURBATION_BATCH * 3,
+            batch_size=PERTURBATION_BATCH,
         )
     )
 
