@@ -257,6 +257,7 @@ def test_evaluate_command(model_file, class_folder, tmp_path):
     assert proc.returncode == 0, proc.stderr
     text = out.read_text()
     assert "| pullback | 4 |" in text and "| gradient | 3 |" in text and "--labels folders" in text
+    assert "`pullback`: {'rules': 'excitation'}" in text  # jaxpull's default preset
     # each image is scored for its folder's class, not the folder's position (issue 33)
     assert "n02123045/chelsea.png (281 tabby)" in text and "n04266014/rocket.png (812 space shuttle)" in text
     assert (tmp_path / "report.csv").read_text().count("\n") == 5

@@ -185,6 +185,7 @@ def test_paper_protocol_command(model_file, class_folder, tmp_path):  # noqa: F8
     assert "| explainer | Faithfulness Correlation ↑ | Random Logit ↓ | Focus ↑ |" in md
     assert "| SoftPullback |" in md and "| gradient |" in md and "| SoftPullback - gradient |" in md
     assert "3 images (class folders labels), 4 Focus mosaics, seed 0" in md
+    assert "pullback explainers under the `semantic` rules" in md  # the paper's current rules by default
     assert "n02123045/chelsea.png (281 tabby)" in md
     csv = (tmp_path / "paper.csv").read_text().splitlines()
     assert len(csv) == 1 + 3 * 3  # two means and one difference per metric

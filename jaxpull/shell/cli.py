@@ -142,7 +142,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         mosaics=args.mosaics,
         stages=args.stages,
         sensitivity_samples=args.sensitivity_samples,
-        rules=args.rules,
+        rules=getattr(args, "rules", None),
         overrides=_given(args),
         samples=args.samples,
         resamples=args.resamples,
@@ -198,15 +198,21 @@ def _preset_defaults(name: str) -> str:
     return "(default from --rules: " + ", ".join(f"{n} {v}" for n, v in values.items()) + ")"
 
 
-def _add_settings(p: argparse.ArgumentParser, skip=(), table=None) -> None:
+def _add_settings(
+    p: argparse.ArgumentParser, skip=(), table=None, rules_default: Optional[str] = DEFAULT_RULES
+) -> None:
     """``--rules`` and one flag per rule and ascent setting of ``table`` (default
     :data:`jaxpull.core.settings.SETTINGS`), generated from the settings' own fields: a flag not given
-    is absent from the parsed arguments, and the setting takes the preset's value."""
+    is absent from the parsed arguments, and the setting takes the preset's value. ``rules_default``
+    None: ``--rules`` too is absent unless given (the command chooses; its help says how)."""
+    chosen = (
+        f"default {rules_default}" if rules_default else "default: the protocol's, quick excitation, paper semantic"
+    )
     p.add_argument(
         "--rules",
         choices=list(PRESETS),
-        default=DEFAULT_RULES,
-        help=f"rule set (default {DEFAULT_RULES}): " + "; ".join(f"{n}: {r.description}" for n, r in PRESETS.items()),
+        default=rules_default or argparse.SUPPRESS,
+        help=f"rule set ({chosen}): " + "; ".join(f"{n}: {r.description}" for n, r in PRESETS.items()),
     )
     for name, s in (SETTINGS if table is None else table).items():
         if name in skip:
@@ -332,7 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="quick protocol: max-sensitivity perturbations per image (default 10)",
     )
-    _add_settings(p)  # the rules of the pullback explainers (the paper's current ones default to semantic)
+    _add_settings(p, rules_default=None)  # the rules of the pullback explainers
     p.add_argument("--samples", type=int, default=None, help="SmoothGrad / SmoothPullback samples (default 50)")
     p.add_argument("--gradcam-layer", default=None, help="the layer of the GradCAM explainers (default: the family's)")
     p.add_argument("--resamples", type=int, default=None, help="bootstrap resamples (default: quick 2000, paper 10000)")

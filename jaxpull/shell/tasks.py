@@ -274,7 +274,7 @@ def evaluate(
     mosaics: Optional[int] = None,
     stages: int = 6,
     sensitivity_samples: Optional[int] = None,
-    rules: str = settings.DEFAULT_RULES,
+    rules: Optional[str] = None,
     overrides: Optional[Mapping[str, Any]] = None,
     samples: Optional[int] = None,
     resamples: Optional[int] = None,
@@ -291,11 +291,12 @@ def evaluate(
     folders or ``["samples"]`` (the offline photos), streamed in batches; written as ``out`` (.md)
     and a .csv beside it in the ``protocol``'s layout (``"quick"`` or ``"paper"``).
 
-    ``labels``: ``"top1"``, ``"folders"`` (an ImageNet-style folder: each class folder's WordNet id,
-    class name or index) or a comma list, one per image. ``rules`` and the rule settings of
-    ``overrides`` apply to the pullback explainers, its ascent settings to every ascent,
-    ``samples`` to the SmoothGrad ones, ``gradcam_layer`` to the GradCAM ones. Every finished
-    batch is kept in ``work_dir`` (default: ``out`` with the suffix ``.work``, removed once the
+    ``rules``: the pullback explainers' preset (default: ``"semantic"`` for the paper protocol, the
+    paper's current rules; jaxpull's default for the quick one); the rule settings of ``overrides``
+    apply to the pullback explainers, its ascent settings to every ascent, ``samples`` to the
+    SmoothGrad ones, ``gradcam_layer`` to the GradCAM ones. ``labels``: ``"top1"``, ``"folders"``
+    (an ImageNet-style folder: each class folder's WordNet id, class name or index) or a comma
+    list, one per image. Every finished batch is kept in ``work_dir`` (default: ``out`` with the suffix ``.work``, removed once the
     report is written): a killed run resumes from it. Every check runs before any compute.
     Returns the markdown.
     """
@@ -321,6 +322,8 @@ def evaluate(
         raise ValueError("--sensitivity-samples is the quick protocol's: the paper's Max-Sensitivity draws 10")
     if proto.name == "quick" and focus_images is not None:
         raise ValueError("--focus-images chooses the paper's mosaics: use it with --protocol paper")
+    if rules is None:  # the paper's explainers run its current rules; the quick protocol jaxpull's default
+        rules = "semantic" if proto.name == "paper" else settings.DEFAULT_RULES
     rule_settings, ascent_settings = settings.split(overrides or {})
     settings.resolve_both(rules, **rule_settings, **ascent_settings)  # checked before any work
     work = Path(work_dir) if work_dir else out.with_suffix(".work")
