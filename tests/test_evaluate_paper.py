@@ -45,8 +45,24 @@ def test_the_papers_settings_at_224_pixels():
     assert len(protocols.PAPER_EXPLAINERS) == 19 and len(protocols.PAIRS) == 9
     assert {p for p, _ in protocols.PAIRS} | {b for _, b in protocols.PAIRS} <= set(protocols.PAPER_EXPLAINERS)
     assert protocols.available_paper_explainers() == [
-        t for t, r in protocols.PAPER_EXPLAINERS.items() if r in explainers.EXPLAINERS
+        t for t, r in protocols.PAPER_EXPLAINERS.items() if r in explainers.EXPLAINERS or r in protocols.STAND_INS
     ]
+    # options: a pullback gets the rules and their settings, a baseline not; every ascent the
+    # ascent settings; a stand-in its fixed clamping under the run's ascent preset
+    specs = protocols.explainer_specs(
+        protocols.PAPER,
+        ["PullbackAscent", "GradientAscent", "Gradient"],
+        "excitation",
+        {"temperature": 0.5},
+        {"steps": 3},
+    )
+    asked = {s.label: (s.name, s.options) for s in specs}
+    assert asked["PullbackAscent"] == ("PullbackAscent", {"rules": "excitation", "temperature": 0.5, "steps": 3})
+    assert asked["gradient_ascent_noclip"] == ("gradient_ascent", {"steps": 3, "rules": "excitation", "clip": "none"})
+    assert asked["gradient"] == ("gradient", {})
+    assert protocols.pairs(list(asked)) == [("PullbackAscent", "gradient_ascent_noclip")]
+    with pytest.raises(ValueError, match="GradientAscentClipLast fixes its clamping"):
+        protocols.explainer_specs(protocols.PAPER, ["GradientAscentClipLast"], "semantic", {}, {"clip": "every"})
     with pytest.raises(ValueError, match="infidelity has no setting 'sigma'"):
         protocols.metric_settings(protocols.PAPER, ["infidelity"], 32, 32, 10, {"infidelity": {"sigma": 1.0}})
 

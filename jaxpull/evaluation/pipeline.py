@@ -123,6 +123,7 @@ def run_evaluation(
         raise ValueError("no explainer can run on this model: " + "; ".join(f"{k}: {v}" for k, v in dropped.items()))
     if "randomization" in metric_names:
         runner.check_randomization(model, (h, w))
+    described = "given" if labels is not None else "the model's top-1"
     if labels is None:  # the model's top-1, once every setting is checked
         labels = runner.top1(model, source, batch, progress)
     plan = None
@@ -146,7 +147,7 @@ def run_evaluation(
         arch=model.arch,
         labels_used=[int(v) for v in labels],
         mosaic_targets=[] if plan is None else [int(v) for v in plan.targets],
-        labels="given",
+        labels=described,
         rules="",
     )
     report_settings.update(extra_settings or {})
@@ -192,15 +193,17 @@ def evaluate(
     unknown = set(options) - set(names)
     if unknown:
         raise ValueError(f"options given for explainers not chosen: {', '.join(sorted(unknown))}")
-    if proto.name == "paper":  # the table's names -> the registry's
-        names = [protocols.PAPER_EXPLAINERS.get(n, n) for n in names]
-        options = {protocols.PAPER_EXPLAINERS.get(n, n): v for n, v in options.items()}
-    for n in names:
-        explainers.get(n)
     if labels is not None and np.shape(labels) != (len(x),):
         raise ValueError(f"need one label per image: {len(x)} images, labels of shape {np.shape(labels)}")
     labels = None if labels is None else np.asarray(labels)
-    specs = [ExplainerSpec(n, n, dict(options.get(n, {}))) for n in names]
+    specs = []
+    for n in names:
+        table = protocols.paper_row(n) if proto.name == "paper" else None
+        label = protocols.PAPER_EXPLAINERS[table] if table is not None else n
+        name, fixed = protocols.STAND_INS.get(label, (label, {}))
+        explainers.get(name)
+        given = dict(options.get(n, {}))
+        specs.append(ExplainerSpec(label, name, {**({"rules": "semantic"} if fixed else {}), **given, **fixed}))
     return run_evaluation(
         model,
         ArraySource(x),
@@ -240,8 +243,13 @@ def _notes(report: Report) -> List[str]:
     s = report.settings
     notes = []
     ran = set(s["explainers"])
-    missing = [t for t, r in protocols.PAPER_EXPLAINERS.items() if r not in explainers.EXPLAINERS]
-    stand_ins = [f"`{r}` for {t}" for t, r in protocols.PAPER_EXPLAINERS.items() if r != t and r in ran]
+    missing = [t for t in protocols.PAPER_EXPLAINERS if t not in protocols.available_paper_explainers()]
+    fixed = {r: f"`{n}` with clip={o['clip']}" for r, (n, o) in protocols.STAND_INS.items()}
+    stand_ins = [
+        f"`{r}` ({fixed[r]}) for {t}" if r in fixed else f"`{r}` for {t}"
+        for t, r in protocols.PAPER_EXPLAINERS.items()
+        if r != t and r in ran
+    ]
     if stand_ins:
         notes.append(
             "Stand-ins under their own names (jaxpull has no explainer of the paper's name yet): "

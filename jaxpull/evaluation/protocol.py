@@ -470,20 +470,22 @@ def metric_key(seed: int, metric: str, batch: int) -> Tuple[jax.Array, int]:
 # --------------------------------------------------------------------------------------
 
 # The paper's explainers (its lib/evaluator.py; "Pullback-X" is X with the soft backward rules),
-# pullback and baseline side by side: the table's name -> the name in
+# pullback and baseline side by side: the table's name -> the report's row for it, the name in
 # jaxpull.evaluation.explainers that computes it. Where jaxpull has no explainer of the paper's
-# name yet, the nearest one stands in under its own name (the report shows that name):
-# "gradient" is the paper's Gradient, "smoothgrad" its SmoothGrad (n 50, sigma 0.15),
-# "integrated_gradients" is Integrated Gradients with 50 midpoint steps (the paper's, through
-# Quantus and Captum: 10 trapezoid steps). A name the registry does not have is not run.
+# name yet, the nearest one stands in under its own name: "gradient" is the paper's Gradient,
+# "smoothgrad" its SmoothGrad (n 50, sigma 0.15), "integrated_gradients" Integrated Gradients
+# with 50 midpoint steps (the paper's, through Quantus and Captum: 10 trapezoid steps), and the
+# two rows of STAND_INS are gradient_ascent with the paper's clamping. A name that is neither an
+# explainer nor a stand-in is not run. Once the paper's explainers are in the registry, every
+# value here is its key and STAND_INS is empty.
 PAPER_EXPLAINERS: Dict[str, str] = {
     "SoftPullback": "SoftPullback",
     "Gradient": "gradient",
     "PullbackAscent": "PullbackAscent",
     "PullbackAscentClipLast": "PullbackAscentClipLast",
     "PullbackAscentNoAlpha": "PullbackAscentNoAlpha",
-    "GradientAscent": "GradientAscent",
-    "GradientAscentClipLast": "GradientAscentClipLast",
+    "GradientAscent": "gradient_ascent_noclip",
+    "GradientAscentClipLast": "gradient_ascent_cliplast",
     "SmoothPullback": "SmoothPullback",
     "SmoothGrad": "smoothgrad",
     "FusionPullback": "FusionPullback",
@@ -496,6 +498,13 @@ PAPER_EXPLAINERS: Dict[str, str] = {
     "DeepLift": "DeepLift",
     "GuidedPbCam": "GuidedPbCam",
     "GuidedGradCam": "GuidedGradCam",
+}
+# row -> (registry name, its fixed options): the same PGA along vanilla gradients with the ascent
+# settings of the run's preset, clamped as the paper's GradientAscent (never) and ClipLast (after
+# the last step)
+STAND_INS: Dict[str, Tuple[str, Dict[str, Any]]] = {
+    "gradient_ascent_noclip": ("gradient_ascent", {"clip": "none"}),
+    "gradient_ascent_cliplast": ("gradient_ascent", {"clip": "last"}),
 }
 
 # (pullback, baseline): the paired differences of the paper's table (table names)
@@ -550,7 +559,7 @@ class ExplainerSpec(NamedTuple):
 
 def available_paper_explainers() -> List[str]:
     """The table names of the paper's explainers that jaxpull computes, in the table's order."""
-    return [n for n, r in PAPER_EXPLAINERS.items() if r in explainers.EXPLAINERS]
+    return [n for n, r in PAPER_EXPLAINERS.items() if r in explainers.EXPLAINERS or r in STAND_INS]
 
 
 def explainer_names(protocol: Protocol, given: Optional[Sequence[str]]) -> List[str]:
@@ -560,6 +569,13 @@ def explainer_names(protocol: Protocol, given: Optional[Sequence[str]]) -> List[
     if protocol.name == "paper":
         return available_paper_explainers()
     return list(explainers.EXPLAINERS) if given is not None else list(QUICK_EXPLAINERS)
+
+
+def paper_row(name: str) -> Optional[str]:
+    """The table name of a paper explainer given by its table name or its row's, else None."""
+    if name in PAPER_EXPLAINERS:
+        return name
+    return next((t for t, r in PAPER_EXPLAINERS.items() if r == name), None)
 
 
 def explainer_specs(
@@ -578,10 +594,9 @@ def explainer_specs(
         raise ValueError("no explainers chosen: name at least one of " + ", ".join(explainers.EXPLAINERS))
     specs: List[ExplainerSpec] = []
     for given in names:
-        table = given if protocol.name == "paper" and given in PAPER_EXPLAINERS else None
-        if table is None and protocol.name == "paper":
-            table = next((t for t, r in PAPER_EXPLAINERS.items() if r == given), None)
-        name = PAPER_EXPLAINERS[table] if table is not None else given
+        table = paper_row(given) if protocol.name == "paper" else None
+        label = PAPER_EXPLAINERS[table] if table is not None else given
+        name, fixed = STAND_INS.get(label, (label, {}))
         explainers.get(name)  # ValueError listing the choices
         if table is not None:  # the paper's: a pullback runs with the chosen rules, a baseline with its own
             options: Dict[str, Any] = {"rules": rules, **rule_settings} if table in PULLBACKS else {}
@@ -591,13 +606,17 @@ def explainer_specs(
                 options.update(rule_settings)
         if "ascent" in name.lower():
             options.update(ascent_settings)
+        if fixed:  # a stand-in: the run's ascent preset, its own clamping
+            if set(fixed) & set(ascent_settings):
+                raise ValueError(f"{table} fixes its clamping ({label}): drop --clip")
+            options.update(rules=rules, **fixed)
         if samples is not None and name in SAMPLED:
             options["samples"] = samples
         if gradcam_layer is not None and "cam" in name.lower():
             options["layer"] = gradcam_layer
-        if any(s.name == name for s in specs):
+        if any(s.label == label for s in specs):
             raise ValueError(f"explainer {given!r} is named twice: name each explainer once")
-        specs.append(ExplainerSpec(name, name, options))
+        specs.append(ExplainerSpec(label, name, options))
     if gradcam_layer is not None and not any("cam" in s.name.lower() for s in specs):
         raise ValueError("--gradcam-layer is given but no GradCAM explainer is chosen: add GuidedGradCam or drop it")
     return specs
