@@ -65,6 +65,10 @@ def test_the_papers_settings_at_224_pixels():
         protocols.explainer_specs(protocols.PAPER, ["GradientAscentClipLast"], "semantic", {}, {"clip": "every"})
     with pytest.raises(ValueError, match="infidelity has no setting 'sigma'"):
         protocols.metric_settings(protocols.PAPER, ["infidelity"], 32, 32, 10, {"infidelity": {"sigma": 1.0}})
+    with pytest.raises(ValueError, match="monotonicity_correlation samples must be a whole number >= 1, got 0"):
+        protocols.metric_settings(
+            protocols.PAPER, ["monotonicity_correlation"], 32, 32, 10, {"monotonicity_correlation": {"samples": 0}}
+        )
 
 
 def test_mosaics_are_the_papers_and_the_quick_protocols():

@@ -421,6 +421,9 @@ def metric_settings(
             )
         settings[metric] = {**settings[metric], **values}
     for n in names:
+        for count in ("samples", "stages"):  # zero draws would score nothing
+            if count in settings[n]:
+                checks.whole(settings[n][count], f"{n} {count}", 1)
         protocol.check(n, settings[n], h, w, num_classes)
     return settings
 
