@@ -36,15 +36,9 @@ from typing import Callable, Dict, List
 import jax
 import numpy as np
 
-PAPER_METRICS = (
-    "infidelity",
-    "faithfulness_correlation",
-    "faithfulness_estimate",
-    "monotonicity_correlation",
-    "max_sensitivity",
-    "random_logit",
-    "focus",
-)
+from jaxpull.evaluation.protocol import PAPER
+
+PAPER_METRICS = PAPER.default_metrics
 EXPLAINERS = ("Gradient", "SoftPullback", "SmoothGrad", "SmoothPullback", "IntegratedGradients", "PullbackAscent")
 
 
@@ -125,67 +119,22 @@ def torch_explainers(model, gated, samples: int) -> Dict[str, Callable]:
 def torch_metrics(settings) -> Dict[str, object]:
     """Quantus 0.6.0's metrics with the paper's settings, and its two metrics of its own restated."""
     import quantus
-    from quantus.helpers import utils
 
-    uniform = {"uniform_low": -1.0, "uniform_high": 1.0}
+    from jaxpull_convert.quantus_reference import UNIFORM as uniform
+    from jaxpull_convert.quantus_reference import paper_correlation, paper_infidelity
+
     quiet = dict(disable_warnings=True, display_progressbar=False)
-
-    class InfidelityOptimalScaling(quantus.Infidelity):
-        """Quantus' Infidelity loop (per sample and patch size, cumulative patch perturbations)
-        scored by least-squares optimal scaling of <a, I> against the logit drop."""
-
-        def evaluate_batch(self, model, x_batch, y_batch, a_batch, **kwargs):
-            b = a_batch.shape[0]
-            flat = np.broadcast_to(a_batch, x_batch.shape).reshape(b, -1)
-            predict = lambda z: model.predict(model.shape_input(z, x_batch.shape, channel_first=True, batched=True))
-            y = predict(x_batch)[np.arange(b), y_batch]
-            a2, ab, b2, count = np.zeros(b), np.zeros(b), np.zeros(b), 0
-            for _ in range(self.n_perturb_samples):
-                for p in self.perturb_patch_sizes:
-                    xp = x_batch.copy()
-                    for idx in utils.get_block_indices(xp, p):
-                        xp = self.perturb_func(arr=xp.reshape(b, -1), indices=idx).reshape(x_batch.shape)
-                        drop = y - predict(xp)[np.arange(b), y_batch]
-                        dot = np.sum(flat * (x_batch - xp).reshape(b, -1), axis=-1)
-                        a2, ab, b2, count = a2 + dot**2, ab + dot * drop, b2 + drop**2, count + 1
-            beta = ab / np.where(a2 != 0, a2, 1.0)
-            return (beta**2 * a2 - 2 * beta * ab + b2) / count
-
-    class FaithfulnessCorrelationPatches(quantus.FaithfulnessCorrelation):
-        """Every patch of the edge-padded grid set to the baseline; Pearson over the patches of
-        the |a| sums and the logit drops."""
-
-        def __init__(self, perturb_patch_sizes=(56,), **kwargs):
-            super().__init__(**kwargs)
-            self.perturb_patch_sizes = perturb_patch_sizes
-
-        def evaluate_batch(self, model, x_batch, y_batch, a_batch, **kwargs):
-            b = a_batch.shape[0]
-            predict = lambda z: model.predict(model.shape_input(z, x_batch.shape, channel_first=True, batched=True))
-            y = predict(x_batch)[np.arange(b), y_batch]
-            drops, sums = [], []
-            for p in self.perturb_patch_sizes:
-                for idx in utils.get_block_indices(x_batch, p):  # 224 is divisible by 56: no padding
-                    xp = self.perturb_func(arr=x_batch.reshape(b, -1), indices=idx).reshape(x_batch.shape)
-                    drops.append(y - predict(xp)[np.arange(b), y_batch])
-                    sums.append(a_batch.reshape(b, -1)[np.arange(b)[:, None], idx].sum(-1))
-            return self.similarity_func(a=np.stack(sums, 1), b=np.stack(drops, 1), batched=True).tolist()
 
     s = settings
     return {
-        "infidelity": InfidelityOptimalScaling(
-            perturb_baseline="uniform",
-            perturb_func_kwargs=uniform,
+        "infidelity": paper_infidelity(
             n_perturb_samples=s["infidelity"]["samples"],
             perturb_patch_sizes=list(s["infidelity"]["patch_sizes"]),
             **quiet,
         ),
-        "faithfulness_correlation": FaithfulnessCorrelationPatches(
+        "faithfulness_correlation": paper_correlation(
             perturb_patch_sizes=list(s["faithfulness_correlation"]["patch_sizes"]),
-            perturb_baseline=0.0,
             abs=True,
-            return_aggregate=False,
-            subset_size=4,
             **quiet,
         ),
         "faithfulness_estimate": quantus.FaithfulnessEstimate(
