@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 
 from jaxpull.evaluation import faithfulness, metrics, mosaics
+from jaxpull_convert.quantus_reference import UNIFORM, paper_correlation, paper_infidelity
 
 quantus = pytest.importorskip("quantus")  # the test extra installs quantus==0.6.0
 torch = pytest.importorskip("torch")
@@ -38,7 +39,6 @@ SEED = 7
 # float32 (Quantus aggregates some sums in float64), the models agree to about 1e-6.
 TOL = 1e-5
 INFIDELITY_TOL = 5e-5  # see test_other_settings_equal_quantus_on_a_small_network
-UNIFORM = {"uniform_low": -1.0, "uniform_high": 1.0}
 # metric -> (Quantus setting, largest |jaxpull - Quantus|, largest relative difference), printed
 # at the end of the module (pytest -s)
 MEASURED = {}
@@ -169,66 +169,6 @@ def resnet():
 # --------------------------------------------------------------------------------------
 # The paper's two metrics of its own, restated from their description in its lib/metrics.py
 # --------------------------------------------------------------------------------------
-
-
-def paper_infidelity(**kwargs):
-    """The paper's InfidelityOptimalScaling: Quantus' Infidelity loop (per sample and patch size,
-    cumulative patch perturbations by ``perturb_func``) with the optimal-scaling aggregate."""
-    from quantus.helpers import utils
-
-    class InfidelityOptimalScaling(quantus.Infidelity):
-        def evaluate_batch(self, model, x_batch, y_batch, a_batch, **kwargs):
-            b = a_batch.shape[0]
-            a_flat = np.broadcast_to(a_batch, x_batch.shape).reshape(b, -1)
-            predict = lambda z: model.predict(model.shape_input(z, x_batch.shape, channel_first=True, batched=True))
-            y = predict(x_batch)[np.arange(b), y_batch]
-            a2, ab, b2, count = np.zeros(b), np.zeros(b), np.zeros(b), 0
-            for _ in range(self.n_perturb_samples):
-                for p in self.perturb_patch_sizes:
-                    xp = x_batch.copy()
-                    for idx in utils.get_block_indices(xp, p):  # sizes divisible by p: no padding
-                        xp = self.perturb_func(arr=xp.reshape(b, -1), indices=idx).reshape(x_batch.shape)
-                        drop = y - predict(xp)[np.arange(b), y_batch]
-                        dot = np.sum(a_flat * (x_batch - xp).reshape(b, -1), axis=-1)
-                        a2, ab, b2, count = a2 + dot**2, ab + dot * drop, b2 + drop**2, count + 1
-            beta = ab / np.where(a2 != 0, a2, 1.0)
-            return (beta**2 * a2 - 2 * beta * ab + b2) / count
-
-    return InfidelityOptimalScaling(
-        perturb_baseline="uniform", perturb_func_kwargs=UNIFORM, disable_warnings=True, **kwargs
-    )
-
-
-def paper_correlation(**kwargs):
-    """The paper's FaithfulnessCorrelationPatches: every patch of the edge-padded grid set to the
-    baseline; Pearson over the patches, of the padded map's sums and the logit drops."""
-    from quantus.helpers import utils
-
-    class FaithfulnessCorrelationPatches(quantus.FaithfulnessCorrelation):
-        def __init__(self, perturb_patch_sizes=(56,), **kwargs):
-            super().__init__(**kwargs)
-            self.perturb_patch_sizes = perturb_patch_sizes
-
-        def evaluate_batch(self, model, x_batch, y_batch, a_batch, **kwargs):
-            b = a_batch.shape[0]
-            predict = lambda z: model.predict(model.shape_input(z, x_batch.shape, channel_first=True, batched=True))
-            y = predict(x_batch)[np.arange(b), y_batch]
-            drops, sums = [], []
-            for p in self.perturb_patch_sizes:
-                ph, pw = utils.get_padding_size(x_batch.shape[2], p), utils.get_padding_size(x_batch.shape[3], p)
-                pad = ((0, 0), (0, 0), ph, pw)
-                xpad = utils._pad_array(x_batch, pad, mode="edge", padded_axes=np.arange(4))
-                apad = utils._pad_array(a_batch, pad, mode="edge", padded_axes=np.arange(4))
-                for idx in utils.get_block_indices(xpad, p):
-                    xp = self.perturb_func(arr=xpad.reshape(b, -1), indices=idx).reshape(xpad.shape)
-                    xp = xp[:, :, ph[0] : xp.shape[2] - ph[1], pw[0] : xp.shape[3] - pw[1]]
-                    drops.append(y - predict(xp)[np.arange(b), y_batch])
-                    sums.append(apad.reshape(b, -1)[np.arange(b)[:, None], idx].sum(-1))
-            return self.similarity_func(a=np.stack(sums, 1), b=np.stack(drops, 1), batched=True).tolist()
-
-    return FaithfulnessCorrelationPatches(
-        perturb_baseline=0.0, return_aggregate=False, subset_size=4, disable_warnings=True, **kwargs
-    )
 
 
 def infidelity_draws(n: int, samples: int, h: int, w: int, sizes) -> np.ndarray:

@@ -50,6 +50,7 @@ The names jaxpull had before (kept; some differ from the paper's namesakes):
 
 from __future__ import annotations
 
+import inspect
 from typing import Callable, Dict, Tuple
 
 import jax
@@ -75,6 +76,9 @@ def _pullback_form(baseline: Explainer, name: str, doc: str) -> Explainer:
 
     explainer.__name__ = explainer.__qualname__ = name
     explainer.__doc__ = doc + f' ``{baseline.__name__}`` under the ``"semantic"`` rules: ``(N, K, H, W, 3)``.'
+    signature = inspect.signature(baseline)  # the baseline's options, for help() and option checks
+    params = [p.replace(default=PULLBACK_RULES) if p.name == "rules" else p for p in signature.parameters.values()]
+    explainer.__signature__ = signature.replace(parameters=params)  # type: ignore[attr-defined]
     return explainer
 
 

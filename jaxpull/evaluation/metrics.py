@@ -424,16 +424,19 @@ def random_logit_paper(
     return pearson(attributions.reshape(n, -1), explain(x, others).reshape(n, -1))
 
 
-def layer_order(model: Model, image_size: int = 64) -> List[Tuple[str, ...]]:
-    """The paths of the modules that own parameters, in the order the forward pass calls them."""
+def layer_order(model: Model, image_size=64) -> List[Tuple[str, ...]]:
+    """The paths of the modules that own parameters, in the order the forward pass calls them,
+    probed (abstractly, no compute) on an image of ``image_size`` (pixels, or ``(H, W)``: a
+    fixed-size model such as ViT needs its own size)."""
     order: List[Tuple[str, ...]] = []
+    h, w = (image_size, image_size) if np.ndim(image_size) == 0 else tuple(image_size)
 
     def record(next_fun, args, kwargs, context):
         if context.method_name == "__call__":
             order.append(tuple(context.module.path))
         return next_fun(*args, **kwargs)
 
-    x = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
+    x = jax.ShapeDtypeStruct((1, int(h), int(w), 3), jnp.float32)
     with nn.intercept_methods(record):
         jax.eval_shape(lambda m, x: m.apply(x), model, x)
 
@@ -512,7 +515,7 @@ def model_randomization(
     """
     x, targets, attributions = _checked(model, x, targets, attributions)
     stages = checks.whole(stages, "stages", 1)
-    layers = layer_order(model, min(x.shape[1], 64))
+    layers = layer_order(model, x.shape[1:3])  # at the images' own size: ViT takes no other
     stages = max(1, min(stages, len(layers)))
     base = _saliency(attributions).reshape(x.shape[0], -1)
     names, rhos = [], []

@@ -154,18 +154,23 @@ def _evaluate(args: argparse.Namespace) -> int:
         args.images,
         args.model,
         args.output,
-        explainer_names=_split(args.explainers),
-        metric_names=_split(args.metrics),
+        protocol=args.protocol,
+        explainer_names=None if args.explainers is None else _split(args.explainers),
+        metric_names=None if args.metrics is None else _split(args.metrics),
         labels=args.labels,
         limit=args.limit,
         mosaics=args.mosaics,
         stages=args.stages,
         sensitivity_samples=args.sensitivity_samples,
-        rules=args.rules,
+        rules=getattr(args, "rules", None),
         overrides=_given(args),
         samples=args.samples,
         resamples=args.resamples,
         seed=args.seed,
+        batch_size=args.batch_size,
+        gradcam_layer=args.gradcam_layer,
+        focus_images=args.focus_images,
+        work_dir=args.work_dir,
         command="jaxpull " + " ".join(shlex.quote(a) for a in args.argv),
     )
     return 0
@@ -213,15 +218,21 @@ def _preset_defaults(name: str) -> str:
     return "(default from --rules: " + ", ".join(f"{n} {v}" for n, v in values.items()) + ")"
 
 
-def _add_settings(p: argparse.ArgumentParser, skip=(), table=None) -> None:
+def _add_settings(
+    p: argparse.ArgumentParser, skip=(), table=None, rules_default: Optional[str] = DEFAULT_RULES
+) -> None:
     """``--rules`` and one flag per rule and ascent setting of ``table`` (default
     :data:`jaxpull.core.settings.SETTINGS`), generated from the settings' own fields: a flag not given
-    is absent from the parsed arguments, and the setting takes the preset's value."""
+    is absent from the parsed arguments, and the setting takes the preset's value. ``rules_default``
+    None: ``--rules`` too is absent unless given (the command chooses; its help says how)."""
+    chosen = (
+        f"default {rules_default}" if rules_default else "default: the protocol's, quick excitation, paper semantic"
+    )
     p.add_argument(
         "--rules",
         choices=list(PRESETS),
-        default=DEFAULT_RULES,
-        help=f"rule set (default {DEFAULT_RULES}): " + "; ".join(f"{n}: {r.description}" for n, r in PRESETS.items()),
+        default=rules_default or argparse.SUPPRESS,
+        help=f"rule set ({chosen}): " + "; ".join(f"{n}: {r.description}" for n, r in PRESETS.items()),
     )
     for name, s in (SETTINGS if table is None else table).items():
         if name in skip:
@@ -325,26 +336,59 @@ def build_parser() -> argparse.ArgumentParser:
         "--model", default=DEFAULT_MODEL, help=f"a .safetensors file or a cached model name (default {DEFAULT_MODEL})"
     )
     p.add_argument(
+        "--protocol",
+        choices=["quick", "paper"],
+        default="quick",
+        help="quick (default): jaxpull's own quick protocol, every explainer against the gradient; paper: the "
+        "paper's table (its Infidelity, Faithfulness Correlation and Estimate, Monotonicity Correlation, "
+        "Max-Sensitivity, Random Logit, Focus on its mosaics) with each pullback against its baseline",
+    )
+    p.add_argument(
         "--explainers",
-        default=",".join(("pullback", "pullback_ascent", "gradient", "gradient_ascent")),
-        help="comma list (default pullback,pullback_ascent,gradient,gradient_ascent)",
+        default=None,
+        help="comma list, or 'all' (default: quick: pullback,pullback_ascent,gradient,gradient_ascent; "
+        "paper: the paper's 19, those that cannot run on the model left out with a note)",
     )
+    p.add_argument("--metrics", default=None, help="comma list (default: the protocol's)")
     p.add_argument(
-        "--metrics", default="focus,faithfulness,infidelity", help="comma list (default focus,faithfulness,infidelity)"
-    )
-    p.add_argument(
-        "--labels", default="top1", help="top1 (default), folders (ImageNet-style folder), or one label per image"
+        "--labels",
+        default="top1",
+        help="top1 (default), folders (class folders named by WordNet id, class name or index), or one label per image",
     )
     p.add_argument("--limit", type=int, default=None, help="use at most this many images (classes in turn)")
-    p.add_argument("--mosaics", type=int, default=50, help="number of Focus mosaics (default 50)")
+    p.add_argument("--mosaics", type=int, default=None, help="number of Focus mosaics (default: quick 50, paper 100)")
+    p.add_argument(
+        "--focus-images",
+        choices=["repeated", "distinct"],
+        default=None,
+        help="paper protocol: the mosaics' target image repeated in both target quadrants (default, the paper's) "
+        "or two distinct images of the target class (the original Focus paper's)",
+    )
     p.add_argument("--stages", type=int, default=6, help="cascading randomisation steps (default 6)")
     p.add_argument(
-        "--sensitivity-samples", type=int, default=10, help="max-sensitivity perturbations per image (default 10)"
+        "--sensitivity-samples",
+        type=int,
+        default=None,
+        help="quick protocol: max-sensitivity perturbations per image (default 10)",
     )
-    _add_settings(p)  # the rules of the explainers that take them (the paper's current ones default to semantic)
-    p.add_argument("--samples", type=int, default=None, help="SmoothGrad / SmoothPullback samples (default 50)")
-    p.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples (default 2000)")
-    p.add_argument("--seed", type=int, default=0)
+    _add_settings(p, rules_default=None)  # the rules of the pullback explainers
+    p.add_argument(
+        "--samples",
+        type=int,
+        default=None,
+        help="noisy copies of the noisy explainers (default: each one's own: SmoothGrad 50, FusionGrad 10 per model, "
+        "GradientShap 5, and their pullback forms)",
+    )
+    p.add_argument("--gradcam-layer", default=None, help="the layer of the GradCAM explainers (default: the family's)")
+    p.add_argument("--resamples", type=int, default=None, help="bootstrap resamples (default: quick 2000, paper 10000)")
+    p.add_argument("--seed", type=int, default=None, help="seed of every random draw (default 0)")
+    p.add_argument("--batch-size", type=int, default=None, help="images per unit of work (default: quick 8, paper 10)")
+    p.add_argument(
+        "--work-dir",
+        default=None,
+        help="keep every finished batch here and resume from it (default: OUTPUT.work, removed once the report "
+        "is written)",
+    )
     p.add_argument("-o", "--output", required=True, help="output .md (a .csv is written beside it)")
     p.set_defaults(run=_evaluate)
 

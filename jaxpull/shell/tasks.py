@@ -7,6 +7,7 @@ Each function checks every setting and output path before any compute, reports t
 
 from __future__ import annotations
 
+import shutil
 import sys
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
@@ -309,34 +310,47 @@ def evaluate(
     model_name: str,
     out: str,
     *,
-    explainer_names: Sequence[str] = ("pullback", "pullback_ascent", "gradient", "gradient_ascent"),
-    metric_names: Sequence[str] = ("focus", "faithfulness", "infidelity"),
+    protocol: str = "quick",
+    explainer_names: Optional[Sequence[str]] = None,
+    metric_names: Optional[Sequence[str]] = None,
     labels: str = "top1",
     limit: Optional[int] = None,
-    mosaics: int = 50,
+    mosaics: Optional[int] = None,
     stages: int = 6,
-    sensitivity_samples: int = 10,
-    rules: str = settings.DEFAULT_RULES,
+    sensitivity_samples: Optional[int] = None,
+    rules: Optional[str] = None,
     overrides: Optional[Mapping[str, Any]] = None,
     samples: Optional[int] = None,
-    resamples: int = 2000,
-    seed: int = 0,
+    resamples: Optional[int] = None,
+    seed: Optional[int] = None,
+    batch_size: Optional[int] = None,
+    gradcam_layer: Optional[str] = None,
+    focus_images: Optional[str] = None,
+    work_dir: Optional[str] = None,
     command: str = "",
     log: Log = print,
+    progress: bool = True,
 ) -> str:
-    """``jaxpull evaluate``: :func:`jaxpull.evaluation.pipeline.evaluate` on image files, folders or
-    ``["samples"]`` (the offline photos), written as ``out`` (.md) and a .csv beside it.
+    """``jaxpull evaluate``: :func:`jaxpull.evaluation.pipeline.run_evaluation` on image files,
+    folders or ``["samples"]`` (the offline photos), streamed in batches; written as ``out`` (.md)
+    and a .csv beside it in the ``protocol``'s layout (``"quick"`` or ``"paper"``).
 
-    ``labels``: ``"top1"``, ``"folders"`` (an ImageNet-style folder's classes) or a comma list, one
-    per image. ``rules`` applies to the explainers that follow a chosen preset, ``overrides`` (flat rule
-    and ascent settings) to the pullback and the ascent explainers, ``samples`` to the SmoothGrad ones.
-    Every check runs before the model is loaded. Returns the markdown.
+    ``rules``: the pullback explainers' preset (default: ``"semantic"`` for the paper protocol, the
+    paper's current rules; jaxpull's default for the quick one); the rule settings of ``overrides``
+    apply to the pullback explainers, its ascent settings to every ascent, ``samples`` to the
+    noisy ones (SmoothGrad, FusionGrad, GradientShap and their pullback forms), ``gradcam_layer`` to the GradCAM ones. ``labels``: ``"top1"``, ``"folders"``
+    (an ImageNet-style folder: each class folder's WordNet id, class name or index) or a comma
+    list, one per image. Every finished batch is kept in ``work_dir`` (default: ``out`` with the suffix ``.work``, removed once the
+    report is written): a killed run resumes from it. Every check runs before any compute.
+    Returns the markdown.
     """
-    from jaxpull.evaluation import explainers, pipeline
+    from jaxpull.evaluation import imagesource, pipeline
+    from jaxpull.evaluation import protocol as protocols
     from jaxpull.files import cache, images, outputs
 
     out = outputs.check_output(out, ".md")
     csv_path = outputs.check_output(str(out.with_suffix(".csv")), ".csv")
+    proto = protocols.get(protocol)
     pipeline.check_counts(
         limit=limit,
         mosaics=mosaics,
@@ -344,68 +358,77 @@ def evaluate(
         samples=samples,
         resamples=resamples,
         sensitivity_samples=sensitivity_samples,
+        batch_size=batch_size,
     )
-    checks.seed(seed)
+    if seed is not None:
+        checks.seed(seed)
+    if proto.name == "paper" and sensitivity_samples is not None:
+        raise ValueError("--sensitivity-samples is the quick protocol's: the paper's Max-Sensitivity draws 10")
+    if proto.name == "quick" and focus_images is not None:
+        raise ValueError("--focus-images chooses the paper's mosaics: use it with --protocol paper")
+    if rules is None:  # the paper's explainers run its current rules; the quick protocol jaxpull's default
+        rules = "semantic" if proto.name == "paper" else settings.DEFAULT_RULES
     rule_settings, ascent_settings = settings.split(overrides or {})
     settings.resolve_both(rules, **rule_settings, **ascent_settings)  # checked before any work
+    work = Path(work_dir) if work_dir else out.with_suffix(".work")
+    if not work.is_dir():
+        outputs.check_output(work, what="work directory")  # its folder exists and is writable
     if list(image_sources) == ["samples"]:
         found = images.evaluation_photos()
         if len(found) < 3:
             raise ValueError("too few offline photos found: pip install matplotlib scikit-image (or 'jaxpull[demo]')")
-        paths, classes = list(found.values()), None
+        paths, folders = list(found.values()), None
+        paths = paths[:limit] if limit else paths
     else:
-        paths, classes = pipeline.find_images(image_sources, limit)
-    if labels == "folders" and classes is None:
+        paths, folders = imagesource.find_images(image_sources, limit)
+    if labels == "folders" and folders is None:
         raise ValueError("--labels folders needs one folder of class subfolders (ImageNet style) as --images")
     model = cache.resolve(model_name, log=log)
-    pipeline.check_request(model, explainer_names, metric_names, len(paths))
-    options = {n: {"rules": rules} for n in explainer_names if n in explainers.TAKE_RULES}
-    for n in explainer_names:
-        given = {
-            **(rule_settings if "pullback" in n.lower() else {}),
-            **(ascent_settings if "ascent" in n.lower() else {}),
-        }
-        if given:
-            options[n] = {**options.get(n, {}), **given}
-    if samples is not None:
-        options.update(
-            {
-                n: {**options.get(n, {}), "samples": samples}
-                for n in explainer_names
-                if n.startswith("smoothgrad") or n == "SmoothPullback"
-            }
-        )
-    chosen = (
-        classes
-        if labels == "folders"
-        else None
-        if labels == "top1"
-        else [model.label(name.strip()) for name in labels.split(",") if name.strip()]
+    source = imagesource.ImageSource(
+        tuple(paths), None if folders is None else tuple(folders), **model.preprocessing.image_options
     )
-    x = images.load_images(paths, **model.preprocessing.image_options)
-    if chosen is None:
-        chosen = pipeline.top1(model, x)  # once, here: evaluate() uses these, and mosaics default to them
-    if "focus" in metric_names:
-        pipeline.check_focus_classes(classes if classes is not None else chosen)
-    report = pipeline.evaluate(
+    names = protocols.explainer_names(proto, explainer_names)
+    specs = protocols.explainer_specs(proto, names, rules, rule_settings, ascent_settings, samples, gradcam_layer)
+    if labels == "folders":
+        chosen = imagesource.folder_classes(folders, model.num_classes, model.class_names)
+    elif labels == "top1":
+        chosen = None  # the model's top-1, computed once every setting is checked
+    else:
+        chosen = [model.label(name.strip()) for name in labels.split(",") if name.strip()]
+        if len(chosen) != len(paths):
+            raise ValueError(f"--labels gives {len(chosen)} labels for {len(paths)} images: give one per image")
+    note_unused_pool_settings(rule_settings, model)
+    report = pipeline.run_evaluation(
         model,
-        x,
+        source,
         chosen,
-        classes,
-        explainer_names=explainer_names,
+        specs,
+        protocol=proto.name,
         metric_names=metric_names,
-        options=options,
         mosaics=mosaics,
         stages=stages,
-        sensitivity_samples=sensitivity_samples,
+        sensitivity_samples=10 if sensitivity_samples is None else sensitivity_samples,
+        focus_images=focus_images or "repeated",
         seed=seed,
+        batch=batch_size,
+        drop_unavailable=explainer_names is None or list(explainer_names) == ["all"],
+        work=work,
+        progress=progress,
+        extra_settings=dict(
+            labels={"folders": "class folders", "top1": "the model's top-1"}.get(labels, "given"), rules=rules
+        ),
     )
-    report.settings["images_used"] = [Path(p).name for p in paths]
-    rows = pipeline.summary_rows(report, resamples)
-    text = pipeline.to_markdown(report, rows, command)
-    text += "\nImages: " + ", ".join(report.settings["images_used"]) + "\n"
-    outputs.atomic_write(csv_path, lambda tmp: Path(tmp).write_text(pipeline.to_csv(rows)))
+    texts = pipeline.render(report, command, resamples)
+    used = report.settings["labels_used"]
+    names = [f"{n} ({t} {model.class_name(t)})" for n, t in zip(source.names, used)]
+    shown = ", ".join(names if len(names) <= 60 else names[:60] + [f"... ({len(names) - 60} more)"])
+    text = texts["md"] + "\nImages: " + shown + "\n"
+    outputs.atomic_write(csv_path, lambda tmp: Path(tmp).write_text(texts["csv"]))
     outputs.atomic_write(out, lambda tmp: Path(tmp).write_text(text))
     log(text)
-    log(f"wrote {out} and {csv_path}")
+    if work_dir:
+        log(f"wrote {out} and {csv_path}; every batch's scores are kept in {work} (a rerun reuses them)")
+    else:
+        shutil.rmtree(work, ignore_errors=True)
+        log(f"wrote {out} and {csv_path}")
     return text

@@ -1,0 +1,355 @@
+"""Running an evaluation batch by batch, resumable after a kill.
+
+The work is a grid of units: one explainer on one batch of images (every image metric scored on
+its maps) or on one batch of Focus mosaics. A unit holds in memory one batch of images and one
+explainer's maps of them, never more, so memory does not grow with the number of images.
+
+With a work directory, each finished unit's scores are written to it atomically
+(``<explainer key>/images-000003.npz``), next to a ``manifest.json`` of the settings every unit
+depends on (protocol, model, images and their labels, seed, batch size, the metrics' settings).
+Running the same evaluation again skips the units already written; a run with other settings is
+refused before any compute, as ``jaxpull sweep`` refuses a different sweep. Explainer options are
+part of the unit's folder name, and a unit stores the metrics it scored, so a rerun that adds
+explainers or metrics computes only what is missing. The directory is locked while a run writes
+to it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import hashlib
+import json
+import shutil
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxpull.core.model import Model
+from jaxpull.evaluation import metrics, mosaics
+from jaxpull.evaluation.imagesource import batches
+from jaxpull.evaluation.protocol import Batch, ExplainerSpec, Protocol, build_mosaics, metric_key
+from jaxpull.files import outputs
+
+MANIFEST = "manifest.json"
+LOCK = ".lock"
+FORMAT = 1
+
+
+@dataclasses.dataclass
+class Job:
+    """An evaluation: the ``protocol``'s ``metric_names`` (with every metric's ``settings``) scoring
+    the ``explainers`` on the images of ``source`` for ``labels`` ``(N,)``, ``batch`` images per
+    unit; Focus on the ``mosaics`` mosaics of ``plan`` (None without Focus)."""
+
+    protocol: Protocol
+    model: Model
+    source: object  # ImageSource or ArraySource
+    labels: np.ndarray
+    explainers: List[ExplainerSpec]
+    metric_names: List[str]
+    settings: Dict[str, dict]
+    plan: Optional[mosaics.MosaicPlan]
+    seed: int
+    batch: int
+    mosaics: int = 0  # the number of mosaics asked for (the plan's, when Focus is scored)
+
+    def manifest(self) -> dict:
+        """The settings every unit depends on (not the explainers, nor which metrics are chosen)."""
+        return dict(
+            format=FORMAT,
+            protocol=self.protocol.name,
+            arch=self.model.arch,
+            num_classes=self.model.num_classes,
+            model=model_fingerprint(self.model),
+            images=len(self.source),
+            image_shape=list(self.source.shape),
+            image_fingerprint=self.source.fingerprint(),
+            labels=[int(v) for v in self.labels],
+            seed=self.seed,
+            batch=self.batch,
+            mosaics=self.mosaics,
+            metrics=self.settings,
+        )
+
+
+@dataclasses.dataclass
+class Results:
+    """Per-item scores ``scores[metric][explainer label]`` ``(items,)`` (images, or mosaics for
+    Focus); randomisation curves ``curves[label]`` ``(stages, N)`` with ``stage_names``."""
+
+    scores: Dict[str, Dict[str, np.ndarray]]
+    curves: Dict[str, np.ndarray]
+    stage_names: List[str]
+
+
+def model_fingerprint(model: Model) -> str:
+    """A model's identity: architecture, classes, source and a sample of its weights (the first
+    and last parameter tensors' leading bytes: enough to tell two conversions apart, cheap)."""
+    h = hashlib.sha256(repr((model.arch, model.num_classes, model.metadata.get("source", ""))).encode())
+    leaves = jax.tree_util.tree_leaves(model.params)
+    for leaf in leaves[:4] + leaves[-2:]:
+        h.update(np.asarray(leaf).tobytes()[:4096])
+    return h.hexdigest()
+
+
+def top1(model: Model, source, batch: int = 16, progress: bool = False) -> np.ndarray:
+    """The model's top-1 label ``(N,)`` of every image of ``source``, read batch by batch."""
+    from tqdm.auto import tqdm
+
+    out, size = [], min(batch, len(source))
+    for s in tqdm(
+        list(batches(len(source), batch)), desc="labels (top-1)", unit="batch", disable=None if progress else True
+    ):
+        out.append(np.asarray(jnp.argmax(model(pad(source.load(s), size)), -1))[: s.stop - s.start])
+    return np.concatenate(out).astype(np.int64)
+
+
+# --------------------------------------------------------------------------------------
+# Checks before any compute
+# --------------------------------------------------------------------------------------
+
+
+def check_explainers(
+    model: Model, specs: Sequence[ExplainerSpec], shape: Tuple[int, ...], drop: bool = False
+) -> Tuple[List[ExplainerSpec], Dict[str, str]]:
+    """Trace every explainer once on ``shape`` ``(n, H, W, 3)`` without computing (``jax.eval_shape``):
+    a bad option or a GradCAM layer the model lacks is a ValueError naming the explainer before any
+    work. With ``drop``, an explainer that cannot run is left out instead; returns the explainers
+    kept and, for each one left out, why."""
+    kept, dropped = [], {}
+    x = jax.ShapeDtypeStruct(tuple(shape), jnp.float32)
+    t = np.zeros(shape[0], np.int64)
+    for spec in specs:
+        fn = spec.map_function(model)
+        reason = ""
+        try:
+            out = jax.eval_shape(lambda x: fn(x, t), x)
+            if tuple(out.shape) != tuple(shape):
+                raise ValueError(f"gives maps of shape {tuple(out.shape)}, not the images' {tuple(shape)}")
+        except (jax.errors.JAXTypeError, jax.errors.JAXIndexError):
+            pass  # an explainer that needs concrete values: its checks run when it runs
+        except TypeError as e:
+            if "keyword argument" not in str(e):
+                raise
+            word = str(e).split("keyword argument")[-1].strip(" '\"")
+            reason = f"does not take the option {word!r} (given: {', '.join(spec.options) or 'none'})"
+        except ValueError as e:
+            reason = str(e)
+        if not reason:
+            kept.append(spec)
+        elif drop:
+            dropped[spec.label] = reason
+        else:
+            raise ValueError(f"explainer {spec.label}: {reason}")
+    return kept, dropped
+
+
+# --------------------------------------------------------------------------------------
+# The work directory
+# --------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def work_directory(work: Optional[Path], manifest: dict) -> Iterator[Optional[Path]]:
+    """Hold the work directory ``work`` (created with its parents if missing) for one run.
+
+    Refuses, before any compute, a directory that holds another evaluation (a different
+    manifest), one that is not a work directory, and one another run is writing to. A directory
+    this call created is removed again if the run fails before finishing any unit.
+    """
+    if work is None:
+        yield None
+        return
+    work = Path(work)
+    if work.exists() and not work.is_dir():
+        raise NotADirectoryError(f"work directory {str(work)!r} is a file: give a directory (--work-dir)")
+    created = not work.exists()
+    if not created and not (work / MANIFEST).is_file() and any(f.name != LOCK for f in work.iterdir()):
+        raise ValueError(f"{str(work)!r} is not empty and holds no evaluation: choose another --work-dir")
+    try:
+        work.mkdir(parents=True, exist_ok=True)
+        handle = open(work / LOCK, "a")
+    except OSError as e:
+        raise PermissionError(
+            f"cannot create the work directory {str(work)!r} ({e.strerror}): choose another --work-dir"
+        ) from None
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RuntimeError(
+                f"another evaluation is writing to {str(work)!r}: wait for it to finish or choose another --work-dir"
+            ) from None
+        _adopt_manifest(work, manifest)
+        yield work
+    except BaseException:
+        if created and not any(p.suffix == ".npz" for p in work.rglob("*")):
+            shutil.rmtree(work, ignore_errors=True)
+        raise
+    finally:
+        handle.close()
+
+
+def _adopt_manifest(work: Path, manifest: dict) -> None:
+    path = work / MANIFEST
+    text = json.dumps(manifest, sort_keys=True, indent=1)
+    if not path.is_file():
+        outputs.atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+        return
+    try:
+        recorded = json.loads(path.read_text())
+        if not isinstance(recorded, dict):
+            raise ValueError("not a manifest")
+    except (ValueError, UnicodeDecodeError):
+        raise ValueError(f"{str(path)!r} is corrupt: delete {str(work)!r} to start the evaluation again") from None
+    if recorded != json.loads(text):
+        differ = sorted(k for k in set(recorded) | set(manifest) if recorded.get(k) != json.loads(text).get(k))
+        raise ValueError(
+            f"{str(work)!r} holds an evaluation with other settings ({', '.join(differ)} differ): rerun with its "
+            "settings to resume it, or delete it (or choose another --work-dir) to start over"
+        )
+
+
+def _unit_path(work: Path, spec: ExplainerSpec, kind: str, index: int) -> Path:
+    return work / spec.key / f"{kind}-{index:06d}.npz"
+
+
+def _read_unit(path: Optional[Path]) -> Dict[str, np.ndarray]:
+    if path is None or not path.is_file():
+        return {}
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            return {k: f[k] for k in f.files}
+    except (OSError, ValueError):
+        raise ValueError(
+            f"{str(path)!r} is damaged: delete it (it is computed again) or the whole work directory"
+        ) from None
+
+
+def _write_unit(path: Path, spec: ExplainerSpec, values: Dict[str, np.ndarray]) -> None:
+    path.parent.mkdir(exist_ok=True)
+    about = path.parent / "explainer.json"
+    if not about.is_file():
+        text = json.dumps(dict(name=spec.name, options=spec.options), sort_keys=True, default=str)
+        outputs.atomic_write(about, lambda tmp: Path(tmp).write_text(text))
+    outputs.save_arrays(path, values)
+
+
+# --------------------------------------------------------------------------------------
+# The run
+# --------------------------------------------------------------------------------------
+
+
+def _score(job: Job, metric: str, batch: Batch) -> Dict[str, np.ndarray]:
+    """One metric's scores of one batch: ``{metric: (n,)}`` (and its curve and stage names)."""
+    m = job.protocol.metrics[metric]
+    out = m.score(batch, **job.settings[metric])
+    if m.curve:
+        names, curve = out
+        return {
+            metric: np.asarray(curve)[-1],
+            f"{metric}@curve": np.asarray(curve),
+            f"{metric}@stages": np.array(names),
+        }
+    return {metric: np.asarray(out, np.float64)}
+
+
+def run(job: Job, work: Optional[Path] = None, progress: bool = True) -> Results:
+    """Score every explainer of ``job`` by each of its metrics, unit by unit (see the module
+    docstring); with ``work``, resuming from and writing to that directory. Returns the per-item
+    scores in item order."""
+    from tqdm.auto import tqdm
+
+    image_metrics = [m for m in job.metric_names if job.protocol.metrics[m].on == "images"]
+    mosaic_metrics = [m for m in job.metric_names if job.protocol.metrics[m].on == "mosaics"]
+    units: List[Tuple[str, int, slice, List[str]]] = []
+    if image_metrics:
+        units += [("images", i, s, image_metrics) for i, s in enumerate(batches(len(job.labels), job.batch))]
+    if mosaic_metrics and job.plan is not None:
+        units += [("mosaics", i, s, mosaic_metrics) for i, s in enumerate(batches(len(job.plan.targets), job.batch))]
+    collected: Dict[Tuple[str, str, int], Dict[str, np.ndarray]] = {}
+    size = job_batch(job)
+
+    with work_directory(work, job.manifest()) as wd:
+        todo = []
+        for kind, index, rows, wanted in units:
+            for spec in job.explainers:
+                path = None if wd is None else _unit_path(wd, spec, kind, index)
+                have = _read_unit(path)
+                collected[(spec.key, kind, index)] = have
+                if any(m not in have for m in wanted):
+                    todo.append((kind, index, rows, wanted, spec, path))
+        total = len(units) * len(job.explainers)
+        bar = tqdm(
+            total=total, initial=total - len(todo), desc="evaluate", unit="unit", disable=None if progress else True
+        )
+        loaded: Tuple[Optional[Tuple[str, int]], Optional[tuple]] = (None, None)
+        for kind, index, rows, wanted, spec, path in todo:
+            if loaded[0] != (kind, index):  # the units are ordered by batch: each batch is read once
+                if kind == "images":
+                    x, labels, quadrants = job.source.load(rows), job.labels[rows], None
+                else:
+                    x = build_mosaics(job.protocol, job.source, job.plan, rows, job.settings["focus"])
+                    labels, quadrants = job.plan.targets[rows], job.plan.quadrants[rows]
+                loaded = ((kind, index), tuple(pad(a, size) for a in (x, labels, quadrants)))
+            x, labels, quadrants = loaded[1]
+            bar.set_postfix_str(f"{spec.label} on {kind} {rows.start}-{rows.stop - 1}")
+            explain = spec.map_function(job.model)
+            maps = explain(x, labels)
+            values = dict(collected[(spec.key, kind, index)])
+            for metric in wanted:
+                if metric in values:
+                    continue
+                key, seed = metric_key(job.seed, metric, index)
+                batch = Batch(job.model, x, labels, maps, explain, spec.model_function(), key, seed, quadrants)
+                n = rows.stop - rows.start  # the padding's scores dropped
+                values.update(
+                    {k: v[..., :n] if "@stages" not in k else v for k, v in _score(job, metric, batch).items()}
+                )
+            if path is not None:
+                _write_unit(path, spec, values)
+            collected[(spec.key, kind, index)] = values
+            bar.update(1)
+        bar.close()
+    return _gather(job, units, collected)
+
+
+def job_batch(job: Job) -> int:
+    """The items of every unit: the last batch is padded to it, so every batch compiles once."""
+    return min(job.batch, len(job.labels))
+
+
+def pad(a: Optional[np.ndarray], size: int) -> Optional[np.ndarray]:
+    """``a`` ``(n, ...)`` with its last item repeated up to ``size`` items (None stays None)."""
+    if a is None or len(a) >= size:
+        return a
+    return np.concatenate([a, np.repeat(a[-1:], size - len(a), axis=0)])
+
+
+def _gather(job: Job, units, collected) -> Results:
+    scores: Dict[str, Dict[str, np.ndarray]] = {m: {} for m in job.metric_names}
+    curves: Dict[str, np.ndarray] = {}
+    stage_names: List[str] = []
+    for metric in job.metric_names:
+        on = job.protocol.metrics[metric].on
+        for spec in job.explainers:
+            parts = [collected[(spec.key, kind, index)] for kind, index, _, _ in units if kind == on]
+            scores[metric][spec.label] = (
+                np.concatenate([p[metric] for p in parts]).astype(np.float64) if parts else np.zeros(0)
+            )
+            if job.protocol.metrics[metric].curve and parts:
+                curves[spec.label] = np.concatenate([p[f"{metric}@curve"] for p in parts], axis=1)
+                stage_names = [str(s) for s in parts[0][f"{metric}@stages"]]
+    return Results(scores, curves, stage_names)
+
+
+def check_randomization(model: Model, shape: Tuple[int, ...]) -> None:
+    """The cascading randomisation's layer probe at the images' own size ``(H, W)`` (fixed-size
+    models such as ViT need it); ValueError if the model has no parameterised layer."""
+    if not metrics.layer_order(model, tuple(shape[:2])):
+        raise ValueError(f"randomization: {model.arch} has no layers with parameters to randomise")
