@@ -31,7 +31,7 @@ from __future__ import annotations
 import argparse
 import copy
 import time
-from typing import Callable, Dict, List
+from collections.abc import Callable
 
 import jax
 import numpy as np
@@ -51,8 +51,7 @@ def torch_side(arch: str):
     """(torch model taking [-1, 1] NCHW images, its gated copy under the semantic rules)."""
     import torch
 
-    from jaxpull_convert import sources
-    from jaxpull_convert import torch_reference as R
+    from jaxpull_convert import sources, torch_reference as R
 
     _, tensors, _, _ = sources.from_weights_name(arch, "DEFAULT")
     tm = sources.torch_model(arch, tensors, 1000)
@@ -70,7 +69,7 @@ def torch_side(arch: str):
     return Wrapped(tm).eval(), Wrapped(R.gated(copy.deepcopy(tm), rules="semantic")).eval()
 
 
-def torch_explainers(model, gated, samples: int) -> Dict[str, Callable]:
+def torch_explainers(model, gated, samples: int) -> dict[str, Callable]:
     """Quantus' explain functions ``(model, inputs NCHW, targets) -> NCHW``; the model argument is
     ignored: each is bound to its model (the gated copy for a pullback, as the paper's wrapper)."""
     import quantus
@@ -116,12 +115,11 @@ def torch_explainers(model, gated, samples: int) -> Dict[str, Callable]:
     }
 
 
-def torch_metrics(settings) -> Dict[str, object]:
+def torch_metrics(settings) -> dict[str, object]:
     """Quantus 0.6.0's metrics with the paper's settings, and its two metrics of its own restated."""
     import quantus
 
-    from jaxpull_convert.quantus_reference import UNIFORM as uniform
-    from jaxpull_convert.quantus_reference import paper_correlation, paper_infidelity
+    from jaxpull_convert.quantus_reference import UNIFORM as uniform, paper_correlation, paper_infidelity
 
     quiet = dict(disable_warnings=True, display_progressbar=False)
 
@@ -186,14 +184,13 @@ def main(argv=None) -> None:
 
     import torch
 
-    from jaxpull.evaluation import explainers, pipeline
-    from jaxpull.evaluation import protocol as protocols
+    from jaxpull.evaluation import explainers, pipeline, protocol as protocols
     from jaxpull.evaluation.imagesource import ArraySource
     from jaxpull.files import cache, images
 
     torch.manual_seed(0)
-    names: List[str] = args.explainers.split(",")
-    metric_names: List[str] = args.metrics.split(",")
+    names: list[str] = args.explainers.split(",")
+    metric_names: list[str] = args.metrics.split(",")
     model = cache.resolve(args.model, log=lambda m: None)
     photos = list(images.evaluation_photos().values())[: args.images]
     x = images.load_images(photos, **model.preprocessing.image_options)
@@ -237,13 +234,13 @@ def main(argv=None) -> None:
     for spec in specs:
         fn = spec.map_function(model)
         fn(x, labels)  # compiled already by the cold run; once more for the padding-free shape
-        jx_maps[spec.label], jx_explain[spec.label] = timed(lambda: fn(x, labels))
+        jx_maps[spec.label], jx_explain[spec.label] = timed(lambda fn=fn: fn(x, labels))
         for m in metric_names:
             on_mosaics = proto.metrics[m].on == "mosaics"
             xs, ls = (mosaic_x, plan.targets) if on_mosaics else (x, labels)
             key, seed = protocols.metric_key(proto.seed, m, 0)
 
-            def score():
+            def score(fn=fn, xs=xs, ls=ls, on_mosaics=on_mosaics, spec=spec, key=key, seed=seed, m=m):
                 maps = fn(xs, ls) if on_mosaics else jx_maps[spec.label]
                 b = protocols.Batch(model, xs, ls, maps, fn, spec.model_function(), key, seed, plan.quadrants)
                 return proto.metrics[m].score(b, **settings[m])
@@ -261,11 +258,11 @@ def main(argv=None) -> None:
     t_explain, t_metric = {}, {m: 0.0 for m in metric_names}
     for n in names:
         explain = t_explain_fns[n]
-        a, t_explain[n] = timed(lambda: explain(tmodel, xt, labels))
+        a, t_explain[n] = timed(lambda explain=explain: explain(tmodel, xt, labels))
         for m in metric_names:
             metric = t_metrics[m]
             if m == "focus":
-                run = lambda: metric(
+                run = lambda metric=metric, explain=explain: metric(
                     model=tmodel,
                     x_batch=mosaic_t,
                     y_batch=plan.targets,
@@ -275,7 +272,7 @@ def main(argv=None) -> None:
                     device="cpu",
                 )
             else:
-                run = lambda: metric(
+                run = lambda metric=metric, explain=explain, a=a: metric(
                     model=tmodel,
                     x_batch=xt,
                     y_batch=labels,
@@ -292,7 +289,7 @@ def main(argv=None) -> None:
     t_total = sum(t_explain.values()) + sum(t_metric.values())
     print("\n| explainer (maps of the photos) | torch + Captum (s) | jaxpull (s) | ratio |")
     print("|---|---|---|---|")
-    for spec, n in zip(specs, names):
+    for spec, n in zip(specs, names, strict=True):
         print(
             f"| {n} ({spec.label}) | {t_explain[n]:.2f} | {jx_explain[spec.label]:.3f} | "
             f"{t_explain[n] / jx_explain[spec.label]:.1f}x |"

@@ -42,15 +42,13 @@ with their number.
 from __future__ import annotations
 
 import functools
-from typing import Tuple, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxpull.core import checks, settings
-from jaxpull.core import pullback as method
+from jaxpull.core import checks, pullback as method, settings
 from jaxpull.core.model import Model
 from jaxpull.core.rules import Rules
 
@@ -69,7 +67,7 @@ QUADRATURES = ("riemann_trapezoid", "riemann_left", "riemann_right", "riemann_mi
 # --------------------------------------------------------------------------------------
 
 
-def prepare(model: Model, x, targets, rules: Union[Rules, str], overrides) -> Tuple[jax.Array, jax.Array, Rules]:
+def prepare(model: Model, x, targets, rules: Rules | str, overrides) -> tuple[jax.Array, jax.Array, Rules]:
     """Checked images ``(N, H, W, 3)``, targets ``(N, K)`` and the resolved rules (one rule set)."""
     x = checks.images(x)
     t = checks.targets(targets, x.shape[0], model.num_classes)
@@ -138,13 +136,13 @@ def gaussian_draws(key: jax.Array, samples: int, shape, sigma) -> jax.Array:
     return jax.vmap(lambda k: _gaussian(k, tuple(shape), jnp.float32(sigma)))(jax.random.split(key, samples))
 
 
-def shap_draws(seed: int, samples: int, n: int) -> Tuple[jax.Array, jax.Array]:
+def shap_draws(seed: int, samples: int, n: int) -> tuple[jax.Array, jax.Array]:
     """GradientShap's draws for ``seed``: the coefficients ``a`` ``(samples, N)`` and the key of its noise."""
     k_alpha, k_noise = jax.random.split(seed_key(seed))
     return jax.random.uniform(k_alpha, (count(samples, "samples"), n), jnp.float32), k_noise
 
 
-def fusion_keys(key: jax.Array, parameter_samples: int) -> Tuple[jax.Array, jax.Array]:
+def fusion_keys(key: jax.Array, parameter_samples: int) -> tuple[jax.Array, jax.Array]:
     """FusionGrad's keys ``(parameter_samples,)`` each: of the ``i``-th model's parameter noise
     (:func:`perturb_parameters`), and of its input noise (:func:`gaussian_draws`)."""
     k_params, k_inputs = jax.random.split(key)
@@ -160,7 +158,7 @@ def perturb_parameters(model: Model, key: jax.Array, sigma: jax.Array) -> Model:
     sizes = [leaves[i].size for i in floating]
     factors = 1 + _gaussian(key, (sum(sizes),), sigma)
     out = list(leaves)
-    for i, start, size in zip(floating, np.cumsum([0] + sizes[:-1]), sizes):
+    for i, start, size in zip(floating, np.cumsum([0] + sizes[:-1]), sizes, strict=True):
         p = leaves[i]
         out[i] = p * factors[start : start + size].reshape(p.shape).astype(p.dtype)
     return Model(jax.tree.unflatten(tree, out), model.spec)
@@ -263,7 +261,7 @@ def gradient_shap_core(
 # --------------------------------------------------------------------------------------
 
 
-def gradient(model: Model, x, targets, *, rules: Union[Rules, str] = BASELINE_RULES, **overrides) -> jax.Array:
+def gradient(model: Model, x, targets, *, rules: Rules | str = BASELINE_RULES, **overrides) -> jax.Array:
     """The gradient of each target logit under ``rules`` (default: the exact gradient): ``(N, K, H, W, 3)``."""
     x, t, r = prepare(model, x, targets, rules, overrides)
     return method.pullback_core(model, x, t, r)
@@ -277,7 +275,7 @@ def smoothgrad(
     samples: int = 50,
     sigma: float = 0.15,
     seed: int = 0,
-    rules: Union[Rules, str] = BASELINE_RULES,
+    rules: Rules | str = BASELINE_RULES,
     **overrides,
 ) -> jax.Array:
     """SmoothGrad: the mean gradient (under ``rules``) over ``samples`` copies ``x + sigma * N(0, 1)``
@@ -298,7 +296,7 @@ def fusiongrad(
     parameter_sigma: float = 0.1,
     sigma: float = 0.15,
     seed: int = 0,
-    rules: Union[Rules, str] = BASELINE_RULES,
+    rules: Rules | str = BASELINE_RULES,
     **overrides,
 ) -> jax.Array:
     """FusionGrad: SmoothGrad (``samples`` copies, ``sigma``) averaged over ``parameter_samples`` models
@@ -316,7 +314,7 @@ def fusiongrad(
     return fusiongrad_core(model, x, t, r, seed_key(seed), sigma, psigma, parameter_samples, samples)
 
 
-def quadrature(steps: int, method_name: str) -> Tuple[np.ndarray, np.ndarray]:
+def quadrature(steps: int, method_name: str) -> tuple[np.ndarray, np.ndarray]:
     """Captum's integration points and weights ``(steps,)`` float32 for ``method_name``
     (``captum.attr._utils.approximation_methods``): ``riemann_trapezoid`` points ``linspace(0, 1, n)``,
     weights ``1 / n`` halved at both ends; ``left`` / ``right`` / ``middle`` Riemann sums; Gauss-Legendre."""
@@ -348,7 +346,7 @@ def integrated_gradients(
     steps: int = 10,
     method: str = "riemann_trapezoid",
     baseline: float = 0.0,
-    rules: Union[Rules, str] = BASELINE_RULES,
+    rules: Rules | str = BASELINE_RULES,
     **overrides,
 ) -> jax.Array:
     """Integrated Gradients (Sundararajan et al. 2017) as Captum computes it, with Quantus' settings
@@ -369,7 +367,7 @@ def gradient_shap(
     stdevs: float = 0.0,
     baseline: float = 0.0,
     seed: int = 0,
-    rules: Union[Rules, str] = BASELINE_RULES,
+    rules: Rules | str = BASELINE_RULES,
     **overrides,
 ) -> jax.Array:
     """GradientShap as Captum computes it, with the settings Quantus passes by default (``samples`` 5,

@@ -31,15 +31,13 @@ from __future__ import annotations
 import collections
 import functools
 import re
-from typing import Dict, Optional, Tuple, Union
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxpull.core import models
-from jaxpull.core import pullback as method
+from jaxpull.core import models, pullback as method
 from jaxpull.core.model import Model, ModelSpec
 from jaxpull.core.models.family import GradCamLayer
 from jaxpull.core.rules import ReLU, Rules
@@ -47,7 +45,7 @@ from jaxpull.core.rules.base import validated
 from jaxpull.evaluation import attribution
 from jaxpull.evaluation.deeplift import as_rule
 
-Path = Tuple[str, ...]
+Path = tuple[str, ...]
 
 
 # --------------------------------------------------------------------------------------
@@ -67,7 +65,7 @@ _clamp_cotangent.defvjp(lambda z: (z, None), lambda _, g: (jnp.maximum(g, 0),))
 class ClampedReLU(ReLU):
     """A ReLU rule whose backward is the rule's, then Guided Backprop's clamp: ``max(rule's grad, 0)``."""
 
-    def __call__(self, z: jax.Array, max_value: Optional[float] = None) -> jax.Array:
+    def __call__(self, z: jax.Array, max_value: float | None = None) -> jax.Array:
         return super().__call__(_clamp_cotangent(z), max_value)
 
 
@@ -77,7 +75,7 @@ def guided_rules(rules: Rules) -> Rules:
 
 
 def guided_backprop(
-    model: Model, x, targets, *, rules: Union[Rules, str] = attribution.BASELINE_RULES, **overrides
+    model: Model, x, targets, *, rules: Rules | str = attribution.BASELINE_RULES, **overrides
 ) -> jax.Array:
     """Guided Backprop of each target logit (each ReLU's gradient under ``rules``, clamped to ``>= 0``):
     ``(N, K, H, W, 3)``. Under ``"vanilla"``: ``g * 1[z > 0] * 1[g > 0]`` at every ReLU."""
@@ -90,15 +88,15 @@ def guided_backprop(
 # --------------------------------------------------------------------------------------
 
 
-def _tokens(name: str) -> Tuple[str, ...]:
+def _tokens(name: str) -> tuple[str, ...]:
     """``"layer4[-1].conv3"``, ``"layer4/-1/conv3"``, ``"layer4_-1_conv3"`` -> ``("layer4", "-1", "conv3")``."""
     return tuple(t for t in re.split(r"[./_\[\]]", name) if t)
 
 
 @functools.lru_cache(maxsize=64)
-def _module_calls(spec: ModelSpec, shapes: Tuple, height: int, width: int) -> Dict[Path, int]:
+def _module_calls(spec: ModelSpec, shapes: tuple, height: int, width: int) -> dict[Path, int]:
     """How often each module's ``__call__`` runs in a forward pass (traced abstractly), by module path."""
-    calls: Dict[Path, int] = collections.Counter()
+    calls: dict[Path, int] = collections.Counter()
 
     def count(next_fun, args, kwargs, context):
         if context.method_name == "__call__":
@@ -117,7 +115,7 @@ def _shown(path: Path) -> str:
     return ".".join(path)
 
 
-def resolve_layer(model: Model, layer: Union[None, str, GradCamLayer], image_hw: Tuple[int, int]) -> Tuple[Path, bool]:
+def resolve_layer(model: Model, layer: None | str | GradCamLayer, image_hw: tuple[int, int]) -> tuple[Path, bool]:
     """The module path and ``before_batchnorm`` of ``layer`` (default: the family's declaration).
 
     Raises:
@@ -141,7 +139,7 @@ def resolve_layer(model: Model, layer: Union[None, str, GradCamLayer], image_hw:
     leaves, tree = jax.tree.flatten(model.params)
     shapes = (tree, tuple((tuple(a.shape), jnp.dtype(a.dtype)) for a in leaves))
     calls = _module_calls(model.spec, shapes, *image_hw)
-    table: Dict[Tuple[str, ...], list] = {}
+    table: dict[tuple[str, ...], list] = {}
     for path in calls:
         if path:
             table.setdefault(_tokens("/".join(path)), []).append(path)
@@ -250,8 +248,8 @@ def gradcam(
     x,
     targets,
     *,
-    layer: Union[None, str, GradCamLayer] = None,
-    rules: Union[Rules, str] = attribution.BASELINE_RULES,
+    layer: None | str | GradCamLayer = None,
+    rules: Rules | str = attribution.BASELINE_RULES,
     **overrides,
 ) -> jax.Array:
     """GradCAM of ``layer`` (default: the family's), upsampled as Captum's Guided GradCAM does:
@@ -266,8 +264,8 @@ def guided_gradcam(
     x,
     targets,
     *,
-    layer: Union[None, str, GradCamLayer] = None,
-    rules: Union[Rules, str] = attribution.BASELINE_RULES,
+    layer: None | str | GradCamLayer = None,
+    rules: Rules | str = attribution.BASELINE_RULES,
     **overrides,
 ) -> jax.Array:
     """Guided GradCAM (Captum's ``GuidedGradCam``, nearest upsampling) of ``layer`` (default: the

@@ -53,7 +53,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -157,7 +156,7 @@ class RescaleReLU(ReLU):
     (images, then baselines): ``g * (relu(x) - relu(x0)) / (x - x0)``. ReLU6 and the other modes
     keep the rule (Captum has no ReLU6 rule, and leaves the paper's surrogate modules alone)."""
 
-    def __call__(self, z: jax.Array, max_value: Optional[float] = None) -> jax.Array:
+    def __call__(self, z: jax.Array, max_value: float | None = None) -> jax.Array:
         if self.mode == "plain" and max_value is None:
             return _rescale_relu(z)
         return super().__call__(z, max_value)
@@ -203,7 +202,7 @@ def deeplift(
     targets,
     *,
     baseline: float = 0.0,
-    rules: Union[Rules, str] = attribution.BASELINE_RULES,
+    rules: Rules | str = attribution.BASELINE_RULES,
     **overrides,
 ) -> jax.Array:
     """DeepLift (rescale rule) from a baseline of ``baseline`` everywhere (0: mid-grey, as Quantus

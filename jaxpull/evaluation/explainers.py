@@ -51,12 +51,11 @@ The names jaxpull had before (kept; some differ from the paper's namesakes):
 from __future__ import annotations
 
 import inspect
-from typing import Callable, Dict, Tuple
+from collections.abc import Callable
 
 import jax
 
-from jaxpull.core import checks, settings
-from jaxpull.core import pullback as method
+from jaxpull.core import checks, pullback as method, settings
 from jaxpull.core.model import Model
 from jaxpull.core.rules import Rules
 from jaxpull.evaluation import attribution, cam
@@ -200,7 +199,7 @@ guided_pb_cam = _pullback_form(cam.guided_gradcam, "GuidedPbCam", "GuidedPbCam:"
 # The registry
 # --------------------------------------------------------------------------------------
 
-PAPER: Dict[str, Explainer] = {
+PAPER: dict[str, Explainer] = {
     "SoftPullback": soft_pullback,
     "PullbackAscent": pullback_ascent_no_clip,
     "PullbackAscentClipLast": pullback_ascent_clip_last,
@@ -223,9 +222,9 @@ PAPER: Dict[str, Explainer] = {
 }
 # The paper's explainers in its table's order (lib/evaluator.py's default_explainers, less its
 # PullbackAscentBis / PullbackAscent3 step-count ablations).
-PAPER_EXPLAINERS: Tuple[str, ...] = tuple(PAPER)
+PAPER_EXPLAINERS: tuple[str, ...] = tuple(PAPER)
 # Each pullback form and the baseline it is compared with (the paper's paired differences).
-PAPER_PAIRS: Dict[str, str] = {
+PAPER_PAIRS: dict[str, str] = {
     "SoftPullback": "Gradient",
     "PullbackAscent": "GradientAscent",
     "PullbackAscentClipLast": "GradientAscentClipLast",
@@ -237,9 +236,9 @@ PAPER_PAIRS: Dict[str, str] = {
     "GuidedPbCam": "GuidedGradCam",
 }
 # The explainers that read a layer (``layer=``; the family's default where it declares one).
-NEED_LAYER: Tuple[str, ...] = ("GuidedGradCam", "GuidedPbCam")
+NEED_LAYER: tuple[str, ...] = ("GuidedGradCam", "GuidedPbCam")
 
-EXPLAINERS: Dict[str, Explainer] = {
+EXPLAINERS: dict[str, Explainer] = {
     "pullback": pullback,
     "pullback_ascent": pullback_ascent,
     "gradient": gradient,

@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Callable, Optional, Sequence, Tuple, Union
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -68,7 +68,7 @@ MONOTONICITY_SAMPLES = 10
 # --------------------------------------------------------------------------------------
 
 
-def _scores(model: Model, target: jax.Array, softmax: bool, make: Callable, n: int, batch_size: Optional[int]):
+def _scores(model: Model, target: jax.Array, softmax: bool, make: Callable, n: int, batch_size: int | None):
     """The target's logit (softmax probability with ``softmax``) of the images ``make(i)`` for
     ``i < n``, ``(n,)``: one batch, or ``lax.map`` over batches of ``batch_size``."""
 
@@ -85,7 +85,7 @@ def _clean_score(model: Model, xi: jax.Array, target: jax.Array, softmax: bool =
     return (jax.nn.softmax(out) if softmax else out)[target]
 
 
-def _padding(size: int, patch: int) -> Tuple[int, int]:
+def _padding(size: int, patch: int) -> tuple[int, int]:
     """Quantus' ``get_padding_size``: the edge padding that makes ``size`` a multiple of ``patch``."""
     extra = (-size) % patch
     return extra // 2, extra - extra // 2
@@ -104,25 +104,25 @@ def _block_count(height: int, width: int, patch: int) -> int:
     return math.ceil(height / patch) * math.ceil(width / patch)
 
 
-def _batch(batch_size) -> Optional[int]:
+def _batch(batch_size) -> int | None:
     return None if batch_size is None else checks.whole(batch_size, "batch_size", 1)
 
 
-def _patch_sizes(patch_sizes, name: str) -> Tuple[int, ...]:
+def _patch_sizes(patch_sizes, name: str) -> tuple[int, ...]:
     sizes = (patch_sizes,) if isinstance(patch_sizes, (int, np.integer)) else tuple(patch_sizes)
     if not sizes:
         raise ValueError(f"{name} is empty: give at least one patch size, e.g. {name}=(56,)")
     return tuple(checks.whole(p, name, 1) for p in sizes)
 
 
-def _uniform_bounds(low, high) -> Tuple[float, float]:
+def _uniform_bounds(low, high) -> tuple[float, float]:
     low, high = finite_setting(low, "low", positive=False), finite_setting(high, "high", positive=False)
     if low > high:
         raise ValueError(f"the uniform baseline needs low <= high, got low={low!r}, high={high!r}")
     return low, high
 
 
-def _values(values, key, shape: Tuple[int, ...], axes: str, low: float, high: float, name: str) -> jax.Array:
+def _values(values, key, shape: tuple[int, ...], axes: str, low: float, high: float, name: str) -> jax.Array:
     """Explicit uniform baseline values of ``shape`` (checked; ``axes`` names its axes), or drawn from ``key``."""
     if values is None:
         if key is None:
@@ -145,7 +145,7 @@ def _feature_groups(height: int, width: int, features_in_step: int, name: str) -
     return 3 * height * width // k  # at least 3: k divides H * W
 
 
-def _ranked(a: jax.Array, use_abs: bool, descending: bool) -> Tuple[jax.Array, jax.Array]:
+def _ranked(a: jax.Array, use_abs: bool, descending: bool) -> tuple[jax.Array, jax.Array]:
     """One map ``(H, W, 3)``: its values flattened channel-first and the stable order that sorts
     them (ties by channel-first index): ``(3 H W,)``, ``(3 H W,)``."""
     flat = jnp.transpose(a, (2, 0, 1)).reshape(-1)
@@ -154,7 +154,7 @@ def _ranked(a: jax.Array, use_abs: bool, descending: bool) -> Tuple[jax.Array, j
     return flat, jnp.argsort(-flat if descending else flat, stable=True)
 
 
-def _group_map(order: jax.Array, k: int, shape: Tuple[int, int, int]) -> jax.Array:
+def _group_map(order: jax.Array, k: int, shape: tuple[int, int, int]) -> jax.Array:
     """``(H, W, 3)`` index of each feature's group: the position of the feature in ``order``, // k."""
     rank = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
     h, w, c = shape
@@ -171,13 +171,13 @@ def infidelity_paper(
     x: jax.Array,
     targets: jax.Array,
     attributions: jax.Array,
-    key: Optional[jax.Array] = None,
+    key: jax.Array | None = None,
     patch_sizes: Sequence[int] = INFIDELITY_PATCHES,
     samples: int = INFIDELITY_SAMPLES,
     low: float = -1.0,
     high: float = 1.0,
-    values: Optional[jax.Array] = None,
-    batch_size: Optional[int] = None,
+    values: jax.Array | None = None,
+    batch_size: int | None = None,
 ) -> jax.Array:
     """The paper's Infidelity with optimal scaling (inputs checked; see :func:`infidelity_paper_core`).
 
@@ -210,8 +210,8 @@ def infidelity_paper_core(
     targets: jax.Array,
     attributions: jax.Array,
     values: jax.Array,
-    patch_sizes: Tuple[int, ...] = INFIDELITY_PATCHES,
-    batch_size: Optional[int] = None,
+    patch_sizes: tuple[int, ...] = INFIDELITY_PATCHES,
+    batch_size: int | None = None,
 ) -> jax.Array:
     """``min_beta mean_I (beta <a, I> - (f(x) - f(x - I)))^2`` over the paper's patch perturbations.
 
@@ -275,7 +275,7 @@ def faithfulness_correlation_paper(
     patch_sizes: Sequence[int] = CORRELATION_PATCHES,
     baseline: float = 0.0,
     abs: bool = True,
-    batch_size: Optional[int] = None,
+    batch_size: int | None = None,
 ) -> jax.Array:
     """The paper's Faithfulness Correlation over patches (inputs checked; see
     :func:`faithfulness_correlation_paper_core`)."""
@@ -301,9 +301,9 @@ def faithfulness_correlation_paper_core(
     targets: jax.Array,
     attributions: jax.Array,
     baseline: float = 0.0,
-    patch_sizes: Tuple[int, ...] = CORRELATION_PATCHES,
+    patch_sizes: tuple[int, ...] = CORRELATION_PATCHES,
     abs: bool = True,
-    batch_size: Optional[int] = None,
+    batch_size: int | None = None,
 ) -> jax.Array:
     """Pearson correlation, over every patch of every size in ``patch_sizes``, of the attribution
     summed in the patch (``|a|`` with ``abs``) and the target logit's drop when the patch is set
@@ -350,7 +350,7 @@ def faithfulness_estimate(
     features_in_step: int = FEATURES_IN_STEP,
     baseline: float = 0.0,
     abs: bool = True,
-    batch_size: Optional[int] = None,
+    batch_size: int | None = None,
 ) -> jax.Array:
     """Faithfulness Estimate (Alvarez-Melis and Jaakkola 2018) as Quantus computes it (inputs
     checked; see :func:`faithfulness_estimate_core`). ``features_in_step`` must divide H * W."""
@@ -372,7 +372,7 @@ def faithfulness_estimate_core(
     baseline: float = 0.0,
     features_in_step: int = FEATURES_IN_STEP,
     abs: bool = True,
-    batch_size: Optional[int] = None,
+    batch_size: int | None = None,
 ) -> jax.Array:
     """Pearson correlation, over G = 3 H W / ``features_in_step`` groups, of the attribution sum of
     a group and the target logit's drop when the group is set to ``baseline``.
@@ -402,17 +402,17 @@ def monotonicity_correlation(
     x: jax.Array,
     targets: jax.Array,
     attributions: jax.Array,
-    key: Optional[jax.Array] = None,
+    key: jax.Array | None = None,
     features_in_step: int = FEATURES_IN_STEP,
     samples: int = MONOTONICITY_SAMPLES,
-    baseline: Union[str, float] = "uniform",
+    baseline: str | float = "uniform",
     low: float = -1.0,
     high: float = 1.0,
-    values: Optional[jax.Array] = None,
+    values: jax.Array | None = None,
     abs: bool = True,
     eps: float = 1e-12,
     softmax: bool = True,
-    batch_size: Optional[int] = 96,
+    batch_size: int | None = 96,
 ) -> jax.Array:
     """Monotonicity Correlation (Nguyen and Martinez 2020) as Quantus computes it (inputs checked;
     see :func:`monotonicity_correlation_core`).
@@ -454,7 +454,7 @@ def monotonicity_correlation_core(
     features_in_step: int = FEATURES_IN_STEP,
     abs: bool = True,
     softmax: bool = True,
-    batch_size: Optional[int] = 96,
+    batch_size: int | None = 96,
 ) -> jax.Array:
     """Spearman correlation, over G = 3 H W / ``features_in_step`` groups, of the attribution sum
     of a group and the variance its perturbation causes.

@@ -20,8 +20,8 @@ import dataclasses
 import hashlib
 import os
 import re
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -30,7 +30,7 @@ from jaxpull.evaluation.imagenet_wnids import WNIDS
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 WNID = re.compile(r"n\d{8}")
 
-Index = Union[slice, Sequence[int], np.ndarray]
+Index = slice | Sequence[int] | np.ndarray
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,8 +38,8 @@ class ImageSource:
     """Image files read on demand: ``paths`` ``(N,)``, each image's class ``folders`` ``(N,)`` (or
     None), and the model's preprocessing sizes (``jaxpull.files.images.load_images`` options)."""
 
-    paths: Tuple[Path, ...]
-    folders: Optional[Tuple[str, ...]] = None
+    paths: tuple[Path, ...]
+    folders: tuple[str, ...] | None = None
     size: int = 224
     resize: int = 256
     interpolation: str = "bilinear"
@@ -48,16 +48,16 @@ class ImageSource:
         return len(self.paths)
 
     @property
-    def shape(self) -> Tuple[int, int, int]:
+    def shape(self) -> tuple[int, int, int]:
         """One image's shape ``(H, W, 3)``."""
         return (self.size, self.size, 3)
 
     @property
-    def names(self) -> List[str]:
+    def names(self) -> list[str]:
         """Each image's file name, with its class folder if it has one."""
         if self.folders is None:
             return [p.name for p in self.paths]
-        return [f"{f}/{p.name}" for f, p in zip(self.folders, self.paths)]
+        return [f"{f}/{p.name}" for f, p in zip(self.folders, self.paths, strict=True)]
 
     def load(self, index: Index) -> np.ndarray:
         """The images at ``index`` (a slice or integer indices), ``(n, H, W, 3)`` in [-1, 1]."""
@@ -73,7 +73,7 @@ class ImageSource:
     def fingerprint(self) -> str:
         """sha256 of the images' names, bytes and preprocessing: a changed file changes it."""
         h = hashlib.sha256(repr((self.size, self.resize, self.interpolation)).encode())
-        for name, path in zip(self.names, self.paths):
+        for name, path in zip(self.names, self.paths, strict=True):
             h.update(name.encode() + b"\0")
             with open(path, "rb") as f:
                 for block in iter(lambda: f.read(1 << 20), b""):
@@ -86,17 +86,17 @@ class ArraySource:
     """Images already in memory, ``x`` ``(N, H, W, 3)`` in [-1, 1], behind :class:`ImageSource`'s interface."""
 
     x: np.ndarray
-    folders: Optional[Tuple[str, ...]] = None
+    folders: tuple[str, ...] | None = None
 
     def __len__(self) -> int:
         return len(self.x)
 
     @property
-    def shape(self) -> Tuple[int, int, int]:
+    def shape(self) -> tuple[int, int, int]:
         return tuple(self.x.shape[1:])
 
     @property
-    def names(self) -> List[str]:
+    def names(self) -> list[str]:
         return [f"image {i}" for i in range(len(self.x))]
 
     def load(self, index: Index) -> np.ndarray:
@@ -115,13 +115,11 @@ def batches(n: int, size: int) -> Iterator[slice]:
         yield slice(start, min(n, start + size))
 
 
-def _images_in(folder: Path) -> List[Path]:
+def _images_in(folder: Path) -> list[Path]:
     return sorted(f for f in folder.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
 
 
-def find_images(
-    sources: Sequence[Union[str, os.PathLike]], limit: Optional[int] = None
-) -> Tuple[List[Path], Optional[List[str]]]:
+def find_images(sources: Sequence[str | os.PathLike], limit: int | None = None) -> tuple[list[Path], list[str] | None]:
     """Image files from files and folders; a single folder of class subfolders (ImageNet style)
     also gives each image's class folder name.
 
@@ -133,8 +131,8 @@ def find_images(
     for src in sources:
         if not Path(src).exists():
             raise ValueError(f"image path {str(src)!r} does not exist")
-    paths: List[Path] = []
-    folders: Optional[List[str]] = None
+    paths: list[Path] = []
+    folders: list[str] | None = None
     if len(sources) == 1 and Path(sources[0]).is_dir():
         subdirs = sorted(d for d in Path(sources[0]).iterdir() if d.is_dir())
         per_class = [(d.name, _images_in(d)) for d in subdirs]

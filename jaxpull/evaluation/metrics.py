@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import functools
 import zlib
-from typing import Callable, List, Optional, Sequence, Tuple
+from collections.abc import Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -293,10 +293,10 @@ def max_sensitivity(
     x: jax.Array,
     targets: jax.Array,
     attributions: jax.Array,
-    key: Optional[jax.Array],
+    key: jax.Array | None,
     radius: float = 0.05,
     samples: int = 10,
-    noise: Optional[jax.Array] = None,
+    noise: jax.Array | None = None,
 ) -> jax.Array:
     """Max-sensitivity: ``max_s ||a(x + d_s) - a(x)|| / ||a(x)||`` with d_s ~ U[-radius, radius]^D.
 
@@ -336,8 +336,8 @@ def max_sensitivity_paper(
     x: jax.Array,
     targets: jax.Array,
     attributions: jax.Array,
-    key: Optional[jax.Array],
-    noise: Optional[jax.Array] = None,
+    key: jax.Array | None,
+    noise: jax.Array | None = None,
 ) -> jax.Array:
     """The paper's ``quantus.MaxSensitivity(nr_samples=10, lower_bound=0.02)``:
     :func:`max_sensitivity` with 10 perturbations uniform in [-0.02, 0.02]. ``(N, ...)`` -> ``(N,)``."""
@@ -402,7 +402,7 @@ def random_logit_paper(
     x: jax.Array,
     targets: jax.Array,
     attributions: jax.Array,
-    num_classes: Optional[int] = None,
+    num_classes: int | None = None,
     seed: int = 42,
     batch_size: int = 64,
 ) -> jax.Array:
@@ -424,11 +424,11 @@ def random_logit_paper(
     return pearson(attributions.reshape(n, -1), explain(x, others).reshape(n, -1))
 
 
-def layer_order(model: Model, image_size=64) -> List[Tuple[str, ...]]:
+def layer_order(model: Model, image_size=64) -> list[tuple[str, ...]]:
     """The paths of the modules that own parameters, in the order the forward pass calls them,
     probed (abstractly, no compute) on an image of ``image_size`` (pixels, or ``(H, W)``: a
     fixed-size model such as ViT needs its own size)."""
-    order: List[Tuple[str, ...]] = []
+    order: list[tuple[str, ...]] = []
     h, w = (image_size, image_size) if np.ndim(image_size) == 0 else tuple(image_size)
 
     def record(next_fun, args, kwargs, context):
@@ -456,7 +456,7 @@ def layer_order(model: Model, image_size=64) -> List[Tuple[str, ...]]:
     return result
 
 
-def randomize_layers(model: Model, paths: Sequence[Tuple[str, ...]], key: jax.Array) -> Model:
+def randomize_layers(model: Model, paths: Sequence[tuple[str, ...]], key: jax.Array) -> Model:
     """A copy of ``model`` whose modules at ``paths`` have re-drawn parameters: each tensor
     replaced by Gaussian noise of its own mean and standard deviation."""
 
@@ -503,7 +503,7 @@ def model_randomization(
     attributions: jax.Array,
     key: jax.Array,
     stages: int = 6,
-) -> Tuple[List[str], jax.Array]:
+) -> tuple[list[str], jax.Array]:
     """Cascading model randomisation (Adebayo et al. 2018), top-down in ``stages`` cumulative steps.
 
     Step s re-draws the parameters of the last ``ceil(s * L / stages)`` of the model's L

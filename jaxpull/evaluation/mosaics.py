@@ -19,7 +19,8 @@ Quantus' ``build_single_mosaic`` places its four images and as ``quantus.Focus``
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import jax
 import numpy as np

@@ -25,7 +25,8 @@ import hashlib
 import inspect
 import json
 import zlib
-from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -51,7 +52,7 @@ class Batch(NamedTuple):
     explain_model: Callable
     key: jax.Array
     seed: int
-    quadrants: Optional[np.ndarray] = None
+    quadrants: np.ndarray | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,7 +94,7 @@ def _random_logit(b: Batch) -> np.ndarray:
     return np.asarray(metrics.random_logit(b.explain, b.x, b.labels, b.maps, b.model.num_classes, b.seed))
 
 
-def _randomization(b: Batch, stages: int) -> Tuple[List[str], np.ndarray]:
+def _randomization(b: Batch, stages: int) -> tuple[list[str], np.ndarray]:
     names, rho = metrics.model_randomization(b.explain_model, b.model, b.x, b.labels, b.maps, b.key, stages)
     return names, np.asarray(rho)
 
@@ -176,7 +177,7 @@ def _mosaic_size(h: int, w: int, metric: str) -> None:
     )
 
 
-def quick_settings(h: int, w: int, num_classes: int, stages: int = 6, sensitivity_samples: int = 10) -> Dict[str, dict]:
+def quick_settings(h: int, w: int, num_classes: int, stages: int = 6, sensitivity_samples: int = 10) -> dict[str, dict]:
     """The quick protocol's metric settings for ``h`` x ``w`` images."""
     return {
         "focus": {"variant": "quantus"},
@@ -196,7 +197,7 @@ def _check_quick(name: str, s: dict, h: int, w: int, num_classes: int) -> None:
         _need(h % g == 0 and w % g == 0, f"faithfulness: a {h}x{w} image does not split into a {g}x{g} grid")
 
 
-def paper_settings(h: int, w: int, num_classes: int, stages: int = 6, sensitivity_samples: int = 10) -> Dict[str, dict]:
+def paper_settings(h: int, w: int, num_classes: int, stages: int = 6, sensitivity_samples: int = 10) -> dict[str, dict]:
     """The paper's metric settings (``lib/evaluator.py``) scaled to ``h`` x ``w`` images: at 224
     pixels exactly the paper's (patches 112 + 56 and 56, 3136 features per step, 112-pixel tiles)."""
     s = min(h, w)
@@ -252,9 +253,9 @@ class Protocol(NamedTuple):
 
     name: str
     description: str
-    metrics: Dict[str, Metric]
-    default_metrics: Tuple[str, ...]
-    settings: Callable[..., Dict[str, dict]]
+    metrics: dict[str, Metric]
+    default_metrics: tuple[str, ...]
+    settings: Callable[..., dict[str, dict]]
     check: Callable[..., None]
     mosaics: int  # default number of Focus mosaics
     seed: int
@@ -390,7 +391,7 @@ PAPER = Protocol(
     resamples=10000,
 )
 
-PROTOCOLS: Dict[str, Protocol] = {"quick": QUICK, "paper": PAPER}
+PROTOCOLS: dict[str, Protocol] = {"quick": QUICK, "paper": PAPER}
 
 
 def get(name: str) -> Protocol:
@@ -405,9 +406,9 @@ def metric_settings(
     h: int,
     w: int,
     num_classes: int,
-    given: Optional[Mapping[str, Mapping[str, Any]]] = None,
+    given: Mapping[str, Mapping[str, Any]] | None = None,
     **counts,
-) -> Dict[str, dict]:
+) -> dict[str, dict]:
     """Every metric's settings for ``h`` x ``w`` images (the protocol's, ``given`` replacing any of
     them), each chosen one in ``names`` checked against the image size: ValueError naming the metric."""
     for n in names:
@@ -462,7 +463,7 @@ def build_mosaics(protocol: Protocol, source, plan: mosaics.MosaicPlan, rows: sl
     return np.concatenate([top, bottom], axis=1)
 
 
-def metric_key(seed: int, metric: str, batch: int) -> Tuple[jax.Array, int]:
+def metric_key(seed: int, metric: str, batch: int) -> tuple[jax.Array, int]:
     """A metric's random key and integer seed for one batch: the same for every explainer."""
     tag = zlib.crc32(metric.encode())
     key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), tag), batch)
@@ -492,7 +493,7 @@ class ExplainerSpec(NamedTuple):
 
     label: str
     name: str
-    options: Dict[str, Any]
+    options: dict[str, Any]
 
     @property
     def key(self) -> str:
@@ -514,7 +515,7 @@ class ExplainerSpec(NamedTuple):
         return lambda m, x, t: self.map_function(m)(x, t)
 
 
-def explainer_names(protocol: Protocol, given: Optional[Sequence[str]]) -> List[str]:
+def explainer_names(protocol: Protocol, given: Sequence[str] | None) -> list[str]:
     """The explainers to run: ``given`` (``["all"]``: every one of the protocol) or the protocol's defaults."""
     if given is not None and list(given) != ["all"]:
         return list(given)
@@ -529,19 +530,19 @@ def explainer_specs(
     rules: str,
     rule_settings: Mapping[str, Any],
     ascent_settings: Mapping[str, Any],
-    samples: Optional[int] = None,
-    gradcam_layer: Optional[str] = None,
-) -> List[ExplainerSpec]:
+    samples: int | None = None,
+    gradcam_layer: str | None = None,
+) -> list[ExplainerSpec]:
     """Each named explainer with its options: the pullback explainers get ``rules`` and the rule
     settings, every ascent the ascent settings, the noisy ones ``samples``, the GradCAM ones the
     ``layer``. ValueError for an unknown name or a name given twice."""
     if not names:
         raise ValueError("no explainers chosen: name at least one of " + ", ".join(explainers.EXPLAINERS))
-    specs: List[ExplainerSpec] = []
+    specs: list[ExplainerSpec] = []
     for name in names:
         explainers.get(name)  # ValueError listing the choices
         if name in explainers.PAPER_EXPLAINERS:  # a pullback form runs with the chosen rules, a baseline with its own
-            options: Dict[str, Any] = {"rules": rules, **rule_settings} if name in PULLBACKS else {}
+            options: dict[str, Any] = {"rules": rules, **rule_settings} if name in PULLBACKS else {}
         else:  # jaxpull's own names, as the quick protocol always ran them
             options = {"rules": rules} if name in explainers.TAKE_RULES else {}
             if "pullback" in name.lower():
@@ -560,7 +561,7 @@ def explainer_specs(
     return specs
 
 
-def pairs(labels: Sequence[str]) -> List[Tuple[str, str]]:
+def pairs(labels: Sequence[str]) -> list[tuple[str, str]]:
     """The (pullback, baseline) pairs of the paper's table whose two explainers are among ``labels``."""
     have = set(labels)
     return [(a, b) for a, b in explainers.PAPER_PAIRS.items() if a in have and b in have]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
-from typing import Dict, List, Mapping, Sequence, Tuple
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -23,13 +23,13 @@ class Report:
     """Per-item scores ``scores[metric][explainer]`` ``(items,)``; randomisation curves
     ``curves[explainer]`` ``(stages, N)`` with ``stage_names``; the settings that made them."""
 
-    scores: Dict[str, Dict[str, np.ndarray]]
-    curves: Dict[str, np.ndarray]
-    stage_names: List[str]
-    settings: Dict[str, object]
+    scores: dict[str, dict[str, np.ndarray]]
+    curves: dict[str, np.ndarray]
+    stage_names: list[str]
+    settings: dict[str, object]
 
 
-def bootstrap_ci(values: np.ndarray, resamples: int, rng: np.random.Generator) -> Tuple[float, float, float]:
+def bootstrap_ci(values: np.ndarray, resamples: int, rng: np.random.Generator) -> tuple[float, float, float]:
     """Mean and percentile-bootstrap 95% interval of ``values`` (NaNs dropped)."""
     v = np.asarray(values, np.float64)
     v = v[np.isfinite(v)]
@@ -43,7 +43,7 @@ def bootstrap_ci(values: np.ndarray, resamples: int, rng: np.random.Generator) -
 
 def paired_difference(
     a: np.ndarray, b: np.ndarray, resamples: int, rng: np.random.Generator
-) -> Tuple[float, float, float, int]:
+) -> tuple[float, float, float, int]:
     """Mean of ``a - b`` over items where both are finite, its paired-bootstrap 95% interval, and the count."""
     keep = np.isfinite(a) & np.isfinite(b)
     mean, lo, hi = bootstrap_ci(a[keep] - b[keep], resamples, rng)
@@ -82,7 +82,7 @@ def _describe(metric: protocols.Metric, settings: Mapping[str, object]) -> str:
 # --------------------------------------------------------------------------------------
 
 
-def summary_rows(report: Report, resamples: int = 2000, baseline: str = protocols.QUICK_BASELINE) -> List[dict]:
+def summary_rows(report: Report, resamples: int = 2000, baseline: str = protocols.QUICK_BASELINE) -> list[dict]:
     """One row per (metric, explainer): mean and 95% CI, and the paired difference to ``baseline``."""
     rng = np.random.default_rng(int(report.settings["seed"]))
     rows = []
@@ -152,7 +152,7 @@ def to_markdown(
     return "\n".join(lines)
 
 
-def _curves(report: Report) -> List[str]:
+def _curves(report: Report) -> list[str]:
     if not report.curves:
         return []
     lines = [
@@ -181,7 +181,7 @@ def _curves(report: Report) -> List[str]:
 # --------------------------------------------------------------------------------------
 
 
-def paper_rows(report: Report, pairs: Sequence[Tuple[str, str]], resamples: int = 10000) -> List[dict]:
+def paper_rows(report: Report, pairs: Sequence[tuple[str, str]], resamples: int = 10000) -> list[dict]:
     """Rows ``kind="mean"`` (metric, explainer: mean and 95% CI) and ``kind="difference"`` (metric,
     pullback ``explainer`` minus ``baseline``: paired mean difference and its 95% CI), ``n`` the items."""
     rng = np.random.default_rng(int(report.settings["seed"]))
