@@ -72,6 +72,8 @@ def run_evaluation(
     work: Optional[Path] = None,
     progress: bool = True,
     extra_settings: Optional[Mapping[str, Any]] = None,
+    group=None,
+    log=None,
 ) -> Report:
     """Score the explainers ``specs`` by ``metric_names`` on the images of ``source`` (an
     :class:`~jaxpull.evaluation.imagesource.ImageSource` or ``ArraySource``) for ``labels`` ``(N,)``
@@ -89,6 +91,11 @@ def run_evaluation(
       drop_unavailable: leave out (and name in the report) an explainer that cannot run on this
         model, e.g. GradCAM without a layer, instead of raising ValueError.
       work: a work directory to write every unit to and to resume from (see :mod:`.runner`).
+      group, log: several processes on ``jax.distributed`` (:func:`.runner.run`): join the runtime
+        with ``jaxpull.shell.distributed.initialize(Settings(...))``, then run the same call in
+        every process with ``group=jaxpull.shell.distributed.current()`` and one ``work``
+        directory they all see; each computes its share of the units and all return the same
+        report. ``log`` (e.g. ``print``) gets a line on each process's share.
     Raises:
       ValueError: for any bad setting, before any compute.
     """
@@ -101,6 +108,7 @@ def run_evaluation(
     if not specs:
         raise ValueError("no explainers chosen: name at least one of " + ", ".join(explainers.EXPLAINERS))
     check_counts(mosaics=mosaics, stages=stages, sensitivity_samples=sensitivity_samples, batch_size=batch)
+    runner.processes(group, work)  # several processes need their group and a shared work directory
     seed = proto.seed if seed is None else checks.seed(checks.whole(seed, "seed"))
     batch = proto.batch if batch is None else batch
     mosaics = proto.mosaics if mosaics is None else mosaics
@@ -130,7 +138,7 @@ def run_evaluation(
     if any(proto.metrics[m].on == "mosaics" for m in metric_names):
         plan = protocols.plan_mosaics(proto, labels, mosaics, seed, settings.get("focus", {}))
     job = runner.Job(proto, model, source, labels, list(kept), metric_names, settings, plan, seed, batch, mosaics)
-    results = runner.run(job, work, progress)
+    results = runner.run(job, work, progress, group, log)
     report_settings = dict(
         protocol=proto.name,
         seed=seed,
@@ -172,6 +180,7 @@ def evaluate(
     batch: Optional[int] = None,
     work: Optional[Path] = None,
     progress: bool = True,
+    group=None,
 ) -> Report:
     """Score explainers with metrics on images ``x`` ``(N, H, W, 3)`` in [-1, 1].
 
@@ -215,6 +224,7 @@ def evaluate(
         batch=batch,
         work=work,
         progress=progress,
+        group=group,
     )
 
 
