@@ -106,8 +106,8 @@ def parse_temperatures(text: str) -> list:
 
 
 def _processes(args: argparse.Namespace):
-    """The distributed settings of ``sweep`` (checked), or None for one process: the flags, else
-    what ``jax.distributed.initialize()`` would detect (SLURM, Open MPI, Cloud TPU)."""
+    """The distributed settings of ``sweep`` or ``evaluate`` (checked), or None for one process: the
+    flags, else what ``jax.distributed.initialize()`` would detect (SLURM, Open MPI, Cloud TPU)."""
     from jaxpull.shell import distributed
 
     processes = distributed.Settings(args.coordinator, args.num_processes, args.process_id, args.distributed_timeout)
@@ -147,9 +147,28 @@ def _split(text: str) -> List[str]:
     return [s.strip() for s in text.split(",") if s.strip()]
 
 
-def _evaluate(args: argparse.Namespace) -> int:
-    from jaxpull.shell import tasks
+def _recorded(argv: List[str], dropped: List[str]) -> str:
+    """``jaxpull ARGV`` as a report records it: without the flags ``dropped`` and their values
+    (also abbreviated, or as ``--flag=value``), so the report does not depend on them."""
+    kept, value = [], False
+    for a in argv:
+        name = a.split("=", 1)[0]
+        if value:
+            value = False
+        elif len(name) > 2 and name.startswith("--") and any(f.startswith(name) for f in dropped):
+            value = "=" not in a
+        else:
+            kept.append(a)
+    return "jaxpull " + " ".join(shlex.quote(a) for a in kept)
 
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from jaxpull.shell import distributed, tasks
+
+    processes = _processes(args)
+    if processes is not None and not distributed.is_worker():
+        # as a sweep: the evaluation runs in a child that joins the runtime, its fatal errors one line here
+        return distributed.supervise(args.argv, processes, args.work_dir)
     tasks.evaluate(
         args.images,
         args.model,
@@ -171,7 +190,8 @@ def _evaluate(args: argparse.Namespace) -> int:
         gradcam_layer=args.gradcam_layer,
         focus_images=args.focus_images,
         work_dir=args.work_dir,
-        command="jaxpull " + " ".join(shlex.quote(a) for a in args.argv),
+        command=_recorded(args.argv, args.distributed_flags),  # the same report however many processes
+        processes=processes,
     )
     return 0
 
@@ -255,24 +275,29 @@ def _add_settings(
             )
 
 
-def _add_distributed(p: argparse.ArgumentParser) -> None:
+def _add_distributed(p: argparse.ArgumentParser, directory: str = "--out") -> None:
     """``--coordinator HOST:PORT --num-processes N --process-id I``: several processes on JAX's
-    distributed runtime, the same command in each (without them: what jax.distributed detects)."""
+    distributed runtime, the same command in each (without them: what jax.distributed detects),
+    sharing the ``directory`` flag's directory. Their names go to ``args.distributed_flags``."""
     from jaxpull.shell.distributed import DEFAULT_TIMEOUT
 
     g = p.add_argument_group(
-        "several processes (JAX's distributed runtime; the same command in every process, --out on a shared filesystem)"
+        "several processes (JAX's distributed runtime; the same command in every process, "
+        f"{directory} on a shared filesystem)"
     )
-    g.add_argument("--coordinator", metavar="HOST:PORT", help="address of process 0 and a free port there")
-    g.add_argument("--num-processes", type=int, metavar="N", help="number of processes")
-    g.add_argument("--process-id", type=int, metavar="I", help="this process: 0 to N-1 (0 runs the coordinator)")
-    g.add_argument(
-        "--distributed-timeout",
-        type=float,
-        default=DEFAULT_TIMEOUT,
-        metavar="SECONDS",
-        help=f"the longest wait for joining, the start-up checks and a silent process (default {DEFAULT_TIMEOUT})",
-    )
+    added = [
+        g.add_argument("--coordinator", metavar="HOST:PORT", help="address of process 0 and a free port there"),
+        g.add_argument("--num-processes", type=int, metavar="N", help="number of processes"),
+        g.add_argument("--process-id", type=int, metavar="I", help="this process: 0 to N-1 (0 runs the coordinator)"),
+        g.add_argument(
+            "--distributed-timeout",
+            type=float,
+            default=DEFAULT_TIMEOUT,
+            metavar="SECONDS",
+            help=f"the longest wait for joining, the start-up checks and a silent process (default {DEFAULT_TIMEOUT})",
+        ),
+    ]
+    p.set_defaults(distributed_flags=[f for a in added for f in a.option_strings])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -387,9 +412,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--work-dir",
         default=None,
         help="keep every finished batch here and resume from it (default: OUTPUT.work, removed once the report "
-        "is written)",
+        "is written; required with several processes)",
     )
     p.add_argument("-o", "--output", required=True, help="output .md (a .csv is written beside it)")
+    _add_distributed(p, "--work-dir")
     p.set_defaults(run=_evaluate)
 
     p = sub.add_parser("app", help="the interactive explorer in the browser (needs 'jaxpull[app]')")

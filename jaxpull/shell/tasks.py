@@ -330,6 +330,7 @@ def evaluate(
     command: str = "",
     log: Log = print,
     progress: bool = True,
+    processes=None,
 ) -> str:
     """``jaxpull evaluate``: :func:`jaxpull.evaluation.pipeline.run_evaluation` on image files,
     folders or ``["samples"]`` (the offline photos), streamed in batches; written as ``out`` (.md)
@@ -343,10 +344,18 @@ def evaluate(
     list, one per image. Every finished batch is kept in ``work_dir`` (default: ``out`` with the suffix ``.work``, removed once the
     report is written): a killed run resumes from it. Every check runs before any compute.
     Returns the markdown.
+
+    Several processes: ``processes``, a :class:`jaxpull.shell.distributed.Settings` to join JAX's
+    distributed runtime (after every setting is checked, before the model loads), or a runtime
+    joined before with :func:`jaxpull.shell.distributed.initialize`. Every process runs the same
+    call with one ``work_dir`` on a filesystem they all share (required); each computes its share
+    of the units, and process 0 writes the report, the same bytes as one process's (the others
+    return "").
     """
     from jaxpull.evaluation import imagesource, pipeline
     from jaxpull.evaluation import protocol as protocols
     from jaxpull.files import cache, images, outputs
+    from jaxpull.shell import distributed
 
     out = outputs.check_output(out, ".md")
     csv_path = outputs.check_output(str(out.with_suffix(".csv")), ".csv")
@@ -370,6 +379,8 @@ def evaluate(
         rules = "semantic" if proto.name == "paper" else settings.DEFAULT_RULES
     rule_settings, ascent_settings = settings.split(overrides or {})
     settings.resolve_both(rules, **rule_settings, **ascent_settings)  # checked before any work
+    if processes is not None and (processes.num_processes or 1) > 1 and not work_dir:
+        raise _shared_work_dir(processes.num_processes)
     work = Path(work_dir) if work_dir else out.with_suffix(".work")
     if not work.is_dir():
         outputs.check_output(work, what="work directory")  # its folder exists and is writable
@@ -383,52 +394,74 @@ def evaluate(
         paths, folders = imagesource.find_images(image_sources, limit)
     if labels == "folders" and folders is None:
         raise ValueError("--labels folders needs one folder of class subfolders (ImageNet style) as --images")
-    model = cache.resolve(model_name, log=log)
-    source = imagesource.ImageSource(
-        tuple(paths), None if folders is None else tuple(folders), **model.preprocessing.image_options
+
+    def run() -> str:
+        timeout = distributed.DEFAULT_TIMEOUT if processes is None else processes.timeout
+        group = distributed.current(timeout, "evaluation")
+        if group.count > 1 and not work_dir:
+            raise _shared_work_dir(group.count)
+        model = cache.resolve(model_name, log=log)
+        source = imagesource.ImageSource(
+            tuple(paths), None if folders is None else tuple(folders), **model.preprocessing.image_options
+        )
+        names = protocols.explainer_names(proto, explainer_names)
+        specs = protocols.explainer_specs(proto, names, rules, rule_settings, ascent_settings, samples, gradcam_layer)
+        if labels == "folders":
+            chosen = imagesource.folder_classes(folders, model.num_classes, model.class_names)
+        elif labels == "top1":
+            chosen = None  # the model's top-1, computed once every setting is checked
+        else:
+            chosen = [model.label(name.strip()) for name in labels.split(",") if name.strip()]
+            if len(chosen) != len(paths):
+                raise ValueError(f"--labels gives {len(chosen)} labels for {len(paths)} images: give one per image")
+        note_unused_pool_settings(rule_settings, model)
+        report = pipeline.run_evaluation(
+            model,
+            source,
+            chosen,
+            specs,
+            protocol=proto.name,
+            metric_names=metric_names,
+            mosaics=mosaics,
+            stages=stages,
+            sensitivity_samples=10 if sensitivity_samples is None else sensitivity_samples,
+            focus_images=focus_images or "repeated",
+            seed=seed,
+            batch=batch_size,
+            drop_unavailable=explainer_names is None or list(explainer_names) == ["all"],
+            work=work,
+            progress=progress,
+            extra_settings=dict(
+                labels={"folders": "class folders", "top1": "the model's top-1"}.get(labels, "given"), rules=rules
+            ),
+            group=group,
+            log=log,
+        )
+        if group.index > 0:
+            log(f"process {group.index} of {group.count} finished its units: process 0 writes {out} and {csv_path}")
+            return ""
+        texts = pipeline.render(report, command, resamples)
+        used = report.settings["labels_used"]
+        names = [f"{n} ({t} {model.class_name(t)})" for n, t in zip(source.names, used)]
+        shown = ", ".join(names if len(names) <= 60 else names[:60] + [f"... ({len(names) - 60} more)"])
+        text = texts["md"] + "\nImages: " + shown + "\n"
+        outputs.atomic_write(csv_path, lambda tmp: Path(tmp).write_text(texts["csv"]))
+        outputs.atomic_write(out, lambda tmp: Path(tmp).write_text(text))
+        log(text)
+        if work_dir:
+            log(f"wrote {out} and {csv_path}; every batch's scores are kept in {work} (a rerun reuses them)")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+            log(f"wrote {out} and {csv_path}")
+        return text
+
+    if processes is not None:
+        return distributed.joined(processes, work_dir, run, "evaluation", "--work-dir")
+    return run()
+
+
+def _shared_work_dir(count: int) -> ValueError:
+    return ValueError(
+        f"an evaluation over {count} processes shares its units through one work directory: give --work-dir "
+        "(work_dir) on a filesystem every process sees"
     )
-    names = protocols.explainer_names(proto, explainer_names)
-    specs = protocols.explainer_specs(proto, names, rules, rule_settings, ascent_settings, samples, gradcam_layer)
-    if labels == "folders":
-        chosen = imagesource.folder_classes(folders, model.num_classes, model.class_names)
-    elif labels == "top1":
-        chosen = None  # the model's top-1, computed once every setting is checked
-    else:
-        chosen = [model.label(name.strip()) for name in labels.split(",") if name.strip()]
-        if len(chosen) != len(paths):
-            raise ValueError(f"--labels gives {len(chosen)} labels for {len(paths)} images: give one per image")
-    note_unused_pool_settings(rule_settings, model)
-    report = pipeline.run_evaluation(
-        model,
-        source,
-        chosen,
-        specs,
-        protocol=proto.name,
-        metric_names=metric_names,
-        mosaics=mosaics,
-        stages=stages,
-        sensitivity_samples=10 if sensitivity_samples is None else sensitivity_samples,
-        focus_images=focus_images or "repeated",
-        seed=seed,
-        batch=batch_size,
-        drop_unavailable=explainer_names is None or list(explainer_names) == ["all"],
-        work=work,
-        progress=progress,
-        extra_settings=dict(
-            labels={"folders": "class folders", "top1": "the model's top-1"}.get(labels, "given"), rules=rules
-        ),
-    )
-    texts = pipeline.render(report, command, resamples)
-    used = report.settings["labels_used"]
-    names = [f"{n} ({t} {model.class_name(t)})" for n, t in zip(source.names, used)]
-    shown = ", ".join(names if len(names) <= 60 else names[:60] + [f"... ({len(names) - 60} more)"])
-    text = texts["md"] + "\nImages: " + shown + "\n"
-    outputs.atomic_write(csv_path, lambda tmp: Path(tmp).write_text(texts["csv"]))
-    outputs.atomic_write(out, lambda tmp: Path(tmp).write_text(text))
-    log(text)
-    if work_dir:
-        log(f"wrote {out} and {csv_path}; every batch's scores are kept in {work} (a rerun reuses them)")
-    else:
-        shutil.rmtree(work, ignore_errors=True)
-        log(f"wrote {out} and {csv_path}")
-    return text
