@@ -197,11 +197,8 @@ def work_directory(work: Optional[Path], manifest: dict, group=None) -> Iterator
     work = Path(work)
     index, count = processes(group, work)
     created, wrote = not work.exists(), False
-    if (
-        work.is_dir()
-        and not (work / MANIFEST).is_file()
-        and any(not BOOKKEEPING.fullmatch(f.name) for f in work.iterdir())
-    ):
+    names = [f.name for f in work.iterdir()] if work.is_dir() else []  # one listing: others may be writing
+    if MANIFEST not in names and any(not BOOKKEEPING.fullmatch(n) for n in names):
         raise ValueError(f"{str(work)!r} is not empty and holds no evaluation: choose another --work-dir")
     try:
         with output_lock(work, index, "evaluation", "--work-dir"):
@@ -216,21 +213,26 @@ def work_directory(work: Optional[Path], manifest: dict, group=None) -> Iterator
                 _agree(group, work, manifest, problem)
             yield work
     except BaseException:
-        if work.is_dir() and not any(p.suffix == ".npz" for p in work.rglob("*")):
-            _undo(work, created, wrote)
+        _undo(work, created, wrote)
         raise
 
 
 def _undo(work: Path, created: bool, wrote: bool) -> None:
-    """Remove what a run that finished no unit wrote: the directory it created, else its manifest
-    and explainer folders (the locks stay with their holders)."""
-    if created:
-        shutil.rmtree(work, ignore_errors=True)
-    elif wrote:
-        (work / MANIFEST).unlink(missing_ok=True)
-        for d in work.iterdir():
-            if d.is_dir():
-                shutil.rmtree(d, ignore_errors=True)
+    """If no unit is finished in ``work``, remove what the run wrote: the directory it created, else
+    its manifest and explainer folders (the locks stay with their holders). Best effort: the other
+    processes of a failed start clean up at the same time."""
+    try:
+        if not work.is_dir() or any(p.suffix == ".npz" for p in work.rglob("*")):
+            return
+        if created:
+            shutil.rmtree(work, ignore_errors=True)
+        elif wrote:
+            (work / MANIFEST).unlink(missing_ok=True)
+            for d in work.iterdir():
+                if d.is_dir():
+                    shutil.rmtree(d, ignore_errors=True)
+    except OSError:
+        pass
 
 
 def _adopt_manifest(work: Path, manifest: dict) -> bool:
