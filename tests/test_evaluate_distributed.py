@@ -1,5 +1,6 @@
 """``jaxpull evaluate`` over several processes on JAX's distributed runtime: two CPU processes on
-loopback with a real ``jax.distributed`` coordinator, the same command in each.
+loopback with a real ``jax.distributed`` coordinator, the same command in each (or, as process 0,
+its Python function after ``jaxpull.shell.distributed.initialize``).
 
 The evaluation is test_evaluate.py's smallest (its one-layer ViT for 32-pixel images, three
 photos in class folders, two explainers, Faithfulness, batches of 2: two image units per
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -85,9 +87,34 @@ def finish(proc: subprocess.Popen, limit: float = 120) -> subprocess.CompletedPr
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
-def two_processes(files, cwd: Path, *extra) -> tuple:
+# Process 0 in Python: a runtime joined first, then the command's function (it finds the runtime)
+PYTHON_PROCESS = """
+from jaxpull.shell import distributed, tasks
+distributed.initialize(distributed.Settings({coordinator!r}, 2, 0, {timeout}))
+tasks.evaluate([{folder!r}], {model!r}, "report.md", labels="folders", explainer_names=["pullback", "gradient"],
+               metric_names=["faithfulness"], batch_size=2, resamples=200, work_dir="work", command={command!r})
+"""
+
+
+def python_process(files, port: int, cwd: Path) -> subprocess.Popen:
+    """Process 0 as :data:`PYTHON_PROCESS`, recording the command line's command."""
+    from jaxpull.shell import cli
+
+    argv = args(files)
+    command = cli._recorded(argv, cli.build_parser().parse_args(argv).distributed_flags)
+    code = PYTHON_PROCESS.format(
+        coordinator=f"127.0.0.1:{port}", timeout=TIMEOUT, folder=str(files[1]), model=str(files[0]), command=command
+    )
+    return subprocess.Popen(
+        [sys.executable, "-c", code], cwd=cwd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def two_processes(files, cwd: Path, python: bool = False) -> tuple:
+    """The command in two processes (process 0 in Python with ``python``), both finished."""
     port = free_port()
-    p0, p1 = (start(args(files, *peers(port, i), *extra), cwd) for i in (0, 1))
+    p0 = python_process(files, port, cwd) if python else start(args(files, *peers(port, 0)), cwd)
+    p1 = start(args(files, *peers(port, 1)), cwd)
     r0, r1 = finish(p0), finish(p1)
     assert r0.returncode == 0 and r1.returncode == 0, (r0.stderr[-2000:], r1.stderr[-2000:])
     return r0, r1
@@ -122,7 +149,7 @@ def test_two_processes_write_the_report_one_process_writes(files, reference, tmp
 
 def test_a_rerun_computes_only_the_missing_units(files, reference, tmp_path):
     """A one-process run's work directory, one unit of each explainer lost (killed before it was
-    written), resumed by two processes: each computes its missing unit only."""
+    written), resumed by two processes, process 0 in Python: each computes its missing unit only."""
     shutil.copytree(reference / "work", tmp_path / "work")
     units = sorted((tmp_path / "work").rglob("*.npz"))
     lost = [u for u in units if u.name == "images-000001.npz"]
@@ -130,7 +157,7 @@ def test_a_rerun_computes_only_the_missing_units(files, reference, tmp_path):
     assert len(lost) == 2 and len(kept) == 2
     for u in lost:
         u.unlink()
-    r0, r1 = two_processes(files, tmp_path)
+    r0, r1 = two_processes(files, tmp_path, python=True)
     assert UNITS.format(0, 1) in r0.stdout and UNITS.format(1, 1) in r1.stdout
     assert all(u.stat().st_mtime_ns == t for u, t in kept.items())  # not written again
     same_report(tmp_path, reference)
