@@ -15,13 +15,12 @@ import shutil
 
 import numpy as np
 import pytest
+
 from conftest import images
 from helpers import assert_one_line_error, run, run_in_process
-
-from jaxpull.evaluation import imagesource, pipeline, runner
-from jaxpull.evaluation import protocol as protocols
-from jaxpull.evaluation.imagesource import ArraySource
+from jaxpull.evaluation import imagesource, pipeline, protocol as protocols, runner
 from jaxpull.evaluation.imagenet_wnids import WNIDS
+from jaxpull.evaluation.imagesource import ArraySource
 
 # less codegen effort: every function compiles once and runs on a few 32-pixel images (conftest.py)
 pytestmark = pytest.mark.quick_compile
@@ -89,7 +88,7 @@ def test_class_folders_are_found_class_by_class(tmp_path):
     from jaxpull.files import images as image_io
 
     photos = image_io.sample_paths(["chelsea", "coffee", "rocket"])
-    for folder, photo in zip(["n03", "n01", "n02"], photos):
+    for folder, photo in zip(["n03", "n01", "n02"], photos, strict=True):
         (tmp_path / folder).mkdir()
         shutil.copy(photo, tmp_path / folder / f"a{photo.suffix}")
         shutil.copy(photo, tmp_path / folder / f"b{photo.suffix}")

@@ -9,12 +9,20 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from helpers import assert_one_line_error, run_in_process
 from test_evaluate import class_folder, model_file, small_model  # noqa: F401 (fixtures)
 
-from jaxpull.evaluation import explainers, faithfulness, imagesource, metrics, mosaics, pipeline, runner
-from jaxpull.evaluation import protocol as protocols
-from jaxpull.evaluation import report as reports
+from helpers import assert_one_line_error, run_in_process
+from jaxpull.evaluation import (
+    explainers,
+    faithfulness,
+    imagesource,
+    metrics,
+    mosaics,
+    pipeline,
+    protocol as protocols,
+    report as reports,
+    runner,
+)
 
 # less codegen effort: every metric compiles once and runs on a few 32-pixel images (conftest.py)
 pytestmark = pytest.mark.quick_compile
@@ -103,7 +111,7 @@ def test_mosaics_are_the_papers_and_the_quick_protocols():
     assert max(read) <= 7 and len(read) == 2  # the quick protocol reads each batch's sources once
     distinct = np.array([3, 1, 3, 5, 1, 5, 5])
     plan = protocols.plan_mosaics(protocols.PAPER, distinct, 6, 0, {**focus, "images": "distinct", "seed": 314})
-    for q, src in zip(plan.quadrants, plan.sources):
+    for q, src in zip(plan.quadrants, plan.sources, strict=True):
         assert src[q][0] != src[q][1]  # two different images of the target class
 
 

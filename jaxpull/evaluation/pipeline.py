@@ -14,15 +14,15 @@ report records, so a rerun reproduces it.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any
 
 import numpy as np
 
 from jaxpull.core import checks
 from jaxpull.core.model import Model
-from jaxpull.evaluation import explainers, runner
-from jaxpull.evaluation import protocol as protocols
+from jaxpull.evaluation import explainers, protocol as protocols, runner
 from jaxpull.evaluation.imagesource import ArraySource, find_images  # noqa: F401 (re-exported)
 from jaxpull.evaluation.protocol import ExplainerSpec
 from jaxpull.evaluation.report import (  # noqa: F401 (re-exported: their home before report.py)
@@ -45,7 +45,7 @@ def top1(model: Model, x: np.ndarray, batch: int = 16) -> np.ndarray:
     return runner.top1(model, ArraySource(np.asarray(x)), batch)
 
 
-def check_counts(**counts: Optional[int]) -> None:
+def check_counts(**counts: int | None) -> None:
     """Every count given (``limit=..., mosaics=...``) is a positive integer or None; ValueError
     naming the CLI flag otherwise."""
     for flag, value in counts.items():
@@ -56,22 +56,24 @@ def check_counts(**counts: Optional[int]) -> None:
 def run_evaluation(
     model: Model,
     source,
-    labels: Optional[np.ndarray],
+    labels: np.ndarray | None,
     specs: Sequence[ExplainerSpec],
     *,
     protocol: str = "quick",
-    metric_names: Optional[Sequence[str]] = None,
-    mosaics: Optional[int] = None,
+    metric_names: Sequence[str] | None = None,
+    mosaics: int | None = None,
     stages: int = 6,
     sensitivity_samples: int = 10,
-    metric_settings: Optional[Mapping[str, Mapping[str, Any]]] = None,
+    metric_settings: Mapping[str, Mapping[str, Any]] | None = None,
     focus_images: str = "repeated",
-    seed: Optional[int] = None,
-    batch: Optional[int] = None,
+    seed: int | None = None,
+    batch: int | None = None,
     drop_unavailable: bool = False,
-    work: Optional[Path] = None,
+    work: Path | None = None,
     progress: bool = True,
-    extra_settings: Optional[Mapping[str, Any]] = None,
+    extra_settings: Mapping[str, Any] | None = None,
+    group=None,
+    log=None,
 ) -> Report:
     """Score the explainers ``specs`` by ``metric_names`` on the images of ``source`` (an
     :class:`~jaxpull.evaluation.imagesource.ImageSource` or ``ArraySource``) for ``labels`` ``(N,)``
@@ -89,6 +91,11 @@ def run_evaluation(
       drop_unavailable: leave out (and name in the report) an explainer that cannot run on this
         model, e.g. GradCAM without a layer, instead of raising ValueError.
       work: a work directory to write every unit to and to resume from (see :mod:`.runner`).
+      group, log: several processes on ``jax.distributed`` (:func:`.runner.run`): join the runtime
+        with ``jaxpull.shell.distributed.initialize(Settings(...))``, then run the same call in
+        every process with ``group=jaxpull.shell.distributed.current()`` and one ``work``
+        directory they all see; each computes its share of the units and all return the same
+        report. ``log`` (e.g. ``print``) gets a line on each process's share.
     Raises:
       ValueError: for any bad setting, before any compute.
     """
@@ -101,6 +108,7 @@ def run_evaluation(
     if not specs:
         raise ValueError("no explainers chosen: name at least one of " + ", ".join(explainers.EXPLAINERS))
     check_counts(mosaics=mosaics, stages=stages, sensitivity_samples=sensitivity_samples, batch_size=batch)
+    runner.processes(group, work)  # several processes need their group and a shared work directory
     seed = proto.seed if seed is None else checks.seed(checks.whole(seed, "seed"))
     batch = proto.batch if batch is None else batch
     mosaics = proto.mosaics if mosaics is None else mosaics
@@ -130,7 +138,7 @@ def run_evaluation(
     if any(proto.metrics[m].on == "mosaics" for m in metric_names):
         plan = protocols.plan_mosaics(proto, labels, mosaics, seed, settings.get("focus", {}))
     job = runner.Job(proto, model, source, labels, list(kept), metric_names, settings, plan, seed, batch, mosaics)
-    results = runner.run(job, work, progress)
+    results = runner.run(job, work, progress, group, log)
     report_settings = dict(
         protocol=proto.name,
         seed=seed,
@@ -157,21 +165,22 @@ def run_evaluation(
 def evaluate(
     model: Model,
     x: np.ndarray,
-    labels: Optional[Sequence[int]] = None,
+    labels: Sequence[int] | None = None,
     *,
     protocol: str = "quick",
-    explainer_names: Optional[Sequence[str]] = None,
-    metric_names: Optional[Sequence[str]] = None,
-    options: Optional[Mapping[str, Mapping[str, object]]] = None,
-    mosaics: Optional[int] = None,
+    explainer_names: Sequence[str] | None = None,
+    metric_names: Sequence[str] | None = None,
+    options: Mapping[str, Mapping[str, object]] | None = None,
+    mosaics: int | None = None,
     stages: int = 6,
     sensitivity_samples: int = 10,
-    metric_settings: Optional[Mapping[str, Mapping[str, Any]]] = None,
+    metric_settings: Mapping[str, Mapping[str, Any]] | None = None,
     focus_images: str = "repeated",
-    seed: Optional[int] = None,
-    batch: Optional[int] = None,
-    work: Optional[Path] = None,
+    seed: int | None = None,
+    batch: int | None = None,
+    work: Path | None = None,
     progress: bool = True,
+    group=None,
 ) -> Report:
     """Score explainers with metrics on images ``x`` ``(N, H, W, 3)`` in [-1, 1].
 
@@ -215,10 +224,11 @@ def evaluate(
         batch=batch,
         work=work,
         progress=progress,
+        group=group,
     )
 
 
-def render(report: Report, command: str = "", resamples: Optional[int] = None) -> Dict[str, str]:
+def render(report: Report, command: str = "", resamples: int | None = None) -> dict[str, str]:
     """The report's markdown and CSV texts in its protocol's layout: ``{"md": ..., "csv": ...}``."""
     from jaxpull.evaluation import report as reports
 
@@ -234,7 +244,7 @@ def render(report: Report, command: str = "", resamples: Optional[int] = None) -
     return {"md": reports.paper_markdown(report, rows, command, _notes(report)), "csv": to_csv(rows)}
 
 
-def _notes(report: Report) -> List[str]:
+def _notes(report: Report) -> list[str]:
     s = report.settings
     notes = []
     for name, why in s.get("dropped", {}).items():

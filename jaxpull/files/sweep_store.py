@@ -37,7 +37,7 @@ FORMAT = 4  # of the manifest; 3: the unit-index manifests of jaxpull before uni
 RESULTS = ("maps.npy", "norms.npy", "alignment.npy", "top_labels.npy")
 _UNIT = re.compile(r"i(\d+)\.t(\d+)\.l(\d+)-(\d+)\.npy")
 _PROCESS_MANIFEST = re.compile(r"manifest\.p(\d+)-of-(\d+)\.json")
-_BOOKKEEPING = re.compile(r"\.lock(\.\d+)?|\.probe\.\d+|\..+\.part")
+BOOKKEEPING = re.compile(r"\.lock(\.\d+)?|\.probe\.\d+|\..+\.part")  # locks, probes, temporary files: no output
 
 
 def lock_name(index: int) -> str:
@@ -61,18 +61,19 @@ _HELD: dict[Path, list] = {}  # lock file -> [handle, depth]: re-entrant within 
 
 
 @contextlib.contextmanager
-def output_lock(out, index: int = 0) -> Iterator[Path]:
-    """Hold process ``index``'s exclusive lock on the sweep directory ``out`` (made with its parents).
+def output_lock(out, index: int = 0, what: str = "sweep", flag: str = "--out") -> Iterator[Path]:
+    """Hold process ``index``'s exclusive lock on the ``what`` directory ``out`` (made with its parents).
 
     ``fcntl.flock`` on ``out/.lock`` (``out/.lock.I`` for process I > 0): a second sweep into the
     directory, or a second process with the same id, is refused with one line instead of computing
     everything twice; the lock goes with the process (also on kill -9). Re-entrant within a
     process. A directory this call created is removed again if the sweep fails before anything but
-    lock files was written.
+    lock files was written. ``what`` (``"sweep"``, ``"evaluation"``) and ``flag`` name the run and
+    its directory's flag in the messages.
     """
     out = Path(out)
     if out.exists() and not out.is_dir():
-        raise NotADirectoryError(f"sweep output {str(out)!r} is a file: give a directory")
+        raise NotADirectoryError(f"{what} output {str(out)!r} is a file: give a directory ({flag})")
     path = out / lock_name(index)
     key = path.absolute()
     if key in _HELD:
@@ -88,7 +89,7 @@ def output_lock(out, index: int = 0) -> Iterator[Path]:
         handle = open(path, "a")
     except OSError as e:
         raise PermissionError(
-            f"cannot create the sweep directory {str(out)!r} ({e.strerror}): choose another --out"
+            f"cannot create the {what} directory {str(out)!r} ({e.strerror}): choose another {flag}"
         ) from None
     try:
         try:
@@ -96,7 +97,7 @@ def output_lock(out, index: int = 0) -> Iterator[Path]:
         except BlockingIOError:
             if index == 0:
                 raise RuntimeError(
-                    f"another sweep is writing to {str(out)!r}: wait for it to finish or choose another directory"
+                    f"another {what} is writing to {str(out)!r}: wait for it to finish or choose another {flag}"
                 ) from None
             raise RuntimeError(
                 f"another process with --process-id {index} is writing to {str(out)!r}: give each process its own "
@@ -222,7 +223,7 @@ class SweepStore:
                     f"{str(self.out)!r} holds a different sweep: choose another output directory or delete it"
                 )
         expected = {MANIFEST, UNITS, *RESULTS} | {p.name for p in manifests}
-        foreign = [f.name for f in self.out.iterdir() if f.name not in expected and not _BOOKKEEPING.fullmatch(f.name)]
+        foreign = [f.name for f in self.out.iterdir() if f.name not in expected and not BOOKKEEPING.fullmatch(f.name)]
         if foreign and not manifests:
             raise ValueError(f"{str(self.out)!r} is not empty and holds no sweep: choose an empty or new directory")
         if foreign:

@@ -9,8 +9,6 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
-from typing import List, Optional
-
 
 from jaxpull.core.rules.base import SettingError
 from jaxpull.core.settings import DEFAULT_RULES, PRESETS, SETTINGS
@@ -106,8 +104,8 @@ def parse_temperatures(text: str) -> list:
 
 
 def _processes(args: argparse.Namespace):
-    """The distributed settings of ``sweep`` (checked), or None for one process: the flags, else
-    what ``jax.distributed.initialize()`` would detect (SLURM, Open MPI, Cloud TPU)."""
+    """The distributed settings of ``sweep`` or ``evaluate`` (checked), or None for one process: the
+    flags, else what ``jax.distributed.initialize()`` would detect (SLURM, Open MPI, Cloud TPU)."""
     from jaxpull.shell import distributed
 
     processes = distributed.Settings(args.coordinator, args.num_processes, args.process_id, args.distributed_timeout)
@@ -143,13 +141,32 @@ def _sweep(args: argparse.Namespace) -> int:
     return 0
 
 
-def _split(text: str) -> List[str]:
+def _split(text: str) -> list[str]:
     return [s.strip() for s in text.split(",") if s.strip()]
 
 
-def _evaluate(args: argparse.Namespace) -> int:
-    from jaxpull.shell import tasks
+def _recorded(argv: list[str], dropped: list[str]) -> str:
+    """``jaxpull ARGV`` as a report records it: without the flags ``dropped`` and their values
+    (also abbreviated, or as ``--flag=value``), so the report does not depend on them."""
+    kept, value = [], False
+    for a in argv:
+        name = a.split("=", 1)[0]
+        if value:
+            value = False
+        elif len(name) > 2 and name.startswith("--") and any(f.startswith(name) for f in dropped):
+            value = "=" not in a
+        else:
+            kept.append(a)
+    return "jaxpull " + " ".join(shlex.quote(a) for a in kept)
 
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from jaxpull.shell import distributed, tasks
+
+    processes = _processes(args)
+    if processes is not None and not distributed.is_worker():
+        # as a sweep: the evaluation runs in a child that joins the runtime, its fatal errors one line here
+        return distributed.supervise(args.argv, processes, args.work_dir)
     tasks.evaluate(
         args.images,
         args.model,
@@ -171,7 +188,8 @@ def _evaluate(args: argparse.Namespace) -> int:
         gradcam_layer=args.gradcam_layer,
         focus_images=args.focus_images,
         work_dir=args.work_dir,
-        command="jaxpull " + " ".join(shlex.quote(a) for a in args.argv),
+        command=_recorded(args.argv, args.distributed_flags),  # the same report however many processes
+        processes=processes,
     )
     return 0
 
@@ -218,9 +236,7 @@ def _preset_defaults(name: str) -> str:
     return "(default from --rules: " + ", ".join(f"{n} {v}" for n, v in values.items()) + ")"
 
 
-def _add_settings(
-    p: argparse.ArgumentParser, skip=(), table=None, rules_default: Optional[str] = DEFAULT_RULES
-) -> None:
+def _add_settings(p: argparse.ArgumentParser, skip=(), table=None, rules_default: str | None = DEFAULT_RULES) -> None:
     """``--rules`` and one flag per rule and ascent setting of ``table`` (default
     :data:`jaxpull.core.settings.SETTINGS`), generated from the settings' own fields: a flag not given
     is absent from the parsed arguments, and the setting takes the preset's value. ``rules_default``
@@ -255,24 +271,29 @@ def _add_settings(
             )
 
 
-def _add_distributed(p: argparse.ArgumentParser) -> None:
+def _add_distributed(p: argparse.ArgumentParser, directory: str = "--out") -> None:
     """``--coordinator HOST:PORT --num-processes N --process-id I``: several processes on JAX's
-    distributed runtime, the same command in each (without them: what jax.distributed detects)."""
+    distributed runtime, the same command in each (without them: what jax.distributed detects),
+    sharing the ``directory`` flag's directory. Their names go to ``args.distributed_flags``."""
     from jaxpull.shell.distributed import DEFAULT_TIMEOUT
 
     g = p.add_argument_group(
-        "several processes (JAX's distributed runtime; the same command in every process, --out on a shared filesystem)"
+        "several processes (JAX's distributed runtime; the same command in every process, "
+        f"{directory} on a shared filesystem)"
     )
-    g.add_argument("--coordinator", metavar="HOST:PORT", help="address of process 0 and a free port there")
-    g.add_argument("--num-processes", type=int, metavar="N", help="number of processes")
-    g.add_argument("--process-id", type=int, metavar="I", help="this process: 0 to N-1 (0 runs the coordinator)")
-    g.add_argument(
-        "--distributed-timeout",
-        type=float,
-        default=DEFAULT_TIMEOUT,
-        metavar="SECONDS",
-        help=f"the longest wait for joining, the start-up checks and a silent process (default {DEFAULT_TIMEOUT})",
-    )
+    added = [
+        g.add_argument("--coordinator", metavar="HOST:PORT", help="address of process 0 and a free port there"),
+        g.add_argument("--num-processes", type=int, metavar="N", help="number of processes"),
+        g.add_argument("--process-id", type=int, metavar="I", help="this process: 0 to N-1 (0 runs the coordinator)"),
+        g.add_argument(
+            "--distributed-timeout",
+            type=float,
+            default=DEFAULT_TIMEOUT,
+            metavar="SECONDS",
+            help=f"the longest wait for joining, the start-up checks and a silent process (default {DEFAULT_TIMEOUT})",
+        ),
+    ]
+    p.set_defaults(distributed_flags=[f for a in added for f in a.option_strings])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -387,9 +408,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--work-dir",
         default=None,
         help="keep every finished batch here and resume from it (default: OUTPUT.work, removed once the report "
-        "is written)",
+        "is written; required with several processes)",
     )
     p.add_argument("-o", "--output", required=True, help="output .md (a .csv is written beside it)")
+    _add_distributed(p, "--work-dir")
     p.set_defaults(run=_evaluate)
 
     p = sub.add_parser("app", help="the interactive explorer in the browser (needs 'jaxpull[app]')")
@@ -400,7 +422,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``jaxpull`` command; returns the exit status."""
     try:
         parser = build_parser()

@@ -1,18 +1,20 @@
 """Several processes on JAX's distributed runtime: joining it, talking through it, and one-line errors.
 
 A sweep under ``jax.distributed`` splits its units among the processes by ``jax.process_index()``
-and ``jax.process_count()`` (``jaxpull.core.sweep.share``); the processes only talk through the
-runtime's key-value store (:class:`Group`): at the start to check that they run the same sweep
-into the same directory, and at the end to wait for each other before process 0 writes the result.
+and ``jax.process_count()`` (``jaxpull.core.sweep.share``), and so does an evaluation
+(``jaxpull.evaluation.runner.run``); the processes only talk through the runtime's key-value store
+(:class:`Group`): at the start to check that they run the same work into the same directory, and
+at the end to wait for each other before process 0 writes the result.
 
 JAX's runtime stops a process it finds in trouble with a C++ fatal error (a page of log and a
 stack trace, no Python exception): a coordinator that cannot be reached, a process that stopped
 sending heartbeats, a second process with an id already in use. So the command line runs a
-distributed sweep in a child process (:func:`supervise`), passes its output through, and turns
-the runtime's fatal error into one line naming the cause. Every wait is bounded: joining, the
-checks at the start, and the heartbeats that tell a dead process, by ``timeout`` seconds
-(:data:`DEFAULT_TIMEOUT`); waiting for the other processes to finish their units is not (they may
-compute for hours) but a process that dies is found by the heartbeats within ``timeout``.
+distributed sweep or evaluation in a child process (:func:`supervise`), passes its output
+through, and turns the runtime's fatal error into one line naming the cause. Every wait is
+bounded: joining, the checks at the start, and the heartbeats that tell a dead process, by
+``timeout`` seconds (:data:`DEFAULT_TIMEOUT`); waiting for the other processes to finish their
+units is not (they may compute for hours) but a process that dies is found by the heartbeats
+within ``timeout``.
 """
 
 from __future__ import annotations
@@ -108,13 +110,15 @@ def initialize(settings: Settings = Settings()) -> None:
 
 
 class Group:
-    """This process among the processes of one sweep; ``gather`` is the only exchange.
+    """This process among the processes of one sweep or evaluation; ``gather`` is the only exchange.
 
     One process (no runtime): ``index`` 0 of ``count`` 1, and every exchange returns its own value.
+    ``timeout``: the seconds the start-up checks wait for the other processes.
     """
 
     index = 0
     count = 1
+    timeout: float = DEFAULT_TIMEOUT
 
     def gather(self, stage: str, value: str, timeout: float | None) -> list[str]:
         """Every process's ``value`` for ``stage``, in process order (waits for all)."""
@@ -132,9 +136,9 @@ class RuntimeGroup(Group):
     """The processes of ``jax.distributed``: values travel through its key-value store (the client
     JAX keeps in ``jax._src.distributed.global_state``; jax 0.10 has no public handle on it)."""
 
-    _calls = 0  # sweeps so far in this process: every process counts the same, so keys never clash
+    _calls = 0  # groups so far in this process: every process counts the same, so keys never clash
 
-    def __init__(self, timeout: float = DEFAULT_TIMEOUT):
+    def __init__(self, timeout: float = DEFAULT_TIMEOUT, what: str = "sweep"):
         import jax
         from jax._src import distributed as runtime
 
@@ -142,9 +146,9 @@ class RuntimeGroup(Group):
         if self.client is None:
             raise RuntimeError("jax.distributed is not initialized: call jaxpull.shell.distributed.initialize() first")
         self.index, self.count = jax.process_index(), jax.process_count()
-        self.timeout = timeout
+        self.timeout, self.what = timeout, what
         RuntimeGroup._calls += 1
-        self.prefix = f"jaxpull/sweep{RuntimeGroup._calls}"
+        self.prefix = f"jaxpull/{what}{RuntimeGroup._calls}"
 
     def gather(self, stage: str, value: str, timeout: float | None) -> list[str]:
         from jax.errors import JaxRuntimeError
@@ -161,7 +165,7 @@ class RuntimeGroup(Group):
                 except JaxRuntimeError:
                     if timeout is not None and time.monotonic() - start >= timeout:
                         raise TimeoutError(
-                            f"process {j} of {self.count} did not reach the sweep's {stage} step within "
+                            f"process {j} of {self.count} did not reach the {self.what}'s {stage} step within "
                             f"{timeout:g} s: did it stop with an error (see its output)? Run the same command in "
                             "every process"
                         ) from None
@@ -185,13 +189,13 @@ class RuntimeGroup(Group):
             return None
 
 
-def current(timeout: float = DEFAULT_TIMEOUT) -> Group:
-    """The processes of a sweep started now: :class:`RuntimeGroup` under ``jax.distributed`` with
-    more than one process, else the one-process :class:`Group`."""
+def current(timeout: float = DEFAULT_TIMEOUT, what: str = "sweep") -> Group:
+    """The processes of a ``what`` (``"sweep"``, ``"evaluation"``) started now: :class:`RuntimeGroup`
+    under ``jax.distributed`` with more than one process, else the one-process :class:`Group`."""
     import jax
 
     if jax.process_count() > 1:
-        return RuntimeGroup(timeout)
+        return RuntimeGroup(timeout, what)
     return Group()
 
 
@@ -238,7 +242,7 @@ def explain_fatal(text: str, settings: Settings) -> str:
         )
     if "incarnation" in text or "restarted" in text:
         return (
-            f"a second process with the same --process-id joined while the sweep ran, so the distributed runtime "
+            f"a second process with the same --process-id joined while the others ran, so the distributed runtime "
             f"stopped every process: give each process its own id and {resume}"
         )
     if "unhealthy" in text or "heartbeat" in text.lower():
@@ -325,13 +329,14 @@ def is_worker() -> bool:
     return os.environ.get(WORKER_ENV) == "1"
 
 
-def joined(settings: Settings, out: str | None, then: Callable[[], object]):
+def joined(settings: Settings, out: str | None, then: Callable[[], object], what="sweep", flag="--out"):
     """In the child: take this process's lock on ``out`` (so a second process with the same id is
-    refused before it can disturb the runtime), join the runtime, and run ``then`` holding it."""
+    refused before it can disturb the runtime), join the runtime, and run ``then`` holding it.
+    ``what`` and ``flag`` name the run and its directory in the lock's messages."""
     from jaxpull.files.sweep_store import output_lock
 
     if settings.explicit and out is not None:
-        with output_lock(out, settings.process_id):
+        with output_lock(out, settings.process_id, what, flag):
             initialize(settings)
             return then()
     initialize(settings)

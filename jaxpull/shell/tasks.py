@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import shutil
 import sys
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -44,15 +45,16 @@ def explain_images(
     methods: Sequence[str],
     options: Mapping[str, Any],
     progress: bool = True,
-) -> Dict[str, np.ndarray]:
+) -> dict[str, np.ndarray]:
     """Ascent differences x_K - x_0 per method (``"pullback"``, ``"vanilla"``), one image at a time
     (bounded memory): ``x`` ``(N, H, W, 3)``, ``target_ids`` ``(N, K)`` -> ``{method: (N, K, H, W, 3)}``.
 
     ``options``: ``jaxpull.ascent`` keywords (``rules`` and flat settings); the vanilla gradient runs
     the same ascent under ``rules="vanilla"`` and drops the rule settings.
     """
-    import jaxpull
     from tqdm import tqdm
+
+    import jaxpull
 
     options = dict(options)
     rules = options.pop("rules", settings.DEFAULT_RULES)
@@ -76,12 +78,12 @@ def explain(
     *,
     target_spec: str = "top3",
     method: str = "both",
-    arrays_path: Optional[str] = None,
+    arrays_path: str | None = None,
     rules: str = settings.DEFAULT_RULES,
     log: Log = print,
     progress: bool = True,
     **given,
-) -> Dict[str, np.ndarray]:
+) -> dict[str, np.ndarray]:
     """``jaxpull explain``: the paper's figure of ascent differences for ``image_paths``.
 
     ``target_spec``: see :func:`jaxpull.core.targets.resolve_targets`; ``method``: pullback,
@@ -159,22 +161,22 @@ def demo_caption(model_name: str, max_pools: bool = True) -> str:
 def paper_figure(
     model: Model,
     x: np.ndarray,
-    names: List[str],
+    names: list[str],
     out,
     *,
     seed: int = 0,
     methods: Mapping[str, Mapping[str, Any]] = settings.COMPARISON,
     progress: bool = True,
-) -> Dict[str, np.ndarray]:
+) -> dict[str, np.ndarray]:
     """The paper's figure: per method a block of rows (one per image) over the columns of
     :func:`jaxpull.core.targets.paper_layout`, written to ``out`` (.png).
 
     ``x`` ``(N, H, W, 3)``; ``methods``: row label -> ``jaxpull.ascent`` keywords. Returns
     ``{method: (N, K, H, W, 3)}`` ascent differences, computed one image at a time.
     """
-    import jaxpull
     from tqdm import tqdm
 
+    import jaxpull
     from jaxpull.shell import figures
 
     logits = np.asarray(model(x))
@@ -198,7 +200,7 @@ def paper_figure(
     return results
 
 
-def demo(model_name: str, out: str, seed: int = 0, log: Log = print) -> Dict[str, np.ndarray]:
+def demo(model_name: str, out: str, seed: int = 0, log: Log = print) -> dict[str, np.ndarray]:
     """``jaxpull demo``: :func:`paper_figure` of the offline sample photos."""
     from jaxpull.files import cache, images, outputs
 
@@ -226,12 +228,12 @@ def sweep(
     method: str = "pullback",
     reduce: str = "alignment",
     memory_budget: float = 2 * 2**30,
-    chunk_size: Optional[int] = None,
+    chunk_size: int | None = None,
     rules: str = settings.DEFAULT_RULES,
     log: Log = print,
     processes=None,
     **given,
-) -> Dict[str, np.ndarray]:
+) -> dict[str, np.ndarray]:
     """``jaxpull sweep``: :func:`jaxpull.shell.sweep.sweep` over image files and a label spec
     (:func:`jaxpull.core.targets.parse_labels`), logging each image's most aligned labels.
 
@@ -246,7 +248,7 @@ def sweep(
     if chunk_size is not None:
         core_sweep.chunk_for_size(chunk_size, 1, 1)
 
-    def work() -> Dict[str, np.ndarray]:
+    def work() -> dict[str, np.ndarray]:
         return _sweep_files(
             model_name,
             image_paths,
@@ -269,7 +271,7 @@ def sweep(
 
 def _sweep_files(
     model_name, image_paths, out, labels, temperatures, method, reduce, memory_budget, chunk_size, rules, log, given
-) -> Dict[str, np.ndarray]:
+) -> dict[str, np.ndarray]:
     import jax
 
     from jaxpull.files import cache, images
@@ -296,8 +298,8 @@ def _sweep_files(
     log(f"wrote {', '.join(f'{k}.npy {tuple(v.shape)}' for k, v in result.items())} to {out}")
     if "top_labels" in result:  # finite: the sweep refuses non-finite alignments
         shown = [settings.resolve(rules).relu.temperature] if temperatures is None else temperatures
-        for name, row in zip(image_paths, result["top_labels"]):
-            for t, top in zip(shown, row):
+        for name, row in zip(image_paths, result["top_labels"], strict=True):
+            for t, top in zip(shown, row, strict=True):
                 log(
                     f"{Path(name).stem} t={t}: most aligned labels "
                     + ", ".join(model.class_name(int(i)) for i in top[:5])
@@ -311,25 +313,26 @@ def evaluate(
     out: str,
     *,
     protocol: str = "quick",
-    explainer_names: Optional[Sequence[str]] = None,
-    metric_names: Optional[Sequence[str]] = None,
+    explainer_names: Sequence[str] | None = None,
+    metric_names: Sequence[str] | None = None,
     labels: str = "top1",
-    limit: Optional[int] = None,
-    mosaics: Optional[int] = None,
+    limit: int | None = None,
+    mosaics: int | None = None,
     stages: int = 6,
-    sensitivity_samples: Optional[int] = None,
-    rules: Optional[str] = None,
-    overrides: Optional[Mapping[str, Any]] = None,
-    samples: Optional[int] = None,
-    resamples: Optional[int] = None,
-    seed: Optional[int] = None,
-    batch_size: Optional[int] = None,
-    gradcam_layer: Optional[str] = None,
-    focus_images: Optional[str] = None,
-    work_dir: Optional[str] = None,
+    sensitivity_samples: int | None = None,
+    rules: str | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    samples: int | None = None,
+    resamples: int | None = None,
+    seed: int | None = None,
+    batch_size: int | None = None,
+    gradcam_layer: str | None = None,
+    focus_images: str | None = None,
+    work_dir: str | None = None,
     command: str = "",
     log: Log = print,
     progress: bool = True,
+    processes=None,
 ) -> str:
     """``jaxpull evaluate``: :func:`jaxpull.evaluation.pipeline.run_evaluation` on image files,
     folders or ``["samples"]`` (the offline photos), streamed in batches; written as ``out`` (.md)
@@ -343,10 +346,17 @@ def evaluate(
     list, one per image. Every finished batch is kept in ``work_dir`` (default: ``out`` with the suffix ``.work``, removed once the
     report is written): a killed run resumes from it. Every check runs before any compute.
     Returns the markdown.
+
+    Several processes: ``processes``, a :class:`jaxpull.shell.distributed.Settings` to join JAX's
+    distributed runtime (after every setting is checked, before the model loads), or a runtime
+    joined before with :func:`jaxpull.shell.distributed.initialize`. Every process runs the same
+    call with one ``work_dir`` on a filesystem they all share (required); each computes its share
+    of the units, and process 0 writes the report, the same bytes as one process's (the others
+    return "").
     """
-    from jaxpull.evaluation import imagesource, pipeline
-    from jaxpull.evaluation import protocol as protocols
+    from jaxpull.evaluation import imagesource, pipeline, protocol as protocols
     from jaxpull.files import cache, images, outputs
+    from jaxpull.shell import distributed
 
     out = outputs.check_output(out, ".md")
     csv_path = outputs.check_output(str(out.with_suffix(".csv")), ".csv")
@@ -370,6 +380,8 @@ def evaluate(
         rules = "semantic" if proto.name == "paper" else settings.DEFAULT_RULES
     rule_settings, ascent_settings = settings.split(overrides or {})
     settings.resolve_both(rules, **rule_settings, **ascent_settings)  # checked before any work
+    if processes is not None and (processes.num_processes or 1) > 1 and not work_dir:
+        raise _shared_work_dir(processes.num_processes)
     work = Path(work_dir) if work_dir else out.with_suffix(".work")
     if not work.is_dir():
         outputs.check_output(work, what="work directory")  # its folder exists and is writable
@@ -383,52 +395,74 @@ def evaluate(
         paths, folders = imagesource.find_images(image_sources, limit)
     if labels == "folders" and folders is None:
         raise ValueError("--labels folders needs one folder of class subfolders (ImageNet style) as --images")
-    model = cache.resolve(model_name, log=log)
-    source = imagesource.ImageSource(
-        tuple(paths), None if folders is None else tuple(folders), **model.preprocessing.image_options
+
+    def run() -> str:
+        timeout = distributed.DEFAULT_TIMEOUT if processes is None else processes.timeout
+        group = distributed.current(timeout, "evaluation")
+        if group.count > 1 and not work_dir:
+            raise _shared_work_dir(group.count)
+        model = cache.resolve(model_name, log=log)
+        source = imagesource.ImageSource(
+            tuple(paths), None if folders is None else tuple(folders), **model.preprocessing.image_options
+        )
+        names = protocols.explainer_names(proto, explainer_names)
+        specs = protocols.explainer_specs(proto, names, rules, rule_settings, ascent_settings, samples, gradcam_layer)
+        if labels == "folders":
+            chosen = imagesource.folder_classes(folders, model.num_classes, model.class_names)
+        elif labels == "top1":
+            chosen = None  # the model's top-1, computed once every setting is checked
+        else:
+            chosen = [model.label(name.strip()) for name in labels.split(",") if name.strip()]
+            if len(chosen) != len(paths):
+                raise ValueError(f"--labels gives {len(chosen)} labels for {len(paths)} images: give one per image")
+        note_unused_pool_settings(rule_settings, model)
+        report = pipeline.run_evaluation(
+            model,
+            source,
+            chosen,
+            specs,
+            protocol=proto.name,
+            metric_names=metric_names,
+            mosaics=mosaics,
+            stages=stages,
+            sensitivity_samples=10 if sensitivity_samples is None else sensitivity_samples,
+            focus_images=focus_images or "repeated",
+            seed=seed,
+            batch=batch_size,
+            drop_unavailable=explainer_names is None or list(explainer_names) == ["all"],
+            work=work,
+            progress=progress,
+            extra_settings=dict(
+                labels={"folders": "class folders", "top1": "the model's top-1"}.get(labels, "given"), rules=rules
+            ),
+            group=group,
+            log=log,
+        )
+        if group.index > 0:
+            log(f"process {group.index} of {group.count} finished its units: process 0 writes {out} and {csv_path}")
+            return ""
+        texts = pipeline.render(report, command, resamples)
+        used = report.settings["labels_used"]
+        names = [f"{n} ({t} {model.class_name(t)})" for n, t in zip(source.names, used, strict=True)]
+        shown = ", ".join(names if len(names) <= 60 else names[:60] + [f"... ({len(names) - 60} more)"])
+        text = texts["md"] + "\nImages: " + shown + "\n"
+        outputs.atomic_write(csv_path, lambda tmp: Path(tmp).write_text(texts["csv"]))
+        outputs.atomic_write(out, lambda tmp: Path(tmp).write_text(text))
+        log(text)
+        if work_dir:
+            log(f"wrote {out} and {csv_path}; every batch's scores are kept in {work} (a rerun reuses them)")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+            log(f"wrote {out} and {csv_path}")
+        return text
+
+    if processes is not None:
+        return distributed.joined(processes, work_dir, run, "evaluation", "--work-dir")
+    return run()
+
+
+def _shared_work_dir(count: int) -> ValueError:
+    return ValueError(
+        f"an evaluation over {count} processes shares its units through one work directory: give --work-dir "
+        "(work_dir) on a filesystem every process sees"
     )
-    names = protocols.explainer_names(proto, explainer_names)
-    specs = protocols.explainer_specs(proto, names, rules, rule_settings, ascent_settings, samples, gradcam_layer)
-    if labels == "folders":
-        chosen = imagesource.folder_classes(folders, model.num_classes, model.class_names)
-    elif labels == "top1":
-        chosen = None  # the model's top-1, computed once every setting is checked
-    else:
-        chosen = [model.label(name.strip()) for name in labels.split(",") if name.strip()]
-        if len(chosen) != len(paths):
-            raise ValueError(f"--labels gives {len(chosen)} labels for {len(paths)} images: give one per image")
-    note_unused_pool_settings(rule_settings, model)
-    report = pipeline.run_evaluation(
-        model,
-        source,
-        chosen,
-        specs,
-        protocol=proto.name,
-        metric_names=metric_names,
-        mosaics=mosaics,
-        stages=stages,
-        sensitivity_samples=10 if sensitivity_samples is None else sensitivity_samples,
-        focus_images=focus_images or "repeated",
-        seed=seed,
-        batch=batch_size,
-        drop_unavailable=explainer_names is None or list(explainer_names) == ["all"],
-        work=work,
-        progress=progress,
-        extra_settings=dict(
-            labels={"folders": "class folders", "top1": "the model's top-1"}.get(labels, "given"), rules=rules
-        ),
-    )
-    texts = pipeline.render(report, command, resamples)
-    used = report.settings["labels_used"]
-    names = [f"{n} ({t} {model.class_name(t)})" for n, t in zip(source.names, used)]
-    shown = ", ".join(names if len(names) <= 60 else names[:60] + [f"... ({len(names) - 60} more)"])
-    text = texts["md"] + "\nImages: " + shown + "\n"
-    outputs.atomic_write(csv_path, lambda tmp: Path(tmp).write_text(texts["csv"]))
-    outputs.atomic_write(out, lambda tmp: Path(tmp).write_text(text))
-    log(text)
-    if work_dir:
-        log(f"wrote {out} and {csv_path}; every batch's scores are kept in {work} (a rerun reuses them)")
-    else:
-        shutil.rmtree(work, ignore_errors=True)
-        log(f"wrote {out} and {csv_path}")
-    return text
