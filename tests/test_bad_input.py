@@ -432,7 +432,7 @@ MODEL_FILES = {
     "num_classes disagrees with tensors": (dict(meta={"num_classes": "7"}), "does not match architecture resnet18"),
     "config unknown option": (
         dict(meta={"config": '{"evil": 1}'}),
-        "config option 'evil' is not one of resnet18's builder options (none)",
+        "config option 'evil' is not one of resnet18's builder options (block, stage_sizes, deep_stem",
     ),
     "crop_size 100000": (  # explain would resize to 100000 px (24 GB): the converter's bounds
         dict(meta={"crop_size": "100000", "resize_size": "100000"}),

@@ -65,6 +65,7 @@ ELSEWHERE = {
     "densenet": ("test_cli.py", "test_densenet_legacy_keys_are_accepted"),
     "inception": ("test_parity_inception.py", "test_preprocessing_is_recorded_and_explain_loads_299"),
     "mnasnet": ("test_convert_files.py", "test_mnasnet_files_of_both_versions_convert"),
+    "pvt_v2": ("test_timm_source.py", "test_convert_a_timm_state_dict_file"),
 }
 FULL_WIDTH = {"maxvit", "swin", "vgg", "vit", "convnext", "alexnet"}  # tens of millions of parameters
 
@@ -130,7 +131,10 @@ def test_every_family_has_a_file_conversion_test():
         source = (here / file).read_text()
         body = source[source.index(f"def {test}(") :]
         body = body[: body.find("\ndef ", 1)]
-        assert re.search(r"\bsave\(", body) and ("--state-dict" in body or "state_dict=" in body), (file, test)
+        fixtures = re.search(r"def \w+\(([^)]*)\)", body).group(1).replace(" ", "").split(",")
+        saved = [source[source.index(f"def {f}(") :].split("\ndef ", 2)[0] for f in fixtures if f"def {f}(" in source]
+        assert any(re.search(r"\bsave\(", b) for b in [body, *saved]), (file, test, "no file saved by torch")
+        assert "--state-dict" in body or "state_dict=" in body, (file, test)
 
 
 @pytest.mark.parametrize(

@@ -59,6 +59,7 @@ def test_every_timm_name_is_registered():
     want |= {f"timm/deit_{s}{d}_patch16_224" for s in ("tiny", "small", "base") for d in ("", "_distilled")}
     want |= {f"timm/convnext_{s}" for s in ("tiny", "small", "base", "large")} | {"timm/efficientnet_b0"}
     want |= {f"timm/swin_{s}_patch4_window7_224" for s in ("tiny", "small", "base")}
+    want |= {f"timm/pvt_v2_b{i}" for i in range(6)} | {"timm/pvt_v2_b2_li"}  # tests/test_parity_pvt_v2.py
     assert set(TIMM) == want
 
 
