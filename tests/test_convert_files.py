@@ -32,14 +32,16 @@ NUM_CLASSES = 10
 
 class Case(NamedTuple):
     """One family's file: the architecture, the parity check's image size, builder keywords of the
-    torch model, keywords of ``convert``, and how the file is written (``torch.save``, keys
-    reversed, or ``.safetensors``, whose keys are sorted)."""
+    torch model, keywords of ``convert``, how the file is written (``torch.save``, keys reversed,
+    or ``.safetensors``, whose keys are sorted), and whether the converter must read the image
+    size off the file (no ``image_size`` given; recorded in the file's config)."""
 
     arch: str
     image_size: int = 32
     build: dict = {}
     convert: dict = {}
     save: str = "torch"
+    size_from_file: bool = False
 
 
 FILE_CASES = {
@@ -57,7 +59,9 @@ FILE_CASES = {
     "squeezenet": Case("squeezenet1_1"),
     "swin": Case("swin_t"),
     "vgg": Case("vgg11"),
-    "vit": Case("vit_b_32", build=dict(image_size=32), save="reversed"),  # reversed: the head comes first
+    # reversed: the head comes first; a ViT at another input size (like vit_h_14's 518 px SWAG
+    # weights): the size comes from the position embeddings, the self-check runs torch at it
+    "vit": Case("vit_b_32", build=dict(image_size=32), save="reversed", size_from_file=True),
 }
 # Families whose file conversion is tested by another test (densenet's and inception's take about
 # 15 s each): file, test.
@@ -148,10 +152,14 @@ def test_every_family_converts_from_a_file_torch_saved(family, tmp_path):
         tm.state_dict(), tmp_path / f"weights.{'safetensors' if case.save == 'safetensors' else 'pth'}", case.save
     )
     out = tmp_path / "m.safetensors"
-    meta = jaxpull_convert.convert(case.arch, out, state_dict=path, image_size=case.image_size, **case.convert)
+    size = {} if case.size_from_file else {"image_size": case.image_size}
+    meta = jaxpull_convert.convert(case.arch, out, state_dict=path, **size, **case.convert)
     assert float(meta["parity_max_rel"]) <= LOGIT_REL
     model = assert_same_logits(tm, out, case.image_size)
     assert model.arch == case.arch and model.num_classes == NUM_CLASSES
+    if case.size_from_file:
+        side = case.image_size
+        assert f"{side}x{side}" in meta["parity_check"] and dict(model.spec.config) == {"image_size": side}
 
 
 # --------------------------------------------------------------------------------------

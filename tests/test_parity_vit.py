@@ -32,7 +32,6 @@ from conftest import images
 from helpers import PARITY_METHODS, check_layout_shapes, check_parity, map_errors, stand_in
 from jaxpull.core.model import ModelSpec, param_shapes
 from jaxpull.core.models import vit
-from jaxpull_convert import torch_reference as R
 
 # less codegen effort: each function runs once or twice, on small inputs (conftest.py)
 pytestmark = pytest.mark.quick_compile
@@ -158,23 +157,3 @@ def test_unsupported_torch_models_are_refused():
     assert vit.state_dict_config("vit_b_16", {"encoder.pos_embedding": np.zeros((1, 197, 8))}) == {}
     with pytest.raises(ValueError, match="not a square grid"):
         vit.state_dict_config("vit_b_16", {"encoder.pos_embedding": np.zeros((1, 190, 8))})
-
-
-def test_convert_reads_the_image_size_off_the_state_dict(tmp_path):
-    """A state_dict of a named ViT at another input size (like vit_h_14's 518 px SWAG weights)
-    converts through ``jaxpull convert --state-dict``: the size comes from the position
-    embeddings, the self-check runs torch at that size, the file records it."""
-    torch.manual_seed(0)
-    tm = torchvision.models.vit_b_32(image_size=64).eval()
-    with torch.no_grad():
-        tm.heads.head.weight.normal_(0, 0.05)
-    path = tmp_path / "vit_b_32_64px.pth"
-    torch.save(tm.state_dict(), path)
-    meta = jaxpull_convert.convert("vit_b_32", tmp_path / "m.safetensors", state_dict=path)
-    assert "64x64" in meta["parity_check"] and float(meta["parity_max_rel"]) < 1e-4
-    model = jaxpull.load(tmp_path / "m.safetensors")
-    assert dict(model.spec.config) == {"image_size": 64}
-    x = images(1, 64)
-    with torch.no_grad():
-        ref = tm(R.normalize(torch.from_numpy(x)))
-    np.testing.assert_allclose(np.asarray(model(x)), ref.numpy(), atol=1e-4 * max(1.0, float(ref.abs().max())))
