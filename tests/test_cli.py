@@ -171,6 +171,7 @@ def test_explain_bad_input(model_file, photo_files, tmp_path):
     assert list(tmp_path.glob("*.png")) == []
 
 
+@pytest.mark.large_models  # the demo at 224 px in a subprocess: run alone (.ci/run)
 def test_demo_runs_offline_without_torch_and_caches_the_model(tmp_path):
     """The README's main job, as its first command runs it (no torch installed): converts
     torchvision's MobileNetV2 from the offline package on first use and draws the figure."""

@@ -5,7 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import nbformat
+import pytest
 from nbclient import NotebookClient
+
+pytestmark = pytest.mark.large_models  # a kernel with real weights at 224 px: run alone (.ci/run)
 
 NOTEBOOK = Path(__file__).parent.parent / "notebooks" / "pullbacks.ipynb"
 

