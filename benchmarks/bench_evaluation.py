@@ -200,7 +200,7 @@ def main(argv=None) -> None:
     specs = []
     for n in names:
         explainers.get(n)  # ValueError listing the choices
-        specs.append(protocols.ExplainerSpec(n, n, options.get(n, {})))
+        specs.append(protocols.ExplainerSpec(n, options.get(n, {})))
     print(
         f"{args.model}, {len(x)} photos at 224 px (top-1 {labels.tolist()}), {args.mosaics} mosaics, "
         f"SmoothGrad samples {args.samples}; jax {jax.__version__} on {jax.devices()[0].platform}, "

@@ -182,8 +182,8 @@ def test_evaluate_report(small_model):
         pipeline.evaluate(small_model, x, explainer_names=["gradient"], options={"gradient": {"steps": 3}})
     # an explainer that cannot run: an error naming it, or with drop_unavailable (the command's
     # default list) left out and named in the report
-    bad = protocols.ExplainerSpec("pullback", "pullback", {"temperature": -1.0})
-    good = protocols.ExplainerSpec("gradient", "gradient", {})
+    bad = protocols.ExplainerSpec("pullback", {"temperature": -1.0})
+    good = protocols.ExplainerSpec("gradient", {})
     with pytest.raises(ValueError, match="explainer pullback: temperature must be"):
         pipeline.run_evaluation(small_model, ArraySource(x), None, [good, bad], metric_names=["faithfulness"])
     kept = pipeline.run_evaluation(
@@ -271,7 +271,7 @@ def test_mosaics_use_the_labels_the_run_scores(model_file, class_folder, tmp_pat
     paths, folders = imagesource.find_images([class_folder])
     source = imagesource.ImageSource(tuple(paths), tuple(folders), 32, 36)
     top = runner.top1(model, source)
-    spec = protocols.ExplainerSpec("gradient", "gradient", {})
+    spec = protocols.ExplainerSpec("gradient", {})
     for proto, labels in (("paper", None), ("paper", np.array([7, 8, 9])), ("quick", np.array([7, 8, 9]))):
         report = pipeline.run_evaluation(
             model, source, labels, [spec], protocol=proto, metric_names=["focus"], mosaics=6, progress=False

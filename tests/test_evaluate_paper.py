@@ -180,7 +180,7 @@ def test_the_papers_metrics_are_wired_as_their_functions(small_model):  # noqa: 
         progress=False,
     )
     s = protocols.metric_settings(protocols.PAPER, [], 32, 32, 10, tuned)
-    explain = protocols.ExplainerSpec("SoftPullback", "SoftPullback", {}).map_function(small_model)
+    explain = protocols.ExplainerSpec("SoftPullback", {}).map_function(small_model)
     a = explain(x, labels)
     key = lambda metric: protocols.metric_key(0, metric, 0)[0]
     m, chunk = small_model, protocols.PERTURBATION_BATCH  # the run's chunks: the same computation

@@ -207,7 +207,7 @@ def evaluate(
     labels = None if labels is None else np.asarray(labels)
     for n in names:
         explainers.get(n)  # ValueError listing the choices
-    specs = [ExplainerSpec(n, n, dict(options.get(n, {}))) for n in names]
+    specs = [ExplainerSpec(n, dict(options.get(n, {}))) for n in names]
     return run_evaluation(
         model,
         ArraySource(x),

@@ -488,12 +488,16 @@ SAMPLED = tuple(n for n, fn in explainers.EXPLAINERS.items() if "samples" in ins
 
 
 class ExplainerSpec(NamedTuple):
-    """One explainer of a run: ``label`` (its row in the report: the registry name that computes
-    it), ``name`` in :data:`jaxpull.evaluation.explainers.EXPLAINERS`, keyword ``options``."""
+    """One explainer of a run: ``name`` in :data:`jaxpull.evaluation.explainers.EXPLAINERS` (its
+    row in the report), keyword ``options``."""
 
-    label: str
     name: str
     options: dict[str, Any]
+
+    @property
+    def label(self) -> str:
+        """The explainer's row in the report: its registry name."""
+        return self.name
 
     @property
     def key(self) -> str:
@@ -555,7 +559,7 @@ def explainer_specs(
             options["layer"] = gradcam_layer
         if any(s.name == name for s in specs):
             raise ValueError(f"explainer {name!r} is named twice: name each explainer once")
-        specs.append(ExplainerSpec(name, name, options))
+        specs.append(ExplainerSpec(name, options))
     if gradcam_layer is not None and not any("cam" in s.name.lower() for s in specs):
         raise ValueError("--gradcam-layer is given but no GradCAM explainer is chosen: add GuidedGradCam or drop it")
     return specs
